@@ -1,0 +1,1 @@
+"""One module per CRM behind the small Protocol in :mod:`connectors.base`."""
