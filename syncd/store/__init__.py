@@ -1,0 +1,809 @@
+"""The state store: syncd's only state, on SQLAlchemy Core (SQLite or PostgreSQL).
+
+    store = Store.open("sqlite:///var/syncd.db")      # runs migrations
+    with store.tx() as tx:                             # one transaction
+        changed = tx.upsert_records(rows)
+        tx.enqueue(items)
+        tx.set_cursor("hubspot", "contacts", page_cursor)
+
+Everything done through one ``Tx`` commits together or not at all: a page of
+records, the outbox entries they produce and the cursor advance are durable as
+one unit (design: "commit the cursor only after everything the page produced is
+durable"). Leases and resync claims are atomic across processes sharing one
+PostgreSQL store; keep those in their own short ``tx()``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import make_url
+
+from syncd.errors import ConfigError
+from syncd.model import Cursor, utcnow
+from syncd.store import _sqlite, migrations
+from syncd.store import schema as s
+from syncd.store.migrations import StoreVersionError
+from syncd.store.rows import (
+    AuditRow,
+    EventRow,
+    HeartbeatRow,
+    LinkConflictRow,
+    OutboxItem,
+    OutboxRow,
+    QuarantineRow,
+    RecordKey,
+    RecordRow,
+    ResyncRow,
+    RunRow,
+    UnmappedRow,
+    raw_hash,
+)
+
+__all__ = [
+    "AuditRow", "EventRow", "HeartbeatRow", "LinkConflictRow", "OutboxItem", "OutboxRow",
+    "QuarantineRow", "RecordKey", "RecordRow", "ResyncRow", "RunRow", "Store",
+    "StoreVersionError", "Tx", "UnmappedRow", "normalise_url", "raw_hash",
+]
+
+log = structlog.get_logger()
+
+_CHUNK = 500  # keys per IN (...) list; well under SQLite's variable limit
+_T = TypeVar("_T")
+
+OUTBOX_OPEN = ("pending", "sending")
+
+
+def normalise_url(url: str) -> str:
+    """``postgresql://`` / ``postgres://`` → the psycopg 3 driver; SQLite kept as is."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://"):]
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgresql+psycopg"):
+        return u.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    if u.drivername == "sqlite":
+        if not u.database or u.database == ":memory:":
+            raise ConfigError("[state] url: an SQLite store needs a file path (sqlite:///path)")
+        return url
+    raise ConfigError(
+        f"[state] url: unsupported database {u.drivername!r} (use sqlite:///… or postgresql://…)"
+    )
+
+
+def _chunks(items: Sequence[_T], n: int = _CHUNK) -> Iterator[Sequence[_T]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+class Store:
+    """A handle on one state store. Thread-safe; each ``tx()`` takes its own connection."""
+
+    def __init__(self, url: str) -> None:
+        self.url = normalise_url(url)
+        u = make_url(self.url)
+        self.dialect = "sqlite" if u.drivername == "sqlite" else "postgresql"
+        if self.dialect == "sqlite":
+            assert u.database is not None
+            _sqlite.create_private_file(u.database)
+            self.engine = sa.create_engine(self.url, connect_args={"check_same_thread": False})
+            _sqlite.configure(self.engine)
+        else:
+            self.engine = sa.create_engine(self.url, pool_pre_ping=True)
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        """Open the store and bring its schema to this code's version."""
+        store = cls(url)
+        try:
+            with store.engine.begin() as conn:
+                migrations.migrate(conn)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def schema_version(self) -> int:
+        with self.engine.begin() as conn:
+            return migrations.current_version(conn)
+
+    @contextmanager
+    def tx(self) -> Iterator[Tx]:
+        """One connection, one transaction: commit on exit, roll back on exception."""
+        with self.engine.begin() as conn:
+            yield Tx(conn)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Tx:
+    """The unit of work: every state-store operation, inside one transaction."""
+
+    def __init__(self, conn: sa.Connection) -> None:
+        self.conn = conn
+        self.dialect = conn.dialect.name
+
+    def _insert(self, table: sa.Table) -> Any:
+        if self.dialect == "postgresql":
+            return pg_dialect.insert(table)
+        return sqlite_dialect.insert(table)
+
+    # ------------------------------------------------------------------ records
+
+    def upsert_records(self, rows: Sequence[RecordRow],
+                       now: datetime | None = None) -> list[RecordRow]:
+        """Insert new records and update changed ones; return those (marked dirty).
+
+        A row is "changed" when its ``raw_hash`` differs from the stored one and it
+        is not older (``modified_at``) than the stored one. Unchanged rows (overlap
+        duplicates) are left alone, not marked dirty and not returned. A stored
+        ``entity_id`` is kept unless the row brings one. Within ``rows`` the last
+        row per key wins.
+        """
+        if not rows:
+            return []
+        now = now or utcnow()
+        latest: dict[RecordKey, RecordRow] = {}
+        for r in rows:
+            latest[r.key] = r
+        t = s.records
+        ins = self._insert(t)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[t.c.system, t.c.object, t.c.id],
+            set_={
+                "kind": ins.excluded.kind,
+                "email_norm": ins.excluded.email_norm,
+                "modified_at": ins.excluded.modified_at,
+                "raw": ins.excluded.raw,
+                "canonical": ins.excluded.canonical,
+                "raw_hash": ins.excluded.raw_hash,
+                "entity_id": sa.func.coalesce(ins.excluded.entity_id, t.c.entity_id),
+                "dirty": True,
+                "updated_at": ins.excluded.updated_at,
+            },
+            where=sa.and_(
+                t.c.raw_hash != ins.excluded.raw_hash,
+                t.c.modified_at <= ins.excluded.modified_at,
+            ),
+        ).returning(t.c.system, t.c.object, t.c.id, t.c.entity_id)
+        params = [
+            {
+                "system": r.system, "object": r.object, "id": r.id, "kind": r.kind,
+                "email_norm": r.email_norm, "modified_at": r.modified_at, "raw": r.raw,
+                "canonical": r.canonical, "raw_hash": r.raw_hash, "entity_id": r.entity_id,
+                "dirty": True, "updated_at": now,
+            }
+            for r in latest.values()
+        ]
+        changed: list[RecordRow] = []
+        for batch in _chunks(params):
+            result = self.conn.execute(stmt, list(batch))
+            for system, obj, rid, entity_id in result.all():
+                r = latest[(system, obj, rid)]
+                r.dirty, r.updated_at, r.entity_id = True, now, entity_id
+                changed.append(r)
+        return changed
+
+    def _records_where(self, keys: Iterable[RecordKey]) -> Iterator[sa.ColumnElement[bool]]:
+        t = s.records
+        by_obj: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for system, obj, rid in keys:
+            by_obj[(system, obj)].append(rid)
+        for (system, obj), ids in by_obj.items():
+            for chunk in _chunks(sorted(set(ids))):
+                yield sa.and_(t.c.system == system, t.c.object == obj, t.c.id.in_(chunk))
+
+    def get_records(self, keys: Iterable[RecordKey]) -> dict[RecordKey, RecordRow]:
+        out: dict[RecordKey, RecordRow] = {}
+        for cond in self._records_where(keys):
+            for m in self.conn.execute(sa.select(s.records).where(cond)).mappings():
+                r = _record(m)
+                out[r.key] = r
+        return out
+
+    def _records_by(self, col: sa.Column[Any], values: Iterable[str]) -> dict[str, list[RecordRow]]:
+        out: dict[str, list[RecordRow]] = {}
+        vals = sorted({v for v in values if v is not None})
+        t = s.records
+        for chunk in _chunks(vals):
+            q = sa.select(t).where(col.in_(chunk)).order_by(t.c.system, t.c.object, t.c.id)
+            for m in self.conn.execute(q).mappings():
+                out.setdefault(m[col.name], []).append(_record(m))
+        return out
+
+    def records_by_email(self, emails: Iterable[str]) -> dict[str, list[RecordRow]]:
+        """Records per normalised email; emails with no record are absent."""
+        return self._records_by(s.records.c.email_norm, emails)
+
+    def records_by_entity(self, entity_ids: Iterable[str]) -> dict[str, list[RecordRow]]:
+        return self._records_by(s.records.c.entity_id, entity_ids)
+
+    def dirty_records(self, limit: int = 1000) -> list[RecordRow]:
+        """Records that need a decision, oldest change first."""
+        t = s.records
+        q = (sa.select(t).where(t.c.dirty.is_(True))
+             .order_by(t.c.updated_at, t.c.system, t.c.object, t.c.id).limit(limit))
+        return [_record(m) for m in self.conn.execute(q).mappings()]
+
+    def clear_dirty(self, keys: Iterable[RecordKey]) -> None:
+        for cond in self._records_where(keys):
+            self.conn.execute(sa.update(s.records).where(cond).values(dirty=False))
+
+    def set_entity(self, keys: Iterable[RecordKey], entity_id: str | None) -> None:
+        for cond in self._records_where(keys):
+            self.conn.execute(sa.update(s.records).where(cond).values(entity_id=entity_id))
+
+    def iter_records(self, system: str | None = None, object: str | None = None,
+                     batch: int = 1000) -> Iterator[RecordRow]:
+        """Every record (optionally of one system/object) in key order, ``batch`` at a time."""
+        t = s.records
+        last: RecordKey | None = None
+        while True:
+            q = sa.select(t).order_by(t.c.system, t.c.object, t.c.id).limit(batch)
+            if system is not None:
+                q = q.where(t.c.system == system)
+            if object is not None:
+                q = q.where(t.c.object == object)
+            if last is not None:
+                q = q.where(sa.tuple_(t.c.system, t.c.object, t.c.id) > sa.tuple_(*last))
+            rows = [_record(m) for m in self.conn.execute(q).mappings()]
+            yield from rows
+            if len(rows) < batch:
+                return
+            last = rows[-1].key
+
+    def count_records(self, system: str | None = None, object: str | None = None,
+                      dirty: bool | None = None) -> int:
+        t = s.records
+        q = sa.select(sa.func.count()).select_from(t)
+        if system is not None:
+            q = q.where(t.c.system == system)
+        if object is not None:
+            q = q.where(t.c.object == object)
+        if dirty is not None:
+            q = q.where(t.c.dirty.is_(dirty))
+        return int(self.conn.execute(q).scalar_one())
+
+    # ----------------------------------------------------------------- entities
+
+    def new_entity(self, kind: str, memory: Mapping[str, Any] | None = None,
+                   now: datetime | None = None) -> str:
+        """A new linked identity (``person`` or ``deal``); returns its uuid4 id."""
+        if kind not in ("person", "deal"):
+            raise ValueError(f"entity kind must be person or deal, not {kind!r}")
+        now = now or utcnow()
+        eid = str(uuid.uuid4())
+        self.conn.execute(sa.insert(s.entities).values(
+            entity_id=eid, kind=kind, memory=dict(memory or {}), created_at=now, updated_at=now))
+        return eid
+
+    def get_memory(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The engine's memory (JSON) per entity id; unknown ids are absent."""
+        t = s.entities
+        out: dict[str, dict[str, Any]] = {}
+        for chunk in _chunks(sorted(set(ids))):
+            for eid, mem in self.conn.execute(
+                    sa.select(t.c.entity_id, t.c.memory).where(t.c.entity_id.in_(chunk))):
+                out[eid] = mem
+        return out
+
+    def set_memory(self, entity_id: str, memory: Mapping[str, Any],
+                   now: datetime | None = None) -> None:
+        t = s.entities
+        n = self.conn.execute(sa.update(t).where(t.c.entity_id == entity_id).values(
+            memory=dict(memory), updated_at=now or utcnow())).rowcount
+        if n != 1:
+            raise KeyError(f"no entity {entity_id}")
+
+    # ----------------------------------------------------------- link conflicts
+
+    def add_link_conflict(self, email_norm: str, candidates: Sequence[Any],
+                          now: datetime | None = None) -> int:
+        """Record (or refresh) the open conflict for this email; returns its id."""
+        t = s.link_conflicts
+        now = now or utcnow()
+        existing = self.conn.execute(sa.select(t.c.id).where(
+            t.c.email_norm == email_norm, t.c.resolved_at.is_(None))).scalar()
+        if existing is not None:
+            self.conn.execute(sa.update(t).where(t.c.id == existing).values(
+                candidates=list(candidates)))
+            return int(existing)
+        return int(self.conn.execute(sa.insert(t).values(
+            email_norm=email_norm, candidates=list(candidates), detected_at=now,
+        ).returning(t.c.id)).scalar_one())
+
+    def open_link_conflicts(self) -> list[LinkConflictRow]:
+        t = s.link_conflicts
+        q = sa.select(t).where(t.c.resolved_at.is_(None)).order_by(t.c.id)
+        return [LinkConflictRow(**m) for m in self.conn.execute(q).mappings()]
+
+    def resolve_link_conflicts(self, ids: Iterable[int], now: datetime | None = None) -> None:
+        t = s.link_conflicts
+        for chunk in _chunks(sorted(set(ids))):
+            self.conn.execute(sa.update(t).where(t.c.id.in_(chunk), t.c.resolved_at.is_(None))
+                              .values(resolved_at=now or utcnow()))
+
+    # ------------------------------------------------------------------ cursors
+
+    def get_cursor(self, system: str, object: str) -> Cursor | None:
+        t = s.cursors
+        row = self.conn.execute(sa.select(t.c.modified_at, t.c.id).where(
+            t.c.system == system, t.c.object == object)).first()
+        return Cursor(row.modified_at, row.id) if row else None
+
+    def set_cursor(self, system: str, object: str, cursor: Cursor,
+                   now: datetime | None = None) -> Cursor:
+        """Advance the cursor; it never moves backwards (keeps the max). Returns the stored one.
+
+        Order is :class:`Cursor`'s (modified_at, then id as a string), decided in
+        Python so it does not depend on the database's collation.
+        """
+        t = s.cursors
+        now = now or utcnow()
+        self.conn.execute(self._insert(t).values(
+            system=system, object=object, modified_at=cursor.modified_at, id=cursor.id,
+            updated_at=now).on_conflict_do_nothing())
+        q = sa.select(t.c.modified_at, t.c.id).where(t.c.system == system, t.c.object == object)
+        if self.dialect == "postgresql":
+            q = q.with_for_update()
+        row = self.conn.execute(q).one()
+        current = Cursor(row.modified_at, row.id)
+        if current >= cursor:
+            return current
+        self._write_cursor(system, object, cursor, now)
+        return cursor
+
+    def reset_cursor(self, system: str, object: str, to: Cursor | None,
+                     now: datetime | None = None) -> None:
+        """Move the cursor anywhere, also backwards (resync --since); None = full re-read."""
+        t = s.cursors
+        if to is None:
+            self.conn.execute(sa.delete(t).where(t.c.system == system, t.c.object == object))
+            return
+        self.conn.execute(self._insert(t).values(
+            system=system, object=object, modified_at=to.modified_at, id=to.id,
+            updated_at=now or utcnow()).on_conflict_do_nothing())
+        self._write_cursor(system, object, to, now or utcnow())
+
+    def _write_cursor(self, system: str, object: str, cursor: Cursor, now: datetime) -> None:
+        t = s.cursors
+        self.conn.execute(sa.update(t).where(t.c.system == system, t.c.object == object).values(
+            modified_at=cursor.modified_at, id=cursor.id, updated_at=now))
+
+    # --------------------------------------------------------------------- runs
+
+    def start_run(self, job: str, now: datetime | None = None) -> str:
+        run_id = uuid.uuid4().hex
+        self.conn.execute(sa.insert(s.runs).values(
+            run_id=run_id, job=job, started_at=now or utcnow(), status="running", stats={}))
+        return run_id
+
+    def finish_run(self, run_id: str, status: str, stats: Mapping[str, Any],
+                   error: str | None = None, now: datetime | None = None) -> None:
+        if status not in ("ok", "failed", "interrupted"):
+            raise ValueError(f"run status must be ok, failed or interrupted, not {status!r}")
+        t = s.runs
+        self.conn.execute(sa.update(t).where(t.c.run_id == run_id).values(
+            status=status, stats=dict(stats), error=error, finished_at=now or utcnow()))
+
+    def interrupt_running(self, job: str | None = None, now: datetime | None = None) -> int:
+        """Mark runs left ``running`` (their process died) as ``interrupted``."""
+        t = s.runs
+        q = sa.update(t).where(t.c.status == "running")
+        if job is not None:
+            q = q.where(t.c.job == job)
+        return int(self.conn.execute(q.values(status="interrupted",
+                                              finished_at=now or utcnow())).rowcount)
+
+    def last_runs(self, limit: int = 20, job: str | None = None) -> list[RunRow]:
+        """Most recent first."""
+        t = s.runs
+        q = sa.select(t).order_by(t.c.started_at.desc(), t.c.run_id).limit(limit)
+        if job is not None:
+            q = q.where(t.c.job == job)
+        return [RunRow(**m) for m in self.conn.execute(q).mappings()]
+
+    # ------------------------------------------------------------------- outbox
+
+    def enqueue(self, items: Sequence[OutboxItem], now: datetime | None = None) -> int:
+        """Persist intended writes as ``pending``; returns how many were new.
+
+        ``key`` is unique for ever: an item whose key is already in the outbox, in
+        ANY state (pending, sending, done, skipped, quarantined), is ignored. So
+        re-deciding the same write after a crash or an overlap re-read is
+        harmless. To make the same change again after it was done, the caller
+        must derive a different key (e.g. from the record's new raw_hash).
+        """
+        if not items:
+            return 0
+        now = now or utcnow()
+        t = s.outbox
+        seen: set[str] = set()
+        params = []
+        for i in items:
+            if i.op not in ("update", "create"):
+                raise ValueError(f"outbox op must be update or create, not {i.op!r}")
+            if i.op == "update" and not i.record_id:
+                raise ValueError(f"outbox update {i.key!r} needs a record_id")
+            if i.key in seen:
+                continue
+            seen.add(i.key)
+            params.append({
+                "key": i.key, "entity_id": i.entity_id, "email_norm": i.email_norm,
+                "system": i.system, "object": i.object, "record_id": i.record_id, "op": i.op,
+                "fields": dict(i.fields), "clear_first": list(i.clear_first),
+                "canonical": {f: list(v) for f, v in i.canonical.items()},
+                "rule": i.rule, "reason": i.reason, "mapping_rev": i.mapping_rev,
+                "state": "pending", "attempts": 0, "next_attempt_at": now, "created_at": now,
+            })
+        stmt = self._insert(t).on_conflict_do_nothing(index_elements=[t.c.key]).returning(t.c.id)
+        n = 0
+        for batch in _chunks(params):
+            n += len(self.conn.execute(stmt, list(batch)).all())
+        return n
+
+    def due(self, system: str, object: str | None, now: datetime,
+            limit: int = 500) -> list[OutboxRow]:
+        """Pending or sending (a crash mid-send) entries due at ``now``, in id order."""
+        t = s.outbox
+        q = (sa.select(t).where(t.c.system == system, t.c.state.in_(OUTBOX_OPEN),
+                                t.c.next_attempt_at <= now)
+             .order_by(t.c.id).limit(limit))
+        if object is not None:
+            q = q.where(t.c.object == object)
+        return [_outbox(m) for m in self.conn.execute(q).mappings()]
+
+    def get_outbox(self, ids: Iterable[int]) -> dict[int, OutboxRow]:
+        t = s.outbox
+        out: dict[int, OutboxRow] = {}
+        for chunk in _chunks(sorted(set(ids))):
+            for m in self.conn.execute(sa.select(t).where(t.c.id.in_(chunk))).mappings():
+                out[m["id"]] = _outbox(m)
+        return out
+
+    def mark_sending(self, ids: Iterable[int]) -> None:
+        """About to send: counts one attempt. Commit this before sending."""
+        t = s.outbox
+        for chunk in _chunks(sorted(set(ids))):
+            self.conn.execute(sa.update(t).where(t.c.id.in_(chunk), t.c.state.in_(OUTBOX_OPEN))
+                              .values(state="sending", attempts=t.c.attempts + 1))
+
+    def mark_done(self, id: int, result_id: str | None = None,
+                  now: datetime | None = None) -> bool:
+        """The CRM accepted the write: state done + one audit row per canonical field.
+
+        Exactly once: returns False (and writes nothing) when the entry was not
+        pending/sending (already done, skipped or quarantined).
+        """
+        t = s.outbox
+        now = now or utcnow()
+        done = self.conn.execute(
+            sa.update(t).where(t.c.id == id, t.c.state.in_(OUTBOX_OPEN))
+            .values(state="done", done_at=now, result_id=result_id, last_error=None)
+            .returning(*t.c)
+        ).mappings().first()
+        if done is None:
+            return False
+        row = _outbox(done)
+        audit_rows = [
+            {
+                "at": now, "entity_id": row.entity_id, "email_norm": row.email_norm,
+                "system": row.system, "object": row.object,
+                "record_id": row.record_id or result_id, "field": field,
+                "before": ba[0], "after": ba[1], "rule": row.rule, "reason": row.reason,
+                "mapping_rev": row.mapping_rev, "outbox_id": row.id,
+            }
+            for field, ba in sorted(row.canonical.items())
+        ]
+        if audit_rows:
+            self.conn.execute(sa.insert(s.audit), audit_rows)
+        return True
+
+    def mark_skipped(self, id: int, why: str, now: datetime | None = None) -> bool:
+        """Not sent because the target already held the value; no audit row. ``why`` is
+        kept in ``last_error``."""
+        t = s.outbox
+        return bool(self.conn.execute(
+            sa.update(t).where(t.c.id == id, t.c.state.in_(OUTBOX_OPEN))
+            .values(state="skipped", done_at=now or utcnow(), last_error=why)).rowcount)
+
+    def mark_failed(self, id: int, error: str, next_attempt_at: datetime,
+                    max_attempts: int, now: datetime | None = None) -> bool:
+        """A send failed: back to pending at ``next_attempt_at``, or quarantined (True)
+        once ``attempts`` reached ``max_attempts``. A failure of an entry not marked
+        sending counts one attempt itself. A quarantined write also gets a
+        ``quarantine`` row (kind ``write``)."""
+        t = s.outbox
+        now = now or utcnow()
+        row = self.conn.execute(sa.select(t.c.state, t.c.attempts).where(t.c.id == id)).first()
+        if row is None or row.state not in OUTBOX_OPEN:
+            return False
+        attempts = row.attempts + (0 if row.state == "sending" else 1)
+        quarantined = attempts >= max_attempts
+        self.conn.execute(sa.update(t).where(t.c.id == id).values(
+            state="quarantined" if quarantined else "pending", attempts=attempts,
+            last_error=error, next_attempt_at=next_attempt_at))
+        if quarantined:
+            o = self.get_outbox([id])[id]
+            self.conn.execute(sa.insert(s.quarantine).values(
+                system=o.system, object=o.object, record_id=o.record_id, kind="write",
+                reason=error, raw={"key": o.key, "op": o.op, "fields": o.fields},
+                at=now, attempts=attempts, outbox_id=o.id))
+        return quarantined
+
+    def outbox_depth(self, system: str | None = None) -> int:
+        """Writes not yet done: pending + sending (quarantined ones are not counted)."""
+        t = s.outbox
+        q = sa.select(sa.func.count()).select_from(t).where(t.c.state.in_(OUTBOX_OPEN))
+        if system is not None:
+            q = q.where(t.c.system == system)
+        return int(self.conn.execute(q).scalar_one())
+
+    def requeue_quarantined(self, ids: Iterable[int] | None = None, system: str | None = None,
+                            now: datetime | None = None) -> int:
+        """Quarantined outbox entries (all, or these ids / this system) → pending now,
+        attempts reset; their quarantine rows are resolved. Returns how many."""
+        t, q = s.outbox, s.quarantine
+        now = now or utcnow()
+        sel = sa.select(t.c.id).where(t.c.state == "quarantined")
+        if system is not None:
+            sel = sel.where(t.c.system == system)
+        found = [r for (r,) in self.conn.execute(sel)]
+        if ids is not None:
+            wanted = set(ids)
+            found = [i for i in found if i in wanted]
+        for chunk in _chunks(found):
+            self.conn.execute(sa.update(t).where(t.c.id.in_(chunk)).values(
+                state="pending", attempts=0, next_attempt_at=now))
+            self.conn.execute(sa.update(q).where(q.c.outbox_id.in_(chunk),
+                                                 q.c.resolved_at.is_(None))
+                              .values(resolved_at=now))
+        return len(found)
+
+    # -------------------------------------------------------------------- audit
+
+    def query_audit(self, email: str | None = None, record_id: str | None = None,
+                    rule: str | None = None, system: str | None = None,
+                    since: datetime | None = None, until: datetime | None = None,
+                    entity_id: str | None = None, limit: int = 1000) -> list[AuditRow]:
+        """Audit rows matching every given filter, oldest first; ``until`` is exclusive."""
+        t = s.audit
+        q = sa.select(t).order_by(t.c.at, t.c.id).limit(limit)
+        for col, val in ((t.c.email_norm, email), (t.c.record_id, record_id),
+                         (t.c.rule, rule), (t.c.system, system), (t.c.entity_id, entity_id)):
+            if val is not None:
+                q = q.where(col == val)
+        if since is not None:
+            q = q.where(t.c.at >= since)
+        if until is not None:
+            q = q.where(t.c.at < until)
+        return [AuditRow(**m) for m in self.conn.execute(q).mappings()]
+
+    # --------------------------------------------------------------- quarantine
+
+    def quarantine_record(self, system: str, object: str, record_id: str | None, reason: str,
+                          raw: Any = None, now: datetime | None = None) -> int:
+        """Quarantine a bad record. An open entry for the same record is refreshed
+        (reason, raw, attempts + 1) instead of duplicated. Returns its id."""
+        t = s.quarantine
+        now = now or utcnow()
+        existing = self.conn.execute(sa.select(t.c.id).where(
+            t.c.system == system, t.c.object == object, t.c.record_id == record_id,
+            t.c.kind == "record", t.c.resolved_at.is_(None))).scalar()
+        if existing is not None:
+            self.conn.execute(sa.update(t).where(t.c.id == existing).values(
+                reason=reason, raw=raw, at=now, attempts=t.c.attempts + 1))
+            return int(existing)
+        return int(self.conn.execute(sa.insert(t).values(
+            system=system, object=object, record_id=record_id, kind="record", reason=reason,
+            raw=raw, at=now, attempts=1).returning(t.c.id)).scalar_one())
+
+    def open_quarantine(self, system: str | None = None) -> list[QuarantineRow]:
+        t = s.quarantine
+        q = sa.select(t).where(t.c.resolved_at.is_(None)).order_by(t.c.id)
+        if system is not None:
+            q = q.where(t.c.system == system)
+        return [QuarantineRow(**m) for m in self.conn.execute(q).mappings()]
+
+    def resolve_quarantine(self, ids: Iterable[int], now: datetime | None = None) -> int:
+        t = s.quarantine
+        n = 0
+        for chunk in _chunks(sorted(set(ids))):
+            n += self.conn.execute(sa.update(t).where(t.c.id.in_(chunk),
+                                                      t.c.resolved_at.is_(None))
+                                   .values(resolved_at=now or utcnow())).rowcount
+        return n
+
+    # ----------------------------------------------------------------- unmapped
+
+    def count_unmapped(self, items: Iterable[tuple[str, str, str, str]],
+                       now: datetime | None = None) -> None:
+        """Add one sighting per (system, object, field, value) item (bulk increment)."""
+        counts: dict[tuple[str, str, str, str], int] = defaultdict(int)
+        for item in items:
+            counts[item] += 1
+        if not counts:
+            return
+        now = now or utcnow()
+        t = s.unmapped
+        ins = self._insert(t)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[t.c.system, t.c.object, t.c.field, t.c.value],
+            set_={"count": t.c.count + ins.excluded.count, "last_seen": ins.excluded.last_seen})
+        params = [{"system": k[0], "object": k[1], "field": k[2], "value": k[3], "count": c,
+                   "last_seen": now} for k, c in sorted(counts.items())]
+        for batch in _chunks(params):
+            self.conn.execute(stmt, list(batch))
+
+    def unmapped_values(self, system: str | None = None) -> list[UnmappedRow]:
+        """Most frequent first."""
+        t = s.unmapped
+        q = sa.select(t).order_by(t.c.count.desc(), t.c.system, t.c.object, t.c.field, t.c.value)
+        if system is not None:
+            q = q.where(t.c.system == system)
+        return [UnmappedRow(**m) for m in self.conn.execute(q).mappings()]
+
+    # --------------------------------------------------------------- sla events
+
+    def add_event(self, kind: str, entity_id: str | None, details: Mapping[str, Any],
+                  now: datetime | None = None, dedupe: bool = True) -> int:
+        """Record an SLA event (sla_breach, promotion_blocked, conflict, returned, …).
+
+        With ``dedupe`` an open event of the same kind for the same entity is kept
+        and its id returned (an SLA breach is recorded once, not every cycle).
+        """
+        t = s.sla_events
+        if dedupe and entity_id is not None:
+            existing = self.conn.execute(sa.select(t.c.id).where(
+                t.c.kind == kind, t.c.entity_id == entity_id, t.c.open.is_(True))).scalar()
+            if existing is not None:
+                return int(existing)
+        return int(self.conn.execute(sa.insert(t).values(
+            kind=kind, entity_id=entity_id, details=dict(details), at=now or utcnow(),
+            open=True).returning(t.c.id)).scalar_one())
+
+    def open_events(self, kind: str | None = None) -> list[EventRow]:
+        t = s.sla_events
+        q = sa.select(t).where(t.c.open.is_(True)).order_by(t.c.at, t.c.id)
+        if kind is not None:
+            q = q.where(t.c.kind == kind)
+        return [EventRow(**m) for m in self.conn.execute(q).mappings()]
+
+    def close_events(self, ids: Iterable[int]) -> None:
+        t = s.sla_events
+        for chunk in _chunks(sorted(set(ids))):
+            self.conn.execute(sa.update(t).where(t.c.id.in_(chunk)).values(open=False))
+
+    # ------------------------------------------------------------------- resync
+
+    def queue_resync(self, params: Mapping[str, Any], now: datetime | None = None) -> int:
+        t = s.resync_requests
+        return int(self.conn.execute(sa.insert(t).values(
+            requested_at=now or utcnow(), params=dict(params), state="queued",
+        ).returning(t.c.id)).scalar_one())
+
+    def claim_resync(self, owner: str, now: datetime | None = None) -> ResyncRow | None:
+        """Take the oldest queued request (→ running, picked_by=owner). Atomic: two
+        claimants never get the same request. None when the queue is empty."""
+        t = s.resync_requests
+        now = now or utcnow()
+        while True:
+            q = sa.select(t.c.id).where(t.c.state == "queued").order_by(t.c.id).limit(1)
+            if self.dialect == "postgresql":
+                q = q.with_for_update(skip_locked=True)
+            rid = self.conn.execute(q).scalar()
+            if rid is None:
+                return None
+            row = self.conn.execute(
+                sa.update(t).where(t.c.id == rid, t.c.state == "queued")
+                .values(state="running", picked_by=owner, picked_at=now).returning(*t.c)
+            ).mappings().first()
+            if row is not None:
+                return ResyncRow(**row)
+
+    def finish_resync(self, id: int, state: str, result: Any = None,
+                      now: datetime | None = None) -> None:
+        if state not in ("done", "failed"):
+            raise ValueError(f"resync state must be done or failed, not {state!r}")
+        t = s.resync_requests
+        self.conn.execute(sa.update(t).where(t.c.id == id).values(
+            state=state, result=result, done_at=now or utcnow()))
+
+    def resync_queue(self, include_finished: bool = False, limit: int = 100) -> list[ResyncRow]:
+        """Queued and running requests (and finished ones if asked), oldest first."""
+        t = s.resync_requests
+        q = sa.select(t).order_by(t.c.id).limit(limit)
+        if not include_finished:
+            q = q.where(t.c.state.in_(("queued", "running")))
+        return [ResyncRow(**m) for m in self.conn.execute(q).mappings()]
+
+    # ------------------------------------------------------------------- leases
+
+    def acquire_lease(self, name: str, owner: str, ttl_s: float, now: datetime) -> bool:
+        """Take (or extend) the lease if it is free, expired or already ours. Atomic:
+        one row per name, taken with one INSERT … ON CONFLICT DO UPDATE … WHERE.
+        Commit right away (own short ``tx()``) so others see it."""
+        t = s.leases
+        ins = self._insert(t)
+        stmt = ins.values(name=name, owner=owner,
+                          expires_at=now + timedelta(seconds=ttl_s)).on_conflict_do_update(
+            index_elements=[t.c.name],
+            set_={"owner": ins.excluded.owner, "expires_at": ins.excluded.expires_at},
+            where=sa.or_(t.c.owner == ins.excluded.owner, t.c.expires_at <= now),
+        ).returning(t.c.name)
+        return self.conn.execute(stmt).first() is not None
+
+    def renew_lease(self, name: str, owner: str, ttl_s: float, now: datetime) -> bool:
+        """Extend a lease we still hold (even if it lapsed and nobody took it)."""
+        t = s.leases
+        return bool(self.conn.execute(sa.update(t).where(t.c.name == name, t.c.owner == owner)
+                                      .values(expires_at=now + timedelta(seconds=ttl_s))).rowcount)
+
+    def release_lease(self, name: str, owner: str) -> bool:
+        t = s.leases
+        return bool(self.conn.execute(
+            sa.delete(t).where(t.c.name == name, t.c.owner == owner)).rowcount)
+
+    def lease_holder(self, name: str, now: datetime) -> str | None:
+        """Who holds the lease at ``now`` (None if free or expired)."""
+        t = s.leases
+        return self.conn.execute(sa.select(t.c.owner).where(
+            t.c.name == name, t.c.expires_at > now)).scalar()
+
+    # ---------------------------------------------------------------- heartbeat
+
+    def beat(self, owner: str, info: Mapping[str, Any] | None = None,
+             now: datetime | None = None, pid: int | None = None) -> None:
+        """A running service says it is alive (``started_at`` kept from its first beat)."""
+        t = s.heartbeat
+        now = now or utcnow()
+        ins = self._insert(t).values(owner=owner, started_at=now, seen_at=now,
+                                     pid=pid if pid is not None else os.getpid(),
+                                     info=dict(info or {}))
+        self.conn.execute(ins.on_conflict_do_update(
+            index_elements=[t.c.owner],
+            set_={"seen_at": ins.excluded.seen_at, "pid": ins.excluded.pid,
+                  "info": ins.excluded.info}))
+
+    def heartbeats(self, seen_since: datetime | None = None) -> list[HeartbeatRow]:
+        """Services that beat at or after ``seen_since`` (all if None), latest first."""
+        t = s.heartbeat
+        q = sa.select(t).order_by(t.c.seen_at.desc(), t.c.owner)
+        if seen_since is not None:
+            q = q.where(t.c.seen_at >= seen_since)
+        return [HeartbeatRow(**m) for m in self.conn.execute(q).mappings()]
+
+    def remove_heartbeat(self, owner: str) -> None:
+        t = s.heartbeat
+        self.conn.execute(sa.delete(t).where(t.c.owner == owner))
+
+
+def _record(m: Mapping[Any, Any]) -> RecordRow:
+    return RecordRow(
+        system=m["system"], object=m["object"], id=m["id"], kind=m["kind"],
+        modified_at=m["modified_at"], raw=m["raw"], canonical=m["canonical"],
+        email_norm=m["email_norm"], raw_hash=m["raw_hash"], entity_id=m["entity_id"],
+        dirty=bool(m["dirty"]), updated_at=m["updated_at"],
+    )
+
+
+def _outbox(m: Mapping[Any, Any]) -> OutboxRow:
+    d = dict(m)
+    d["clear_first"] = tuple(d["clear_first"] or ())
+    return OutboxRow(**d)

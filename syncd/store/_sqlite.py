@@ -1,0 +1,46 @@
+"""SQLite specifics: the file is created 0600, WAL, pragmas, IMMEDIATE transactions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+BUSY_TIMEOUT_MS = 30_000
+
+
+def create_private_file(path: str) -> None:
+    """Create the database file with mode 0600 before SQLite does (it would honour umask).
+
+    An existing file keeps its mode. SQLite gives its -wal/-shm files the mode of
+    the database file.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o600)
+    os.close(fd)
+
+
+def configure(engine: sa.Engine) -> None:
+    """Pragmas on every connection; every transaction is ``BEGIN IMMEDIATE``.
+
+    IMMEDIATE takes the write lock up front, so a transaction never fails half-way
+    on a read→write upgrade (SQLITE_BUSY_SNAPSHOT), and guarded updates (resync
+    claims, leases) are atomic. With WAL, readers outside syncd are not blocked.
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")

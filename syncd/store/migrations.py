@@ -1,0 +1,98 @@
+"""Schema versions of the state store: an ordered list of steps, applied once each.
+
+The version lives in ``meta`` (key ``schema_version``). ``migrate`` runs inside
+one transaction under a lock (a PostgreSQL advisory lock; SQLite's ``BEGIN
+IMMEDIATE``), so daemons starting together on one store migrate it once.
+
+Adding a change: append a ``Step`` with the next version and explicit DDL
+(``ALTER TABLE …``). Never edit a released step; step 1 creates the version-1
+tables, so when a table in ``schema.py`` changes, freeze step 1's definition
+(copy the version-1 ``Table`` into it) in the same commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+import structlog
+
+from syncd.errors import ConfigError
+from syncd.store import schema
+
+log = structlog.get_logger()
+
+# Any fixed 64-bit number: "syncd" as ASCII.
+_PG_LOCK_ID = 0x73796E6364
+
+
+class StoreVersionError(ConfigError):
+    """The store was written by a newer syncd than this one: upgrade syncd (exit 2)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    version: int
+    description: str
+    apply: Callable[[sa.Connection], None]
+
+
+_V1_TABLES = [
+    "records", "entities", "link_conflicts", "cursors", "runs", "outbox", "audit",
+    "quarantine", "unmapped", "sla_events", "resync_requests", "leases", "heartbeat",
+]
+
+
+def _v1(conn: sa.Connection) -> None:
+    schema.metadata.create_all(conn, tables=[schema.metadata.tables[t] for t in _V1_TABLES])
+
+
+STEPS: list[Step] = [
+    Step(1, "initial schema", _v1),
+]
+
+LATEST = STEPS[-1].version
+
+
+def current_version(conn: sa.Connection) -> int:
+    """The store's schema version; 0 for an empty database."""
+    if not sa.inspect(conn).has_table("meta"):
+        return 0
+    v = conn.execute(
+        sa.select(schema.meta.c.value).where(schema.meta.c.key == "schema_version")
+    ).scalar_one_or_none()
+    return int(v) if v is not None else 0
+
+
+def migrate(conn: sa.Connection) -> int:
+    """Bring the store to ``LATEST`` inside the caller's transaction; return the version.
+
+    Raises :class:`StoreVersionError` when the store is newer than this code.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_LOCK_ID)))
+    schema.meta.create(conn, checkfirst=True)
+    version = current_version(conn)
+    if version > LATEST:
+        raise StoreVersionError(
+            f"the state store is at schema version {version} but this syncd knows only up "
+            f"to {LATEST}: upgrade syncd (a newer release wrote this store)"
+        )
+    for step in STEPS:
+        if step.version <= version:
+            continue
+        log.info("store_migrate", version=step.version, step=step.description)
+        step.apply(conn)
+        version = step.version
+    _set_version(conn, version)
+    return version
+
+
+def _set_version(conn: sa.Connection, version: int) -> None:
+    m = schema.meta
+    updated = conn.execute(
+        sa.update(m).where(m.c.key == "schema_version").values(value=str(version))
+    ).rowcount
+    if not updated:
+        conn.execute(sa.insert(m).values(key="schema_version", value=str(version)))

@@ -1,0 +1,221 @@
+"""The state store's tables (SQLAlchemy Core), identical on SQLite and PostgreSQL.
+
+Datetimes go through :class:`UTCDateTime`: ``timestamptz`` on PostgreSQL, a
+fixed-width ISO-8601 UTC string on SQLite (``2026-01-02T03:04:05.000006+00:00``),
+so values round-trip exactly and compare correctly (lexically) in SQL on both.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeEngine
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """A tz-aware UTC datetime. Naive datetimes are refused (they are a bug upstream)."""
+
+    impl = sa.String(32)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(sa.DateTime(timezone=True))
+        return dialect.type_descriptor(sa.String(32))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, datetime) or value.tzinfo is None:
+            raise ValueError(f"the state store takes tz-aware datetimes, got {value!r}")
+        value = value.astimezone(UTC)
+        if dialect.name == "postgresql":
+            return value
+        return value.isoformat(timespec="microseconds")
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        assert isinstance(value, datetime)
+        return value.astimezone(UTC)
+
+
+# JSONB on PostgreSQL (indexable, compact), JSON text on SQLite.
+JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+metadata = sa.MetaData()
+
+meta = sa.Table(
+    "meta", metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+records = sa.Table(
+    "records", metadata,
+    sa.Column("system", sa.String(32), primary_key=True),
+    sa.Column("object", sa.String(64), primary_key=True),
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("email_norm", sa.String(320), nullable=True, index=True),
+    sa.Column("modified_at", UTCDateTime(), nullable=False),
+    sa.Column("raw", JSONType, nullable=False),
+    sa.Column("canonical", JSONType, nullable=False),
+    sa.Column("raw_hash", sa.String(64), nullable=False),
+    sa.Column("entity_id", sa.String(36), nullable=True, index=True),
+    sa.Column("dirty", sa.Boolean, nullable=False, default=False, index=True),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+entities = sa.Table(
+    "entities", metadata,
+    sa.Column("entity_id", sa.String(36), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("memory", JSONType, nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+link_conflicts = sa.Table(
+    "link_conflicts", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("email_norm", sa.String(320), nullable=False, index=True),
+    sa.Column("candidates", JSONType, nullable=False),
+    sa.Column("detected_at", UTCDateTime(), nullable=False),
+    sa.Column("resolved_at", UTCDateTime(), nullable=True),
+)
+
+cursors = sa.Table(
+    "cursors", metadata,
+    sa.Column("system", sa.String(32), primary_key=True),
+    sa.Column("object", sa.String(64), primary_key=True),
+    sa.Column("modified_at", UTCDateTime(), nullable=False),
+    sa.Column("id", sa.String(64), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+runs = sa.Table(
+    "runs", metadata,
+    sa.Column("run_id", sa.String(36), primary_key=True),
+    sa.Column("job", sa.String(64), nullable=False),
+    sa.Column("started_at", UTCDateTime(), nullable=False, index=True),
+    sa.Column("finished_at", UTCDateTime(), nullable=True),
+    # running | ok | failed | interrupted
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("stats", JSONType, nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+)
+
+outbox = sa.Table(
+    "outbox", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("key", sa.String(255), nullable=False, unique=True),
+    sa.Column("entity_id", sa.String(36), nullable=True, index=True),
+    sa.Column("email_norm", sa.String(320), nullable=True),
+    sa.Column("system", sa.String(32), nullable=False),
+    sa.Column("object", sa.String(64), nullable=False),
+    sa.Column("record_id", sa.String(64), nullable=True),
+    sa.Column("op", sa.String(8), nullable=False),  # update | create
+    sa.Column("fields", JSONType, nullable=False),
+    sa.Column("clear_first", JSONType, nullable=False),
+    sa.Column("canonical", JSONType, nullable=False),  # {field: [before, after]}
+    sa.Column("rule", sa.String(64), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("mapping_rev", sa.String(64), nullable=False),
+    # pending | sending | done | skipped | quarantined
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("next_attempt_at", UTCDateTime(), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("done_at", UTCDateTime(), nullable=True),
+    sa.Column("result_id", sa.String(64), nullable=True),
+    sa.Index("ix_outbox_due", "system", "object", "state", "next_attempt_at"),
+)
+
+audit = sa.Table(
+    "audit", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", UTCDateTime(), nullable=False, index=True),
+    sa.Column("entity_id", sa.String(36), nullable=True),
+    sa.Column("email_norm", sa.String(320), nullable=True, index=True),
+    sa.Column("system", sa.String(32), nullable=False),
+    sa.Column("object", sa.String(64), nullable=False),
+    sa.Column("record_id", sa.String(64), nullable=True, index=True),
+    sa.Column("field", sa.String(128), nullable=False),
+    sa.Column("before", JSONType, nullable=True),
+    sa.Column("after", JSONType, nullable=True),
+    sa.Column("rule", sa.String(64), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("mapping_rev", sa.String(64), nullable=False),
+    sa.Column("outbox_id", sa.Integer, nullable=True, index=True),
+)
+
+quarantine = sa.Table(
+    "quarantine", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("system", sa.String(32), nullable=False),
+    sa.Column("object", sa.String(64), nullable=False),
+    sa.Column("record_id", sa.String(64), nullable=True),
+    sa.Column("kind", sa.String(8), nullable=False),  # record | write
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("raw", JSONType, nullable=True),
+    sa.Column("at", UTCDateTime(), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=1),
+    sa.Column("outbox_id", sa.Integer, nullable=True),
+    sa.Column("resolved_at", UTCDateTime(), nullable=True),
+)
+
+unmapped = sa.Table(
+    "unmapped", metadata,
+    sa.Column("system", sa.String(32), primary_key=True),
+    sa.Column("object", sa.String(64), primary_key=True),
+    sa.Column("field", sa.String(128), primary_key=True),
+    sa.Column("value", sa.String(255), primary_key=True),
+    sa.Column("count", sa.BigInteger, nullable=False),
+    sa.Column("last_seen", UTCDateTime(), nullable=False),
+)
+
+sla_events = sa.Table(
+    "sla_events", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("entity_id", sa.String(36), nullable=True, index=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("at", UTCDateTime(), nullable=False),
+    sa.Column("details", JSONType, nullable=False),
+    sa.Column("open", sa.Boolean, nullable=False, index=True),
+)
+
+resync_requests = sa.Table(
+    "resync_requests", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("requested_at", UTCDateTime(), nullable=False),
+    sa.Column("params", JSONType, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, index=True),  # queued|running|done|failed
+    sa.Column("picked_by", sa.String(128), nullable=True),
+    sa.Column("picked_at", UTCDateTime(), nullable=True),
+    sa.Column("done_at", UTCDateTime(), nullable=True),
+    sa.Column("result", JSONType, nullable=True),
+)
+
+leases = sa.Table(
+    "leases", metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("owner", sa.String(128), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+)
+
+heartbeat = sa.Table(
+    "heartbeat", metadata,
+    sa.Column("owner", sa.String(128), primary_key=True),
+    sa.Column("started_at", UTCDateTime(), nullable=False),
+    sa.Column("seen_at", UTCDateTime(), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("info", JSONType, nullable=False),
+)
