@@ -1,0 +1,506 @@
+"""One sync cycle: pull → map → link → decide → write back → commit.
+
+Every step leaves the state store consistent on its own, so a crash (kill -9)
+anywhere is followed by a restart that finishes the work:
+- a pulled page, the dirty marks it produces and the cursor advance commit in
+  one transaction (nothing pulled is lost, nothing is decided twice);
+- decisions become outbox rows in the same transaction that clears the dirty
+  marks and saves the person's memory;
+- outbox rows are marked ``sending`` before the CRM call and ``done`` (with
+  their audit rows) after it; a restart resends what was in flight (updates are
+  idempotent, creates look the record up by email first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from connectors.base import Connector
+from syncd import rules
+from syncd.errors import FatalError, RecordError, RetriableError
+from syncd.linking import LinkStats, link_deals, link_people
+from syncd.mapping import Mappings
+from syncd.model import (
+    OBJECT_GROUPS,
+    SYSTEMS,
+    CanonicalRecord,
+    FieldUpdate,
+    RawRecord,
+    RecordCreate,
+    utcnow,
+)
+from syncd.sla import SLA
+from syncd.store import OutboxItem, OutboxRow, RecordRow, Store, Tx
+
+log = structlog.get_logger()
+
+CHUNK = 500  # entities decided per transaction
+
+
+@dataclass
+class PlannedWrite:
+    """A write the rules want, for --dry-run tables and the demo narrative."""
+
+    system: str
+    object: str
+    record_id: str | None
+    op: str
+    who: str
+    changes: dict[str, tuple[Any, Any]]
+    rule: str
+    reason: str
+
+
+@dataclass
+class CycleStats:
+    pulled: dict[str, int] = field(default_factory=dict)
+    changed: int = 0
+    quarantined: int = 0
+    unmapped: int = 0
+    linked: int = 0
+    conflicts: int = 0
+    decisions: int = 0
+    events: int = 0
+    sent: int = 0
+    skipped: int = 0
+    failed: int = 0
+    planned: list[PlannedWrite] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"pulled": sum(self.pulled.values()), "changed": self.changed, "quarantined": self.quarantined,
+                "unmapped": self.unmapped, "linked": self.linked, "conflicts": self.conflicts,
+                "decisions": self.decisions, "events": self.events, "sent": self.sent,
+                "skipped": self.skipped, "failed": self.failed}
+
+
+class _DryRunRollback(Exception):
+    pass
+
+
+class Engine:
+    def __init__(self, store: Store, mappings: Mappings, sla: SLA, connectors: Mapping[str, Connector], *,
+                 overlap: timedelta = timedelta(seconds=120), clock: Callable[[], datetime] = utcnow,
+                 dry_run: bool = False, write_batch: int = 1000,
+                 on_write: Callable[[OutboxRow, str | None], None] | None = None) -> None:
+        self.store = store
+        self.mappings = mappings
+        self.sla = sla
+        self.connectors = connectors
+        self.overlap = overlap
+        self.clock = clock
+        self.dry_run = dry_run
+        self.write_batch = write_batch
+        self.on_write = on_write
+        self.ctx = rules.context_from(mappings, sla)
+        self._shared_tx: Tx | None = None
+        self.stop_requested = False
+
+    # -- transactions ---------------------------------------------------------------------------
+    @contextmanager
+    def _tx(self) -> Iterator[Tx]:
+        if self._shared_tx is not None:
+            yield self._shared_tx
+        else:
+            with self.store.tx() as tx:
+                yield tx
+
+    # -- the cycle ------------------------------------------------------------------------------
+    def cycle(self, group: str | None = None) -> CycleStats:
+        """Run one cycle over ``group`` ("contacts", "deals" or both). Dry-run rolls everything back."""
+        stats = CycleStats()
+        if self.dry_run:
+            try:
+                with self.store.tx() as tx:
+                    self._shared_tx = tx
+                    self._cycle(group, stats)
+                    raise _DryRunRollback
+            except _DryRunRollback:
+                pass
+            finally:
+                self._shared_tx = None
+            return stats
+        job = f"cycle:{group or 'all'}"
+        run_id = self.store_run_start(job)
+        try:
+            self._cycle(group, stats)
+        except BaseException as exc:
+            self.store_run_finish(run_id, "failed", stats, f"{type(exc).__name__}: {exc}")
+            raise
+        self.store_run_finish(run_id, "ok", stats, None)
+        log.info("cycle", job=job, **stats.summary())
+        return stats
+
+    def store_run_start(self, job: str) -> str:
+        with self.store.tx() as tx:
+            return tx.start_run(job)
+
+    def store_run_finish(self, run_id: str, status: str, stats: CycleStats, error: str | None) -> None:
+        with self.store.tx() as tx:
+            tx.finish_run(run_id, status, stats.summary(), error)
+
+    def _cycle(self, group: str | None, stats: CycleStats) -> None:
+        groups = [group] if group else list(OBJECT_GROUPS)
+        for g in groups:
+            for system in SYSTEMS:
+                if system not in self.connectors:
+                    continue
+                for obj in OBJECT_GROUPS[g][system]:
+                    self.pull(system, obj, stats)
+                    if self.stop_requested:
+                        return
+        self.link_and_decide(stats)
+        if not self.dry_run and not self.stop_requested:
+            self.flush(stats)
+
+    # -- pull + map -----------------------------------------------------------------------------
+    def pull(self, system: str, obj: str, stats: CycleStats, *, since_override: Any = None) -> None:
+        conn = self.connectors[system]
+        with self._tx() as tx:
+            cursor = tx.get_cursor(system, obj)
+        n = 0
+        for page in conn.iter_changes(obj, cursor, overlap=self.overlap):
+            self.ingest(system, obj, page.records, stats)
+            n += len(page.records)
+            if self.stop_requested:
+                break
+        stats.pulled[f"{system}.{obj}"] = stats.pulled.get(f"{system}.{obj}", 0) + n
+
+    def ingest(self, system: str, obj: str, records: Sequence[RawRecord], stats: CycleStats,
+               *, advance_cursor: bool = True) -> None:
+        """Map and store one page, mark what changed, advance the cursor: one transaction."""
+        rows: list[RecordRow] = []
+        bad: list[tuple[RawRecord, str]] = []
+        unmapped: dict[tuple[str, str, str, str], int] = {}
+        for raw in records:
+            try:
+                canon = self.mappings.to_canonical(raw)
+            except RecordError as exc:
+                bad.append((raw, str(exc)))
+                continue
+            for f, v in canon.unmapped:
+                k = (system, obj, f, v)
+                unmapped[k] = unmapped.get(k, 0) + 1
+            rows.append(RecordRow.from_records(raw, canon))
+        with self._tx() as tx:
+            changed = tx.upsert_records(rows)
+            for row in changed:
+                refs = _refs_of(row)
+                if refs is not None:
+                    tx.set_refs((row.system, row.object, row.id), refs)
+            for raw, reason in bad:
+                tx.quarantine_record(system=system, object=obj, record_id=raw.id, kind="record",
+                                     reason=reason, raw=_jsonable(dict(raw.fields)))
+            if unmapped:
+                tx.count_unmapped([(*k, c) for k, c in unmapped.items()])
+            if advance_cursor and records:
+                tx.set_cursor(system, obj, max(r.cursor for r in records))
+        stats.changed += len(changed)
+        stats.quarantined += len(bad)
+        stats.unmapped += sum(unmapped.values())
+        for raw, reason in bad:
+            log.warning("record_quarantined", system=system, object=obj, record_id=raw.id, reason=reason)
+
+    # -- link + decide --------------------------------------------------------------------------
+    def link_and_decide(self, stats: CycleStats) -> None:
+        while True:
+            with self._tx() as tx:
+                dirty = tx.dirty_records(limit=CHUNK * 4)
+                if not dirty:
+                    break
+                ls = LinkStats()
+                link_people(tx, dirty, ls)
+                refreshed = tx.get_records([(r.system, r.object, r.id) for r in dirty])
+                rows = list(refreshed.values())
+                link_deals(tx, rows, ls)
+                people = set(ls.touched_people)
+                # deals and connection attempts touch the people they point at
+                for row in rows:
+                    if row.kind in ("deal", "attempt"):
+                        people |= _people_of(tx, row)
+                for deal_entity in ls.touched_deals:
+                    people |= _people_of_deal_entity(tx, deal_entity)
+                people |= set(tx.due_entities(self.clock()))
+                self._decide(tx, sorted(people), sorted(ls.touched_deals), stats)
+                tx.clear_dirty([(r.system, r.object, r.id) for r in dirty])
+                stats.linked += ls.linked
+                stats.conflicts += ls.conflicts
+            if self.dry_run and stats.decisions > 1_000_000:  # pragma: no cover - guard
+                break
+
+    def decide_entities(self, people: Sequence[str], deals: Sequence[str] = ()) -> CycleStats:
+        """Re-decide given entities (resync of one record, SLA timers)."""
+        stats = CycleStats()
+        with self._tx() as tx:
+            self._decide(tx, list(people), list(deals), stats)
+        return stats
+
+    def _decide(self, tx: Tx, people: Sequence[str], deals: Sequence[str], stats: CycleStats) -> None:
+        now = self.clock()
+        for i in range(0, len(people), CHUNK):
+            chunk = people[i:i + CHUNK]
+            by_entity = tx.records_by_entity(chunk)
+            memories = tx.get_memory(chunk)
+            for entity in chunk:
+                view = self._person_view(tx, entity, by_entity.get(entity, []), memories.get(entity))
+                if view is None:
+                    continue
+                outcome = rules.decide_person(view, self.ctx, now)
+                self._apply(tx, entity, outcome.decisions, view_records(view), stats)
+                tx.set_memory(entity, outcome.memory.to_json(), due_at=outcome.memory.due_at(self.ctx))
+        if deals:
+            by_entity = tx.records_by_entity(list(deals))
+            for entity in deals:
+                dview = self._deal_view(entity, by_entity.get(entity, []))
+                if dview is None:
+                    continue
+                outcome_d = rules.decide_deal(dview, self.ctx, now)
+                self._apply(tx, entity, outcome_d, [r for r in (dview.hubspot, dview.salesforce) if r], stats)
+
+    def _person_view(self, tx: Tx, entity: str, rows: list[RecordRow], memory: Any) -> rules.PersonView | None:
+        persons = [r for r in rows if r.kind == "person"]
+        if not persons:
+            return None
+        hs = _pick(persons, "hubspot", ("contacts",))
+        sf = _pick(persons, "salesforce", ("Contact", "Lead"), prefer_converted=True)
+        deals: list[CanonicalRecord] = []
+        attempts: list[CanonicalRecord] = []
+        for system in SYSTEMS:
+            ids = [r.id for r in persons if r.system == system]
+            if not ids:
+                continue
+            for ref in tx.referrers(system, ids):
+                c = ref.to_canonical()
+                if ref.kind == "deal":
+                    deals.append(c)
+                elif ref.kind == "attempt":
+                    attempts.append(c)
+        return rules.PersonView(
+            entity_id=entity,
+            hubspot=hs.to_canonical() if hs else None,
+            salesforce=sf.to_canonical() if sf else None,
+            deals=tuple(deals), attempts=tuple(attempts),
+            memory=rules.Memory.from_json(memory) if memory else rules.Memory(),
+        )
+
+    def _deal_view(self, entity: str, rows: list[RecordRow]) -> rules.DealView | None:
+        deals = [r for r in rows if r.kind == "deal"]
+        if not deals:
+            return None
+        hs = _pick(deals, "hubspot", ("deals",))
+        sf = _pick(deals, "salesforce", ("Opportunity",))
+        return rules.DealView(entity_id=entity, hubspot=hs.to_canonical() if hs else None,
+                              salesforce=sf.to_canonical() if sf else None)
+
+    def _apply(self, tx: Tx, entity: str, decisions: Iterable[rules.Decision],
+               current: Sequence[CanonicalRecord], stats: CycleStats) -> None:
+        """Decisions → outbox rows (writes) or events. No-op writes never reach the outbox."""
+        raw_now = {(r.system, r.object, r.id): r for r in current}
+        items: list[OutboxItem] = []
+        for d in decisions:
+            stats.decisions += 1
+            if d.action == "event":
+                stats.events += 1
+                tx.add_event(entity_id=entity, kind=d.event or d.rule, at=self.clock(),
+                             details={"rule": d.rule, "reason": d.reason, **_jsonable(dict(d.changes))})
+                log.warning("sla_event", kind=d.event, rule=d.rule, entity_id=entity, reason=d.reason) \
+                    if d.event == "sla_breach" else log.info("rule_event", kind=d.event, rule=d.rule,
+                                                              entity_id=entity)
+                continue
+            assert d.system is not None and d.object is not None
+            fields = self.mappings.to_raw(d.system, d.object, d.changes)
+            target = raw_now.get((d.system, d.object, d.record_id or ""))
+            if d.action == "set":
+                if not fields:
+                    continue
+                if target is not None and d.record_id is not None:
+                    held = tx.get_records([(d.system, d.object, d.record_id)]).get((d.system, d.object, d.record_id))
+                    if held is not None and all(_same(held.raw.get(k), v) for k, v in fields.items()):
+                        stats.skipped += 1
+                        continue
+            clear_first = tuple(self.mappings.clear_first_fields(d.system, d.object, d.changes)) \
+                if getattr(d, "backwards", False) else ()
+            key = d.key if getattr(d, "key", None) else _idempotency_key(d, fields, target)
+            items.append(OutboxItem(
+                key=key, entity_id=entity, system=d.system, object=d.object, record_id=d.record_id,
+                op="create" if d.action == "create" else "update", fields=_jsonable(fields),
+                clear_first=list(clear_first),
+                canonical={k: [_jsonable(d.before.get(k)), _jsonable(v)] for k, v in d.changes.items()},
+                rule=d.rule, reason=d.reason, mapping_rev=self.mappings.revision))
+            stats.planned.append(PlannedWrite(d.system, d.object, d.record_id, items[-1].op,
+                                              _who(current), {k: (d.before.get(k), v) for k, v in d.changes.items()},
+                                              d.rule, d.reason))
+        if items:
+            tx.enqueue(items)
+
+    # -- write back -----------------------------------------------------------------------------
+    def flush(self, stats: CycleStats) -> None:
+        """Send due outbox rows in CRM-sized batches; mark each done, retried or quarantined."""
+        for system, conn in self.connectors.items():
+            while not self.stop_requested:
+                with self._tx() as tx:
+                    due = tx.due(system, None, self.clock(), self.write_batch)
+                    if not due:
+                        break
+                    tx.mark_sending([r.id for r in due])
+                by_obj: dict[tuple[str, str], list[OutboxRow]] = {}
+                for r in due:
+                    by_obj.setdefault((r.object, r.op), []).append(r)
+                for (obj, op), batch in by_obj.items():
+                    self._send(conn, system, obj, op, batch, stats)
+
+    def _send(self, conn: Connector, system: str, obj: str, op: str, batch: list[OutboxRow],
+              stats: CycleStats) -> None:
+        try:
+            if op == "create":
+                results = self._create_idempotent(conn, system, obj, batch)
+            else:
+                results = conn.write(obj, [FieldUpdate(key=str(r.id), record_id=str(r.record_id), fields=r.fields,
+                                                       clear_first=tuple(r.clear_first)) for r in batch])
+        except RetriableError as exc:
+            self._fail_all(batch, f"{type(exc).__name__}: {exc}", stats)
+            return
+        except FatalError:
+            with self._tx() as tx:
+                tx.release_sending([r.id for r in batch])
+            raise
+        by_key = {res.key: res for res in results}
+        with self._tx() as tx:
+            for r in batch:
+                res = by_key.get(str(r.id))
+                if res is not None and res.ok:
+                    tx.mark_done(r.id, result_id=res.record_id, at=self.clock())
+                    stats.sent += 1
+                    if self.on_write:
+                        self.on_write(r, res.record_id)
+                else:
+                    err = res.error if res is not None else "no result from the CRM"
+                    attempts = r.attempts + 1
+                    quarantined = tx.mark_failed(r.id, err or "failed", self._backoff(attempts),
+                                                 self.sla.writeback.max_attempts)
+                    stats.failed += 1
+                    log.warning("write_failed", system=system, object=obj, outbox_id=r.id,
+                                record_id=r.record_id, error=err, quarantined=quarantined)
+
+    def _create_idempotent(self, conn: Connector, system: str, obj: str,
+                           batch: list[OutboxRow]) -> list[Any]:
+        """Creates are keyed: a record with the same email already there (e.g. we created it and
+        crashed before marking done) is taken as the result instead of creating a second one."""
+        from syncd.model import WriteResult
+
+        emails = [e for e in (self.mappings.raw_email(system, obj, r.fields) for r in batch) if e]
+        existing = {}
+        if emails:
+            for rec in conn.find_by_email(obj, emails):
+                e = self.mappings.raw_email(system, obj, rec.fields)
+                if e:
+                    existing[e] = rec.id
+        results: list[WriteResult] = []
+        to_create: list[OutboxRow] = []
+        for r in batch:
+            e = self.mappings.raw_email(system, obj, r.fields)
+            if e and e in existing:
+                results.append(WriteResult(key=str(r.id), ok=True, record_id=existing[e]))
+            else:
+                to_create.append(r)
+        if to_create:
+            results += conn.create(obj, [RecordCreate(key=str(r.id), fields=r.fields) for r in to_create])
+        return results
+
+    def _fail_all(self, batch: list[OutboxRow], err: str, stats: CycleStats) -> None:
+        with self._tx() as tx:
+            for r in batch:
+                tx.mark_failed(r.id, err, self._backoff(r.attempts + 1), self.sla.writeback.max_attempts)
+                stats.failed += 1
+        log.warning("write_batch_failed", size=len(batch), error=err)
+
+    def _backoff(self, attempts: int) -> datetime:
+        return self.clock() + timedelta(seconds=min(300.0, 2.0 ** attempts))
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+def _refs_of(row: RecordRow) -> list[str] | None:
+    v = row.canonical.get("values", {})
+    if row.kind == "deal":
+        return [str(x) for x in (v.get("contact_ids") or [])]
+    if row.kind == "attempt":
+        return [str(v["who_id"])] if v.get("who_id") else []
+    return None
+
+
+def _people_of(tx: Tx, row: RecordRow) -> set[str]:
+    from syncd.linking import person_entities_of
+
+    refs = _refs_of(row) or []
+    return person_entities_of(tx, row.system, refs)
+
+
+def _people_of_deal_entity(tx: Tx, entity: str) -> set[str]:
+    out: set[str] = set()
+    for rows in tx.records_by_entity([entity]).values():
+        for r in rows:
+            out |= _people_of(tx, r)
+    return out
+
+
+def _pick(rows: list[RecordRow], system: str, objects: tuple[str, ...], *,
+          prefer_converted: bool = False) -> RecordRow | None:
+    cands = [r for r in rows if r.system == system and r.object in objects]
+    if not cands:
+        return None
+    # Prefer the first listed object type (Contact over a converted Lead), then the latest.
+    cands.sort(key=lambda r: (objects.index(r.object), -r.modified_at.timestamp()))
+    if prefer_converted:
+        leads = [r for r in cands if r.object == "Lead" and not r.canonical.get("values", {}).get("is_converted")]
+        contacts = [r for r in cands if r.object == "Contact"]
+        if contacts:
+            return contacts[0]
+        if leads:
+            return leads[0]
+    return cands[0]
+
+
+def view_records(view: rules.PersonView) -> list[CanonicalRecord]:
+    return [r for r in (view.hubspot, view.salesforce) if r is not None]
+
+
+def _who(records: Sequence[CanonicalRecord]) -> str:
+    for r in records:
+        if r.email:
+            return r.email
+    return records[0].id if records else "?"
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, int | float) or isinstance(b, int | float):
+        try:
+            return float(a) == float(b)
+        except (TypeError, ValueError):
+            return False
+    return str(a) == str(b)
+
+
+def _idempotency_key(d: rules.Decision, fields: Mapping[str, Any], target: CanonicalRecord | None) -> str:
+    gen = target.modified_at.isoformat() if target is not None else ""
+    blob = json.dumps([d.system, d.object, d.record_id, sorted((k, str(v)) for k, v in fields.items()), gen])
+    return f"{d.rule}:{d.system}:{d.record_id}:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, datetime):
+        return v.isoformat()
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple | set):
+        return [_jsonable(x) for x in v]
+    return v

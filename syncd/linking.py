@@ -1,0 +1,159 @@
+"""Identity: which records across the two CRMs are the same person or the same deal.
+
+Order of evidence: a stored link first; then Lead conversion (a converted Lead's
+ConvertedContactId is the same person); then the normalised email. Two candidate
+matches in the other system are a conflict: reported, never merged silently.
+Deals link to Opportunities through a stored link, else the same normalised
+name on the same person.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from syncd.store import RecordRow, Tx
+
+log = structlog.get_logger()
+
+Key = tuple[str, str, str]  # (system, object, id)
+
+
+@dataclass
+class LinkStats:
+    linked: int = 0
+    new_entities: int = 0
+    conflicts: int = 0
+    touched_people: set[str] = field(default_factory=set)
+    touched_deals: set[str] = field(default_factory=set)
+
+
+def _key(row: RecordRow) -> Key:
+    return (row.system, row.object, row.id)
+
+
+def _values(row: RecordRow) -> dict[str, Any]:
+    return dict(row.canonical.get("values", {}))
+
+
+def link_people(tx: Tx, rows: Iterable[RecordRow], stats: LinkStats) -> None:
+    """Give every person record an entity; records already linked keep theirs."""
+    rows = [r for r in rows if r.kind == "person"]
+    # Lead conversion first: the Contact a Lead became is the same person.
+    for row in rows:
+        v = _values(row)
+        cid = v.get("converted_contact_id")
+        if row.object == "Lead" and v.get("is_converted") and cid:
+            entity = row.entity_id or _ensure_entity(tx, row, stats)
+            contact = tx.get_records([("salesforce", "Contact", str(cid))]).get(("salesforce", "Contact", str(cid)))
+            if contact is not None and contact.entity_id != entity:
+                tx.set_entity([_key(contact)], entity)
+                stats.touched_people.add(entity)
+    unlinked = [r for r in rows if not r.entity_id]
+    emails = sorted({r.email_norm for r in unlinked if r.email_norm})
+    by_email = tx.records_by_email(emails) if emails else {}
+    for row in unlinked:
+        fresh = tx.get_records([_key(row)]).get(_key(row))
+        if fresh is not None and fresh.entity_id:  # linked meanwhile (conversion, earlier row)
+            stats.touched_people.add(fresh.entity_id)
+            continue
+        entity = _match_by_email(tx, row, by_email.get(row.email_norm or "", []), stats)
+        if entity is None:
+            entity = _ensure_entity(tx, row, stats)
+        else:
+            tx.set_entity([_key(row)], entity)
+            stats.linked += 1
+        stats.touched_people.add(entity)
+        # keep the in-memory candidate list current for later rows of this batch
+        if row.email_norm:
+            by_email.setdefault(row.email_norm, [])
+            by_email[row.email_norm] = [r for r in by_email[row.email_norm] if _key(r) != _key(row)]
+            by_email[row.email_norm].append(_with_entity(row, entity))
+    for row in rows:
+        if row.entity_id:
+            stats.touched_people.add(row.entity_id)
+
+
+def _match_by_email(tx: Tx, row: RecordRow, candidates: list[RecordRow], stats: LinkStats) -> str | None:
+    if not row.email_norm:
+        return None
+    others = [c for c in candidates if c.system != row.system and c.kind == "person"]
+    if row.system == "salesforce":
+        # A Lead and the Contact it was converted to are one person: group by entity.
+        pass
+    groups: dict[str, list[RecordRow]] = {}
+    for c in others:
+        groups.setdefault(c.entity_id or f"unlinked:{c.object}:{c.id}", []).append(c)
+    if not groups:
+        # same-system duplicates already linked: reuse only if they share one entity with a record of ours
+        return None
+    if len(groups) > 1:
+        stats.conflicts += 1
+        tx.add_link_conflict(row.email_norm, sorted(f"{c.system}:{c.object}:{c.id}" for c in others + [row]))
+        log.warning("link_conflict", system=row.system, object=row.object, record_id=row.id,
+                    candidates=len(groups))
+        return None
+    (gid, members), = groups.items()
+    if gid.startswith("unlinked:"):
+        entity = tx.new_entity("person")
+        stats.new_entities += 1
+        tx.set_entity([_key(m) for m in members], entity)
+        return entity
+    return gid
+
+
+def _ensure_entity(tx: Tx, row: RecordRow, stats: LinkStats) -> str:
+    if row.entity_id:
+        return row.entity_id
+    entity = tx.new_entity(row.kind)
+    stats.new_entities += 1
+    tx.set_entity([_key(row)], entity)
+    return entity
+
+
+def _with_entity(row: RecordRow, entity: str) -> RecordRow:
+    from dataclasses import replace
+
+    return replace(row, entity_id=entity)
+
+
+def link_deals(tx: Tx, rows: Iterable[RecordRow], stats: LinkStats) -> None:
+    """Deals ↔ Opportunities: stored link, else same normalised name on the same person."""
+    for row in (r for r in rows if r.kind == "deal"):
+        entity = row.entity_id
+        if entity is None:
+            entity = _match_deal(tx, row) or _ensure_entity(tx, row, stats)
+            tx.set_entity([_key(row)], entity)
+        stats.touched_deals.add(entity)
+
+
+def person_entities_of(tx: Tx, system: str, contact_ids: Iterable[str]) -> set[str]:
+    """Entities of the person records a deal points at (HubSpot contacts / SF Contacts or Leads)."""
+    objects = ("contacts",) if system == "hubspot" else ("Contact", "Lead")
+    keys = [(system, obj, str(cid)) for cid in contact_ids for obj in objects]
+    found = tx.get_records(keys) if keys else {}
+    return {r.entity_id for r in found.values() if r.entity_id}
+
+
+def _match_deal(tx: Tx, row: RecordRow) -> str | None:
+    v = _values(row)
+    name = str(v.get("name") or "").strip().lower()
+    if not name:
+        return None
+    persons = person_entities_of(tx, row.system, v.get("contact_ids") or [])
+    if not persons:
+        return None
+    other = "salesforce" if row.system == "hubspot" else "hubspot"
+    for prow in tx.records_by_entity(sorted(persons)).values():
+        for p in prow:
+            if p.system != other:
+                continue
+            ids = [p.id]
+            for deal in tx.deals_of_people(other, ids):
+                dv = _values(deal)
+                if str(dv.get("name") or "").strip().lower() == name and deal.entity_id:
+                    return deal.entity_id
+    return None

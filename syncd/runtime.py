@@ -1,0 +1,76 @@
+"""Wiring: config → state store, mapping + SLA files, connectors, engine.
+
+Everything is validated before the first API call: a bad config or mapping file
+stops here with a clear error (exit 2), nothing half-started.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from connectors._retry import RetryPolicy
+from connectors.base import Connector
+from syncd.config import Config
+from syncd.engine import Engine
+from syncd.mapping import Mappings, default_mappings_dir, load_mappings
+from syncd.sla import SLA, load_sla
+from syncd.store import Store
+
+PULL_OBJECTS = {"hubspot": ("contacts", "deals"), "salesforce": ("Lead", "Contact", "Opportunity", "Task")}
+
+
+def mappings_dir(cfg: Config) -> Path:
+    return cfg.resolve(cfg.mappings.dir) if cfg.mappings.dir else default_mappings_dir()
+
+
+def load_rules_files(cfg: Config) -> tuple[Mappings, SLA]:
+    d = mappings_dir(cfg)
+    return load_mappings(d), load_sla(d)
+
+
+def build_connectors(cfg: Config, mappings: Mappings) -> dict[str, Connector]:
+    from connectors.hubspot import HubSpotConnector
+    from connectors.salesforce import SalesforceConnector
+
+    retry = RetryPolicy(max_attempts=cfg.sync.retry_max_attempts, cap=cfg.sync.retry_cap_s)
+    hs = cfg.hubspot
+    sf = cfg.salesforce
+    hubspot = HubSpotConnector(
+        hs.base_url, hs.token(cfg.base_dir).get_secret_value(),
+        ca_bundle=str(cfg.resolve(hs.ca_bundle)) if hs.ca_bundle else None,
+        properties={o: mappings.pull_fields("hubspot", o) for o in PULL_OBJECTS["hubspot"]},
+        retry=retry, timeout=hs.timeout_s)
+    salesforce = SalesforceConnector(
+        sf.instance_url, sf.session_id(cfg.base_dir).get_secret_value(),
+        ca_bundle=str(cfg.resolve(sf.ca_bundle)) if sf.ca_bundle else None,
+        fields={o: mappings.pull_fields("salesforce", o) for o in PULL_OBJECTS["salesforce"]},
+        retry=retry, timeout=sf.timeout_s)
+    return {"hubspot": hubspot, "salesforce": salesforce}
+
+
+@dataclass
+class Runtime:
+    config: Config
+    store: Store
+    mappings: Mappings
+    sla: SLA
+    connectors: dict[str, Connector] = field(default_factory=dict)
+
+    def engine(self, *, dry_run: bool = False) -> Engine:
+        return Engine(self.store, self.mappings, self.sla, self.connectors,
+                      overlap=timedelta(seconds=self.config.sync.overlap_s), dry_run=dry_run,
+                      write_batch=self.config.sync.write_batch)
+
+    def close(self) -> None:
+        for c in self.connectors.values():
+            c.close()
+        self.store.close()
+
+
+def open_runtime(cfg: Config, *, connect: bool = True) -> Runtime:
+    mappings, sla = load_rules_files(cfg)
+    connectors = build_connectors(cfg, mappings) if connect else {}
+    store = Store.open(cfg.state_url())
+    return Runtime(cfg, store, mappings, sla, connectors)
