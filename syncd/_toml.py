@@ -320,6 +320,11 @@ def _read(path: Path) -> tuple[dict[str, Any], Locator] | Problem:
     return doc, locate(text)
 
 
+def try_load_toml(path: Path | str) -> tuple[dict[str, Any], Locator] | Problem:
+    """Like :func:`load_toml` but return the Problem instead of raising."""
+    return _read(Path(path))
+
+
 def load_toml(path: Path | str) -> tuple[dict[str, Any], Locator]:
     """Parse ``path``; raise MappingError('file:line:col: invalid TOML: ...') if it is not TOML."""
     got = _read(Path(path))
