@@ -169,6 +169,7 @@ class Case:
 
     kind: str
     email: str
+    name: str  # "First Last (Company)": what the demo prints (no emails on screen)
     hubspot_id: str | None = None
     sf_lead_id: str | None = None
     sf_contact_id: str | None = None
@@ -362,7 +363,15 @@ class _Seeder:
 
     def _case(self, kind: str, p: _Person, **ids: str | None) -> None:
         self.summary.cases.setdefault(kind, []).append(
-            Case(kind, p.email, p.hs_id, p.lead_id, p.contact_id, **ids)
+            Case(
+                kind,
+                p.email,
+                f"{p.first} {p.last} ({p.company})",
+                p.hs_id,
+                p.lead_id,
+                p.contact_id,
+                **ids,
+            )
         )
 
     def _hs_contact(self, p: _Person) -> None:
