@@ -599,6 +599,20 @@ class Mappings:
         line, col = p.locator(path)
         return str(p.path), line, col
 
+    def value_path(self, system: str, object: str, term_field: str,
+                   value: str) -> tuple[str | int, ...]:
+        """Key path of a raw value in a system file's value table (for positions)."""
+        base: tuple[str | int, ...] = (object, "terms", term_field)
+        tm = getattr(self._files[system].model, object).terms.get(term_field)
+        if tm is None:
+            return (object,)
+        for term, raws in tm.values.items():
+            if value in raws:
+                return (*base, "values", term, raws.index(value))
+        if value in tm.unmapped:
+            return (*base, "unmapped", tm.unmapped.index(value))
+        return base
+
     # translation ---------------------------------------------------------------
     def to_canonical(self, raw: RawRecord) -> CanonicalRecord:
         """Translate one raw record; unmapped values become None and are listed, never guessed."""

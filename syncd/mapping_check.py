@@ -1,0 +1,113 @@
+"""``syncd mappings check``: every problem in every mapping file at once, with file:line:col.
+
+Exit-code policy (the CLI applies it with :func:`exit_code`): 0 clean (warnings
+allowed), 1 problems found, 2 a directory or file that cannot be read.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import structlog
+
+from syncd._toml import Problem
+from syncd.mapping import KNOWN_FILES, Mappings, collect
+
+log = structlog.get_logger()
+
+
+def _sla_checker() -> Callable[[Path], list[Problem]] | None:
+    """The SLA module's ``sla_problems`` if it exists (it is owned and validated there)."""
+    try:
+        mod = importlib.import_module("syncd.sla")
+    except ImportError:
+        return None
+    fn = getattr(mod, "sla_problems", None)
+    return fn if callable(fn) else None
+
+
+def check_directory(directory: Path) -> list[Problem]:
+    """Every problem in the mapping folder: schema, unknown terms, duplicates, unknown files."""
+    d = Path(directory)
+    if not d.is_dir():
+        return [Problem(str(d), 1, 1, "not a readable directory", code="unreadable")]
+    problems: list[Problem] = []
+    try:
+        names = sorted(p.name for p in d.iterdir())
+    except OSError as e:
+        return [Problem(str(d), 1, 1, f"cannot list directory: {e.strerror or e}",
+                        code="unreadable")]
+    for name in names:
+        if name.endswith(".toml") and name not in KNOWN_FILES:
+            known = ", ".join(KNOWN_FILES)
+            problems.append(Problem(str(d / name), 1, 1,
+                                    f"unknown mapping file (known: {known})", code="unknown-file"))
+    _, found = collect(d)
+    problems += found
+    checker = _sla_checker()
+    if checker is not None:
+        try:
+            problems += checker(d)
+        except Exception as e:  # noqa: BLE001 - a bug there must not hide the problems found here
+            log.error("sla_check_failed", error=f"{type(e).__name__}: {e}")
+            problems.append(Problem(str(d / "sla.toml"), 1, 1,
+                                    f"the SLA check failed: {type(e).__name__}: {e}",
+                                    code="sla-check-failed"))
+    return sorted(problems, key=lambda p: (p.file, p.line, p.col))
+
+
+def compare_live(
+    m: Mappings, allowed: Mapping[tuple[str, str, str], Iterable[str]]
+) -> list[Problem]:
+    """Compare the mappings with the values each CRM field allows today.
+
+    ``allowed``: (system, object, raw field) -> the values the CRM offers (picklist
+    values, enumeration options, pipeline stage ids). Reports values in the CRM that
+    no mapping names (they would be read as unknown), and mapped values the CRM no
+    longer has (they can never be read, and writing them fails).
+    """
+    out: list[Problem] = []
+    for (system, obj, field), values in sorted(allowed.items()):
+        if (system, obj) not in m.objects():
+            continue
+        term_field = m.term_fields(system, obj).get(field)
+        if term_field is None:
+            continue  # not a field the mappings translate
+        crm = set(values)
+        mapped = m.allowed_raw_values(system, obj, field)
+        base = (obj, "terms", term_field)
+        for v in sorted(crm - mapped):
+            f, line, col = m.position(system, (*base, "values"))
+            out.append(Problem(
+                f, line, col,
+                f"{system} {obj}.{field}: CRM value {v!r} is not mapped (read as unknown); "
+                "map it or list it in unmapped", code="live-unmapped"))
+        for v in sorted(mapped - crm):
+            f, line, col = m.position(system, m.value_path(system, obj, term_field, v))
+            out.append(Problem(
+                f, line, col,
+                f"{system} {obj}.{field}: mapped value {v!r} no longer exists in the CRM",
+                code="live-missing"))
+    return out
+
+
+def format_problems(problems: Iterable[Problem], fmt: str = "text") -> str:
+    """Text: one ``file:line:col: severity: message`` per line. JSON: a list of objects."""
+    ps = list(problems)
+    if fmt == "json":
+        return json.dumps([
+            {"file": p.file, "line": p.line, "col": p.col, "severity": p.severity,
+             "code": p.code, "message": p.message} for p in ps
+        ], indent=2)
+    return "\n".join(f"{p.file}:{p.line}:{p.col}: {p.severity}: {p.message}" for p in ps)
+
+
+def exit_code(problems: Iterable[Problem]) -> int:
+    """0 clean (warnings allowed), 1 problems found, 2 something could not be read."""
+    ps = list(problems)
+    if any(p.code == "unreadable" for p in ps):
+        return 2
+    return 1 if any(p.severity == "error" for p in ps) else 0
