@@ -724,7 +724,10 @@ class HubSpotApp:
             props = inp.get("properties") or {}
             self._update(t, rec, props, at)
             self._log(endpoint, t, rid, props, at)
-            results.append(self._obj(t, rec, list(DEFAULT_PROPS[t]) + list(props)))
+            obj = self._obj(t, rec, list(DEFAULT_PROPS[t]) + list(props))
+            if inp.get("objectWriteTraceId"):
+                obj["objectWriteTraceId"] = inp["objectWriteTraceId"]
+            results.append(obj)
         return _batch_response(results, missing, started, self._clock(), 200, errors)
 
     def _h_batch_create(self, req: Request, faults: FaultPlan, endpoint: str, t: str) -> Response:
@@ -733,20 +736,23 @@ class HubSpotApp:
         started = iso(self._clock())
         for inp in inputs:
             self._validate(t, inp.get("properties") or {})
-        # partial faults for creates are matched on the input's position ("0", "1", ...)
-        failing = faults.failing_ids(endpoint, {str(i) for i in range(len(inputs))})
+        # A create has no id yet: partial faults match its objectWriteTraceId, else its
+        # position in the batch ("0", "1", ...).
+        keys = [str(inp.get("objectWriteTraceId") or i) for i, inp in enumerate(inputs)]
+        failing = faults.failing_ids(endpoint, set(keys))
         results, errors = [], []
         at = self._clock()
-        for i, inp in enumerate(inputs):
-            if str(i) in failing:
-                errors.append(str(i))
+        for key, inp in zip(keys, inputs, strict=True):
+            if key in failing:
+                errors.append(key)
                 continue
             props = inp.get("properties") or {}
             rid = self._create(t, props, at)
             self._log(endpoint, t, rid, props, at)
-            results.append(
-                self._obj(t, self._stores[t].records[rid], list(DEFAULT_PROPS[t]) + list(props))
-            )
+            obj = self._obj(t, self._stores[t].records[rid], list(DEFAULT_PROPS[t]) + list(props))
+            if inp.get("objectWriteTraceId"):
+                obj["objectWriteTraceId"] = inp["objectWriteTraceId"]
+            results.append(obj)
         return _batch_response(results, [], started, self._clock(), 201, errors)
 
     def _h_search(self, req: Request, _f: FaultPlan, _e: str, t: str) -> Response:

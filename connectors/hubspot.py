@@ -1,0 +1,543 @@
+"""HubSpot connector on hubspot-api-client 12 (contacts and deals).
+
+- urllib3's own retries are off (crm-api.md §3: they silently retry some verbs and
+  not others); every call goes through :mod:`connectors._retry`.
+- Vendor errors are translated once, in :meth:`HubSpotConnector._once`.
+- Incremental pulls use the search API sorted by the modified property ascending
+  with ``GTE (since - overlap)``. Search only reaches 10,000 results per query, so
+  before the offset reaches 10,000 the query restarts from the last timestamp
+  seen; when a whole window shares one timestamp it walks that timestamp by id
+  (``hs_object_id GT last``). Records already yielded at the restart timestamp are
+  skipped, so restarts add no duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+import urllib3
+from hubspot import HubSpot
+from urllib3.util.retry import Retry
+
+from connectors._retry import RetryPolicy, retrying
+from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
+from syncd.model import (
+    ApiUsage,
+    Cursor,
+    FieldUpdate,
+    Page,
+    RawRecord,
+    RecordCreate,
+    WriteResult,
+)
+
+log = structlog.get_logger()
+
+MODIFIED_PROP = {"contacts": "lastmodifieddate", "deals": "hs_lastmodifieddate"}
+SEARCH_CAP = 10_000
+BATCH = 100
+ASSOC_BATCH = 1000
+IN_VALUES = 100
+NOT_RETRIABLE_CATEGORIES = {"VALIDATION_ERROR", "OBJECT_NOT_FOUND", "CONFLICT"}
+
+
+class _BadRequest(Exception):
+    """A 400: for a write, the record's own fault (becomes a failed WriteResult)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _ms(dt: datetime) -> int:
+    return int(dt.timestamp() * 1000)
+
+
+def _one_line(body: Any) -> str:
+    """The CRM's error code + message, on one line."""
+    text = body.decode() if isinstance(body, bytes) else str(body or "")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return " ".join(text.split())[:300]
+    if not isinstance(data, dict):
+        return " ".join(text.split())[:300]
+    code = data.get("category") or data.get("policyName") or data.get("errorType") or "ERROR"
+    return f"{code}: {' '.join(str(data.get('message', '')).split())}"[:500]
+
+
+class HubSpotConnector:
+    """The :class:`connectors.base.Connector` for HubSpot."""
+
+    system = "hubspot"
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        ca_bundle: str | None,
+        properties: dict[str, list[str]],
+        retry: RetryPolicy,
+        page_size: int = 200,
+        timeout: float = 30.0,
+    ) -> None:
+        unknown = set(properties) - set(MODIFIED_PROP)
+        if unknown:
+            raise FatalError(f"hubspot: unsupported objects {sorted(unknown)}")
+        self.usage = ApiUsage()
+        self._properties = {o: list(dict.fromkeys(p)) for o, p in properties.items()}
+        self._retry = retry
+        self._page_size = max(1, min(page_size, 200))
+        self._timeout = timeout
+        kw: dict[str, Any] = {"access_token": token, "host": base_url.rstrip("/"),
+                              "retry": Retry(total=0, raise_on_status=False,
+                                             respect_retry_after_header=False)}
+        if ca_bundle:
+            kw["ssl_ca_cert"] = ca_bundle
+        self._client = HubSpot(**kw)
+        self._apis: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ plumbing
+    def _api(self, name: str) -> Any:
+        """Cache the API objects: each attribute access builds a new pool (crm-api.md §1.1)."""
+        api = self._apis.get(name)
+        if api is None:
+            crm = self._client.crm
+            factories: dict[str, Callable[[], Any]] = {
+                "contacts.basic": lambda: crm.contacts.basic_api,
+                "contacts.search": lambda: crm.contacts.search_api,
+                "contacts.batch": lambda: crm.contacts.batch_api,
+                "deals.basic": lambda: crm.deals.basic_api,
+                "deals.search": lambda: crm.deals.search_api,
+                "deals.batch": lambda: crm.deals.batch_api,
+                "assoc.batch": lambda: crm.associations.v4.batch_api,
+                "properties": lambda: crm.properties.core_api,
+                "pipelines": lambda: crm.pipelines.pipelines_api,
+            }
+            api = self._apis[name] = factories[name]()
+        return api
+
+    def _call(self, endpoint: str, api: str, method: str, *args: Any) -> Any:
+        return retrying(self._retry, log_name=f"hubspot.{endpoint}")(
+            self._once, endpoint, api, method, *args
+        )
+
+    def _once(self, endpoint: str, api: str, method: str, *args: Any) -> Any:
+        self.usage.count(endpoint)
+        fn = getattr(self._api(api), f"{method}_with_http_info")
+        try:
+            data, _status, headers = fn(
+                *args, _return_http_data_only=False, _request_timeout=self._timeout
+            )
+        except urllib3.exceptions.HTTPError as e:
+            reason = getattr(e, "reason", None)
+            if isinstance(reason, urllib3.exceptions.SSLError):
+                raise FatalError(f"hubspot {endpoint}: TLS failure: {reason}") from None
+            raise RetriableError(f"hubspot {endpoint}: transport: {type(e).__name__}") from None
+        except OSError as e:
+            raise RetriableError(f"hubspot {endpoint}: transport: {type(e).__name__}") from None
+        except Exception as e:
+            status = getattr(e, "status", None)
+            if not isinstance(status, int):
+                raise
+            self._translate(endpoint, status, getattr(e, "body", None), getattr(e, "headers", None))
+        self._read_budget(headers)
+        return data
+
+    def _translate(self, endpoint: str, status: int, body: Any, headers: Any) -> None:
+        msg = _one_line(body)
+        self._read_budget(headers)
+        if status == 401:
+            raise AuthError(f"hubspot {endpoint}: 401 {msg}")
+        if status == 429:
+            self.usage.rate_limited[endpoint] = self.usage.rate_limited.get(endpoint, 0) + 1
+            if "DAILY" in msg.split(":")[0]:
+                raise BudgetExhausted(f"hubspot {endpoint}: daily API limit spent ({msg})")
+            raise RateLimited(f"hubspot {endpoint}: 429 {msg}", status=429,
+                              retry_after=_retry_after(headers), body=msg)
+        if status >= 500 or status in (423, 477):
+            raise RetriableError(f"hubspot {endpoint}: {status} {msg}", status=status,
+                                 retry_after=_retry_after(headers), body=msg)
+        if status == 400:
+            raise _BadRequest(f"{status} {msg}")
+        raise FatalError(f"hubspot {endpoint}: {status} {msg}")
+
+    def _read_budget(self, headers: Any) -> None:
+        if not headers:
+            return
+        limit, remaining = (headers.get("X-HubSpot-RateLimit-Daily"),
+                            headers.get("X-HubSpot-RateLimit-Daily-Remaining"))
+        if limit is not None and remaining is not None:
+            try:
+                self.usage.reported_limit = int(limit)
+                self.usage.reported_used = int(limit) - int(remaining)
+            except ValueError:
+                pass
+
+    def _read_call(self, endpoint: str, api: str, method: str, *args: Any) -> Any:
+        """A read: a 400 is our bug or a cap, never the record's fault -> FatalError."""
+        try:
+            return self._call(endpoint, api, method, *args)
+        except _BadRequest as e:
+            raise FatalError(f"hubspot {endpoint}: {e.message}") from None
+
+    def _record(self, obj: str, o: Any) -> RawRecord:
+        updated = o.updated_at
+        if updated is None:
+            raise FatalError(f"hubspot {obj} {o.id}: no updatedAt")
+        return RawRecord(self.system, obj, str(o.id), updated.astimezone(UTC),
+                         dict(o.properties or {}))
+
+    # ------------------------------------------------------------------ Connector
+    def objects(self) -> Sequence[str]:
+        return list(self._properties)
+
+    def _props(self, obj: str) -> list[str]:
+        if obj not in self._properties:
+            raise FatalError(f"hubspot: object {obj!r} is not configured")
+        return list(dict.fromkeys([*self._properties[obj], MODIFIED_PROP[obj], "hs_object_id"]))
+
+    def _search(self, obj: str, filters: list[dict[str, Any]], sort: str, after: int,
+                props: list[str]) -> Any:
+        body = {"filterGroups": [{"filters": filters}],
+                "sorts": [{"propertyName": sort, "direction": "ASCENDING"}],
+                "properties": props, "limit": self._page_size, "after": str(after)}
+        return self._read_call(f"{obj}.search", f"{obj}.search", "do_search", body)
+
+    def iter_changes(self, obj: str, since: Cursor | None, *, overlap: timedelta) -> Iterator[Page]:
+        mod = MODIFIED_PROP.get(obj)
+        if mod is None:
+            raise FatalError(f"hubspot: object {obj!r} is not supported")
+        props = self._props(obj)
+        lo = 0 if since is None else max(0, _ms(since.modified_at - overlap))
+        boundary_ts: int | None = None  # the timestamp of the last yielded record
+        boundary_ids: set[str] = set()  # ids already yielded at boundary_ts
+
+        def fresh(results: list[Any]) -> list[RawRecord]:
+            nonlocal boundary_ts, boundary_ids
+            out = []
+            for o in results:
+                rec = self._record(obj, o)
+                ts = _ms(rec.modified_at)
+                if ts == boundary_ts and rec.id in boundary_ids:
+                    continue
+                out.append(rec)
+            out.sort(key=lambda r: (r.modified_at, int(r.id) if r.id.isdigit() else 0, r.id))
+            for rec in out:
+                ts = _ms(rec.modified_at)
+                if ts != boundary_ts:
+                    boundary_ts, boundary_ids = ts, set()
+                boundary_ids.add(rec.id)
+            return out
+
+        while True:
+            # Main walk: modified >= lo, ascending, until the end or the 10k cap.
+            filters = [{"propertyName": mod, "operator": "GTE", "value": str(lo)}]
+            capped, last_ts = False, None
+            for results, at_cap in self._pages(obj, filters, mod, props):
+                recs = fresh(results)
+                if recs:
+                    yield self._page(obj, recs)
+                if results:
+                    last_ts = _ms(results[-1].updated_at.astimezone(UTC))
+                capped = at_cap
+            if not capped:
+                return
+            assert last_ts is not None
+            if last_ts > lo:
+                log.info("hubspot search cap: restarting", object=obj, since_ms=last_ts)
+                lo = last_ts
+                continue
+            # A full 10k window shares one timestamp: walk it by id, then go past it.
+            log.info("hubspot search cap on one timestamp: walking by id", object=obj, ts_ms=lo)
+            yield from self._walk_timestamp(obj, lo, props, mod, fresh)
+            lo += 1
+
+    def _walk_timestamp(self, obj: str, ts: int, props: list[str], mod: str,
+                        fresh: Callable[[list[Any]], list[RawRecord]]) -> Iterator[Page]:
+        last_id = 0
+        while True:
+            filters = [{"propertyName": mod, "operator": "EQ", "value": str(ts)},
+                       {"propertyName": "hs_object_id", "operator": "GT", "value": str(last_id)}]
+            capped = False
+            for results, at_cap in self._pages(obj, filters, "hs_object_id", props):
+                recs = fresh(results)
+                if recs:
+                    yield self._page(obj, recs)
+                if results:
+                    last_id = max(last_id, *(int(o.id) for o in results))
+                capped = at_cap
+            if not capped:
+                return
+
+    def _pages(self, obj: str, filters: list[dict[str, Any]], sort: str,
+               props: list[str]) -> Iterator[tuple[list[Any], bool]]:
+        """Search pages: (results, stopped_at_cap). Refuses a repeated or backwards ``after``."""
+        after = 0
+        while True:
+            resp = self._search(obj, filters, sort, after, props)
+            results = list(resp.results or [])
+            nxt = resp.paging.next.after if resp.paging and resp.paging.next else None
+            if nxt is None or not results:
+                yield results, False
+                return
+            try:
+                nxt_i = int(nxt)
+            except ValueError:
+                raise FatalError(f"hubspot {obj}.search: non-numeric after {nxt!r}") from None
+            if nxt_i <= after:
+                raise FatalError(f"hubspot {obj}.search: paging loop (after {nxt!r} repeated)")
+            if nxt_i + self._page_size > SEARCH_CAP:
+                yield results, True
+                return
+            yield results, False
+            after = nxt_i
+
+    def _page(self, obj: str, recs: list[RawRecord]) -> Page:
+        if obj == "deals":
+            links = self._contact_ids([r.id for r in recs])
+            recs = [RawRecord(r.system, r.object, r.id, r.modified_at,
+                              {**r.fields, "_contact_ids": links.get(r.id, [])}) for r in recs]
+        return Page(recs)
+
+    def _contact_ids(self, deal_ids: list[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for i in range(0, len(deal_ids), ASSOC_BATCH):
+            body = {"inputs": [{"id": d} for d in deal_ids[i:i + ASSOC_BATCH]]}
+            resp = self._read_call("associations.batch_read", "assoc.batch", "get_page",
+                                   "deals", "contacts", body)
+            for r in resp.results or []:
+                out[str(r._from.id)] = sorted((str(t.to_object_id) for t in r.to or []), key=int)
+        return out
+
+    def fetch(self, obj: str, ids: Sequence[str]) -> list[RawRecord]:
+        props = self._props(obj)
+        out: list[RawRecord] = []
+        uniq = list(dict.fromkeys(ids))
+        for i in range(0, len(uniq), BATCH):
+            body = {"inputs": [{"id": x} for x in uniq[i:i + BATCH]], "properties": props,
+                    "propertiesWithHistory": []}
+            resp = self._read_call(f"{obj}.batch_read", f"{obj}.batch", "read", body)
+            out.extend(self._record(obj, o) for o in resp.results or [])
+        if obj == "deals" and out:
+            return self._page(obj, out).records
+        return out
+
+    def find_by_email(self, obj: str, emails: Sequence[str]) -> list[RawRecord]:
+        if obj != "contacts":
+            return []
+        props = self._props(obj)
+        wanted = list(dict.fromkeys(e.strip().lower() for e in emails if e and e.strip()))
+        out: dict[str, RawRecord] = {}
+        for i in range(0, len(wanted), IN_VALUES):
+            chunk = wanted[i : i + IN_VALUES]
+            filters = [{"propertyName": "email", "operator": "IN", "values": chunk}]
+            for results, capped in self._pages(obj, filters, "hs_object_id", props):
+                if capped:
+                    raise FatalError("hubspot contacts.search: over 10,000 matches for emails")
+                for o in results:
+                    out[str(o.id)] = self._record(obj, o)
+        return list(out.values())
+
+    # ------------------------------------------------------------------ writes
+    def write(self, obj: str, updates: Sequence[FieldUpdate]) -> list[WriteResult]:
+        self._props(obj)
+        results: dict[str, WriteResult] = {}
+        clears = [(u.key, u.record_id, dict.fromkeys(u.clear_first, "")) for u in updates
+                  if u.clear_first]
+        for r in self._batch_update(obj, clears):
+            if not r.ok:
+                results[r.key] = WriteResult(r.key, False, r.record_id,
+                                             f"clearing {', '.join(_clear_of(updates, r.key))} "
+                                             f"failed: {r.error}", r.retriable)
+        main = [(u.key, u.record_id, {k: _str(v) for k, v in u.fields.items()}) for u in updates
+                if u.key not in results]
+        for r in self._batch_update(obj, main):
+            results[r.key] = r
+        self._verify_lifecycle(obj, updates, results)
+        return [results[u.key] for u in updates]
+
+    def _batch_update(self, obj: str,
+                      items: list[tuple[str, str, dict[str, str]]]) -> list[WriteResult]:
+        out: list[WriteResult] = []
+        for chunk in _chunks_unique_ids(items, BATCH):
+            out.extend(self._update_chunk(obj, chunk))
+        return out
+
+    def _update_chunk(self, obj: str,
+                      chunk: list[tuple[str, str, dict[str, str]]]) -> list[WriteResult]:
+        body = {"inputs": [{"id": rid, "properties": props, "objectWriteTraceId": key}
+                           for key, rid, props in chunk]}
+        try:
+            resp = self._call(f"{obj}.batch_update", f"{obj}.batch", "update", body)
+        except _BadRequest as e:
+            if len(chunk) == 1:
+                return [WriteResult(chunk[0][0], False, chunk[0][1], e.message)]
+            half = len(chunk) // 2  # find the bad record(s): the rest must go through
+            return self._update_chunk(obj, chunk[:half]) + self._update_chunk(obj, chunk[half:])
+        except RetriableError as e:
+            return [WriteResult(k, False, rid, str(e), retriable=True) for k, rid, _ in chunk]
+        ok_ids = {str(o.id) for o in resp.results or []}
+        errs = _errors_by_id(resp)
+        out = []
+        for key, rid, _ in chunk:
+            if rid in errs:
+                cat, msg = errs[rid]
+                out.append(WriteResult(key, False, rid, msg, cat not in NOT_RETRIABLE_CATEGORIES))
+            elif rid in ok_ids:
+                out.append(WriteResult(key, True, rid))
+            else:
+                out.append(WriteResult(key, False, rid, "UNKNOWN: no result for this record", True))
+        return out
+
+    def _verify_lifecycle(self, obj: str, updates: Sequence[FieldUpdate],
+                          results: dict[str, WriteResult]) -> None:
+        """Backwards lifecyclestage writes are accepted and ignored: read back and check."""
+        check = [u for u in updates if results[u.key].ok and u.fields.get("lifecyclestage")]
+        if obj != "contacts" or not check:
+            return
+        held: dict[str, Any] = {}
+        ids = list(dict.fromkeys(u.record_id for u in check))
+        for i in range(0, len(ids), BATCH):
+            body = {"inputs": [{"id": x} for x in ids[i:i + BATCH]],
+                    "properties": ["lifecyclestage"], "propertiesWithHistory": []}
+            resp = self._read_call(f"{obj}.batch_read", f"{obj}.batch", "read", body)
+            held.update({str(o.id): (o.properties or {}).get("lifecyclestage")
+                         for o in resp.results or []})
+        for u in check:
+            want, got = _str(u.fields["lifecyclestage"]), held.get(u.record_id)
+            if got != want:
+                results[u.key] = WriteResult(
+                    u.key, False, u.record_id,
+                    f"LIFECYCLE_NOT_APPLIED: lifecyclestage is {got!r} after writing {want!r} "
+                    "(HubSpot ignores backwards moves; clear it first with clear_first)")
+                log.warning("hubspot write did not stick", object=obj, record_id=u.record_id,
+                            field="lifecyclestage")
+
+    def create(self, obj: str, creates: Sequence[RecordCreate]) -> list[WriteResult]:
+        self._props(obj)
+        results: dict[str, WriteResult] = {}
+        for i in range(0, len(creates), BATCH):
+            self._create_chunk(obj, list(creates[i:i + BATCH]), results)
+        return [results[c.key] for c in creates]
+
+    def _create_chunk(self, obj: str, chunk: list[RecordCreate],
+                      results: dict[str, WriteResult]) -> None:
+        body = {"inputs": [{"properties": {k: _str(v) for k, v in c.fields.items()},
+                            "objectWriteTraceId": c.key, "associations": []} for c in chunk]}
+        try:
+            resp = self._call(f"{obj}.batch_create", f"{obj}.batch", "create", body)
+        except _BadRequest as e:
+            if len(chunk) == 1:
+                results[chunk[0].key] = WriteResult(chunk[0].key, False, None, e.message)
+                return
+            half = len(chunk) // 2
+            self._create_chunk(obj, chunk[:half], results)
+            self._create_chunk(obj, chunk[half:], results)
+            return
+        except RetriableError as e:
+            for c in chunk:
+                results[c.key] = WriteResult(c.key, False, None, str(e), retriable=True)
+            return
+        made = {o.object_write_trace_id: str(o.id) for o in resp.results or []
+                if getattr(o, "object_write_trace_id", None)}
+        errs = _errors_by_id(resp)
+        for c in chunk:
+            if c.key in made:
+                results[c.key] = WriteResult(c.key, True, made[c.key])
+            elif c.key in errs:
+                cat, msg = errs[c.key]
+                results[c.key] = WriteResult(c.key, False, None, msg,
+                                             cat not in NOT_RETRIABLE_CATEGORIES)
+            else:
+                results[c.key] = WriteResult(c.key, False, None,
+                                             "UNKNOWN: no result for this create", True)
+
+    # ------------------------------------------------------------------ metadata
+    def allowed_values(self) -> dict[tuple[str, str], list[str]]:
+        out: dict[tuple[str, str], list[str]] = {}
+        for obj in self._properties:
+            resp = self._read_call("properties", "properties", "get_all", obj)
+            for p in resp.results or []:
+                if p.type == "enumeration" and p.options:
+                    opts = sorted((o for o in p.options if not o.hidden),
+                                  key=lambda o: o.display_order or 0)
+                    out[(obj, p.name)] = [o.value for o in opts]
+        if "deals" in self._properties:
+            resp = self._read_call("pipelines", "pipelines", "get_all", "deals")
+            stages: list[str] = []
+            pipelines: list[str] = []
+            for pl in sorted(resp.results or [], key=lambda p: p.display_order or 0):
+                if pl.archived:
+                    continue
+                pipelines.append(pl.id)
+                for s in sorted(pl.stages or [], key=lambda s: s.display_order or 0):
+                    if not s.archived and s.id not in stages:
+                        stages.append(s.id)
+            out[("deals", "dealstage")] = stages
+            out[("deals", "pipeline")] = pipelines
+        return out
+
+    def close(self) -> None:
+        self._apis.clear()
+
+
+# ---------------------------------------------------------------------- helpers
+def _str(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, datetime):
+        v = v.astimezone(UTC)
+        return v.strftime("%Y-%m-%dT%H:%M:%S.") + f"{v.microsecond // 1000:03d}Z"
+    return str(v)
+
+
+def _retry_after(headers: Any) -> float | None:
+    if not headers:
+        return None
+    v = headers.get("Retry-After")
+    try:
+        return float(v) if v is not None else None
+    except ValueError:
+        return None
+
+
+def _clear_of(updates: Sequence[FieldUpdate], key: str) -> tuple[str, ...]:
+    return next((u.clear_first for u in updates if u.key == key), ())
+
+
+def _chunks_unique_ids(items: list[tuple[str, str, dict[str, str]]],
+                       size: int) -> Iterator[list[tuple[str, str, dict[str, str]]]]:
+    """Chunks of ≤ size with no record twice (HubSpot rejects duplicate ids in one batch;
+    later updates of the same record go in a later batch, so they apply after)."""
+    pending = list(items)
+    while pending:
+        chunk: list[tuple[str, str, dict[str, str]]] = []
+        rest: list[tuple[str, str, dict[str, str]]] = []
+        ids: set[str] = set()
+        for it in pending:
+            if len(chunk) < size and it[1] not in ids:
+                chunk.append(it)
+                ids.add(it[1])
+            else:
+                rest.append(it)
+        yield chunk
+        pending = rest
+
+
+def _errors_by_id(resp: Any) -> dict[str, tuple[str, str]]:
+    out: dict[str, tuple[str, str]] = {}
+    for err in getattr(resp, "errors", None) or []:
+        cat = err.category or "ERROR"
+        msg = f"{cat}: {' '.join((err.message or '').split())}"[:500]
+        for ids in (err.context or {}).values():
+            for i in ids or []:
+                out[str(i)] = (cat, msg)
+    return out
