@@ -99,7 +99,7 @@ class Engine:
         self.dry_run = dry_run
         self.write_batch = write_batch
         self.on_write = on_write
-        self.ctx = rules.context_from(mappings, sla)
+        self.ctx = rule_context(mappings, sla)
         self._shared_tx: Tx | None = None
         self.stop_requested = False
 
@@ -140,11 +140,11 @@ class Engine:
 
     def store_run_start(self, job: str) -> str:
         with self.store.tx() as tx:
-            return tx.start_run(job)
+            return tx.start_run(job, now=self.clock())
 
     def store_run_finish(self, run_id: str, status: str, stats: CycleStats, error: str | None) -> None:
         with self.store.tx() as tx:
-            tx.finish_run(run_id, status, stats.summary(), error)
+            tx.finish_run(run_id, status, stats.summary(), error, now=self.clock())
 
     def _cycle(self, group: str | None, stats: CycleStats) -> None:
         groups = [group] if group else list(OBJECT_GROUPS)
@@ -188,7 +188,7 @@ class Engine:
             for f, v in canon.unmapped:
                 k = (system, obj, f, v)
                 unmapped[k] = unmapped.get(k, 0) + 1
-            rows.append(RecordRow.from_records(raw, canon))
+            rows.append(record_row(raw, canon))
         with self._tx() as tx:
             changed = tx.upsert_records(rows)
             for row in changed:
@@ -196,10 +196,9 @@ class Engine:
                 if refs is not None:
                     tx.set_refs((row.system, row.object, row.id), refs)
             for raw, reason in bad:
-                tx.quarantine_record(system=system, object=obj, record_id=raw.id, kind="record",
-                                     reason=reason, raw=_jsonable(dict(raw.fields)))
+                tx.quarantine_record(system, obj, raw.id, reason, raw=_jsonable(dict(raw.fields)))
             if unmapped:
-                tx.count_unmapped([(*k, c) for k, c in unmapped.items()])
+                tx.count_unmapped([k for k, c in unmapped.items() for _ in range(c)])
             if advance_cursor and records:
                 tx.set_cursor(system, obj, max(r.cursor for r in records))
         stats.changed += len(changed)
@@ -254,7 +253,8 @@ class Engine:
                     continue
                 outcome = rules.decide_person(view, self.ctx, now)
                 self._apply(tx, entity, outcome.decisions, view_records(view), stats)
-                tx.set_memory(entity, outcome.memory.to_json(), due_at=outcome.memory.due_at(self.ctx))
+                tx.set_memory(entity, json.loads(outcome.memory.to_json()))
+                tx.set_due(entity, _due_at(outcome.memory, self.sla))
         if deals:
             by_entity = tx.records_by_entity(list(deals))
             for entity in deals:
@@ -262,7 +262,8 @@ class Engine:
                 if dview is None:
                     continue
                 outcome_d = rules.decide_deal(dview, self.ctx, now)
-                self._apply(tx, entity, outcome_d, [r for r in (dview.hubspot, dview.salesforce) if r], stats)
+                self._apply(tx, entity, outcome_d.decisions,
+                            [r for r in (dview.hubspot, dview.salesforce) if r], stats)
 
     def _person_view(self, tx: Tx, entity: str, rows: list[RecordRow], memory: Any) -> rules.PersonView | None:
         persons = [r for r in rows if r.kind == "person"]
@@ -277,17 +278,17 @@ class Engine:
             if not ids:
                 continue
             for ref in tx.referrers(system, ids):
-                c = ref.to_canonical()
+                c = canonical_of(ref)
                 if ref.kind == "deal":
                     deals.append(c)
                 elif ref.kind == "attempt":
                     attempts.append(c)
         return rules.PersonView(
             entity_id=entity,
-            hubspot=hs.to_canonical() if hs else None,
-            salesforce=sf.to_canonical() if sf else None,
+            hubspot=canonical_of(hs) if hs else None,
+            salesforce=canonical_of(sf) if sf else None,
             deals=tuple(deals), attempts=tuple(attempts),
-            memory=rules.Memory.from_json(memory) if memory else rules.Memory(),
+            memory=rules.Memory.from_json(json.dumps(memory)) if memory else rules.Memory(),
         )
 
     def _deal_view(self, entity: str, rows: list[RecordRow]) -> rules.DealView | None:
@@ -296,8 +297,8 @@ class Engine:
             return None
         hs = _pick(deals, "hubspot", ("deals",))
         sf = _pick(deals, "salesforce", ("Opportunity",))
-        return rules.DealView(entity_id=entity, hubspot=hs.to_canonical() if hs else None,
-                              salesforce=sf.to_canonical() if sf else None)
+        return rules.DealView(entity_id=entity, hubspot=canonical_of(hs) if hs else None,
+                              salesforce=canonical_of(sf) if sf else None)
 
     def _apply(self, tx: Tx, entity: str, decisions: Iterable[rules.Decision],
                current: Sequence[CanonicalRecord], stats: CycleStats) -> None:
@@ -308,8 +309,8 @@ class Engine:
             stats.decisions += 1
             if d.action == "event":
                 stats.events += 1
-                tx.add_event(entity_id=entity, kind=d.event or d.rule, at=self.clock(),
-                             details={"rule": d.rule, "reason": d.reason, **_jsonable(dict(d.changes))})
+                tx.add_event(d.event or d.rule, entity,
+                             {"rule": d.rule, "reason": d.reason, **_jsonable(dict(d.changes))}, now=self.clock())
                 log.warning("sla_event", kind=d.event, rule=d.rule, entity_id=entity, reason=d.reason) \
                     if d.event == "sla_breach" else log.info("rule_event", kind=d.event, rule=d.rule,
                                                               entity_id=entity)
@@ -326,12 +327,12 @@ class Engine:
                         stats.skipped += 1
                         continue
             clear_first = tuple(self.mappings.clear_first_fields(d.system, d.object, d.changes)) \
-                if getattr(d, "backwards", False) else ()
-            key = d.key if getattr(d, "key", None) else _idempotency_key(d, fields, target)
+                if d.backwards else ()
+            key = d.key or _idempotency_key(d, fields, target)
             items.append(OutboxItem(
                 key=key, entity_id=entity, system=d.system, object=d.object, record_id=d.record_id,
                 op="create" if d.action == "create" else "update", fields=_jsonable(fields),
-                clear_first=list(clear_first),
+                clear_first=clear_first, email_norm=_email_of(current, d),
                 canonical={k: [_jsonable(d.before.get(k)), _jsonable(v)] for k, v in d.changes.items()},
                 rule=d.rule, reason=d.reason, mapping_rev=self.mappings.revision))
             stats.planned.append(PlannedWrite(d.system, d.object, d.record_id, items[-1].op,
@@ -368,15 +369,13 @@ class Engine:
             self._fail_all(batch, f"{type(exc).__name__}: {exc}", stats)
             return
         except FatalError:
-            with self._tx() as tx:
-                tx.release_sending([r.id for r in batch])
-            raise
+            raise  # rows stay 'sending'; due() hands them out again after the fix
         by_key = {res.key: res for res in results}
         with self._tx() as tx:
             for r in batch:
                 res = by_key.get(str(r.id))
                 if res is not None and res.ok:
-                    tx.mark_done(r.id, result_id=res.record_id, at=self.clock())
+                    tx.mark_done(r.id, result_id=res.record_id, now=self.clock())
                     stats.sent += 1
                     if self.on_write:
                         self.on_write(r, res.record_id)
@@ -384,7 +383,7 @@ class Engine:
                     err = res.error if res is not None else "no result from the CRM"
                     attempts = r.attempts + 1
                     quarantined = tx.mark_failed(r.id, err or "failed", self._backoff(attempts),
-                                                 self.sla.writeback.max_attempts)
+                                                 self.sla.writeback.max_tries, now=self.clock())
                     stats.failed += 1
                     log.warning("write_failed", system=system, object=obj, outbox_id=r.id,
                                 record_id=r.record_id, error=err, quarantined=quarantined)
@@ -417,7 +416,8 @@ class Engine:
     def _fail_all(self, batch: list[OutboxRow], err: str, stats: CycleStats) -> None:
         with self._tx() as tx:
             for r in batch:
-                tx.mark_failed(r.id, err, self._backoff(r.attempts + 1), self.sla.writeback.max_attempts)
+                tx.mark_failed(r.id, err, self._backoff(r.attempts + 1), self.sla.writeback.max_tries,
+                               now=self.clock())
                 stats.failed += 1
         log.warning("write_batch_failed", size=len(batch), error=err)
 
@@ -426,6 +426,49 @@ class Engine:
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+_DATETIME_VALUES = ("bofu_conversion_at", "at")
+
+
+def rule_context(mappings: Mappings, sla: SLA) -> rules.RuleContext:
+    closed = frozenset(t for t in mappings.deal_stages if mappings.deal_stage_closed(t))
+    won = frozenset(t for t in mappings.deal_stages if mappings.deal_stage_won(t))
+    return rules.RuleContext(sla=sla, stages=mappings.stages, closed_won_terms=won, closed_terms=closed,
+                             writable=mappings.writable_fields())
+
+
+def record_row(raw: RawRecord, canon: CanonicalRecord) -> RecordRow:
+    return RecordRow(system=raw.system, object=raw.object, id=raw.id, kind=canon.kind,
+                     modified_at=raw.modified_at, raw=_jsonable(dict(raw.fields)),
+                     canonical={"terms": dict(canon.terms), "values": _jsonable(dict(canon.values)),
+                                "unmapped": [list(u) for u in canon.unmapped]},
+                     email_norm=canon.email)
+
+
+def canonical_of(row: RecordRow) -> CanonicalRecord:
+    values = dict(row.canonical.get("values", {}))
+    for k in _DATETIME_VALUES:
+        v = values.get(k)
+        if isinstance(v, str):
+            values[k] = datetime.fromisoformat(v)
+    return CanonicalRecord(system=row.system, object=row.object, id=row.id, kind=row.kind,  # type: ignore[arg-type]
+                           modified_at=row.modified_at, terms=dict(row.canonical.get("terms", {})),
+                           values=values, unmapped=tuple(tuple(u) for u in row.canonical.get("unmapped", [])))
+
+
+def _due_at(mem: rules.Memory, sla: SLA) -> datetime | None:
+    """When this person must be looked at again even if nothing changes (the follow-up timer)."""
+    if mem.handed_off_at is not None and mem.first_attempt_at is None and mem.sla_breach_at is None:
+        return mem.handed_off_at + timedelta(hours=sla.followup.window_hours)
+    return None
+
+
+def _email_of(current: Sequence[CanonicalRecord], d: rules.Decision) -> str | None:
+    for r in current:
+        if r.email:
+            return r.email
+    e = d.changes.get("email")
+    return e if isinstance(e, str) else None
 
 def _refs_of(row: RecordRow) -> list[str] | None:
     v = row.canonical.get("values", {})

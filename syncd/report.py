@@ -1,0 +1,149 @@
+"""What operators read: `syncd status`, `syncd audit`, and `--dry-run` tables (rich)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from syncd.logs import mask_email
+from syncd.model import OBJECT_GROUPS, SYSTEMS
+from syncd.store import AuditRow, Store
+
+if TYPE_CHECKING:
+    from syncd.engine import PlannedWrite
+
+
+def _console() -> Console:
+    return Console(soft_wrap=False, width=160)
+
+
+def _ago(now: datetime, t: datetime | None) -> str:
+    if t is None:
+        return "never"
+    s = int((now - t).total_seconds())
+    if s < 120:
+        return f"{s}s ago"
+    if s < 7200:
+        return f"{s // 60}m ago"
+    return f"{s // 3600}h ago"
+
+
+def status_data(store: Store, now: datetime) -> dict[str, Any]:
+    """Everything `syncd status` shows, as plain data (also the --json output)."""
+    with store.tx() as tx:
+        objects = []
+        for system in SYSTEMS:
+            for group in OBJECT_GROUPS.values():
+                for obj in group[system]:
+                    cur = tx.get_cursor(system, obj)
+                    objects.append({
+                        "system": system, "object": obj,
+                        "cursor": cur.to_json() if cur else None,
+                        "lag_s": round((now - cur.modified_at).total_seconds(), 1) if cur else None,
+                        "records": tx.count_records(system, obj),
+                        "quarantined": sum(1 for q in tx.open_quarantine(system) if q.object == obj),
+                        "unmapped": sum(u.count for u in tx.unmapped_values(system) if u.object == obj),
+                    })
+        runs = tx.last_runs(limit=20)
+        last_ok: dict[str, datetime] = {}
+        for r in runs:
+            if r.status == "ok" and r.finished_at and r.job not in last_ok:
+                last_ok[r.job] = r.finished_at
+        return {
+            "now": now.isoformat(),
+            "objects": objects,
+            "outbox": {s: tx.outbox_depth(s) for s in SYSTEMS},
+            "quarantine": [{"id": q.id, "system": q.system, "object": q.object, "record_id": q.record_id,
+                            "kind": q.kind, "reason": q.reason, "attempts": q.attempts, "at": q.at.isoformat()}
+                           for q in tx.open_quarantine()],
+            "unmapped_values": [{"system": u.system, "object": u.object, "field": u.field, "value": u.value,
+                                 "count": u.count} for u in tx.unmapped_values()[:20]],
+            "runs": [{"job": r.job, "status": r.status, "started_at": r.started_at.isoformat(),
+                      "finished_at": r.finished_at.isoformat() if r.finished_at else None,
+                      "stats": r.stats, "error": r.error} for r in runs[:10]],
+            "last_success": {job: t.isoformat() for job, t in last_ok.items()},
+            "sla_breaches": [{"id": e.id, "entity_id": e.entity_id, "at": e.at.isoformat(), "details": e.details}
+                             for e in tx.open_events("sla_breach")],
+            "events_open": {k: len(tx.open_events(k)) for k in ("promotion_blocked", "conflict", "returned")},
+            "link_conflicts": len(tx.open_link_conflicts()),
+            "resync_queue": [{"id": r.id, "state": r.state, "params": r.params,
+                              "requested_at": r.requested_at.isoformat()} for r in tx.resync_queue()],
+            "services": [{"owner": h.owner, "pid": h.pid, "seen_at": h.seen_at.isoformat(), **h.info}
+                         for h in tx.heartbeats()],
+        }
+
+
+def print_status(data: dict[str, Any], console: Console | None = None) -> None:
+    console = console or _console()
+    now = datetime.fromisoformat(data["now"])
+    last = data["last_success"]
+    t = Table(title="syncd status", title_justify="left")
+    for col in ("system", "object", "records", "cursor", "lag", "quarantined", "unmapped"):
+        t.add_column(col, justify="right" if col in ("records", "quarantined", "unmapped", "lag") else "left")
+    for o in data["objects"]:
+        cur = o["cursor"]["modified_at"][:19] if o["cursor"] else "—"
+        lag = f"{int(o['lag_s'])}s" if o["lag_s"] is not None else "—"
+        t.add_row(o["system"], o["object"], str(o["records"]), cur, lag, str(o["quarantined"]), str(o["unmapped"]))
+    console.print(t)
+    console.print("last successful cycle: " + (", ".join(
+        f"{job} {_ago(now, datetime.fromisoformat(ts))}" for job, ts in last.items()) or "none yet"))
+    console.print("pending outbox: " + ", ".join(f"{s} {n}" for s, n in data["outbox"].items())
+                  + f"   open SLA breaches: {len(data['sla_breaches'])}"
+                  + f"   link conflicts: {data['link_conflicts']}"
+                  + f"   blocked re-hand-offs: {data['events_open'].get('promotion_blocked', 0)}")
+    if data["unmapped_values"]:
+        u = Table(title="unmapped CRM values (never guessed: add them to the mapping files)", title_justify="left")
+        for col in ("system", "object", "field", "value", "seen"):
+            u.add_column(col)
+        for row in data["unmapped_values"]:
+            u.add_row(row["system"], row["object"], row["field"], row["value"], str(row["count"]))
+        console.print(u)
+    if data["quarantine"]:
+        q = Table(title="quarantine (a resync retries these)", title_justify="left")
+        for col in ("id", "system", "object", "record", "kind", "tries", "reason"):
+            q.add_column(col)
+        for row in data["quarantine"][:20]:
+            q.add_row(str(row["id"]), row["system"], row["object"], str(row["record_id"]), row["kind"],
+                      str(row["attempts"]), mask_email(row["reason"])[:80])
+        console.print(q)
+    if data["sla_breaches"]:
+        b = Table(title="open SLA breaches (MQL not followed up in time)", title_justify="left")
+        for col in ("entity", "since", "details"):
+            b.add_column(col)
+        for row in data["sla_breaches"][:20]:
+            b.add_row(row["entity_id"][:8], row["at"][:19], mask_email(str(row["details"].get("reason", "")))[:90])
+        console.print(b)
+    if data["resync_queue"]:
+        console.print("queued resyncs: " + ", ".join(f"#{r['id']} {r['state']}" for r in data["resync_queue"]))
+    if data["services"]:
+        console.print("services on this store: " + ", ".join(f"{s['owner']} (pid {s['pid']})"
+                                                             for s in data["services"]))
+
+
+def print_audit(rows: Sequence[AuditRow], console: Console | None = None, *, show_emails: bool = True) -> None:
+    console = console or _console()
+    t = Table(title=f"audit ({len(rows)} writes)", title_justify="left")
+    for col in ("time", "who", "system", "record", "field", "before → after", "rule", "reason", "mappings"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        who = r.email_norm or r.entity_id or ""
+        t.add_row(r.at.isoformat()[:19], who if show_emails else mask_email(who), r.system,
+                  f"{r.object}/{r.record_id}", r.field, f"{r.before} → {r.after}", r.rule, r.reason,
+                  r.mapping_rev[:14])
+    console.print(t)
+
+
+def planned_writes_table(planned: Sequence[PlannedWrite], console: Console | None = None) -> None:
+    console = console or _console()
+    t = Table(title=f"dry run: {len(planned)} planned writes (nothing was changed)", title_justify="left")
+    for col in ("who", "system", "record", "what", "rule", "why"):
+        t.add_column(col, overflow="fold")
+    for p in planned:
+        what = ", ".join(f"{k}: {b} → {a}" for k, (b, a) in p.changes.items())
+        rec = f"{p.object}/{p.record_id}" if p.record_id else f"{p.object} (new)"
+        t.add_row(p.who, p.system, rec, what, p.rule, p.reason)
+    console.print(t)
