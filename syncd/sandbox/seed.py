@@ -439,6 +439,9 @@ class _Seeder:
         if p.stage in ("salesacceptedlead", "salesqualifiedlead") and p.kind is None:
             w = self.spec.attempts_weights
             n = self.rng.choices(range(len(w)), w)[0]
+            # Stay under the return limit, counting the connected call of an SQL: only the
+            # planted EXHAUSTED leads have reached it (whatever counts as an attempt).
+            n = min(n, self.spec.return_after_attempts - 1 - (p.stage == "salesqualifiedlead"))
             self._calls(p, n, handed, "no answer")
             if p.stage == "salesqualifiedlead":
                 self._calls(p, 1, handed + timedelta(days=2), "connected")

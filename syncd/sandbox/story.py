@@ -51,8 +51,14 @@ class Step:
     expect: str = ""  # what syncd should do about it (narrative only)
 
     def describe(self, summary: SeedSummary) -> str:
-        names = {k: summary.first(k).name for k in summary.cases if k.startswith("story_")}
-        return self.description.format(threshold=summary.spec.mql_threshold, **names)
+        names = _Names({k: v[0].name for k, v in summary.cases.items() if v})
+        names["threshold"] = str(summary.spec.mql_threshold)
+        return self.description.format_map(names)
+
+
+class _Names(dict[str, str]):
+    def __missing__(self, key: str) -> str:
+        return "someone"
 
 
 @dataclass(frozen=True, slots=True)
