@@ -1,0 +1,612 @@
+"""Contract suite of the state store: every test runs on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from syncd.errors import ConfigError
+from syncd.model import Cursor
+from syncd.store import (
+    OutboxItem,
+    RecordRow,
+    Store,
+    StoreVersionError,
+    migrations,
+    normalise_url,
+    raw_hash,
+)
+from syncd.store import schema as s
+
+T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
+
+
+def rec(rid: str, raw: dict[str, object] | None = None, *, at: datetime = T0,
+        email: str | None = None, system: str = "hubspot", obj: str = "contacts",
+        entity_id: str | None = None) -> RecordRow:
+    return RecordRow(system=system, object=obj, id=rid, kind="person", modified_at=at,
+                     raw=raw if raw is not None else {"id": rid},
+                     canonical={"terms": {"lifecycle": "lead"}, "values": {}, "unmapped": []},
+                     email_norm=email, entity_id=entity_id)
+
+
+def item(key: str, *, record_id: str | None = "r1", system: str = "hubspot",
+         obj: str = "contacts", op: str = "update",
+         canonical: dict[str, tuple[object, object]] | None = None) -> OutboxItem:
+    return OutboxItem(
+        key=key, system=system, object=obj, op=op, record_id=record_id,
+        fields={"lifecyclestage": "marketingqualifiedlead"}, rule="score_mql",
+        reason="score 80 >= 70", mapping_rev="abc123", entity_id="e1",
+        email_norm="ann@example.com", clear_first=("lifecyclestage",),
+        canonical=canonical if canonical is not None else {"lifecycle": ("lead", "mql")},
+    )
+
+
+# ------------------------------------------------------------------ open/migrate
+
+def test_schema_version_is_recorded_and_reopen_is_idempotent(
+        store: Store, open_store: Callable[[], Store]) -> None:
+    assert store.schema_version() == migrations.LATEST >= 1
+    again = open_store()
+    assert again.schema_version() == migrations.LATEST
+    with again.tx() as tx:
+        assert tx.count_records() == 0
+
+
+def test_a_store_newer_than_the_code_is_refused(store: Store, store_url: str) -> None:
+    with store.tx() as tx:
+        tx.conn.execute(sa.update(s.meta).where(s.meta.c.key == "schema_version")
+                        .values(value=str(migrations.LATEST + 1)))
+    with pytest.raises(StoreVersionError, match="upgrade syncd") as err:
+        Store.open(store_url)
+    assert f"version {migrations.LATEST + 1}" in str(err.value)
+    assert isinstance(err.value, ConfigError)
+
+
+def test_sqlite_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "state.db"
+    old = os.umask(0o022)
+    try:
+        store = Store.open(f"sqlite:///{path}")
+        with store.tx() as tx:
+            tx.upsert_records([rec("1")])
+            journal = tx.conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+            sync = tx.conn.exec_driver_sql("PRAGMA synchronous").scalar()
+            fks = tx.conn.exec_driver_sql("PRAGMA foreign_keys").scalar()
+            busy = tx.conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
+        store.close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert (journal, sync, fks) == ("wal", 1, 1)  # synchronous 1 = NORMAL
+    assert busy and busy > 0
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # persistent
+
+
+def test_urls_are_normalised_and_bad_ones_refused() -> None:
+    assert normalise_url("postgresql://u@h:5432/db") == "postgresql+psycopg://u@h:5432/db"
+    assert normalise_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalise_url("sqlite:////var/x.db") == "sqlite:////var/x.db"
+    for bad in ("mysql://u@h/db", "sqlite://", "sqlite:///:memory:"):
+        with pytest.raises(ConfigError, match=r"\[state\] url"):
+            normalise_url(bad)
+
+
+# --------------------------------------------------------------------- records
+
+def test_upsert_returns_new_and_changed_rows_only(store: Store) -> None:
+    with store.tx() as tx:
+        changed = tx.upsert_records([rec("1"), rec("2")])
+        assert sorted(r.id for r in changed) == ["1", "2"]
+        assert all(r.dirty for r in changed)
+        tx.clear_dirty([r.key for r in changed])
+
+    with store.tx() as tx:  # overlap re-read: identical rows are ignored, not dirtied
+        assert tx.upsert_records([rec("1"), rec("2")]) == []
+        assert tx.count_records(dirty=True) == 0
+
+    with store.tx() as tx:
+        later = T0 + timedelta(minutes=1)
+        changed = tx.upsert_records([rec("1", {"id": "1", "x": 2}, at=later), rec("2")])
+        assert [r.id for r in changed] == ["1"]
+        assert [r.id for r in tx.dirty_records(10)] == ["1"]
+        stored = tx.get_records([("hubspot", "contacts", "1")])[("hubspot", "contacts", "1")]
+        assert stored.raw == {"id": "1", "x": 2}
+        assert stored.modified_at == later
+        assert stored.raw_hash == raw_hash({"x": 2, "id": "1"})
+
+
+def test_upsert_ignores_an_older_version_and_keeps_the_link(store: Store) -> None:
+    with store.tx() as tx:
+        tx.upsert_records([rec("1", {"v": 2}, at=T0, entity_id="e-1")])
+        tx.clear_dirty([("hubspot", "contacts", "1")])
+        assert tx.upsert_records([rec("1", {"v": 1}, at=T0 - timedelta(seconds=1))]) == []
+        changed = tx.upsert_records([rec("1", {"v": 3}, at=T0)])  # no entity given
+        assert changed[0].entity_id == "e-1"
+        got = tx.get_records([("hubspot", "contacts", "1")])[("hubspot", "contacts", "1")]
+        assert (got.raw, got.entity_id, got.dirty) == ({"v": 3}, "e-1", True)
+
+
+def test_upsert_keeps_the_last_duplicate_within_one_batch(store: Store) -> None:
+    with store.tx() as tx:
+        changed = tx.upsert_records([rec("1", {"v": 1}), rec("1", {"v": 2})])
+        assert [r.raw for r in changed] == [{"v": 2}]
+        assert tx.count_records() == 1
+
+
+def test_bulk_reads_by_key_email_and_entity(store: Store) -> None:
+    n = 1234  # more than one IN-list chunk
+    rows = [rec(str(i), email=f"p{i % 10}@example.com") for i in range(n)]
+    rows.append(rec("003X", system="salesforce", obj="Lead", email="p1@example.com"))
+    with store.tx() as tx:
+        assert len(tx.upsert_records(rows)) == n + 1
+        keys = [r.key for r in rows] + [("hubspot", "contacts", "missing")]
+        got = tx.get_records(keys)
+        assert len(got) == n + 1 and ("hubspot", "contacts", "missing") not in got
+        assert got[("hubspot", "contacts", "7")].email_norm == "p7@example.com"
+
+        by_email = tx.records_by_email(["p1@example.com", "nobody@example.com"])
+        assert set(by_email) == {"p1@example.com"}
+        assert len(by_email["p1@example.com"]) == len(range(1, n, 10)) + 1
+        assert {"salesforce", "hubspot"} == {r.system for r in by_email["p1@example.com"]}
+
+        tx.set_entity([("hubspot", "contacts", "5"), ("salesforce", "Lead", "003X")], "e-5")
+        by_entity = tx.records_by_entity(["e-5", "e-none"])
+        assert sorted(r.id for r in by_entity["e-5"]) == ["003X", "5"]
+        assert "e-none" not in by_entity
+
+
+def test_dirty_records_clear_dirty_iter_and_count(store: Store) -> None:
+    with store.tx() as tx:
+        tx.upsert_records([rec(str(i)) for i in range(5)], now=T0)
+        tx.upsert_records([rec("a", system="salesforce", obj="Lead")],
+                          now=T0 + timedelta(seconds=1))
+        assert len(tx.dirty_records(limit=3)) == 3
+        assert tx.dirty_records(limit=10)[-1].id == "a"  # oldest change first
+        tx.clear_dirty([("hubspot", "contacts", "0"), ("hubspot", "contacts", "1")])
+        assert tx.count_records(dirty=True) == 4
+        assert tx.count_records(system="hubspot") == 5
+        assert tx.count_records(system="salesforce", object="Lead") == 1
+
+        streamed = list(tx.iter_records(batch=2))
+        assert [r.key for r in streamed] == sorted(r.key for r in streamed)
+        assert len(streamed) == 6
+        assert [r.id for r in tx.iter_records(system="hubspot", batch=2)] == list("01234")
+        assert [r.id for r in tx.iter_records(object="Lead", batch=2)] == ["a"]
+
+
+def test_datetimes_round_trip_exactly_as_utc(store: Store) -> None:
+    paris = timezone(timedelta(hours=1))
+    at = datetime(2026, 3, 1, 13, 0, 0, 999999, tzinfo=paris)
+    with store.tx() as tx:
+        tx.upsert_records([rec("1", at=at)])
+        got = tx.get_records([("hubspot", "contacts", "1")])[("hubspot", "contacts", "1")]
+    assert got.modified_at == at
+    assert got.modified_at.utcoffset() == timedelta(0)
+    with pytest.raises(sa.exc.StatementError, match="tz-aware"), store.tx() as tx:
+        tx.upsert_records([rec("2", at=datetime(2026, 1, 1))])
+
+
+# ------------------------------------------------------------- atomicity/kill -9
+
+def test_an_exception_in_a_page_transaction_changes_nothing(store: Store) -> None:
+    with store.tx() as tx:
+        tx.set_cursor("hubspot", "contacts", Cursor(T0, "1"))
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom), store.tx() as tx:
+        tx.upsert_records([rec("1"), rec("2")])
+        assert tx.enqueue([item("k1")]) == 1
+        tx.set_cursor("hubspot", "contacts", Cursor(T0 + timedelta(hours=1), "2"))
+        raise Boom
+
+    with store.tx() as tx:
+        assert tx.count_records() == 0
+        assert tx.outbox_depth() == 0
+        assert tx.get_cursor("hubspot", "contacts") == Cursor(T0, "1")
+
+
+def test_a_committed_outbox_survives_kill_9(store: Store, store_url: str) -> None:
+    code = (
+        "import os, signal, sys\n"
+        "from syncd.store import Store, OutboxItem\n"
+        "st = Store.open(sys.argv[1])\n"
+        "with st.tx() as tx:\n"
+        "    tx.enqueue([OutboxItem(key='k', system='hubspot', object='contacts', op='update',"
+        " record_id='1', fields={'a': 1}, rule='r', reason='why', mapping_rev='m')])\n"
+        "tx2 = st.tx(); t = tx2.__enter__()\n"
+        "t.enqueue([OutboxItem(key='uncommitted', system='hubspot', object='contacts',"
+        " op='update', record_id='2', fields={}, rule='r', reason='w', mapping_rev='m')])\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, store_url], capture_output=True,
+                          timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()
+    with store.tx() as tx:
+        due = tx.due("hubspot", None, datetime.now(UTC) + timedelta(seconds=1))
+    assert [o.key for o in due] == ["k"]
+
+
+# --------------------------------------------------------------------- entities
+
+def test_entities_and_their_memory(store: Store) -> None:
+    with store.tx() as tx:
+        eid = tx.new_entity("person")
+        other = tx.new_entity("deal", memory={"stage": "exploration"})
+        assert eid != other and len(eid) == 36
+        tx.set_memory(eid, {"returned_at": "2026-03-01", "score_at_return": 40})
+        assert tx.get_memory([eid, other, "nope"]) == {
+            eid: {"returned_at": "2026-03-01", "score_at_return": 40},
+            other: {"stage": "exploration"},
+        }
+        with pytest.raises(KeyError):
+            tx.set_memory("nope", {})
+        with pytest.raises(ValueError):
+            tx.new_entity("company")
+
+
+def test_link_conflicts_are_reported_once_until_resolved(store: Store) -> None:
+    with store.tx() as tx:
+        a = tx.add_link_conflict("ann@example.com", [["salesforce", "Lead", "1"]])
+        b = tx.add_link_conflict("ann@example.com", [["salesforce", "Lead", "1"],
+                                                     ["salesforce", "Contact", "2"]])
+        assert a == b
+        (c,) = tx.open_link_conflicts()
+        assert len(c.candidates) == 2
+        tx.resolve_link_conflicts([a])
+        assert tx.open_link_conflicts() == []
+        assert tx.add_link_conflict("ann@example.com", []) != a
+
+
+# ---------------------------------------------------------------------- cursors
+
+def test_cursor_never_moves_backwards_but_can_be_reset(store: Store) -> None:
+    with store.tx() as tx:
+        assert tx.get_cursor("hubspot", "contacts") is None
+        assert tx.set_cursor("hubspot", "contacts", Cursor(T0, "5")) == Cursor(T0, "5")
+        assert tx.set_cursor("hubspot", "contacts", Cursor(T0 - timedelta(1), "9")) \
+            == Cursor(T0, "5")
+        tx.set_cursor("hubspot", "contacts", Cursor(T0, "4"))  # same time, lower id
+        assert tx.get_cursor("hubspot", "contacts") == Cursor(T0, "5")
+        tx.set_cursor("hubspot", "contacts", Cursor(T0, "6"))
+        assert tx.get_cursor("hubspot", "contacts") == Cursor(T0, "6")
+        assert tx.get_cursor("salesforce", "Lead") is None  # per system and object
+
+        tx.reset_cursor("hubspot", "contacts", Cursor(T0 - timedelta(days=7), ""))
+        assert tx.get_cursor("hubspot", "contacts") == Cursor(T0 - timedelta(days=7), "")
+        tx.reset_cursor("hubspot", "contacts", None)
+        assert tx.get_cursor("hubspot", "contacts") is None
+        tx.reset_cursor("salesforce", "Lead", Cursor(T0, "x"))  # creates too
+        assert tx.get_cursor("salesforce", "Lead") == Cursor(T0, "x")
+
+
+# ------------------------------------------------------------------------- runs
+
+def test_runs_are_recorded_most_recent_first(store: Store) -> None:
+    with store.tx() as tx:
+        r1 = tx.start_run("sync", now=T0)
+        r2 = tx.start_run("sync", now=T0 + timedelta(minutes=5))
+        r3 = tx.start_run("resync", now=T0 + timedelta(minutes=6))
+        tx.finish_run(r1, "ok", {"pulled": 10}, now=T0 + timedelta(minutes=1))
+        tx.finish_run(r2, "failed", {}, error="hubspot: 401", now=T0 + timedelta(minutes=6))
+        with pytest.raises(ValueError):
+            tx.finish_run(r3, "great", {})
+        assert tx.interrupt_running(now=T0 + timedelta(minutes=7)) == 1
+
+        runs = tx.last_runs()
+        assert [r.run_id for r in runs] == [r3, r2, r1]
+        assert [r.status for r in runs] == ["interrupted", "failed", "ok"]
+        assert runs[2].stats == {"pulled": 10} and runs[1].error == "hubspot: 401"
+        assert [r.run_id for r in tx.last_runs(limit=1, job="sync")] == [r2]
+
+
+# ----------------------------------------------------------------------- outbox
+
+def test_enqueue_ignores_known_keys_in_any_state(store: Store) -> None:
+    now = T0
+    with store.tx() as tx:
+        assert tx.enqueue([item("k1"), item("k2"), item("k1")], now=now) == 2
+        assert tx.enqueue([item("k1")], now=now) == 0  # pending: ignored
+        (k1, _) = tx.due("hubspot", "contacts", now, 10)
+        tx.mark_sending([k1.id])
+        assert tx.mark_done(k1.id, now=now)
+        assert tx.enqueue([item("k1"), item("k3")], now=now) == 1  # done: still ignored
+        assert [o.key for o in tx.due("hubspot", None, now, 10)] == ["k2", "k3"]
+        with pytest.raises(ValueError):
+            tx.enqueue([item("k4", record_id=None)])  # an update needs its target
+
+
+def test_due_respects_time_system_object_order_and_limit(store: Store) -> None:
+    with store.tx() as tx:
+        tx.enqueue([item("a"), item("b", system="salesforce", obj="Lead"), item("c"),
+                    item("d", obj="deals")], now=T0)
+        assert [o.key for o in tx.due("hubspot", None, T0, 10)] == ["a", "c", "d"]
+        assert [o.key for o in tx.due("hubspot", "contacts", T0, 10)] == ["a", "c"]
+        assert [o.key for o in tx.due("hubspot", None, T0, 1)] == ["a"]
+        assert tx.due("hubspot", None, T0 - timedelta(microseconds=1), 10) == []
+
+        a = tx.due("hubspot", "contacts", T0, 1)[0]
+        assert (a.fields, a.clear_first, a.canonical) == (
+            {"lifecyclestage": "marketingqualifiedlead"}, ("lifecyclestage",),
+            {"lifecycle": ["lead", "mql"]})
+        tx.mark_sending([a.id])  # a crash mid-send: still due, attempt counted
+        again = tx.due("hubspot", "contacts", T0, 1)[0]
+        assert (again.id, again.state, again.attempts) == (a.id, "sending", 1)
+        assert tx.outbox_depth() == 4 and tx.outbox_depth("salesforce") == 1
+
+
+def test_mark_done_writes_the_audit_exactly_once(store: Store) -> None:
+    with store.tx() as tx:
+        tx.enqueue([item("k", canonical={"lifecycle": ("lead", "mql"),
+                                         "lead_status": ("new", None)})], now=T0)
+        (o,) = tx.due("hubspot", None, T0, 10)
+        tx.mark_sending([o.id])
+        assert tx.mark_done(o.id, now=T0 + timedelta(seconds=1)) is True
+        assert tx.mark_done(o.id) is False
+        assert tx.mark_skipped(o.id, "already") is False
+        assert tx.outbox_depth() == 0
+        audit = tx.query_audit()
+        assert [(a.field, a.before, a.after) for a in audit] == [
+            ("lead_status", "new", None), ("lifecycle", "lead", "mql")]
+        a = audit[0]
+        assert (a.record_id, a.rule, a.reason, a.mapping_rev, a.outbox_id, a.email_norm,
+                a.entity_id, a.at) == ("r1", "score_mql", "score 80 >= 70", "abc123", o.id,
+                                       "ann@example.com", "e1", T0 + timedelta(seconds=1))
+        assert tx.get_outbox([o.id])[o.id].state == "done"
+
+
+def test_a_create_is_audited_against_the_new_record_id(store: Store) -> None:
+    with store.tx() as tx:
+        tx.enqueue([item("c", op="create", record_id=None, system="salesforce", obj="Lead")],
+                   now=T0)
+        (o,) = tx.due("salesforce", "Lead", T0, 10)
+        tx.mark_done(o.id, result_id="00Q1", now=T0)
+        assert tx.get_outbox([o.id])[o.id].result_id == "00Q1"
+        assert [a.record_id for a in tx.query_audit(system="salesforce")] == ["00Q1"]
+
+
+def test_mark_skipped_is_not_audited(store: Store) -> None:
+    with store.tx() as tx:
+        tx.enqueue([item("k")], now=T0)
+        (o,) = tx.due("hubspot", None, T0, 10)
+        assert tx.mark_skipped(o.id, "target already holds the value", now=T0)
+        got = tx.get_outbox([o.id])[o.id]
+        assert (got.state, got.last_error) == ("skipped", "target already holds the value")
+        assert tx.query_audit() == [] and tx.outbox_depth() == 0
+
+
+def test_failures_back_off_then_quarantine_and_can_be_requeued(store: Store) -> None:
+    with store.tx() as tx:
+        tx.enqueue([item("k")], now=T0)
+        (o,) = tx.due("hubspot", None, T0, 10)
+        retry_at = T0 + timedelta(minutes=1)
+        for attempt in (1, 2):
+            tx.mark_sending([o.id])
+            assert tx.mark_failed(o.id, f"500 try {attempt}", retry_at, max_attempts=3) is False
+            assert tx.due("hubspot", None, retry_at - timedelta(seconds=1), 10) == []
+            got = tx.due("hubspot", None, retry_at, 10)[0]
+            assert (got.state, got.attempts, got.last_error) == ("pending", attempt,
+                                                                 f"500 try {attempt}")
+        # not marked sending: the failure counts as the attempt itself
+        assert tx.mark_failed(o.id, "INVALID_FIELD", retry_at, max_attempts=3) is True
+        assert tx.due("hubspot", None, retry_at + timedelta(days=1), 10) == []
+        assert tx.outbox_depth() == 0
+        (q,) = tx.open_quarantine()
+        assert (q.kind, q.outbox_id, q.reason, q.record_id, q.attempts) == (
+            "write", o.id, "INVALID_FIELD", "r1", 3)
+        assert tx.mark_failed(o.id, "again", retry_at, max_attempts=3) is False
+
+        assert tx.requeue_quarantined(system="salesforce") == 0
+        assert tx.requeue_quarantined(now=T0) == 1
+        back = tx.due("hubspot", None, T0, 10)[0]
+        assert (back.id, back.state, back.attempts) == (o.id, "pending", 0)
+        assert tx.open_quarantine() == []
+
+
+# ------------------------------------------------------------------------ audit
+
+def test_query_audit_filters_and_orders_by_time(store: Store) -> None:
+    with store.tx() as tx:
+        tx.enqueue([item("a"), item("b", system="salesforce", obj="Lead"),
+                    OutboxItem(key="c", system="hubspot", object="contacts", op="update",
+                               record_id="r9", fields={}, rule="returned", reason="3 attempts",
+                               mapping_rev="m", email_norm="bob@example.com",
+                               canonical={"lead_status": ("attempting", "returned_not_ready")})],
+                   now=T0)
+        ids = {o.key: o.id for o in tx.due("hubspot", None, T0, 10)}
+        ids |= {o.key: o.id for o in tx.due("salesforce", None, T0, 10)}
+        tx.mark_done(ids["c"], now=T0 + timedelta(hours=2))
+        tx.mark_done(ids["b"], now=T0 + timedelta(hours=1))
+        tx.mark_done(ids["a"], now=T0 + timedelta(hours=3))
+
+        assert [a.outbox_id for a in tx.query_audit()] == [ids["b"], ids["c"], ids["a"]]
+        assert [a.record_id for a in tx.query_audit(email="bob@example.com")] == ["r9"]
+        assert [a.rule for a in tx.query_audit(record_id="r9")] == ["returned"]
+        assert [a.outbox_id for a in tx.query_audit(rule="score_mql", system="hubspot")] == [
+            ids["a"]]
+        window = tx.query_audit(since=T0 + timedelta(hours=2), until=T0 + timedelta(hours=3))
+        assert [a.outbox_id for a in window] == [ids["c"]]
+        assert len(tx.query_audit(limit=2)) == 2
+
+
+# ------------------------------------------------ quarantine, unmapped, events
+
+def test_quarantined_records_are_kept_once_until_resolved(store: Store) -> None:
+    with store.tx() as tx:
+        a = tx.quarantine_record("salesforce", "Lead", "00Q1", "bad date", raw={"x": 1}, now=T0)
+        b = tx.quarantine_record("salesforce", "Lead", "00Q1", "still bad", raw={"x": 2}, now=T0)
+        c = tx.quarantine_record("hubspot", "contacts", "7", "no id", now=T0)
+        assert a == b != c
+        open_ = tx.open_quarantine()
+        assert [(q.record_id, q.reason, q.raw, q.attempts) for q in open_] == [
+            ("00Q1", "still bad", {"x": 2}, 2), ("7", "no id", None, 1)]
+        assert [q.id for q in tx.open_quarantine(system="hubspot")] == [c]
+        assert tx.resolve_quarantine([a]) == 1
+        assert [q.id for q in tx.open_quarantine()] == [c]
+
+
+def test_unmapped_values_are_counted_in_bulk(store: Store) -> None:
+    v = ("hubspot", "contacts", "lifecyclestage", "partner")
+    w = ("salesforce", "Lead", "Status", "Cold")
+    with store.tx() as tx:
+        tx.count_unmapped([v, v, w], now=T0)
+        tx.count_unmapped([v], now=T0 + timedelta(hours=1))
+        tx.count_unmapped([])
+        rows = tx.unmapped_values()
+        assert [(r.value, r.count) for r in rows] == [("partner", 3), ("Cold", 1)]
+        assert rows[0].last_seen == T0 + timedelta(hours=1)
+        assert [r.value for r in tx.unmapped_values(system="salesforce")] == ["Cold"]
+
+
+def test_sla_events_are_deduplicated_while_open(store: Store) -> None:
+    with store.tx() as tx:
+        a = tx.add_event("sla_breach", "e1", {"hours": 25}, now=T0)
+        assert tx.add_event("sla_breach", "e1", {"hours": 26}, now=T0) == a
+        b = tx.add_event("sla_breach", "e2", {}, now=T0 + timedelta(seconds=1))
+        c = tx.add_event("returned", "e1", {"reason": "3 attempts"}, now=T0)
+        d = tx.add_event("conflict", "e1", {}, now=T0, dedupe=False)
+        assert len({a, b, c, d}) == 4
+        assert [e.id for e in tx.open_events("sla_breach")] == [a, b]
+        assert tx.open_events("sla_breach")[0].details == {"hours": 25}
+        tx.close_events([a])
+        assert [e.id for e in tx.open_events("sla_breach")] == [b]
+        assert tx.add_event("sla_breach", "e1", {}, now=T0) not in (a, b, c, d)
+        assert len(tx.open_events()) == 4  # b, c, d and the new breach
+
+
+# ------------------------------------------------------------- resync + leases
+
+def test_resync_queue_lifecycle(store: Store) -> None:
+    with store.tx() as tx:
+        first = tx.queue_resync({"object": "contacts", "since": "2026-01-01"}, now=T0)
+        second = tx.queue_resync({"full": True}, now=T0)
+        got = tx.claim_resync("daemon-a", now=T0)
+        assert got is not None
+        assert (got.id, got.state, got.picked_by, got.params) == (
+            first, "running", "daemon-a", {"object": "contacts", "since": "2026-01-01"})
+        tx.finish_resync(first, "done", {"pulled": 12}, now=T0)
+        assert [(r.id, r.state) for r in tx.resync_queue()] == [(second, "queued")]
+        everything = tx.resync_queue(include_finished=True)
+        assert [(r.id, r.state, r.result) for r in everything] == [
+            (first, "done", {"pulled": 12}), (second, "queued", None)]
+        assert tx.claim_resync("daemon-b", now=T0).id == second  # type: ignore[union-attr]
+        assert tx.claim_resync("daemon-b", now=T0) is None
+        with pytest.raises(ValueError):
+            tx.finish_resync(second, "queued")
+
+
+def _race(n_threads: int, work: Callable[[int], None]) -> None:
+    barrier = threading.Barrier(n_threads)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            work(i)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def test_two_daemons_never_claim_the_same_resync(
+        store: Store, open_store: Callable[[], Store]) -> None:
+    n = 40
+    with store.tx() as tx:
+        for i in range(n):
+            tx.queue_resync({"i": i})
+    stores = [store, open_store()]
+    claims: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        st, owner = stores[i % 2], f"daemon-{i}"
+        while True:
+            with st.tx() as tx:
+                got = tx.claim_resync(owner)
+            if got is None:
+                return
+            with lock:
+                claims.append((owner, got.id))
+
+    _race(6, work)
+    ids = [rid for _, rid in claims]
+    assert len(ids) == n and len(set(ids)) == n
+    with store.tx() as tx:
+        assert {(r.picked_by, r.id) for r in tx.resync_queue()} == set(claims)
+
+
+def test_lease_acquire_renew_release_and_expiry(store: Store) -> None:
+    with store.tx() as tx:
+        assert tx.acquire_lease("sync:hubspot", "a", 30, T0)
+        assert not tx.acquire_lease("sync:hubspot", "b", 30, T0 + timedelta(seconds=29))
+        assert tx.acquire_lease("sync:hubspot", "a", 30, T0 + timedelta(seconds=10))  # ours
+        assert tx.lease_holder("sync:hubspot", T0 + timedelta(seconds=39)) == "a"
+        assert tx.renew_lease("sync:hubspot", "a", 30, T0 + timedelta(seconds=20))
+        assert not tx.renew_lease("sync:hubspot", "b", 30, T0)
+        assert not tx.acquire_lease("sync:hubspot", "b", 30, T0 + timedelta(seconds=49))
+        assert tx.acquire_lease("sync:hubspot", "b", 30, T0 + timedelta(seconds=50))  # expired
+        assert not tx.renew_lease("sync:hubspot", "a", 30, T0 + timedelta(seconds=51))
+        assert tx.lease_holder("sync:hubspot", T0 + timedelta(seconds=51)) == "b"
+        assert not tx.release_lease("sync:hubspot", "a")
+        assert tx.release_lease("sync:hubspot", "b")
+        assert tx.lease_holder("sync:hubspot", T0) is None
+        assert tx.acquire_lease("sync:hubspot", "a", 30, T0)
+
+
+def test_two_daemons_never_hold_the_same_lease(
+        store: Store, open_store: Callable[[], Store]) -> None:
+    rounds = 15
+    stores = [store, open_store()]
+    winners: dict[str, list[str]] = {f"lease-{r}": [] for r in range(rounds)}
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        st, owner = stores[i % 2], f"daemon-{i}"
+        for name in winners:
+            with st.tx() as tx:
+                won = tx.acquire_lease(name, owner, 60, T0)
+            if won:
+                with lock:
+                    winners[name].append(owner)
+
+    _race(6, work)
+    assert all(len(w) == 1 for w in winners.values()), winners
+    with store.tx() as tx:
+        for name, (owner,) in winners.items():
+            assert tx.lease_holder(name, T0) == owner
+
+
+# -------------------------------------------------------------------- heartbeat
+
+def test_heartbeat_tells_a_service_is_running(store: Store) -> None:
+    with store.tx() as tx:
+        tx.beat("host-1:123", {"version": "0.1"}, now=T0, pid=123)
+        tx.beat("host-1:123", {"version": "0.1", "cycle": 2}, now=T0 + timedelta(minutes=1),
+                pid=123)
+        tx.beat("host-2:9", now=T0 - timedelta(hours=1), pid=9)
+        (alive,) = tx.heartbeats(seen_since=T0)
+        assert (alive.owner, alive.started_at, alive.seen_at, alive.pid, alive.info) == (
+            "host-1:123", T0, T0 + timedelta(minutes=1), 123, {"version": "0.1", "cycle": 2})
+        assert [h.owner for h in tx.heartbeats()] == ["host-1:123", "host-2:9"]
+        tx.remove_heartbeat("host-1:123")
+        assert [h.owner for h in tx.heartbeats()] == ["host-2:9"]
