@@ -436,6 +436,10 @@ def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
     if score is not None and score >= sla.score.threshold and score_rank is not None:
         candidates.append((t.score_stage, "R4-lead-score",
                            f"lead score {score} ≥ threshold {sla.score.threshold}"))
+    bofu = _bofu_at(view)
+    if sla.score.bofu_conversion_is_mql and bofu is not None and score_rank is not None:
+        candidates.append((t.score_stage, "R4-lead-score",
+                           f"bottom-of-funnel conversion at {bofu.isoformat()}"))
     won = [d for d in view.deals if value_of(d, "deal_stage", None) in ctx.closed_won_terms]
     open_ = [d for d in view.deals if (ds := value_of(d, "deal_stage", None)) is not None
              and ds not in ctx.closed_terms]
@@ -518,9 +522,10 @@ def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
 
 def _evidence(view: PersonView, ctx: RuleContext, mem: Memory, score: int | None) -> str | None:
     sla = ctx.sla
-    need = sla.score.threshold + sla.score.rehandoff_margin
+    base = max(sla.score.threshold, mem.score_at_return or 0)
+    need = base + sla.score.rehandoff_margin
     if score is not None and score >= need:
-        return f"score {score} ≥ {need} (threshold {sla.score.threshold} + margin " \
+        return f"score {score} ≥ {need} (max(threshold, score at return) {base} + margin " \
                f"{sla.score.rehandoff_margin})"
     bofu = _bofu_at(view)
     if sla.score.bofu_conversion_rehandoff and bofu is not None and mem.returned_at is not None \

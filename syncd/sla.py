@@ -39,6 +39,7 @@ class ScoreRules(_Frozen):
     threshold: int = Field(default=50, ge=0)
     rehandoff_margin: int = Field(default=10, ge=0)
     bofu_conversion_rehandoff: bool = True
+    bofu_conversion_is_mql: bool = True
 
 
 class AttemptRules(_Frozen):
