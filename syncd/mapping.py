@@ -27,7 +27,6 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-import syncd
 from syncd._toml import Locator, Problem, pydantic_problems, try_load_toml
 from syncd.errors import MappingError, RecordError
 from syncd.model import CanonicalRecord, RawRecord, RecordKind, normalise_email
@@ -266,6 +265,16 @@ class _Loaded:
 def collect(directory: Path) -> tuple[_Loaded | None, list[Problem]]:
     """Parse and cross-check every mapping file; all problems, and the parsed files if usable."""
     problems: list[Problem] = []
+    try:
+        names = sorted(p.name for p in directory.iterdir())
+    except OSError as e:
+        return None, [Problem(str(directory), 1, 1, f"cannot list directory: {e.strerror or e}",
+                              code="unreadable")]
+    for name in names:
+        if name.endswith(".toml") and name not in KNOWN_FILES:
+            problems.append(Problem(str(directory / name), 1, 1,
+                                    f"unknown mapping file (known: {', '.join(KNOWN_FILES)})",
+                                    code="unknown-file"))
     parsed_terms = _parse(directory / TERMS_FILE, TermsFile)
     glossary: dict[str, tuple[str, ...]] | None = None
     if isinstance(parsed_terms, _Parsed):
@@ -300,8 +309,12 @@ def load_mappings(directory: Path | str) -> Mappings:
 
 
 def default_mappings_dir() -> Path:
-    """The repository's mappings/ folder, next to the package."""
-    return Path(syncd.__file__).parent.parent / "mappings"
+    """The repository's mappings/ folder, next to the package.
+
+    Uses this module's path: ``syncd.__file__`` is None when the editable install
+    resolves ``syncd`` as a namespace package.
+    """
+    return Path(__file__).resolve().parent.parent / "mappings"
 
 
 # --------------------------------------------------------------------------- revision

@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 
 from syncd._toml import Problem
-from syncd.mapping import KNOWN_FILES, Mappings, collect
+from syncd.mapping import Mappings, collect
 
 log = structlog.get_logger()
 
@@ -34,19 +34,9 @@ def check_directory(directory: Path) -> list[Problem]:
     d = Path(directory)
     if not d.is_dir():
         return [Problem(str(d), 1, 1, "not a readable directory", code="unreadable")]
-    problems: list[Problem] = []
-    try:
-        names = sorted(p.name for p in d.iterdir())
-    except OSError as e:
-        return [Problem(str(d), 1, 1, f"cannot list directory: {e.strerror or e}",
-                        code="unreadable")]
-    for name in names:
-        if name.endswith(".toml") and name not in KNOWN_FILES:
-            known = ", ".join(KNOWN_FILES)
-            problems.append(Problem(str(d / name), 1, 1,
-                                    f"unknown mapping file (known: {known})", code="unknown-file"))
-    _, found = collect(d)
-    problems += found
+    _, problems = collect(d)
+    if any(p.code == "unreadable" and p.file == str(d) for p in problems):
+        return problems
     checker = _sla_checker()
     if checker is not None:
         try:
