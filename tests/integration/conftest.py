@@ -44,3 +44,6 @@ def hubspot_sandbox(sandbox_tls: tuple[object, str]) -> Iterator[HubSpotSandbox]
         yield HubSpotSandbox(app, server, ca_path)
     finally:
         server.stop()
+
+# Salesforce fixtures (owned by the Salesforce side); imported so pytest registers them here.
+from conftest_salesforce import SalesforceSandbox, sf, sf_sandbox  # noqa: E402, F401
