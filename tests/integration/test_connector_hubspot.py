@@ -1,0 +1,274 @@
+"""HubSpotConnector against the HubSpot sandbox, through the real hubspot-api-client over TLS."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import pytest
+
+from connectors._retry import RetryPolicy
+from connectors.hubspot import HubSpotConnector
+from syncd.errors import AuthError, BudgetExhausted, RetriableError
+from syncd.model import Cursor, FieldUpdate, RawRecord, RecordCreate
+
+if TYPE_CHECKING:  # the fixture's type; pytest provides the object
+    from tests.integration.conftest import HubSpotSandbox
+
+FAST = RetryPolicy(max_attempts=6, base=0.001, cap=0.01, max_retry_after=0.05)
+PROPS = {
+    "contacts": ["email", "firstname", "lifecyclestage", "hs_lead_status", "hubspotscore"],
+    "deals": ["dealname", "dealstage", "amount"],
+}
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def connector(sb: HubSpotSandbox, *, token: str | None = None, retry: RetryPolicy = FAST,
+              timeout: float = 30.0) -> HubSpotConnector:
+    return HubSpotConnector(sb.url, token or sb.token, ca_bundle=sb.ca_path, properties=PROPS,
+                            retry=retry, timeout=timeout)
+
+
+def pull(c: HubSpotConnector, obj: str, since: Cursor | None = None,
+         overlap: timedelta = timedelta(0)) -> list[RawRecord]:
+    return [r for page in c.iter_changes(obj, since, overlap=overlap) for r in page.records]
+
+
+def seed(sb: HubSpotSandbox, n: int, *, at: datetime | None = None, step: timedelta | None = None
+         ) -> list[str]:
+    ids = []
+    for i in range(n):
+        when = at if step is None else T0 + step * i
+        ids.append(sb.app.add("contacts", {"email": f"p{i}@example.com", "lifecyclestage": "lead"},
+                              at=when or T0))
+    return ids
+
+
+def test_full_pull_of_a_few_thousand_records_sees_each_once_in_order(
+        hubspot_sandbox: HubSpotSandbox) -> None:
+    ids = seed(hubspot_sandbox, 2500, step=timedelta(seconds=1))
+    c = connector(hubspot_sandbox)
+    recs = pull(c, "contacts")
+    assert [r.id for r in recs] == ids
+    assert recs == sorted(recs, key=lambda r: (r.modified_at, int(r.id)))
+    assert recs[0].fields["email"] == "p0@example.com"
+    assert recs[0].modified_at == T0 and recs[0].modified_at.tzinfo is not None
+    assert c.usage.calls == {"contacts.search": 13}
+
+
+def test_ties_across_page_boundaries_are_all_seen(hubspot_sandbox: HubSpotSandbox) -> None:
+    seed(hubspot_sandbox, 50, step=timedelta(seconds=1))
+    tied = seed(hubspot_sandbox, 450, at=T0 + timedelta(hours=1))
+    c = connector(hubspot_sandbox)
+    since = Cursor(T0 + timedelta(hours=1), tied[0])
+    recs = pull(c, "contacts", since)
+    assert sorted(r.id for r in recs) == sorted(tied)
+
+
+def test_incremental_pull_sees_modified_records_plus_only_overlap_duplicates(
+        hubspot_sandbox: HubSpotSandbox) -> None:
+    ids = seed(hubspot_sandbox, 300, step=timedelta(seconds=1))
+    c = connector(hubspot_sandbox)
+    first = pull(c, "contacts")
+    cursor = first[-1].cursor
+    t1 = cursor.modified_at + timedelta(minutes=5)
+    changed = ids[10:20]
+    for i, rid in enumerate(changed):
+        hubspot_sandbox.app.modify("contacts", rid, {"hs_lead_status": "OPEN"},
+                                   at=t1 + timedelta(seconds=i))
+    recs = pull(c, "contacts", cursor, overlap=timedelta(seconds=3))
+    # the overlap re-reads the last 3 s of the first pull (ids[-4:]), nothing else
+    assert [r.id for r in recs] == ids[-4:] + changed
+    assert all(r.fields["hs_lead_status"] == "OPEN" for r in recs[4:])
+
+
+def test_no_change_cycle_costs_one_call_per_object(hubspot_sandbox: HubSpotSandbox) -> None:
+    seed(hubspot_sandbox, 5, step=timedelta(seconds=1))
+    c = connector(hubspot_sandbox)
+    since = Cursor(T0 + timedelta(days=1), "0")
+    assert pull(c, "contacts", since) == []
+    assert pull(c, "deals", since) == []
+    assert c.usage.calls == {"contacts.search": 1, "deals.search": 1}
+    assert hubspot_sandbox.server.request_count() == 2
+
+
+def test_crossing_the_10000_search_cap_loses_nothing(hubspot_sandbox: HubSpotSandbox) -> None:
+    ids = seed(hubspot_sandbox, 10_500, step=timedelta(milliseconds=7))
+    c = connector(hubspot_sandbox)
+    recs = pull(c, "contacts")
+    assert sorted({r.id for r in recs}, key=int) == ids
+    assert len(recs) == len(ids)  # restarts skip what was already yielded
+
+
+def test_more_than_10000_records_on_one_timestamp_are_walked_by_id(
+        hubspot_sandbox: HubSpotSandbox) -> None:
+    before = seed(hubspot_sandbox, 10, step=timedelta(seconds=1))
+    tied = seed(hubspot_sandbox, 10_300, at=T0 + timedelta(hours=2))
+    after = hubspot_sandbox.app.add("contacts", {"email": "late@example.com"},
+                                    at=T0 + timedelta(hours=3))
+    c = connector(hubspot_sandbox)
+    got = {r.id for r in pull(c, "contacts")}
+    assert got == set(before) | set(tied) | {after}
+
+
+def test_429_burst_and_503_are_ridden_out_and_counted(hubspot_sandbox: HubSpotSandbox) -> None:
+    seed(hubspot_sandbox, 450, step=timedelta(seconds=1))
+    hubspot_sandbox.server.inject("rate_limit", count=3, endpoint="contacts.search",
+                                  retry_after=0.01)
+    hubspot_sandbox.server.inject("server_error", count=1, endpoint="contacts.search", status=503)
+    c = connector(hubspot_sandbox)
+    assert len(pull(c, "contacts")) == 450
+    assert c.usage.calls["contacts.search"] == 3 + 4  # 3 pages + 4 failed attempts
+    assert c.usage.rate_limited == {"contacts.search": 3}
+
+
+def test_retries_give_up_after_the_policy(hubspot_sandbox: HubSpotSandbox) -> None:
+    hubspot_sandbox.server.inject("server_error", count=10, endpoint="contacts.search", status=502)
+    c = connector(hubspot_sandbox, retry=RetryPolicy(max_attempts=3, base=0.001, cap=0.001))
+    with pytest.raises(RetriableError):
+        pull(c, "contacts")
+    assert c.usage.calls["contacts.search"] == 3
+
+
+def test_timeout_and_dropped_connection_are_retried(hubspot_sandbox: HubSpotSandbox) -> None:
+    seed(hubspot_sandbox, 3)
+    hubspot_sandbox.server.inject("delay", count=1, endpoint="contacts.search", delay=1.5)
+    hubspot_sandbox.server.inject("drop", count=1, endpoint="contacts.search")
+    c = connector(hubspot_sandbox, timeout=0.5)
+    assert len(pull(c, "contacts")) == 3
+    assert c.usage.calls["contacts.search"] == 3
+
+
+def test_bad_token_is_an_auth_error_and_not_retried(hubspot_sandbox: HubSpotSandbox) -> None:
+    c = connector(hubspot_sandbox, token="wrong")
+    with pytest.raises(AuthError, match="INVALID_AUTHENTICATION"):
+        pull(c, "contacts")
+    assert hubspot_sandbox.server.request_count() == 1
+
+
+def test_expired_token_is_an_auth_error(hubspot_sandbox: HubSpotSandbox) -> None:
+    hubspot_sandbox.server.inject("expired_session", endpoint="contacts.batch_read")
+    with pytest.raises(AuthError, match="EXPIRED_AUTHENTICATION"):
+        connector(hubspot_sandbox).fetch("contacts", ["1"])
+
+
+def test_daily_budget_spent_is_budget_exhausted(hubspot_sandbox: HubSpotSandbox) -> None:
+    hubspot_sandbox.app.daily_limit = 2
+    c = connector(hubspot_sandbox)
+    # allowed_values makes 3 calls (properties x2, pipelines); the third is refused, not retried
+    with pytest.raises(BudgetExhausted, match="DAILY"):
+        c.allowed_values()
+    assert c.usage.calls == {"properties": 2, "pipelines": 1}
+    assert c.usage.rate_limited == {"pipelines": 1}
+
+
+def test_budget_headers_are_read_into_usage(hubspot_sandbox: HubSpotSandbox) -> None:
+    hubspot_sandbox.app.daily_limit = 1000
+    rid = seed(hubspot_sandbox, 1)[0]
+    c = connector(hubspot_sandbox)
+    c.fetch("contacts", [rid])
+    c.fetch("contacts", [rid])
+    assert c.usage.reported_limit == 1000
+    assert c.usage.reported_used == 2
+
+
+def test_fetch_reads_in_batches_and_leaves_out_missing(hubspot_sandbox: HubSpotSandbox) -> None:
+    ids = seed(hubspot_sandbox, 150)
+    c = connector(hubspot_sandbox)
+    recs = c.fetch("contacts", [*ids, "999999"])
+    assert sorted(r.id for r in recs) == sorted(ids)
+    assert c.usage.calls == {"contacts.batch_read": 2}
+
+
+def test_find_by_email_is_case_insensitive(hubspot_sandbox: HubSpotSandbox) -> None:
+    a = hubspot_sandbox.app.add("contacts", {"email": "Ann.Lee@Example.com"})
+    hubspot_sandbox.app.add("contacts", {"email": "bob@example.com"})
+    recs = connector(hubspot_sandbox).find_by_email("contacts", ["ann.lee@example.com", "x@y.z"])
+    assert [r.id for r in recs] == [a]
+
+
+def test_deals_carry_their_contact_ids_and_association_changes_are_pulled(
+        hubspot_sandbox: HubSpotSandbox) -> None:
+    app = hubspot_sandbox.app
+    c1 = app.add("contacts", {"email": "a@example.com"}, at=T0)
+    c2 = app.add("contacts", {"email": "b@example.com"}, at=T0)
+    d1 = app.add("deals", {"dealname": "Acme", "dealstage": "qualifiedtobuy"}, at=T0)
+    d2 = app.add("deals", {"dealname": "Solo", "dealstage": "onhold"}, at=T0)
+    app.associate(c1, d1, at=T0)
+    c = connector(hubspot_sandbox)
+    recs = {r.id: r for r in pull(c, "deals")}
+    assert recs[d1].fields["_contact_ids"] == [c1]
+    assert recs[d2].fields["_contact_ids"] == []
+    app.associate(c2, d1, at=T0 + timedelta(hours=1))
+    recs2 = pull(c, "deals", Cursor(T0 + timedelta(minutes=1), d2))
+    assert [(r.id, r.fields["_contact_ids"]) for r in recs2] == [(d1, [c1, c2])]
+
+
+def test_write_updates_and_reports_per_record_failures(hubspot_sandbox: HubSpotSandbox) -> None:
+    ids = seed(hubspot_sandbox, 120)
+    hubspot_sandbox.server.inject("partial", endpoint="contacts.batch_update", ids=[ids[5]])
+    c = connector(hubspot_sandbox)
+    ups = [FieldUpdate(f"k{i}", rid, {"hs_lead_status": "IN_PROGRESS"})
+           for i, rid in enumerate(ids)]
+    ups.append(FieldUpdate("bad", ids[7], {"hs_lead_status": "NOT_A_STATUS"}))
+    ups.append(FieldUpdate("gone", "424242", {"hs_lead_status": "OPEN"}))
+    res = c.write("contacts", ups)
+    assert [r.key for r in res] == [u.key for u in ups]
+    by_key = {r.key: r for r in res}
+    assert by_key["k5"].ok is False and by_key["k5"].retriable is True
+    assert by_key["bad"].ok is False and "VALIDATION_ERROR" in (by_key["bad"].error or "")
+    assert "hs_lead_status" in (by_key["bad"].error or "")
+    assert by_key["gone"].ok is False and "OBJECT_NOT_FOUND" in (by_key["gone"].error or "")
+    assert by_key["gone"].retriable is False
+    assert sum(r.ok for r in res) == 119
+    assert hubspot_sandbox.app.get("contacts", ids[0])["hs_lead_status"] == "IN_PROGRESS"
+    assert "hs_lead_status" not in hubspot_sandbox.app.get("contacts", ids[5])
+
+
+def test_write_verification_catches_a_backwards_lifecyclestage(
+        hubspot_sandbox: HubSpotSandbox) -> None:
+    rid = hubspot_sandbox.app.add("contacts", {"email": "a@example.com",
+                                               "lifecyclestage": "salesqualifiedlead"})
+    res = connector(hubspot_sandbox).write("contacts", [FieldUpdate("k", rid, {
+        "lifecyclestage": "lead", "hs_lead_status": "BAD_TIMING"})])
+    assert res[0].ok is False
+    assert "LIFECYCLE_NOT_APPLIED" in (res[0].error or "")
+    assert hubspot_sandbox.app.get("contacts", rid)["lifecyclestage"] == "salesqualifiedlead"
+
+
+def test_clear_first_moves_lifecyclestage_backwards(hubspot_sandbox: HubSpotSandbox) -> None:
+    rid = hubspot_sandbox.app.add("contacts", {"email": "a@example.com",
+                                               "lifecyclestage": "salesqualifiedlead"})
+    c = connector(hubspot_sandbox)
+    res = c.write("contacts", [FieldUpdate("k", rid, {"lifecyclestage": "lead"},
+                                           clear_first=("lifecyclestage",))])
+    assert res[0].ok, res[0].error
+    assert hubspot_sandbox.app.get("contacts", rid)["lifecyclestage"] == "lead"
+    writes = [w for w in hubspot_sandbox.app.write_log if w["id"] == rid]
+    assert [w["properties"] for w in writes] == [{"lifecyclestage": ""}, {"lifecyclestage": "lead"}]
+    assert c.usage.calls == {"contacts.batch_update": 2, "contacts.batch_read": 1}
+
+
+def test_create_correlates_results_by_key(hubspot_sandbox: HubSpotSandbox) -> None:
+    hubspot_sandbox.server.inject("partial", endpoint="contacts.batch_create", ids=["c3"])
+    creates = [RecordCreate(f"c{i}", {"email": f"n{i}@example.com", "lifecyclestage": "lead"})
+               for i in range(5)]
+    res = connector(hubspot_sandbox).create("contacts", creates)
+    assert [r.key for r in res] == [c.key for c in creates]
+    assert [r.ok for r in res] == [True, True, True, False, True]
+    for c, r in zip(creates, res, strict=True):
+        if r.ok:
+            assert r.record_id is not None
+            assert hubspot_sandbox.app.get("contacts", r.record_id)["email"] == c.fields["email"]
+
+
+def test_allowed_values_come_from_properties_and_pipelines(hubspot_sandbox: HubSpotSandbox) -> None:
+    c = connector(hubspot_sandbox)
+    av = c.allowed_values()
+    assert av[("contacts", "lifecyclestage")][:5] == [
+        "subscriber", "lead", "marketingqualifiedlead", "salesacceptedlead", "salesqualifiedlead"]
+    assert "ATTEMPTED_TO_CONTACT" in av[("contacts", "hs_lead_status")]
+    assert av[("contacts", "syncd_lead_type")] == ["new_business", "existing_customer",
+                                                   "maintenance"]
+    assert "onhold" in av[("deals", "dealstage")] and "closedwon" in av[("deals", "dealstage")]
+    assert c.usage.calls == {"properties": 2, "pipelines": 1}
