@@ -46,7 +46,7 @@ STAGE_RANK = {hs: i for i, (hs, _) in enumerate(STAGES)}
 DEAL_STAGES: tuple[tuple[str, str], ...] = (
     ("appointmentscheduled", "Prospecting"),  # exploration / meeting booked
     ("qualifiedtobuy", "Qualification"),  # exploration
-    ("presentationscheduled", "Needs Analysis"),  # quote being built
+    ("presentationscheduled", "Value Proposition"),  # quote being built
     ("decisionmakerboughtin", "Id. Decision Makers"),  # quote being built
     ("contractsent", "Proposal/Price Quote"),  # quote presented
     ("closedwon", "Closed Won"),
@@ -188,7 +188,7 @@ CASE_VARIANT = "case_variant"  # SF email differs only in case/whitespace -> lin
 # Reserved, consistent records the story (syncd.sandbox.story) changes:
 STORY_SCORE = "story_score"  # HubSpot lead just under the threshold, not in SF
 STORY_ATTEMPTS = "story_attempts"  # SF Lead Open - Not Contacted (MQL in both), no tasks
-STORY_RETURN = "story_return"  # SF Lead Working - Contacted (SAL in both)
+STORY_RETURN = "story_return"  # SF Lead Open - Not Contacted (SAL in both), score threshold+2
 STORY_WIN = "story_win"  # deal contractsent + opportunity Proposal/Price Quote (converted)
 STORY_CONTRACT = "story_contract"  # deal decisionmakerboughtin + Id. Decision Makers
 
@@ -376,15 +376,7 @@ class _Seeder:
 
     def _hs_contact(self, p: _Person) -> None:
         rng = self.rng
-        hs_status = {
-            "subscriber": "",
-            "lead": "OPEN" if rng.random() < 0.5 else "NEW",
-            "marketingqualifiedlead": "NEW",
-            "salesacceptedlead": "ATTEMPTED_TO_CONTACT",
-            "salesqualifiedlead": "CONNECTED",
-            "opportunity": "OPEN_DEAL",
-            "customer": "OPEN_DEAL",
-        }[p.stage]
+        hs_status = self._hs_lead_status(p)
         conv = rng.choice(CONVERSIONS[:1] if p.stage == "subscriber" else CONVERSIONS)
         if STAGE_RANK[p.stage] >= STAGE_RANK["marketingqualifiedlead"] and rng.random() < 0.3:
             conv = BOFU_CONVERSION
@@ -405,12 +397,34 @@ class _Seeder:
         p.hs_id = self.hs.add("contacts", props, at=p.created)
         self._count("hubspot.contacts")
 
+    def _hs_lead_status(self, p: _Person) -> str:
+        """HubSpot's lead status, agreeing with the SF Lead (mappings/*.toml) when there is one."""
+        if p.in_sf and not p.converted:
+            return {"Open - Not Contacted": "NEW", "Working - Contacted": "CONNECTED"}[
+                self._sf_status(p)
+            ]
+        if p.in_sf and p.stage not in ("opportunity", "customer"):
+            return "CONNECTED"
+        return {
+            "subscriber": "",
+            "lead": "OPEN" if self.rng.random() < 0.5 else "NEW",
+            "marketingqualifiedlead": "NEW",
+            "salesacceptedlead": "ATTEMPTED_TO_CONTACT",
+            "salesqualifiedlead": "CONNECTED",
+            "opportunity": "OPEN_DEAL",
+            "customer": "OPEN_DEAL",
+        }[p.stage]
+
+    @staticmethod
+    def _sf_status(p: _Person) -> str:
+        """Open - Not Contacted until sales reached them (SQL and later): connection attempts are
+        Tasks, the default picklist has no "attempting" value (mappings/salesforce.toml)."""
+        if STAGE_RANK[p.stage] >= STAGE_RANK["salesqualifiedlead"]:
+            return "Working - Contacted"
+        return "Open - Not Contacted"
+
     def _sf_lead_fields(self, p: _Person, email: str) -> dict[str, Any]:
-        status = {
-            "marketingqualifiedlead": "Open - Not Contacted",
-            "lead": "Open - Not Contacted",
-            "subscriber": "Open - Not Contacted",
-        }.get(p.stage, "Working - Contacted")
+        status = self._sf_status(p)
         return {
             "FirstName": p.first,
             "LastName": p.last,
@@ -525,6 +539,9 @@ class _Seeder:
                 p.stage = "marketingqualifiedlead"
             elif p.kind in (STORY_RETURN, EXHAUSTED):
                 p.stage = "salesacceptedlead"
+            if p.kind == STORY_RETURN:
+                # after the return, +SCORE_BUMP must stay under threshold + re-hand-off margin
+                p.score = spec.mql_threshold + 2
         for p in people:
             if p.kind in (RETURN, STORY_ATTEMPTS):
                 p.score = max(p.score, spec.mql_threshold)

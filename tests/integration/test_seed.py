@@ -21,6 +21,8 @@ from syncd.sandbox.seed import (
     EXHAUSTED,
     HANDOFF,
     RETURN,
+    SF_DEAL_STAGE,
+    SF_STAGE,
     STORY_KINDS,
     WON_LAG,
     SeedSpec,
@@ -132,6 +134,30 @@ def test_seeded_timestamps_lie_in_the_seeded_window() -> None:
             assert START <= datetime.fromisoformat(r["SystemModstamp"]) <= s.end, (o, r)
 
 
+def test_unplanted_people_and_deals_agree_across_the_systems() -> None:
+    hs, sf, s = _seeded()
+    planted = {c.email for cases in s.cases.values() for c in cases if c.kind != CASE_VARIANT}
+    hs_by_email = {c["email"]: c for c in hs.all("contacts")}
+    agreeing_status = {("NEW", "Open - Not Contacted"), ("CONNECTED", "Working - Contacted")}
+    checked = 0
+    for r in _sf_people(sf):
+        email = normalise_email(r["Email"])
+        if email in planted:
+            continue
+        h = hs_by_email[email]
+        assert SF_STAGE[h["lifecyclestage"]] == r["Lifecycle_Stage__c"]
+        if "Status" in r:
+            assert (h["hs_lead_status"], r["Status"]) in agreeing_status
+        checked += 1
+    assert checked > SPEC.people * SPEC.overlap * 0.9
+    deals = {d["dealname"]: d for d in hs.all("deals")}
+    opps = [o for o in sf.all("Opportunity")
+            if o["Id"] not in {c.sf_opportunity_id for c in s.cases[WON_LAG]}]
+    assert opps
+    for o in opps:
+        assert SF_DEAL_STAGE[deals[o["Name"]]["dealstage"]] == o["StageName"]
+
+
 # ---- the planted inconsistencies --------------------------------------------------------------
 def test_planted_cases_hold_the_raw_values_syncd_must_act_on() -> None:
     hs, sf, s = _seeded()
@@ -153,7 +179,8 @@ def test_planted_cases_hold_the_raw_values_syncd_must_act_on() -> None:
     assert len(s.cases[EXHAUSTED]) == SPEC.exhausted
     for c in s.cases[EXHAUSTED]:
         assert tasks[c.sf_lead_id] >= SPEC.return_after_attempts
-        assert sf.get("Lead", str(c.sf_lead_id))["Status"] == "Working - Contacted"
+        # not connected: the SLA's attempt rule applies (mappings/sla.toml connected_statuses)
+        assert sf.get("Lead", str(c.sf_lead_id))["Status"] == "Open - Not Contacted"
     # nobody else has reached the attempt limit (calls of any outcome) without being returned
     exhausted = {c.sf_lead_id for c in s.cases[EXHAUSTED]}
     assert {w for w, n in tasks.items() if n >= SPEC.return_after_attempts} - exhausted == set()
@@ -241,7 +268,7 @@ def test_a_stopped_story_applies_nothing() -> None:
     story = _play(hs, sf, s, stop)
     assert story.played == []
     lead = sf.get("Lead", str(s.first("story_return").sf_lead_id))
-    assert lead["Status"] == "Working - Contacted"
+    assert lead["Status"] == "Open - Not Contacted"
 
 
 def test_a_failing_step_is_recorded_and_the_story_goes_on() -> None:
