@@ -1,0 +1,325 @@
+"""Prometheus metrics and the health endpoint of `syncd run`, on 127.0.0.1 only.
+
+Everything lives in the service's own :class:`CollectorRegistry` (never the
+global one), so several services in one process (tests) do not collide. The
+numbers come from three places, refreshed after every cycle:
+:class:`~syncd.engine.CycleStats`, each connector's :class:`~syncd.model.ApiUsage`
+and a few state-store queries (:meth:`ServiceMetrics.observe_store`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+from syncd.model import ApiUsage
+
+log = structlog.get_logger()
+
+HEALTH_INTERVALS = 3  # /healthz fails when no cycle succeeded within this many intervals
+_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class ServiceMetrics:
+    """The service's metrics, and the state /healthz judges from."""
+
+    def __init__(
+        self,
+        intervals: Mapping[str, float],
+        *,
+        now: datetime | None = None,
+        daily_budgets: Mapping[str, int] | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.intervals = dict(intervals)
+        self.started_at = now or datetime.now(UTC)
+        self.last_success: dict[str, datetime] = {}
+        self.blocked: dict[str, str] = {}  # system -> why it is backed off
+        self._lock = threading.Lock()
+        self._usage_seen: dict[tuple[str, int], ApiUsage] = {}  # (system, id(usage)) -> snapshot
+        self._day = self.started_at.date()
+        self._today: dict[str, int] = {}
+        r = self.registry
+        self.pulled = Counter(
+            "syncd_records_pulled", "Records pulled from a CRM.", ["system", "object"], registry=r
+        )
+        self.mapped = Counter(
+            "syncd_records_mapped",
+            "Pulled records mapped to canonical terms.",
+            ["system", "object"],
+            registry=r,
+        )
+        self.written = Counter(
+            "syncd_records_written", "Writes the CRM confirmed.", ["system", "object"], registry=r
+        )
+        self.write_failures = Counter(
+            "syncd_write_failures",
+            "Writes that failed (retried or quarantined).",
+            ["group"],
+            registry=r,
+        )
+        self.api_calls = Counter(
+            "syncd_api_calls", "API calls made by this process.", ["system", "endpoint"], registry=r
+        )
+        self.api_429 = Counter(
+            "syncd_api_rate_limited",
+            "API calls answered with a rate-limit error.",
+            ["system", "endpoint"],
+            registry=r,
+        )
+        self.api_reported_used = Gauge(
+            "syncd_api_reported_used",
+            "API usage the CRM reports (its own daily counter).",
+            ["system"],
+            registry=r,
+        )
+        self.api_reported_limit = Gauge(
+            "syncd_api_reported_limit", "API limit the CRM reports.", ["system"], registry=r
+        )
+        self.api_calls_today = Gauge(
+            "syncd_api_calls_today",
+            "API calls this process made today (UTC), vs daily_budget.",
+            ["system"],
+            registry=r,
+        )
+        self.api_daily_budget = Gauge(
+            "syncd_api_daily_budget", "The configured daily_budget.", ["system"], registry=r
+        )
+        self.cycle_duration = Histogram(
+            "syncd_cycle_duration_seconds",
+            "Duration of a sync cycle.",
+            ["group", "outcome"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.cycle_failures = Counter(
+            "syncd_cycle_failures",
+            "Cycles that failed, by error class.",
+            ["group", "error"],
+            registry=r,
+        )
+        self.last_success_ts = Gauge(
+            "syncd_last_success_timestamp_seconds",
+            "Unix time of the last successful cycle.",
+            ["group"],
+            registry=r,
+        )
+        self.outbox_depth = Gauge(
+            "syncd_outbox_depth",
+            "Writes waiting in the outbox (pending + sending).",
+            ["system"],
+            registry=r,
+        )
+        self.quarantine_size = Gauge(
+            "syncd_quarantine_size", "Open quarantine entries.", ["system", "kind"], registry=r
+        )
+        self.unmapped_values = Gauge(
+            "syncd_unmapped_values", "Distinct CRM values no mapping names.", ["system"], registry=r
+        )
+        self.sla_breaches = Gauge("syncd_sla_breaches_open", "Open SLA breach events.", registry=r)
+        self.system_blocked = Gauge(
+            "syncd_system_backed_off",
+            "1 while a system is backed off (auth failure, budget spent).",
+            ["system"],
+            registry=r,
+        )
+        for system, budget in (daily_budgets or {}).items():
+            self.api_daily_budget.labels(system).set(budget)
+            self.api_calls_today.labels(system).set(0)
+            self.system_blocked.labels(system).set(0)
+
+    # ------------------------------------------------------------------ observations
+    def observe_cycle(
+        self,
+        group: str,
+        stats: Any,
+        duration_s: float,
+        *,
+        ok: bool,
+        mapped: Mapping[str, int] | None = None,
+        error: str | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        """After a cycle: counts from its CycleStats (``pulled`` keyed "system.object"), the
+        mapped counts (same keys), duration, and (when ``ok``) the success time."""
+        for key, n in (getattr(stats, "pulled", None) or {}).items():
+            system, _, obj = key.partition(".")
+            self.pulled.labels(system, obj).inc(n)
+        for key, n in (mapped or {}).items():
+            system, _, obj = key.partition(".")
+            self.mapped.labels(system, obj).inc(n)
+        if getattr(stats, "failed", 0):
+            self.write_failures.labels(group).inc(stats.failed)
+        self.cycle_duration.labels(group, "ok" if ok else "failed").observe(max(0.0, duration_s))
+        if ok:
+            at = now or datetime.now(UTC)
+            with self._lock:
+                self.last_success[group] = at
+            self.last_success_ts.labels(group).set(at.timestamp())
+        else:
+            self.cycle_failures.labels(group, error or "unknown").inc()
+
+    def observe_write(self, system: str, obj: str) -> None:
+        self.written.labels(system, obj).inc()
+
+    def observe_usage(self, system: str, usage: ApiUsage, *, now: datetime | None = None) -> None:
+        """Add the calls made since the last observation of this ``usage`` object."""
+        now = now or datetime.now(UTC)
+        with self._lock:
+            if now.date() != self._day:
+                self._day, self._today = now.date(), {}
+            key = (system, id(usage))
+            seen = self._usage_seen.get(key, ApiUsage())
+            new_calls = 0
+            for endpoint, n in list(usage.calls.items()):
+                d = n - seen.calls.get(endpoint, 0)
+                if d > 0:
+                    self.api_calls.labels(system, endpoint).inc(d)
+                    new_calls += d
+            for endpoint, n in list(usage.rate_limited.items()):
+                d = n - seen.rate_limited.get(endpoint, 0)
+                if d > 0:
+                    self.api_429.labels(system, endpoint).inc(d)
+            self._usage_seen[key] = ApiUsage(
+                calls=dict(usage.calls), rate_limited=dict(usage.rate_limited)
+            )
+            self._today[system] = self._today.get(system, 0) + new_calls
+            self.api_calls_today.labels(system).set(self._today[system])
+        if usage.reported_used is not None:
+            self.api_reported_used.labels(system).set(usage.reported_used)
+        if usage.reported_limit is not None:
+            self.api_reported_limit.labels(system).set(usage.reported_limit)
+
+    def calls_today(self, system: str) -> int:
+        with self._lock:
+            return self._today.get(system, 0)
+
+    def observe_store(self, store: Any) -> None:
+        """Outbox depth, quarantine size, unmapped values, open SLA breaches (one short read)."""
+        from syncd.model import SYSTEMS
+
+        with store.tx() as tx:
+            depth = {s: tx.outbox_depth(s) for s in SYSTEMS}
+            quarantine = tx.open_quarantine()
+            unmapped = tx.unmapped_values()
+            breaches = len(tx.open_events("sla_breach"))
+        for name, n in depth.items():
+            self.outbox_depth.labels(name).set(n)
+        q: dict[tuple[str, str], int] = {(s, k): 0 for s in SYSTEMS for k in ("record", "write")}
+        for row in quarantine:
+            q[(row.system, row.kind)] = q.get((row.system, row.kind), 0) + 1
+        for (sys_name, kind), n in q.items():
+            self.quarantine_size.labels(sys_name, kind).set(n)
+        u: dict[str, int] = dict.fromkeys(SYSTEMS, 0)
+        for row in unmapped:
+            u[row.system] = u.get(row.system, 0) + 1
+        for sys_name, n in u.items():
+            self.unmapped_values.labels(sys_name).set(n)
+        self.sla_breaches.set(breaches)
+
+    def set_blocked(self, system: str, why: str | None) -> None:
+        with self._lock:
+            if why is None:
+                self.blocked.pop(system, None)
+            else:
+                self.blocked[system] = why
+        self.system_blocked.labels(system).set(0 if why is None else 1)
+
+    # ------------------------------------------------------------------ health
+    def health(self, now: datetime | None = None) -> tuple[bool, str]:
+        """(healthy, one-line reason). Unhealthy when a group has had no successful cycle
+        within HEALTH_INTERVALS of its interval (from the service start before the first)."""
+        now = now or datetime.now(UTC)
+        problems: list[str] = []
+        with self._lock:
+            for group, interval in sorted(self.intervals.items()):
+                limit = HEALTH_INTERVALS * interval
+                last = self.last_success.get(group)
+                age = (now - (last or self.started_at)).total_seconds()
+                if age > limit:
+                    what = (
+                        f"last success {age:.0f}s ago"
+                        if last
+                        else f"no successful cycle in {age:.0f}s"
+                    )
+                    problems.append(f"{group}: {what} (limit {limit:.0f}s)")
+            blocked = dict(self.blocked)
+        if problems:
+            extra = "; ".join(f"{s} backed off: {why}" for s, why in sorted(blocked.items()))
+            return False, "; ".join(problems + ([extra] if extra else []))
+        if not self.last_success:
+            return True, "starting: no cycle finished yet"
+        return True, "ok"
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """``GET /metrics`` and ``GET /healthz`` on 127.0.0.1:``port`` (0 = an ephemeral port)."""
+
+    def __init__(
+        self, metrics: ServiceMetrics, port: int, *, clock: Callable[[], datetime] | None = None
+    ) -> None:
+        self.metrics = metrics
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    def start(self) -> MetricsServer:
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            name="syncd-metrics",
+            daemon=True,
+            kwargs={"poll_interval": 0.2},
+        )
+        self._thread.start()
+        log.info("metrics_listening", address=f"127.0.0.1:{self.port}", paths="/metrics /healthz")
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def _handler(server: MetricsServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - stdlib name
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, server.metrics.render(), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                ok, reason = server.metrics.health(server._clock())
+                self._send(
+                    200 if ok else 503, (reason + "\n").encode(), "text/plain; charset=utf-8"
+                )
+            else:
+                self._send(
+                    404, b"not found: try /metrics or /healthz\n", "text/plain; charset=utf-8"
+                )
+
+        def _send(self, status: int, body: bytes, ctype: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler

@@ -1,0 +1,473 @@
+"""Manual resyncs: queued for a running service on the same state store, or run inline.
+
+A resync always retries what is quarantined (writes go back to the outbox, bad
+records are fetched and mapped again), then:
+- ``--full``: forget the group's cursors and run a cycle (everything is re-read);
+- ``--since DATE``: move the cursors back to DATE and run a cycle;
+- ``--email X`` / ``--id SYSTEM:ID``: fetch just those records, map, link,
+  re-decide their people/deals and flush the outbox (cursors untouched);
+- nothing of these: one ordinary cycle.
+
+Cycles of one group never run twice at once: the resync holds the same
+``cycle:<group>`` leases in the store as the scheduled jobs of ``syncd run``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from syncd.config import Config
+from syncd.engine import CycleStats, Engine
+from syncd.errors import ConfigError, RetriableError, SyncError
+from syncd.model import OBJECT_GROUPS, SYSTEMS, Cursor, RawRecord, normalise_email, utcnow
+from syncd.store import Store
+
+log = structlog.get_logger()
+
+LEASE_TTL_S = 30.0  # a dead holder's lease lapses after this; holders renew every TTL/3
+LEASE_WAIT_S = 120.0  # how long a resync waits for a group's running cycle to finish
+PERSON_OBJECTS: dict[str, tuple[str, ...]] = {
+    "hubspot": ("contacts",),
+    "salesforce": ("Lead", "Contact"),
+}
+SF_ID_PREFIX = {"00Q": "Lead", "003": "Contact", "006": "Opportunity", "00T": "Task"}
+
+
+# -- the request ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncRequest:
+    group: str | None = None  # "contacts" | "deals" | None (both)
+    since: datetime | None = None
+    full: bool = False
+    email: str | None = None
+    record: str | None = None  # "system:id"
+
+    def validate(self) -> None:
+        """Every problem at once, as ConfigError (exit 2)."""
+        problems: list[str] = []
+        if self.group is not None and self.group not in OBJECT_GROUPS:
+            problems.append(
+                f"--object must be one of {', '.join(OBJECT_GROUPS)}, not {self.group!r}"
+            )
+        if self.full and self.since is not None:
+            problems.append("--full and --since exclude each other (--full re-reads everything)")
+        if self.email is not None and self.record is not None:
+            problems.append("give --email or --id, not both")
+        if (self.email is not None or self.record is not None) and (self.full or self.since):
+            problems.append(
+                "--email/--id resync one record; they do not combine with --full/--since"
+            )
+        if self.email is not None and "@" not in (normalise_email(self.email) or ""):
+            problems.append("--email must be an email address")
+        if self.record is not None:
+            system, _, rid = self.record.partition(":")
+            if system not in SYSTEMS or not rid.strip():
+                problems.append(
+                    f"--id must be SYSTEM:ID with SYSTEM one of {', '.join(SYSTEMS)} "
+                    "(e.g. salesforce:00Q5e00000AbCdEEAV, hubspot:101)"
+                )
+        if self.since is not None:
+            if self.since.tzinfo is None:
+                problems.append("--since must carry a time zone (the CLI reads it as UTC)")
+            elif self.since > utcnow():
+                problems.append("--since is in the future")
+        if problems:
+            raise ConfigError("resync: " + "; ".join(problems))
+
+    @property
+    def groups(self) -> list[str]:
+        return [self.group] if self.group else list(OBJECT_GROUPS)
+
+    def to_params(self) -> dict[str, Any]:
+        return {
+            "group": self.group,
+            "since": self.since.isoformat() if self.since else None,
+            "full": self.full,
+            "email": self.email,
+            "record": self.record,
+        }
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any]) -> ResyncRequest:
+        since = p.get("since")
+        return cls(
+            group=p.get("group"),
+            since=datetime.fromisoformat(since) if since else None,
+            full=bool(p.get("full")),
+            email=p.get("email"),
+            record=p.get("record"),
+        )
+
+    def describe(self) -> str:
+        what = (
+            "full"
+            if self.full
+            else f"since {self.since.isoformat()}"
+            if self.since
+            else "one person"
+            if self.email
+            else f"record {self.record}"
+            if self.record
+            else "cycle + quarantine"
+        )
+        return f"{self.group or 'all objects'}, {what}"
+
+
+# -- leases ---------------------------------------------------------------------------------------
+
+
+def new_owner() -> str:
+    """A unique name for this process in leases and heartbeats."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class LeaseKeeper:
+    """Holds named leases in the store and renews them from a background thread.
+
+    A holder that dies stops renewing; its leases lapse after ``ttl_s`` and
+    another daemon takes the work over.
+    """
+
+    def __init__(self, store: Store, owner: str, ttl_s: float = LEASE_TTL_S) -> None:
+        self.store = store
+        self.owner = owner
+        self.ttl_s = ttl_s
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew_loop, name="syncd-leases", daemon=True)
+        self._thread.start()
+
+    def try_acquire(self, name: str) -> bool:
+        with self.store.tx() as tx:
+            ok = tx.acquire_lease(name, self.owner, self.ttl_s, utcnow())
+        if ok:
+            with self._lock:
+                self._held.add(name)
+        return ok
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self._held.discard(name)
+        with self.store.tx() as tx:
+            tx.release_lease(name, self.owner)
+
+    @contextmanager
+    def holding(
+        self,
+        names: Sequence[str],
+        *,
+        wait_s: float = 0.0,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> Iterator[bool]:
+        """Take all ``names`` (waiting up to ``wait_s``); yields False if they could not be had."""
+        deadline = time.monotonic() + wait_s
+        got: list[str] = []
+        try:
+            for name in names:
+                while not self.try_acquire(name):
+                    if time.monotonic() >= deadline or should_stop():
+                        yield False
+                        return
+                    time.sleep(0.5)
+                got.append(name)
+            yield True
+        finally:
+            for name in got:
+                self.release(name)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with self._lock:
+            held, self._held = list(self._held), set()
+        for name in held:
+            try:
+                with self.store.tx() as tx:
+                    tx.release_lease(name, self.owner)
+            except Exception as exc:  # noqa: BLE001 - best effort: the lease lapses anyway
+                log.warning("lease_release_failed", lease=name, error=str(exc))
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            with self._lock:
+                held = list(self._held)
+            for name in held:
+                try:
+                    with self.store.tx() as tx:
+                        ok = tx.renew_lease(name, self.owner, self.ttl_s, utcnow())
+                    if not ok:
+                        log.warning("lease_lost", lease=name)
+                except Exception as exc:  # noqa: BLE001 - the store may be briefly away; retry next tick
+                    log.warning("lease_renew_failed", lease=name, error=str(exc))
+
+
+# -- an engine that reports progress --------------------------------------------------------------
+
+
+class ObservedEngine(Engine):
+    """The engine, counting mapped records per system.object and reporting each page."""
+
+    def __init__(
+        self, *args: Any, on_page: Callable[[str, str, int], None] | None = None, **kw: Any
+    ) -> None:
+        super().__init__(*args, **kw)
+        self.on_page = on_page
+        self.mapped: dict[str, int] = {}
+
+    def ingest(
+        self,
+        system: str,
+        obj: str,
+        records: Sequence[RawRecord],
+        stats: CycleStats,
+        *,
+        advance_cursor: bool = True,
+    ) -> None:
+        before = stats.quarantined
+        super().ingest(system, obj, records, stats, advance_cursor=advance_cursor)
+        key = f"{system}.{obj}"
+        self.mapped[key] = self.mapped.get(key, 0) + len(records) - (stats.quarantined - before)
+        if self.on_page is not None:
+            self.on_page(system, obj, len(records))
+
+
+def make_engine(
+    rt: Any,
+    *,
+    systems: Sequence[str] | None = None,
+    on_page: Callable[[str, str, int], None] | None = None,
+    on_write: Callable[[Any, str | None], None] | None = None,
+) -> ObservedEngine:
+    """An engine over ``rt`` (a :class:`syncd.runtime.Runtime`), limited to ``systems``."""
+    conns = {s: c for s, c in rt.connectors.items() if systems is None or s in systems}
+    return ObservedEngine(
+        rt.store,
+        rt.mappings,
+        rt.sla,
+        conns,
+        overlap=timedelta(seconds=rt.config.sync.overlap_s),
+        write_batch=rt.config.sync.write_batch,
+        on_write=on_write,
+        on_page=on_page,
+    )
+
+
+# -- running a resync -----------------------------------------------------------------------------
+
+
+def run_resync(
+    rt: Any,
+    req: ResyncRequest,
+    engine: ObservedEngine,
+    keeper: LeaseKeeper,
+    *,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict[str, Any]:
+    """Run ``req`` with ``engine`` while holding the groups' cycle leases. Returns a summary."""
+    leases = [f"cycle:{g}" for g in req.groups]
+    with keeper.holding(leases, wait_s=LEASE_WAIT_S, should_stop=should_stop) as got:
+        if not got:
+            raise RetriableError(
+                f"resync: another daemon kept {', '.join(leases)} busy "
+                f"for {LEASE_WAIT_S:.0f}s; try again"
+            )
+        return _run(rt, req, engine)
+
+
+def _run(rt: Any, req: ResyncRequest, engine: ObservedEngine) -> dict[str, Any]:
+    store: Store = rt.store
+    with store.tx() as tx:
+        requeued = tx.requeue_quarantined()
+    stats = CycleStats()
+    retried = _retry_quarantined_records(engine, req.groups, stats)
+    if req.email is not None or req.record is not None:
+        found = _resync_records(engine, req, stats)
+        if not found:
+            raise SyncError(
+                f"resync: no record found for {req.email and 'that email' or req.record}"
+            )
+    else:
+        if req.full or req.since is not None:
+            to = Cursor(req.since, "") if req.since is not None else None
+            with store.tx() as tx:
+                for g in req.groups:
+                    for system in engine.connectors:
+                        for obj in OBJECT_GROUPS[g][system]:
+                            tx.reset_cursor(system, obj, to)
+        cycle = engine.cycle(req.group)
+        _merge(stats, cycle)
+    result = {"requeued_writes": requeued, "retried_records": retried, **stats.summary()}
+    log.info("resync_done", request=req.describe(), **result)
+    return result
+
+
+def _retry_quarantined_records(
+    engine: ObservedEngine, groups: Sequence[str], stats: CycleStats
+) -> int:
+    """Fetch quarantined records again; those that map now are resolved, the rest stay."""
+    with engine.store.tx() as tx:
+        rows = [q for q in tx.open_quarantine() if q.kind == "record" and q.record_id]
+    n = 0
+    for system, conn in engine.connectors.items():
+        objs = {o for g in groups for o in OBJECT_GROUPS[g][system]}
+        for obj in sorted(objs):
+            mine = [q for q in rows if q.system == system and q.object == obj]
+            if not mine:
+                continue
+            fetched = conn.fetch(obj, [str(q.record_id) for q in mine])
+            ok_ids = set()
+            for raw in fetched:
+                try:
+                    engine.mappings.to_canonical(raw)
+                    ok_ids.add(raw.id)
+                except SyncError:
+                    pass
+            engine.ingest(system, obj, fetched, stats, advance_cursor=False)
+            with engine.store.tx() as tx:
+                tx.resolve_quarantine([q.id for q in mine if q.record_id in ok_ids])
+            n += len(fetched)
+    return n
+
+
+def _resync_records(engine: ObservedEngine, req: ResyncRequest, stats: CycleStats) -> int:
+    keys: list[tuple[str, str, str]] = []
+    for system, obj, records in _fetch_targets(engine, req):
+        engine.ingest(system, obj, records, stats, advance_cursor=False)
+        keys += [(system, obj, r.id) for r in records]
+    if not keys:
+        return 0
+    engine.link_and_decide(stats)
+    with engine.store.tx() as tx:
+        rows = tx.get_records(keys)
+    people = sorted({r.entity_id for r in rows.values() if r.kind == "person" and r.entity_id})
+    deals = sorted({r.entity_id for r in rows.values() if r.kind == "deal" and r.entity_id})
+    _merge(stats, engine.decide_entities(people, deals))
+    engine.flush(stats)
+    return len(keys)
+
+
+def _fetch_targets(
+    engine: ObservedEngine, req: ResyncRequest
+) -> list[tuple[str, str, list[RawRecord]]]:
+    out: list[tuple[str, str, list[RawRecord]]] = []
+    if req.email is not None:
+        email = normalise_email(req.email) or ""
+        for system, conn in engine.connectors.items():
+            for obj in PERSON_OBJECTS.get(system, ()):
+                found = conn.find_by_email(obj, [email])
+                if found:
+                    out.append((system, obj, found))
+        return out
+    assert req.record is not None
+    system, _, rid = req.record.partition(":")
+    target = engine.connectors.get(system)
+    if target is None:
+        return out
+    objs = (
+        [SF_ID_PREFIX[rid[:3]]]
+        if system == "salesforce" and rid[:3] in SF_ID_PREFIX
+        else [o for g in req.groups for o in OBJECT_GROUPS[g][system]]
+    )
+    for obj in objs:
+        found = target.fetch(obj, [rid])
+        if found:
+            out.append((system, obj, found))
+            break
+    return out
+
+
+def _merge(into: CycleStats, other: CycleStats) -> None:
+    for k, v in other.pulled.items():
+        into.pulled[k] = into.pulled.get(k, 0) + v
+    for name in (
+        "changed",
+        "quarantined",
+        "unmapped",
+        "linked",
+        "conflicts",
+        "decisions",
+        "events",
+        "sent",
+        "skipped",
+        "failed",
+    ):
+        setattr(into, name, getattr(into, name) + getattr(other, name))
+
+
+# -- the CLI entry point --------------------------------------------------------------------------
+
+
+def running_service(store: Store, cfg: Config, now: datetime | None = None) -> Any:
+    """The freshest heartbeat of a service on this store (< 3 × the shortest interval), or None."""
+    now = now or utcnow()
+    fresh = timedelta(seconds=3 * min(cfg.sync.contacts_interval_s, cfg.sync.deals_interval_s))
+    with store.tx() as tx:
+        beats = tx.heartbeats(seen_since=now - fresh)
+    return beats[0] if beats else None
+
+
+def request_resync(cfg: Config, req: ResyncRequest, *, inline: bool) -> str:
+    """Queue ``req`` for a running service on the same store, or run it here (``inline`` forces)."""
+    req.validate()
+    if not inline:
+        store = Store.open(cfg.state_url())
+        try:
+            beat = running_service(store, cfg)
+            if beat is not None:
+                with store.tx() as tx:
+                    n = tx.queue_resync(req.to_params())
+                log.info("resync_queued", id=n, request=req.describe(), service=beat.owner)
+                return f"queued resync #{n}; a running service (pid {beat.pid}) will pick it up"
+        finally:
+            store.close()
+    return _run_inline(cfg, req)
+
+
+def _run_inline(cfg: Config, req: ResyncRequest) -> str:
+    from syncd.runtime import open_runtime
+
+    rt = open_runtime(cfg)
+    keeper = LeaseKeeper(rt.store, new_owner())
+    try:
+        if sys.stdout.isatty():
+            result = _with_progress(rt, req, keeper)
+        else:
+            result = run_resync(rt, req, make_engine(rt), keeper)
+    finally:
+        keeper.close()
+        rt.close()
+    summary = " ".join(f"{k}={v}" for k, v in result.items())
+    return f"resync done ({req.describe()}): {summary}"
+
+
+def _with_progress(rt: Any, req: ResyncRequest, keeper: LeaseKeeper) -> dict[str, Any]:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TextColumn("[bold]{task.completed}[/] records"),
+        TimeElapsedColumn(),
+        transient=True,
+    ) as progress:
+        task = progress.add_task(f"resync {req.describe()}", total=None)
+
+        def on_page(system: str, obj: str, n: int) -> None:
+            progress.update(task, advance=n, description=f"resync {req.describe()}: {system} {obj}")
+
+        return run_resync(rt, req, make_engine(rt, on_page=on_page), keeper)
