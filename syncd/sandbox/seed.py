@@ -123,7 +123,9 @@ _ASCII = str.maketrans({"ü": "u", "'": "", " ": "-", ".": ""})
 
 @dataclass(frozen=True, slots=True)
 class SeedSpec:
-    """What to seed. Shares are of the population named; counts are exact (rounded)."""
+    """What to seed. Shares are of the population named and exact (rounded); the planted
+    counts (duplicates … won_lags) are exact when the population has enough candidates
+    (e.g. open Leads in Salesforce), otherwise as many as it has."""
 
     seed: int = 1
     people: int = 1_000
@@ -154,6 +156,19 @@ class SeedSpec:
     )
     start: datetime | None = None
     span: timedelta = timedelta(days=20)
+
+    def __post_init__(self) -> None:
+        for name in ("overlap", "converted", "case_variants"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"SeedSpec.{name} must be a share between 0 and 1")
+        counts = ("people", "deals", "duplicates", "handoffs", "returns", "exhausted", "won_lags")
+        for name in counts:
+            if getattr(self, name) < 0:
+                raise ValueError(f"SeedSpec.{name} must not be negative")
+        if self.return_after_attempts < 1 or not self.attempts_weights:
+            raise ValueError("SeedSpec needs return_after_attempts >= 1 and attempts_weights")
+        if self.start is not None and self.start.tzinfo is None:
+            raise ValueError("SeedSpec.start must be timezone-aware (UTC)")
 
     def resolved_start(self, now: datetime | None = None) -> datetime:
         if self.start is not None:
@@ -202,6 +217,18 @@ class SeedSummary:
     end: datetime
     counts: dict[str, int] = field(default_factory=dict)
     cases: dict[str, list[Case]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        c = self.counts
+        planted = ", ".join(f"{len(v)} {k}" for k, v in sorted(self.cases.items()) if v)
+        return (
+            f"{c.get('hubspot.contacts', 0)} HubSpot contacts,"
+            f" {c.get('hubspot.deals', 0)} deals;"
+            f" {c.get('salesforce.leads', 0)} Salesforce Leads"
+            f" ({c.get('salesforce.conversions', 0)} converted to Contacts),"
+            f" {c.get('salesforce.opportunities', 0)} Opportunities,"
+            f" {c.get('salesforce.tasks', 0)} call Tasks; planted: {planted}"
+        )
 
     def first(self, kind: str) -> Case:
         found = self.cases.get(kind)
@@ -502,7 +529,7 @@ class _Seeder:
         free = list(people)
         rng.shuffle(free)
 
-        def take(n: int, ok: Callable[[_Person], bool], kind: str) -> None:
+        def take(n: int, ok: Callable[[_Person], bool], kind: str) -> int:
             got = 0
             for p in free:
                 if got >= n:
@@ -510,6 +537,7 @@ class _Seeder:
                 if p.kind is None and ok(p):
                     p.kind = kind
                     got += 1
+            return got
 
         def hs_only_lead(p: _Person) -> bool:
             return not p.in_sf and p.stage == "lead"
@@ -527,9 +555,9 @@ class _Seeder:
         take(spec.returns, open_lead, RETURN)
         take(spec.exhausted, open_lead, EXHAUSTED)
         take(spec.duplicates, open_lead, DUPLICATE)
-        take(1, converted_opportunity, STORY_WIN)
-        take(1, converted_opportunity, STORY_CONTRACT)
-        take(spec.won_lags, converted_opportunity, WON_LAG)
+        deal_budget = spec.deals  # these kinds each need a deal of their own
+        for n, kind in ((1, STORY_WIN), (1, STORY_CONTRACT), (spec.won_lags, WON_LAG)):
+            deal_budget -= take(min(n, deal_budget), converted_opportunity, kind)
         for p in people:
             if p.kind == STORY_SCORE:
                 p.score = spec.mql_threshold - 4

@@ -278,4 +278,7 @@ class Story:
                 self._played.append(played)
             log.info("story step", step=i, actor=step.actor, ok=error is None)
             if self.on_step is not None:
-                self.on_step(played)
+                try:
+                    self.on_step(played)
+                except Exception:  # noqa: BLE001 - a broken printer must not stop the story
+                    log.exception("story on_step callback failed", step=i)

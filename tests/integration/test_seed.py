@@ -286,3 +286,34 @@ def test_story_refuses_a_non_positive_speed(speed: float) -> None:
     hs, sf, s = _seeded()
     with pytest.raises(ValueError, match="speed"):
         Story().play(hs, sf, s, speed=speed, stop=threading.Event())
+
+
+# ---- edges ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("people,deals", [(0, 0), (10, 3), (200, 0)])
+def test_small_populations_seed_exactly_the_requested_people_and_deals(people: int,
+                                                                       deals: int) -> None:
+    hs, _, _ = _seeded(SeedSpec(people=people, deals=deals, start=START))
+    assert (len(hs.all("contacts")), len(hs.all("deals"))) == (people, deals)
+
+
+@pytest.mark.parametrize("bad", [{"overlap": 1.5}, {"converted": -0.1}, {"people": -1},
+                                 {"start": datetime(2026, 1, 1)}, {"return_after_attempts": 0}])
+def test_an_impossible_spec_is_refused(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="SeedSpec"):
+        SeedSpec(**bad)
+
+
+def test_summary_reads_as_a_sentence_for_the_demo() -> None:
+    _, _, s = _seeded()
+    text = str(s)
+    assert text.startswith(f"{SPEC.people} HubSpot contacts, {SPEC.deals} deals;")
+    assert f"{SPEC.handoffs} handoff" in text and "@" not in text
+
+
+def test_on_step_sees_every_step_as_it_is_played() -> None:
+    hs, sf, s = _seeded()
+    seen: list[str] = []
+    story = Story(on_step=lambda p: seen.append(p.text))
+    story.play(hs, sf, s, speed=1e9, stop=threading.Event())
+    story.join(timeout=60)
+    assert seen == [p.text for p in story.played] and len(seen) == 7
