@@ -474,7 +474,8 @@ def _fmt_hubspot(field: str, v: Any) -> Any:
 
 def _fmt_salesforce(field: str, v: Any) -> Any:
     if isinstance(v, datetime):
-        return v.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000+0000")
+        u = v.astimezone(UTC)
+        return u.strftime("%Y-%m-%dT%H:%M:%S.") + f"{u.microsecond // 1000:03d}+0000"
     if isinstance(v, date):
         return v.isoformat()
     if field == "contact_ids" and isinstance(v, list | tuple):

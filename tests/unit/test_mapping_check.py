@@ -126,11 +126,13 @@ def test_format_text_and_json() -> None:
 def test_compare_live_reports_both_directions() -> None:
     m = load_mappings(default_mappings_dir())
     hs = sorted(m.allowed_raw_values("hubspot", "contacts", "hs_lead_status"))
+    sf = sorted(m.allowed_raw_values("salesforce", "Lead", "Status"))
     allowed = {
         # the CRM gained a value and lost BAD_TIMING
-        ("hubspot", "contacts", "hs_lead_status"): [v for v in hs if v != "BAD_TIMING"] + ["NURTURE"],
+        ("hubspot", "contacts", "hs_lead_status"): [v for v in hs if v != "BAD_TIMING"]
+        + ["NURTURE"],
         # exactly what the mappings name: nothing to report
-        ("salesforce", "Lead", "Status"): sorted(m.allowed_raw_values("salesforce", "Lead", "Status")),
+        ("salesforce", "Lead", "Status"): sf,
         # a field the mappings do not translate: ignored
         ("salesforce", "Lead", "Industry"): ["Banking"],
     }
