@@ -135,7 +135,7 @@ def test_unmapped_values_are_counted_never_guessed() -> None:
 def test_missing_fields_are_not_set_not_unmapped() -> None:
     c = M.to_canonical(raw("salesforce", "Contact", {}))
     assert c.kind == "person"
-    assert c.terms == {"lifecycle": None}
+    assert c.terms == {"lifecycle": None, "lead_type": None}
     assert c.unmapped == ()
     assert c.email is None
 
