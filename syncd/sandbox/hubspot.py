@@ -298,9 +298,12 @@ class HubSpotApp:
         at: datetime | None = None,
         record_id: str | None = None,
     ) -> str:
-        """Create a record directly (not API traffic). Returns its id."""
+        """Create a record directly (not API traffic); returns its id. Bad values: ValueError."""
         with self._lock:
-            rid = self._create(object_type, properties, _ms(at, self._clock), record_id)
+            try:
+                rid = self._create(object_type, properties, _ms(at, self._clock), record_id)
+            except ApiError as e:
+                raise ValueError(str(e)) from None
             return rid
 
     def modify(
@@ -311,12 +314,15 @@ class HubSpotApp:
         *,  # noqa: A002
         at: datetime | None = None,
     ) -> None:
-        """Update a record directly with the same rules as an API write (not API traffic)."""
+        """Update a record with the same rules as an API write (not API traffic; ValueError)."""
         with self._lock:
             rec = self._store(object_type).records.get(id)
             if rec is None:
                 raise KeyError(f"{object_type} {id} not found")
-            self._update(object_type, rec, properties, _ms(at, self._clock))
+            try:
+                self._update(object_type, rec, properties, _ms(at, self._clock))
+            except ApiError as e:
+                raise ValueError(str(e)) from None
 
     def get(self, object_type: str, id: str) -> dict[str, Any]:  # noqa: A002
         with self._lock:

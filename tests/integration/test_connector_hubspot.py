@@ -23,29 +23,46 @@ PROPS = {
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
 
-def connector(sb: HubSpotSandbox, *, token: str | None = None, retry: RetryPolicy = FAST,
-              timeout: float = 30.0) -> HubSpotConnector:
-    return HubSpotConnector(sb.url, token or sb.token, ca_bundle=sb.ca_path, properties=PROPS,
-                            retry=retry, timeout=timeout)
+def connector(
+    sb: HubSpotSandbox,
+    *,
+    token: str | None = None,
+    retry: RetryPolicy = FAST,
+    timeout: float = 30.0,
+) -> HubSpotConnector:
+    return HubSpotConnector(
+        sb.url,
+        token or sb.token,
+        ca_bundle=sb.ca_path,
+        properties=PROPS,
+        retry=retry,
+        timeout=timeout,
+    )
 
 
-def pull(c: HubSpotConnector, obj: str, since: Cursor | None = None,
-         overlap: timedelta = timedelta(0)) -> list[RawRecord]:
+def pull(
+    c: HubSpotConnector, obj: str, since: Cursor | None = None, overlap: timedelta = timedelta(0)
+) -> list[RawRecord]:
     return [r for page in c.iter_changes(obj, since, overlap=overlap) for r in page.records]
 
 
-def seed(sb: HubSpotSandbox, n: int, *, at: datetime | None = None, step: timedelta | None = None
-         ) -> list[str]:
+def seed(
+    sb: HubSpotSandbox, n: int, *, at: datetime | None = None, step: timedelta | None = None
+) -> list[str]:
     ids = []
     for i in range(n):
         when = at if step is None else T0 + step * i
-        ids.append(sb.app.add("contacts", {"email": f"p{i}@example.com", "lifecyclestage": "lead"},
-                              at=when or T0))
+        ids.append(
+            sb.app.add(
+                "contacts", {"email": f"p{i}@example.com", "lifecyclestage": "lead"}, at=when or T0
+            )
+        )
     return ids
 
 
 def test_full_pull_of_a_few_thousand_records_sees_each_once_in_order(
-        hubspot_sandbox: HubSpotSandbox) -> None:
+    hubspot_sandbox: HubSpotSandbox,
+) -> None:
     ids = seed(hubspot_sandbox, 2500, step=timedelta(seconds=1))
     c = connector(hubspot_sandbox)
     recs = pull(c, "contacts")
@@ -66,7 +83,8 @@ def test_ties_across_page_boundaries_are_all_seen(hubspot_sandbox: HubSpotSandbo
 
 
 def test_incremental_pull_sees_modified_records_plus_only_overlap_duplicates(
-        hubspot_sandbox: HubSpotSandbox) -> None:
+    hubspot_sandbox: HubSpotSandbox,
+) -> None:
     ids = seed(hubspot_sandbox, 300, step=timedelta(seconds=1))
     c = connector(hubspot_sandbox)
     first = pull(c, "contacts")
@@ -74,8 +92,9 @@ def test_incremental_pull_sees_modified_records_plus_only_overlap_duplicates(
     t1 = cursor.modified_at + timedelta(minutes=5)
     changed = ids[10:20]
     for i, rid in enumerate(changed):
-        hubspot_sandbox.app.modify("contacts", rid, {"hs_lead_status": "OPEN"},
-                                   at=t1 + timedelta(seconds=i))
+        hubspot_sandbox.app.modify(
+            "contacts", rid, {"hs_lead_status": "OPEN"}, at=t1 + timedelta(seconds=i)
+        )
     recs = pull(c, "contacts", cursor, overlap=timedelta(seconds=3))
     # the overlap re-reads the last 3 s of the first pull (ids[-4:]), nothing else
     assert [r.id for r in recs] == ids[-4:] + changed
@@ -101,11 +120,13 @@ def test_crossing_the_10000_search_cap_loses_nothing(hubspot_sandbox: HubSpotSan
 
 
 def test_more_than_10000_records_on_one_timestamp_are_walked_by_id(
-        hubspot_sandbox: HubSpotSandbox) -> None:
+    hubspot_sandbox: HubSpotSandbox,
+) -> None:
     before = seed(hubspot_sandbox, 10, step=timedelta(seconds=1))
     tied = seed(hubspot_sandbox, 10_300, at=T0 + timedelta(hours=2))
-    after = hubspot_sandbox.app.add("contacts", {"email": "late@example.com"},
-                                    at=T0 + timedelta(hours=3))
+    after = hubspot_sandbox.app.add(
+        "contacts", {"email": "late@example.com"}, at=T0 + timedelta(hours=3)
+    )
     c = connector(hubspot_sandbox)
     got = {r.id for r in pull(c, "contacts")}
     assert got == set(before) | set(tied) | {after}
@@ -113,8 +134,9 @@ def test_more_than_10000_records_on_one_timestamp_are_walked_by_id(
 
 def test_429_burst_and_503_are_ridden_out_and_counted(hubspot_sandbox: HubSpotSandbox) -> None:
     seed(hubspot_sandbox, 450, step=timedelta(seconds=1))
-    hubspot_sandbox.server.inject("rate_limit", count=3, endpoint="contacts.search",
-                                  retry_after=0.01)
+    hubspot_sandbox.server.inject(
+        "rate_limit", count=3, endpoint="contacts.search", retry_after=0.01
+    )
     hubspot_sandbox.server.inject("server_error", count=1, endpoint="contacts.search", status=503)
     c = connector(hubspot_sandbox)
     assert len(pull(c, "contacts")) == 450
@@ -188,7 +210,8 @@ def test_find_by_email_is_case_insensitive(hubspot_sandbox: HubSpotSandbox) -> N
 
 
 def test_deals_carry_their_contact_ids_and_association_changes_are_pulled(
-        hubspot_sandbox: HubSpotSandbox) -> None:
+    hubspot_sandbox: HubSpotSandbox,
+) -> None:
     app = hubspot_sandbox.app
     c1 = app.add("contacts", {"email": "a@example.com"}, at=T0)
     c2 = app.add("contacts", {"email": "b@example.com"}, at=T0)
@@ -208,8 +231,9 @@ def test_write_updates_and_reports_per_record_failures(hubspot_sandbox: HubSpotS
     ids = seed(hubspot_sandbox, 120)
     hubspot_sandbox.server.inject("partial", endpoint="contacts.batch_update", ids=[ids[5]])
     c = connector(hubspot_sandbox)
-    ups = [FieldUpdate(f"k{i}", rid, {"hs_lead_status": "IN_PROGRESS"})
-           for i, rid in enumerate(ids)]
+    ups = [
+        FieldUpdate(f"k{i}", rid, {"hs_lead_status": "IN_PROGRESS"}) for i, rid in enumerate(ids)
+    ]
     ups.append(FieldUpdate("bad", ids[7], {"hs_lead_status": "NOT_A_STATUS"}))
     ups.append(FieldUpdate("gone", "424242", {"hs_lead_status": "OPEN"}))
     res = c.write("contacts", ups)
@@ -226,22 +250,29 @@ def test_write_updates_and_reports_per_record_failures(hubspot_sandbox: HubSpotS
 
 
 def test_write_verification_catches_a_backwards_lifecyclestage(
-        hubspot_sandbox: HubSpotSandbox) -> None:
-    rid = hubspot_sandbox.app.add("contacts", {"email": "a@example.com",
-                                               "lifecyclestage": "salesqualifiedlead"})
-    res = connector(hubspot_sandbox).write("contacts", [FieldUpdate("k", rid, {
-        "lifecyclestage": "lead", "hs_lead_status": "BAD_TIMING"})])
+    hubspot_sandbox: HubSpotSandbox,
+) -> None:
+    rid = hubspot_sandbox.app.add(
+        "contacts", {"email": "a@example.com", "lifecyclestage": "salesqualifiedlead"}
+    )
+    res = connector(hubspot_sandbox).write(
+        "contacts",
+        [FieldUpdate("k", rid, {"lifecyclestage": "lead", "hs_lead_status": "BAD_TIMING"})],
+    )
     assert res[0].ok is False
     assert "LIFECYCLE_NOT_APPLIED" in (res[0].error or "")
     assert hubspot_sandbox.app.get("contacts", rid)["lifecyclestage"] == "salesqualifiedlead"
 
 
 def test_clear_first_moves_lifecyclestage_backwards(hubspot_sandbox: HubSpotSandbox) -> None:
-    rid = hubspot_sandbox.app.add("contacts", {"email": "a@example.com",
-                                               "lifecyclestage": "salesqualifiedlead"})
+    rid = hubspot_sandbox.app.add(
+        "contacts", {"email": "a@example.com", "lifecyclestage": "salesqualifiedlead"}
+    )
     c = connector(hubspot_sandbox)
-    res = c.write("contacts", [FieldUpdate("k", rid, {"lifecyclestage": "lead"},
-                                           clear_first=("lifecyclestage",))])
+    res = c.write(
+        "contacts",
+        [FieldUpdate("k", rid, {"lifecyclestage": "lead"}, clear_first=("lifecyclestage",))],
+    )
     assert res[0].ok, res[0].error
     assert hubspot_sandbox.app.get("contacts", rid)["lifecyclestage"] == "lead"
     writes = [w for w in hubspot_sandbox.app.write_log if w["id"] == rid]
@@ -251,8 +282,10 @@ def test_clear_first_moves_lifecyclestage_backwards(hubspot_sandbox: HubSpotSand
 
 def test_create_correlates_results_by_key(hubspot_sandbox: HubSpotSandbox) -> None:
     hubspot_sandbox.server.inject("partial", endpoint="contacts.batch_create", ids=["c3"])
-    creates = [RecordCreate(f"c{i}", {"email": f"n{i}@example.com", "lifecyclestage": "lead"})
-               for i in range(5)]
+    creates = [
+        RecordCreate(f"c{i}", {"email": f"n{i}@example.com", "lifecyclestage": "lead"})
+        for i in range(5)
+    ]
     res = connector(hubspot_sandbox).create("contacts", creates)
     assert [r.key for r in res] == [c.key for c in creates]
     assert [r.ok for r in res] == [True, True, True, False, True]
@@ -266,9 +299,17 @@ def test_allowed_values_come_from_properties_and_pipelines(hubspot_sandbox: HubS
     c = connector(hubspot_sandbox)
     av = c.allowed_values()
     assert av[("contacts", "lifecyclestage")][:5] == [
-        "subscriber", "lead", "marketingqualifiedlead", "salesacceptedlead", "salesqualifiedlead"]
+        "subscriber",
+        "lead",
+        "marketingqualifiedlead",
+        "salesacceptedlead",
+        "salesqualifiedlead",
+    ]
     assert "ATTEMPTED_TO_CONTACT" in av[("contacts", "hs_lead_status")]
-    assert av[("contacts", "syncd_lead_type")] == ["new_business", "existing_customer",
-                                                   "maintenance"]
+    assert av[("contacts", "syncd_lead_type")] == [
+        "new_business",
+        "existing_customer",
+        "maintenance",
+    ]
     assert "onhold" in av[("deals", "dealstage")] and "closedwon" in av[("deals", "dealstage")]
     assert c.usage.calls == {"properties": 2, "pipelines": 1}
