@@ -1,0 +1,467 @@
+"""`syncd run`: scheduled cycles, the resync queue, signals, metrics and health.
+
+Thin on purpose: APScheduler 3.x jobs call ``Engine.cycle(group)``, the same
+function ``syncd sync --once`` calls. What the service adds:
+
+- one job per object group, ``max_instances=1``, ``coalesce=True``, an explicit
+  ``misfire_grace_time`` and jitter; all work runs on one worker thread, so
+  contacts and deals cycles of this process never overlap either;
+- ``cycle:<group>`` leases in the state store (renewed while held), so several
+  daemons on one PostgreSQL store never run the same group at once and a dead
+  one's lease lapses after :data:`~syncd.resync.LEASE_TTL_S`;
+- a heartbeat row every :data:`BEAT_S` (``syncd resync`` queues when it is fresh)
+  and a resync poller on the same cadence;
+- per-system back-off: bad credentials → that system is skipped for
+  :data:`AUTH_BACKOFF_S`, budget spent → :data:`BUDGET_BACKOFF_S`; transient
+  errors → the next scheduled run retries (the connectors already retried);
+- SIGTERM/SIGINT: stop after the current page/batch and exit 0 within
+  ``shutdown_grace_s``; a second signal exits at once (the store commits per
+  page, so nothing durable is lost). SIGHUP: reload config + mapping/SLA files,
+  validated first; on error the old ones stay in force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import structlog
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from syncd.config import Config, load_config
+from syncd.engine import CycleStats
+from syncd.errors import (
+    AuthError,
+    BudgetExhausted,
+    ConfigError,
+    MappingError,
+    RetriableError,
+    SyncError,
+)
+from syncd.metrics import MetricsServer, ServiceMetrics
+from syncd.model import SYSTEMS, utcnow
+from syncd.resync import (
+    LeaseKeeper,
+    ObservedEngine,
+    ResyncRequest,
+    make_engine,
+    new_owner,
+    run_resync,
+)
+from syncd.runtime import Runtime, build_connectors, load_rules_files, open_runtime
+
+log = structlog.get_logger()
+
+BEAT_S = 2.0  # heartbeat and resync-poll cadence
+AUTH_BACKOFF_S = 300.0  # bad credentials: retry that system every 5 minutes, never a crash loop
+BUDGET_BACKOFF_S = 3600.0  # daily budget spent: wait for it to reset
+_EXIT_GRACE_MARGIN_S = 1.0  # leave this much of shutdown_grace_s for closing up
+
+
+def run_service(cfg: Config, *, config_file: Path) -> int:
+    """Run the service until SIGTERM/SIGINT. Returns the exit code (0 after a clean stop)."""
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)  # its INFO/WARN lines duplicate ours
+    svc = Service(cfg, config_file=config_file)
+    return svc.run()
+
+
+def intervals(cfg: Config) -> dict[str, float]:
+    return {"contacts": cfg.sync.contacts_interval_s, "deals": cfg.sync.deals_interval_s}
+
+
+class Service:
+    def __init__(self, cfg: Config, *, config_file: Path) -> None:
+        self.config_file = config_file
+        self.rt: Runtime = open_runtime(cfg)  # validates config, mapping + SLA files, credentials
+        self._pending: Runtime | None = None
+        self.owner = new_owner()
+        self.metrics = ServiceMetrics(
+            intervals(cfg),
+            daily_budgets={
+                "hubspot": cfg.hubspot.daily_budget,
+                "salesforce": cfg.salesforce.daily_budget,
+            },
+        )
+        self.keeper = LeaseKeeper(self.rt.store, self.owner)
+        self.backoff: dict[str, tuple[datetime, str]] = {}  # system -> (retry at, why)
+        self.stopping = threading.Event()
+        self._reload = threading.Event()
+        self._signals = 0
+        self._work_lock = threading.Lock()  # held by the worker for the length of a job
+        self._current: ObservedEngine | None = None
+        self.server: MetricsServer | None = None
+        self.scheduler = BackgroundScheduler(
+            executors={"work": ThreadPoolExecutor(1), "control": ThreadPoolExecutor(1)},
+            job_defaults={"coalesce": True, "max_instances": 1},
+            timezone=UTC,
+        )
+
+    @property
+    def cfg(self) -> Config:
+        return self.rt.config
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> int:
+        port = self.cfg.service.metrics_port
+        if port:
+            try:
+                self.server = MetricsServer(self.metrics, port).start()
+            except OSError as exc:
+                self.close()
+                raise ConfigError(
+                    f"service.metrics_port: cannot listen on 127.0.0.1:{port}: {exc.strerror}"
+                ) from None
+        self._install_signals()
+        self._beat()
+        self._schedule()
+        self.scheduler.start()
+        log.info(
+            "service_started",
+            owner=self.owner,
+            pid=os.getpid(),
+            mapping_revision=self.rt.mappings.revision,
+            config=str(self.config_file),
+            intervals=intervals(self.cfg),
+            metrics_port=self.server.port if self.server else None,
+        )
+        while not self.stopping.wait(0.2):
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+        return self._shutdown()
+
+    def _schedule(self) -> None:
+        now = datetime.now(UTC)
+        for group, every in intervals(self.cfg).items():
+            self.scheduler.add_job(
+                self._cycle_job,
+                "interval",
+                args=[group],
+                id=f"cycle:{group}",
+                name=f"cycle {group}",
+                seconds=every,
+                jitter=self.cfg.sync.jitter_s or None,
+                executor="work",
+                misfire_grace_time=max(1, int(every)),
+                next_run_time=now,
+                replace_existing=True,
+            )
+        self.scheduler.add_job(
+            self._resync_job,
+            "interval",
+            id="resync-poll",
+            seconds=BEAT_S,
+            executor="work",
+            misfire_grace_time=int(BEAT_S) * 5,
+            next_run_time=now + timedelta(seconds=BEAT_S / 2),
+        )
+        self.scheduler.add_job(
+            self._beat,
+            "interval",
+            id="heartbeat",
+            seconds=BEAT_S,
+            executor="control",
+            misfire_grace_time=int(BEAT_S) * 5,
+        )
+
+    def _install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning(
+                "service_exit_now",
+                signal=signal.Signals(signum).name,
+                note="second signal: exiting at once; the store is consistent per page",
+            )
+            _flush_std()
+            os._exit(1)
+        log.info(
+            "service_stopping",
+            signal=signal.Signals(signum).name,
+            grace_s=self.cfg.service.shutdown_grace_s,
+        )
+        self.stopping.set()
+        engine = self._current
+        if engine is not None:
+            engine.stop_requested = True
+
+    def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
+        self._reload.set()
+
+    def _shutdown(self) -> int:
+        deadline = time.monotonic() + self.cfg.service.shutdown_grace_s - _EXIT_GRACE_MARGIN_S
+        self.scheduler.shutdown(wait=False)
+        finished = self._work_lock.acquire(timeout=max(0.1, deadline - time.monotonic()))
+        if not finished:
+            # The worker is stuck in a CRM call. Everything committed stays committed; rows
+            # marked ``sending`` are resent by the next run (updates are idempotent).
+            log.warning(
+                "service_stop_timeout",
+                grace_s=self.cfg.service.shutdown_grace_s,
+                note="the running batch did not finish in time; the next run resends it",
+            )
+            self._close_quietly()
+            _flush_std()
+            os._exit(0)
+        self._work_lock.release()
+        self.close()
+        log.info("service_stopped", owner=self.owner)
+        return 0
+
+    def _close_quietly(self) -> None:
+        try:
+            self.keeper.close()
+            with self.rt.store.tx() as tx:
+                tx.remove_heartbeat(self.owner)
+        except Exception as exc:  # noqa: BLE001 - closing up; the heartbeat just goes stale
+            log.warning("service_close_failed", error=str(exc))
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        self._close_quietly()
+        if self._pending is not None:
+            for c in self._pending.connectors.values():
+                c.close()
+        self.rt.close()
+
+    # ------------------------------------------------------------------ reload
+    def reload(self) -> bool:
+        """Validate config + mapping/SLA files; swap them in at the next job. False on error."""
+        try:
+            new_cfg = load_config(self.config_file)
+            if new_cfg.state_url() != self.cfg.state_url():
+                raise ConfigError(
+                    f"{self.config_file}: state.url changed; restart the service to "
+                    "switch state stores"
+                )
+            mappings, sla = load_rules_files(new_cfg)
+            connectors = build_connectors(new_cfg, mappings)
+        except (ConfigError, MappingError) as exc:
+            log.error(
+                "reload_failed",
+                error=" | ".join(str(exc).splitlines()),
+                kept_mapping_revision=self.rt.mappings.revision,
+            )
+            return False
+        old = self._pending
+        self._pending = Runtime(new_cfg, self.rt.store, mappings, sla, connectors)
+        if old is not None:
+            for c in old.connectors.values():
+                c.close()
+        for group, every in intervals(new_cfg).items():
+            if every != intervals(self.cfg)[group]:
+                self.scheduler.reschedule_job(
+                    f"cycle:{group}",
+                    trigger="interval",
+                    seconds=every,
+                    jitter=new_cfg.sync.jitter_s or None,
+                )
+        self.metrics.intervals = intervals(new_cfg)
+        log.info("reloaded", mapping_revision=mappings.revision, config=str(self.config_file))
+        return True
+
+    def _swap_runtime(self) -> None:
+        """On the worker thread, between jobs: put a reloaded runtime in force."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        old = self.rt
+        self._observe_usage(old)
+        self.rt = pending
+        for c in old.connectors.values():
+            c.close()
+
+    # ------------------------------------------------------------------ jobs
+    def _beat(self) -> None:
+        try:
+            with self.rt.store.tx() as tx:
+                tx.beat(
+                    self.owner,
+                    {
+                        "config": str(self.config_file),
+                        "mapping_revision": self.rt.mappings.revision,
+                        "intervals": intervals(self.cfg),
+                    },
+                    pid=os.getpid(),
+                )
+        except Exception as exc:  # noqa: BLE001 - the store may be briefly away; beat again soon
+            log.warning("heartbeat_failed", error=str(exc))
+
+    def _cycle_job(self, group: str) -> None:
+        with self._work_lock:
+            if self.stopping.is_set():
+                return
+            self._swap_runtime()
+            systems = self._available_systems()
+            if not systems:
+                return
+            with self.keeper.holding([f"cycle:{group}"]) as got:
+                if not got:
+                    log.debug("cycle_skipped", group=group, reason="another daemon holds the lease")
+                    return
+                self._run_cycle(group, systems)
+
+    def _run_cycle(self, group: str, systems: list[str]) -> None:
+        engine = make_engine(self.rt, systems=systems, on_write=self._on_write)
+        self._current = engine
+        if self.stopping.is_set():
+            engine.stop_requested = True
+        started = time.monotonic()
+        stats, error = CycleStats(), None
+        try:
+            stats = engine.cycle(group)
+        except Exception as exc:  # noqa: BLE001 - the service never dies because a CRM is down
+            error = type(exc).__name__
+            self._handle_failure(f"cycle:{group}", exc, systems)
+        finally:
+            self._current = None
+        if error is None and engine.stop_requested:
+            error = "stopped"
+        if error is None:
+            self._recovered(systems)
+        full = error is None and len(systems) == len(self.rt.connectors)
+        self.metrics.observe_cycle(
+            group,
+            stats,
+            time.monotonic() - started,
+            ok=full,
+            mapped=engine.mapped,
+            error=error or "partial",
+        )
+        self._observe_usage(self.rt)
+        self._observe_store()
+
+    def _resync_job(self) -> None:
+        with self._work_lock:
+            if self.stopping.is_set():
+                return
+            try:
+                with self.rt.store.tx() as tx:
+                    row = tx.claim_resync(self.owner)
+            except Exception as exc:  # noqa: BLE001 - store briefly away: poll again
+                log.warning("resync_poll_failed", error=str(exc))
+                return
+            if row is None:
+                return
+            self._swap_runtime()
+            req = ResyncRequest.from_params(row.params)
+            log.info("resync_started", id=row.id, request=req.describe())
+            systems = self._available_systems()
+            engine = make_engine(self.rt, systems=systems, on_write=self._on_write)
+            self._current = engine
+            try:
+                req.validate()
+                result = run_resync(
+                    self.rt, req, engine, self.keeper, should_stop=self.stopping.is_set
+                )
+                state: str = "done"
+                self._recovered(systems)
+            except Exception as exc:  # noqa: BLE001 - a failed resync is reported, never fatal
+                state, result = "failed", {"error": f"{type(exc).__name__}: {exc}"}
+                self._handle_failure(f"resync #{row.id}", exc, systems)
+            finally:
+                self._current = None
+            with self.rt.store.tx() as tx:
+                tx.finish_resync(row.id, state, result)
+            log.info("resync_finished", id=row.id, state=state)
+            self._observe_usage(self.rt)
+            self._observe_store()
+
+    # ------------------------------------------------------------------ failures and back-off
+    def _available_systems(self) -> list[str]:
+        now = utcnow()
+        out = []
+        for system in self.rt.connectors:
+            until = self.backoff.get(system)
+            if until is not None and until[0] > now:
+                continue
+            out.append(system)
+        return out
+
+    def _handle_failure(self, job: str, exc: Exception, systems: list[str]) -> None:
+        if isinstance(exc, AuthError | BudgetExhausted):
+            delay = AUTH_BACKOFF_S if isinstance(exc, AuthError) else BUDGET_BACKOFF_S
+            what = "authentication failed" if isinstance(exc, AuthError) else "API budget exhausted"
+            failing = system_of(exc)
+            for system in [failing] if failing in systems else systems:
+                why = f"{what}: {exc}"
+                self.backoff[system] = (utcnow() + timedelta(seconds=delay), why)
+                self.metrics.set_blocked(system, why)
+                log.error("system_backed_off", job=job, system=system, error=why, retry_in_s=delay)
+        elif isinstance(exc, RetriableError | OSError):
+            log.warning(
+                "cycle_failed",
+                job=job,
+                error=f"{type(exc).__name__}: {exc}",
+                next="the next scheduled run retries",
+            )
+        elif isinstance(exc, SyncError):
+            log.error("cycle_failed", job=job, error=f"{type(exc).__name__}: {exc}")
+        else:
+            log.error(
+                "cycle_crashed",
+                job=job,
+                error=f"{type(exc).__name__}: {exc}",
+                traceback="".join(traceback.format_exception(exc)[-3:]),
+            )
+
+    def _recovered(self, systems: list[str]) -> None:
+        for system in systems:
+            if self.backoff.pop(system, None) is not None:
+                self.metrics.set_blocked(system, None)
+                log.info("system_recovered", system=system)
+
+    # ------------------------------------------------------------------ metrics
+    def _on_write(self, row: Any, _result_id: str | None) -> None:
+        self.metrics.observe_write(row.system, row.object)
+
+    def _observe_usage(self, rt: Runtime) -> None:
+        for system, conn in rt.connectors.items():
+            self.metrics.observe_usage(system, conn.usage)
+
+    def _observe_store(self) -> None:
+        try:
+            self.metrics.observe_store(self.rt.store)
+        except Exception as exc:  # noqa: BLE001 - metrics must not break the service
+            log.warning("metrics_store_read_failed", error=str(exc))
+
+
+def system_of(exc: BaseException) -> str | None:
+    """Which CRM an error came from: ``exc.system`` if the connector set it, else the
+    innermost frame of the traceback that names a system (a connector's ``self.system``
+    or the engine's ``system`` argument)."""
+    system = getattr(exc, "system", None)
+    if system in SYSTEMS:
+        return str(system)
+    found: str | None = None
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        loc = frame.f_locals
+        cand = getattr(loc.get("self"), "system", None)
+        if cand not in SYSTEMS:
+            cand = loc.get("system")
+        if isinstance(cand, str) and cand in SYSTEMS:
+            found = cand
+    return found
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
