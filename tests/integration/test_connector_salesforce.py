@@ -11,7 +11,7 @@ from conftest_salesforce import SalesforceSandbox
 
 from connectors._retry import RetryPolicy
 from connectors.salesforce import SalesforceConnector
-from syncd.errors import AuthError, BudgetExhausted, FatalError
+from syncd.errors import AuthError, BudgetExhausted, FatalError, RetriableError
 from syncd.model import Cursor, FieldUpdate, RawRecord, RecordCreate
 from syncd.sandbox._server import SimServer
 from syncd.sandbox.salesforce import SalesforceApp
@@ -302,3 +302,19 @@ def test_a_repeated_query_locator_is_refused(sf_sandbox: SalesforceSandbox) -> N
     finally:
         conn.close()
         server.stop()
+
+
+def test_a_dropped_update_is_retried_but_a_dropped_create_is_not(
+    sf_sandbox: SalesforceSandbox, conn: SalesforceConnector
+) -> None:
+    ids = _seed(sf_sandbox.app, 2)
+    sf_sandbox.server.inject("drop", endpoint="collections.update")
+    results = conn.write("Lead", [FieldUpdate("k", ids[0], {"Lead_Score__c": 7})])
+    assert results[0].ok
+    assert sf_sandbox.app.get("Lead", ids[0])["Lead_Score__c"] == 7.0
+    assert conn.usage.calls == {"collections.update": 2}
+    # a lost create answer may hide an applied create: surface it, never silently duplicate
+    sf_sandbox.server.inject("drop", endpoint="collections.create")
+    with pytest.raises(RetriableError):
+        conn.create("Lead", [RecordCreate("h", {"LastName": "N", "Company": "C"})])
+    assert conn.usage.calls["collections.create"] == 1

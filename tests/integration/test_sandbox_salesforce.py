@@ -404,3 +404,39 @@ def test_injected_faults_answer_like_salesforce(
     with pytest.raises(requests.exceptions.ConnectionError):
         sf.query("SELECT Id FROM Lead")
     assert sf.query("SELECT Id FROM Lead")["totalSize"] == 0  # faults used up, back to normal
+
+
+def test_concurrent_clients_and_direct_writes_stay_consistent(
+    sf_sandbox: SalesforceSandbox,
+) -> None:
+    import threading
+
+    app = sf_sandbox.app
+    ids = [app.insert("Lead", _lead(i)) for i in range(40)]
+    errors: list[BaseException] = []
+
+    def api_writer(part: list[str]) -> None:
+        try:
+            sf = sf_sandbox.client()
+            for rid in part:
+                sf.Lead.update(rid, {"Lead_Score__c": 1})
+                sf.query("SELECT Id FROM Lead WHERE Lead_Score__c = 1")
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def direct_writer() -> None:
+        for i in range(200):
+            app.insert("Task", {"WhoId": ids[i % 40], "Type": "Call", "Status": "Completed"})
+
+    threads = [threading.Thread(target=api_writer, args=(ids[k::4],)) for k in range(4)]
+    threads.append(threading.Thread(target=direct_writer))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert {r["Lead_Score__c"] for r in app.all("Lead")} == {1.0}
+    assert len(app.all("Task")) == 200
+    assert len(app.write_log) == 40
+    stamps = [(r["SystemModstamp"], r["Id"]) for r in app.all("Lead")]
+    assert stamps == sorted(stamps)
