@@ -337,13 +337,17 @@ def _git(directory: Path, *args: str) -> str | None:
 
 
 def mappings_revision(directory: Path) -> str:
-    """The git commit of the folder if it is a clean checkout, else ``sha256:<12 hex>[+dirty]``."""
-    commit = _git(directory, "log", "-1", "--format=%H", "--", ".")
-    digest = f"sha256:{_content_hash(directory)}"
-    if not commit:
-        return digest  # not in git (or never committed)
+    """The git commit of the folder if it is a clean checkout, else ``sha256:<12 hex>[+dirty]``.
+
+    ``+dirty`` marks a folder inside a git work tree with uncommitted (or never
+    committed) changes; a folder outside git gets the bare content hash.
+    """
     status = _git(directory, "status", "--porcelain", "--", ".")
-    if status == "":
+    digest = f"sha256:{_content_hash(directory)}"
+    if status is None:
+        return digest  # not in git (or git unavailable)
+    commit = _git(directory, "log", "-1", "--format=%H", "--", ".")
+    if status == "" and commit:
         return commit
     return f"{digest}+dirty"
 

@@ -413,6 +413,7 @@ def test_revision_in_git_clean_and_dirty(tmp_path: Path) -> None:
     repo.mkdir()
     _git(repo, "init", "-q")
     d = _copy(repo)
+    assert load_mappings(d).revision.endswith("+dirty")  # never committed
     _git(repo, "add", ".")
     _git(repo, "commit", "-q", "-m", "mappings")
     head = _git(repo, "rev-parse", "HEAD")
