@@ -27,7 +27,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from syncd._toml import Locator, Problem, pydantic_problems, try_load_toml
+from syncd._toml import Locator, Problem, Severity, pydantic_problems, try_load_toml
 from syncd.errors import MappingError, RecordError
 from syncd.model import CanonicalRecord, RawRecord, RecordKind, normalise_email
 
@@ -186,12 +186,13 @@ def system_problems(
     out: list[Problem] = []
     f = str(p.path)
 
-    def add(path: tuple[str | int, ...], msg: str, code: str, severity: str = "error") -> None:
+    def add(path: tuple[str | int, ...], msg: str, code: str,
+            severity: Severity = "error") -> None:
         line, col = p.locator(path)
-        out.append(Problem(f, line, col, msg, severity=severity, code=code))  # type: ignore[arg-type]
+        out.append(Problem(f, line, col, msg, severity=severity, code=code))
 
-    for obj, om in p.model:
-        om: ObjectMap  # type: ignore[no-redef]
+    objects: dict[str, ObjectMap] = dict(p.model)
+    for obj, om in objects.items():
         expected = EXPECTED_KIND.get((system, obj))
         if expected is not None and om.kind != expected:
             add((obj, "kind"), f"{obj} is a {expected} record, not {om.kind!r}", "wrong-kind")
@@ -246,8 +247,8 @@ def system_problems(
                 if known_terms is not None and term not in known_terms:
                     add((*base, "cannot_hold", i),
                         f"{tf}: {term!r} is not a term in terms.toml", "unknown-term")
-            if known_terms is not None:
-                for term in glossary[tf] if glossary is not None else ():
+            if glossary is not None:
+                for term in glossary[tf]:
                     if term not in tm.values and term not in tm.cannot_hold:
                         add(base,
                             f"{tf}: glossary term {term!r} has no {system} value; map it or "
@@ -290,9 +291,9 @@ def collect(directory: Path) -> tuple[_Loaded | None, list[Problem]]:
             problems += system_problems(system, got, glossary)
         else:
             problems += got
-    usable = isinstance(parsed_terms, _Parsed) and len(systems) == len(SYSTEM_FILES)
-    loaded = _Loaded(parsed_terms, systems) if usable else None  # type: ignore[arg-type]
-    return loaded, problems
+    if isinstance(parsed_terms, _Parsed) and len(systems) == len(SYSTEM_FILES):
+        return _Loaded(parsed_terms, systems), problems
+    return None, problems
 
 
 def load_mappings(directory: Path | str) -> Mappings:
@@ -536,7 +537,7 @@ class Mappings:
         self._labels = {(k, t.term): t.label for k in GLOSSARY_KINDS for t in getattr(terms, k)}
         self._plans: dict[tuple[str, str], _ObjectPlan] = {}
         for system, parsed in loaded.systems.items():
-            for obj, om in parsed.model:
+            for obj, om in dict(parsed.model).items():
                 self._plans[(system, obj)] = _plan(system, obj, om)
         self.revision: str = mappings_revision(directory)
 
