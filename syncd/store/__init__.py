@@ -112,6 +112,19 @@ class Store:
             raise
         return store
 
+    def analyze(self) -> None:
+        """Refresh the query planner's statistics (``ANALYZE``).
+
+        Worth calling after a bulk load such as a full resync: until a table has
+        statistics PostgreSQL may scan a whole object to find a few keys
+        (autovacuum normally does this on its own; it may be off)."""
+        with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                for table in s.metadata.sorted_tables:
+                    conn.exec_driver_sql(f'ANALYZE "{table.name}"')
+            else:
+                conn.exec_driver_sql("ANALYZE")
+
     def schema_version(self) -> int:
         with self.engine.begin() as conn:
             return migrations.current_version(conn)
@@ -138,6 +151,14 @@ class Tx:
     def __init__(self, conn: sa.Connection) -> None:
         self.conn = conn
         self.dialect = conn.dialect.name
+
+    def _in(self, col: sa.Column[Any], values: Sequence[str]) -> sa.ColumnElement[bool]:
+        """``col IN values`` for string keys; on PostgreSQL one array parameter
+        (``= ANY(:v)``): one plan-cache entry whatever the length, and an index
+        condition even before the table has statistics."""
+        if self.dialect == "postgresql":
+            return col == sa.any_(sa.bindparam(None, list(values), type_=pg_dialect.ARRAY(sa.Text)))
+        return col.in_(values)
 
     def _insert(self, table: sa.Table) -> Any:
         if self.dialect == "postgresql":
@@ -207,7 +228,7 @@ class Tx:
             by_obj[(system, obj)].append(rid)
         for (system, obj), ids in by_obj.items():
             for chunk in _chunks(sorted(set(ids))):
-                yield sa.and_(t.c.system == system, t.c.object == obj, t.c.id.in_(chunk))
+                yield sa.and_(t.c.system == system, t.c.object == obj, self._in(t.c.id, chunk))
 
     def get_records(self, keys: Iterable[RecordKey]) -> dict[RecordKey, RecordRow]:
         out: dict[RecordKey, RecordRow] = {}
@@ -222,7 +243,7 @@ class Tx:
         vals = sorted({v for v in values if v is not None})
         t = s.records
         for chunk in _chunks(vals):
-            q = sa.select(t).where(col.in_(chunk)).order_by(t.c.system, t.c.object, t.c.id)
+            q = sa.select(t).where(self._in(col, chunk)).order_by(t.c.system, t.c.object, t.c.id)
             for m in self.conn.execute(q).mappings():
                 out.setdefault(m[col.name], []).append(_record(m))
         return out
@@ -299,7 +320,7 @@ class Tx:
         out: dict[str, dict[str, Any]] = {}
         for chunk in _chunks(sorted(set(ids))):
             for eid, mem in self.conn.execute(
-                    sa.select(t.c.entity_id, t.c.memory).where(t.c.entity_id.in_(chunk))):
+                    sa.select(t.c.entity_id, t.c.memory).where(self._in(t.c.entity_id, chunk))):
                 out[eid] = mem
         return out
 
@@ -724,6 +745,14 @@ class Tx:
         t = s.resync_requests
         self.conn.execute(sa.update(t).where(t.c.id == id).values(
             state=state, result=result, done_at=now or utcnow()))
+
+    def requeue_stale_resyncs(self, picked_before: datetime) -> int:
+        """Running requests picked before ``picked_before`` (their daemon died) go back
+        to the queue. Returns how many."""
+        t = s.resync_requests
+        return int(self.conn.execute(
+            sa.update(t).where(t.c.state == "running", t.c.picked_at < picked_before)
+            .values(state="queued", picked_by=None, picked_at=None)).rowcount)
 
     def resync_queue(self, include_finished: bool = False, limit: int = 100) -> list[ResyncRow]:
         """Queued and running requests (and finished ones if asked), oldest first."""

@@ -94,6 +94,22 @@ def test_sqlite_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # persistent
 
 
+def test_analyze_gives_the_planner_statistics(store: Store) -> None:
+    with store.tx() as tx:
+        tx.upsert_records([rec(str(i)) for i in range(50)])
+    store.analyze()
+    with store.tx() as tx:
+        if store.dialect == "postgresql":
+            rows = tx.conn.exec_driver_sql(
+                "SELECT reltuples FROM pg_class WHERE oid = 'records'::regclass").scalar()
+        else:
+            rows = tx.conn.exec_driver_sql(
+                "SELECT stat FROM sqlite_stat1 WHERE tbl = 'records' AND idx IS NULL"
+                " OR tbl = 'records' AND idx LIKE 'sqlite_autoindex_records%'").scalar()
+            rows = int(str(rows).split()[0])
+        assert rows == 50
+
+
 def test_urls_are_normalised_and_bad_ones_refused() -> None:
     assert normalise_url("postgresql://u@h:5432/db") == "postgresql+psycopg://u@h:5432/db"
     assert normalise_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
@@ -506,6 +522,17 @@ def test_resync_queue_lifecycle(store: Store) -> None:
         assert tx.claim_resync("daemon-b", now=T0) is None
         with pytest.raises(ValueError):
             tx.finish_resync(second, "queued")
+
+
+def test_a_resync_left_running_by_a_dead_daemon_is_requeued(store: Store) -> None:
+    with store.tx() as tx:
+        rid = tx.queue_resync({"full": True}, now=T0)
+        tx.claim_resync("dead-daemon", now=T0)
+        assert tx.claim_resync("live-daemon", now=T0) is None
+        assert tx.requeue_stale_resyncs(picked_before=T0) == 0
+        assert tx.requeue_stale_resyncs(picked_before=T0 + timedelta(minutes=10)) == 1
+        got = tx.claim_resync("live-daemon", now=T0 + timedelta(minutes=10))
+        assert got is not None and (got.id, got.picked_by) == (rid, "live-daemon")
 
 
 def _race(n_threads: int, work: Callable[[int], None]) -> None:
