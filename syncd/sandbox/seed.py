@@ -366,7 +366,7 @@ class _Seeder:
                     email,
                     stage,
                     rng.randint(lo, hi),
-                    rng.randrange(len(LEAD_TYPES)),
+                    rng.choices(range(len(LEAD_TYPES)), [t[2] for t in LEAD_TYPES])[0],
                     rng.randrange(len(SOURCES)),
                     self._at(0.0, 0.55),
                 )
@@ -661,35 +661,35 @@ class _Seeder:
         return deal, opp
 
     def _deals(self, people: list[_Person]) -> None:
-        """Deals for opportunity/customer people (one each first), the rest spread over SQL+."""
+        """One deal per opportunity/customer person (won for customers, open for opportunities),
+        a tenth of the budget lost (SQLs, or a customer's earlier deal), the rest spread."""
         rng = self.rng
         reserved = sum(1 for p in people if p.kind in (STORY_WIN, STORY_CONTRACT, WON_LAG))
         budget = max(0, self.spec.deals - reserved)
         owners = [p for p in people if p.kind is None and p.stage in ("opportunity", "customer")]
+        sqls = [p for p in people if p.kind is None and p.stage == "salesqualifiedlead"]
         rng.shuffle(owners)
-        extra_pool = owners + [
-            p for p in people if p.kind is None and p.stage == "salesqualifiedlead"
+        main = owners[: budget - budget // 10]
+        plan = [(p, self._deal_stage(p, first=True)) for p in main]
+        lost_pool = sqls + [p for p in main if p.stage == "customer"]
+        plan += [
+            (p, "closedlost") for p in rng.sample(lost_pool, min(budget // 10, len(lost_pool)))
         ]
-        plan: list[_Person] = owners[:budget]
+        extra_pool = owners + sqls
         while len(plan) < budget and extra_pool:
-            plan.append(rng.choice(extra_pool))
-        for p in plan:
-            first = not p.deal_ids
-            if p.stage == "customer":
-                stage = (
-                    "closedwon"
-                    if first
-                    else rng.choice(("closedwon", "closedlost", *OPEN_DEAL_STAGES))
-                )
-            elif p.stage == "opportunity":
-                stage = (
-                    rng.choice(OPEN_DEAL_STAGES + ("onhold",))
-                    if first
-                    else rng.choice((*OPEN_DEAL_STAGES, "closedlost", "onhold"))
-                )
-            else:
-                stage = "closedlost"
+            p = rng.choice(extra_pool)
+            plan.append((p, self._deal_stage(p, first=False)))
+        for p, stage in plan:
             self._deal(p, stage, p.created + timedelta(days=3 + rng.random() * 5))
+
+    def _deal_stage(self, p: _Person, *, first: bool) -> str:
+        if p.stage == "customer":
+            return "closedwon" if first else self.rng.choice(("closedwon", "closedlost"))
+        if p.stage == "opportunity":
+            return self.rng.choice(
+                (*OPEN_DEAL_STAGES, "onhold", *(() if first else ("closedlost",)))
+            )
+        return "closedlost"
 
 
 def seed(hubspot: HubSpotDirect, salesforce: SalesforceDirect, spec: SeedSpec) -> SeedSummary:

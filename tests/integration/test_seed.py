@@ -12,7 +12,8 @@ from conftest_salesforce import SalesforceSandbox
 from hubspot import HubSpot
 from hubspot.crm.contacts import PublicObjectSearchRequest
 
-from syncd.model import normalise_email
+from syncd.mapping import default_mappings_dir, load_mappings
+from syncd.model import RawRecord, normalise_email
 from syncd.sandbox.hubspot import HubSpotApp
 from syncd.sandbox.salesforce import SalesforceApp
 from syncd.sandbox.seed import (
@@ -156,6 +157,21 @@ def test_unplanted_people_and_deals_agree_across_the_systems() -> None:
     assert opps
     for o in opps:
         assert SF_DEAL_STAGE[deals[o["Name"]]["dealstage"]] == o["StageName"]
+
+
+def test_every_seeded_value_is_named_by_the_default_mapping_files() -> None:
+    hs, sf, _ = _seeded()
+    mappings = load_mappings(default_mappings_dir())
+    at = datetime.now(UTC)
+    raws = [RawRecord("hubspot", o, r["hs_object_id"], at, r)
+            for o in ("contacts", "deals") for r in hs.all(o)]
+    raws += [RawRecord("salesforce", o, r["Id"], at, r)
+             for o in ("Lead", "Contact", "Opportunity", "Task") for r in sf.all(o)]
+    canon = [mappings.to_canonical(r) for r in raws]
+    assert [(c.object, c.unmapped) for c in canon if c.unmapped] == []
+    deal_terms = {c.terms.get("deal_stage") for c in canon if c.kind == "deal"}
+    assert deal_terms == {"exploration", "quote_building", "quote_presented", "closed_won",
+                          "closed_lost", "on_hold"}
 
 
 # ---- the planted inconsistencies --------------------------------------------------------------
