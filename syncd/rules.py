@@ -298,6 +298,10 @@ class _Plan:
             for name, (value, *_rest) in self.sets[system].items():
                 vals[name] = value
             out[system] = vals
+        for c in self.creates:
+            if c.system is not None:
+                out[c.system] = {k: v for k, v in c.changes.items()
+                                 if k in TERM_FIELDS or k == "score"}
         return out
 
 
@@ -339,8 +343,8 @@ def _counting_attempts(view: PersonView, ctx: RuleContext, since: datetime | Non
         at = a.values.get("at")
         if not isinstance(at, datetime) or at > now or at < window_start:
             continue
-        if since is not None and at < since:
-            continue
+        if since is not None and at <= since:
+            continue  # attempts from before the (re-)hand-off belong to the earlier episode
         kind = a.values.get("type")
         counts = (kind.lower() in types) if isinstance(kind, str) else bool(a.values.get("counts"))
         if counts:
@@ -392,8 +396,7 @@ def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
     elif SALESFORCE in present and not mem.guarded:
         # R5: N unanswered attempts while sales holds the person
         sf_rank = ctx.rank(stage.get(SALESFORCE))
-        cur = _max_stage(ctx, list(stage.values()))
-        cur_rank = ctx.rank(cur)
+        cur_rank = _prospective_rank(view, ctx, list(stage.values()), score)
         in_sales = (cur_rank is not None and score_rank is not None and cur_rank >= score_rank
                     and (opp_rank is None or cur_rank < opp_rank))
         connected = any(status[s] in t.connected_statuses for s in present)
@@ -414,7 +417,8 @@ def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
                 plan.set(s, "lifecycle", t.returned_stage, return_rule,
                          f"returned – not ready: {return_reason}; back to {t.returned_stage}",
                          backwards=True)
-            elif cur_rank is not None and cur_rank != returned_rank:
+            elif cur_rank != returned_rank and (
+                    cur_rank is not None or value_of(view.record(s), "lifecycle") is _UNSET):
                 plan.set(s, "lifecycle", t.returned_stage, return_rule,
                          f"returned – not ready: {return_reason}; to {t.returned_stage}")
         if return_rule == "R5-attempts" and SALESFORCE in present:
@@ -424,7 +428,7 @@ def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
                    returned_by or SALESFORCE, {"return_reason": return_reason})
         mem = _followup(view, ctx, plan, mem, now)  # a breach before the return still counts
         mem = replace(mem, returned_at=now, return_reason=return_reason, score_at_return=score,
-                      blocked_promotion_at=None, blocked_promotion_why=None)
+                      released_at=None, blocked_promotion_at=None, blocked_promotion_why=None)
         _reverse_handoff(view, ctx, plan, now)
         return Outcome(plan.decisions(), replace(mem, last_seen=plan.end_state()))
 
@@ -471,7 +475,8 @@ def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
                 released = True
             else:
                 blocked.append(c)
-        candidates = allowed
+        # once the guard is lifted this cycle, every promotion goes through
+        candidates = allowed + blocked if released else allowed
         if blocked and not released:
             why = "; ".join(f"{c[0]} ({c[2]})" for c in blocked)
             if mem.blocked_promotion_at is None:
@@ -484,12 +489,14 @@ def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
             mem = replace(mem, released_at=now)
 
     target = _max_stage(ctx, [c[0] for c in candidates])
+    target_reason: str | None = None
     target_rank = ctx.rank(target)
     if target is not None and target_rank is not None:
         # the rule credited is the first candidate reaching the target that is not R1
         best = [c for c in candidates if c[0] == target]
         best.sort(key=lambda c: c[1] == "R1-forward-only")
         _t, rule, reason = best[0]
+        target_reason = reason
         for s in present:
             r = ctx.rank(stage[s])
             if r is not None and r < target_rank or (
@@ -508,7 +515,7 @@ def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
             _sync_field(view, ctx, plan, mem, name)
 
     # ---- R8: hand-off ----------------------------------------------------------------
-    mem = _handoff(view, ctx, plan, mem, now, target, score)
+    mem = _handoff(view, ctx, plan, mem, now, target, target_reason)
     # a person reaching the score stage in Salesforce through us is handed to sales
     if SALESFORCE in present and score_rank is not None and target_rank is not None \
             and target_rank >= score_rank and (mem.handed_off_at is None or (
@@ -518,6 +525,24 @@ def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
             mem = replace(mem, handed_off_at=now, first_attempt_at=None, sla_breach_at=None)
     mem = _followup(view, ctx, plan, mem, now)
     return Outcome(plan.decisions(), replace(mem, last_seen=plan.end_state()))
+
+
+def _prospective_rank(view: PersonView, ctx: RuleContext, stages: list[str | None],
+                      score: int | None) -> int | None:
+    """The furthest stage rules 1/4/6 would reach this cycle (before any return)."""
+    t = ctx.sla.terms
+    cands = list(stages)
+    if score is not None and score >= ctx.sla.score.threshold:
+        cands.append(t.score_stage)
+    if ctx.sla.score.bofu_conversion_is_mql and _bofu_at(view) is not None:
+        cands.append(t.score_stage)
+    for d in view.deals:
+        ds = value_of(d, "deal_stage", None)
+        if ds in ctx.closed_won_terms:
+            cands.append(t.won_deal_stage)
+        elif ds is not None and ds not in ctx.closed_terms:
+            cands.append(t.open_deal_stage)
+    return ctx.rank(_max_stage(ctx, cands))
 
 
 def _evidence(view: PersonView, ctx: RuleContext, mem: Memory, score: int | None) -> str | None:
@@ -557,8 +582,14 @@ def _sync_field(view: PersonView, ctx: RuleContext, plan: _Plan, mem: Memory, na
     b = plan.current(SALESFORCE, name)
     if a is None or b is None or a is _UNSET or b is _UNSET or a == b:
         return
-    if name in plan.sets[HUBSPOT] or name in plan.sets[SALESFORCE]:
-        return  # an SLA rule already decided this field this cycle
+    planned = [s for s in (HUBSPOT, SALESFORCE) if name in plan.sets[s]]
+    if len(planned) == 2:
+        return
+    if planned:  # an SLA rule decided this field on one side this cycle: the other follows
+        src = planned[0]
+        _v, rule, reason, _b = plan.sets[src][name]
+        plan.set(_OTHER[src], name, plan.current(src, name), rule, reason)
+        return
     ca = _changed(mem, HUBSPOT, name, a)
     cb = _changed(mem, SALESFORCE, name, b)
     owner = ctx.sla.owner_of(name)
@@ -593,7 +624,7 @@ def _travelling(rec: CanonicalRecord, fields: tuple[str, ...], placeholders: Map
 
 
 def _handoff(view: PersonView, ctx: RuleContext, plan: _Plan, mem: Memory, now: datetime,
-             target: str | None, score: int | None) -> Memory:
+             target: str | None, target_reason: str | None) -> Memory:
     sla = ctx.sla
     h = sla.handoff
     hs = view.hubspot
@@ -602,14 +633,12 @@ def _handoff(view: PersonView, ctx: RuleContext, plan: _Plan, mem: Memory, now: 
     if not h.enabled or hs is None or view.salesforce is not None or score_rank is None \
             or target_rank is None or target_rank < score_rank:
         return mem
-    if score is not None and score >= sla.score.threshold:
-        why = f"lead score {score} ≥ threshold {sla.score.threshold}"
-    else:
-        why = f"lifecycle {target} in hubspot"
+    why = target_reason or f"lifecycle {target} in hubspot"
     changes = _travelling(hs, h.fields, h.placeholders, {"qualification_reason": why,
-                                                         "score": score})
+                                                         "score": _score(view, sla)})
     changes["lifecycle"] = target
     changes["lead_status"] = h.status
+    plan.set(HUBSPOT, "lead_status", h.status, "R8-handoff", "handed to sales")
     plan.creates.append(Decision(
         rule="R8-handoff", reason=f"MQL handed to sales: {why}", action="create",
         system=SALESFORCE, object=h.object, changes=changes, key=f"handoff:{view.entity_id}"))

@@ -1,0 +1,115 @@
+"""Properties of the SLA rules over generated people (hypothesis)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_rules import _MISSING as MISSING
+from test_rules import CTX, NOW, apply, attempt, deal, person, writes
+
+from syncd.model import CanonicalRecord
+from syncd.rules import Memory, PersonView, decide_person
+
+STAGES = list(CTX.stages)
+STATUSES = ["new", "attempting", "connected", "returned_not_ready", "disqualified"]
+
+
+times = st.integers(min_value=-30 * 24, max_value=0).map(lambda h: NOW + timedelta(hours=h))
+opt_times = st.none() | times
+
+
+@st.composite
+def records(draw: st.DrawFn, system: str) -> CanonicalRecord | None:
+    if draw(st.booleans()) and draw(st.booleans()):
+        return None
+    lifecycle = draw(st.sampled_from([*STAGES, None, "evangelist", MISSING]))
+    status = draw(st.sampled_from([*STATUSES, None, MISSING]))
+    kw: dict[str, Any] = {
+        "score": draw(st.none() | st.integers(min_value=0, max_value=100)),
+        "bofu_conversion_at": draw(opt_times),
+        "company": draw(st.sampled_from([None, "", "Acme"])),
+    }
+    args = [a for a in (lifecycle, status)]
+    return person(system, *args, **kw)  # MISSING leaves the term out
+
+
+@st.composite
+def memories(draw: st.DrawFn) -> Memory:
+    returned = draw(opt_times)
+    last: dict[str, dict[str, Any]] = {}
+    for system in ("hubspot", "salesforce"):
+        if draw(st.booleans()):
+            last[system] = {"lifecycle": draw(st.sampled_from([*STAGES, None])),
+                            "lead_status": draw(st.sampled_from([*STATUSES, None]))}
+    return Memory(
+        returned_at=returned,
+        score_at_return=draw(st.none() | st.integers(0, 100)) if returned else None,
+        return_reason="r" if returned else None,
+        released_at=draw(opt_times),
+        handed_off_at=draw(opt_times),
+        last_seen=last)
+
+
+@st.composite
+def views(draw: st.DrawFn) -> PersonView:
+    deals = tuple(deal(draw(st.sampled_from(["hubspot", "salesforce"])),
+                       draw(st.sampled_from(["exploration", "closed_won", "closed_lost", None])),
+                       id=f"d{i}", modified_at=draw(times))
+                  for i in range(draw(st.integers(0, 2))))
+    attempts = tuple(attempt(draw(times), draw(st.sampled_from(["Call", "Email", "Meeting"])),
+                             id=f"t{i}")
+                     for i in range(draw(st.integers(0, 4))))
+    return PersonView("e1", draw(records("hubspot")), draw(records("salesforce")),
+                      deals=deals, attempts=attempts, memory=draw(memories()))
+
+
+COMMON = settings(max_examples=400, deadline=None,
+                  suppress_health_check=[HealthCheck.too_slow])
+
+
+@COMMON
+@given(views())
+def test_stages_never_move_backwards_except_through_a_return(v: PersonView) -> None:
+    out = decide_person(v, CTX, NOW)
+    for d in writes(out):
+        if d.action != "set" or "lifecycle" not in d.changes:
+            continue
+        old = CTX.rank(d.before.get("lifecycle"))
+        new = CTX.rank(d.changes["lifecycle"])
+        assert new is not None
+        if d.backwards:
+            assert d.rule in ("R2-returned", "R5-attempts")
+        elif old is not None:
+            assert new > old, d
+
+
+@COMMON
+@given(views())
+def test_no_decision_writes_none_or_an_unknown_term(v: PersonView) -> None:
+    out = decide_person(v, CTX, NOW)
+    for d in writes(out):
+        assert d.reason and d.rule
+        for name, value in d.changes.items():
+            assert value is not None and value != "", (name, d)
+        if "lifecycle" in d.changes:
+            assert d.changes["lifecycle"] in CTX.stages
+        if "lead_status" in d.changes:
+            assert d.changes["lead_status"] in STATUSES
+        if d.action == "set":
+            rec = v.record(d.system or "")
+            assert rec is not None
+            for name in d.changes:
+                # a term the CRM holds as unknown (None) is never overwritten
+                assert not (name in rec.terms and rec.terms[name] is None), (name, d)
+
+
+@COMMON
+@given(views())
+def test_deciding_again_after_applying_changes_nothing(v: PersonView) -> None:
+    first = decide_person(v, CTX, NOW)
+    after = apply(v, first)
+    again = decide_person(after, CTX, NOW)
+    assert writes(again) == [], (first.decisions, again.decisions)
