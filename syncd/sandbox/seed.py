@@ -132,14 +132,15 @@ class SeedSpec:
     deals: int = 200
     overlap: float = 0.6  # share of people that also exist in Salesforce
     converted: float = 0.35  # share of the overlapping people whose SF Lead was converted
-    case_variants: float = (
-        0.05  # share of the overlapping people whose SF email differs in case/space
-    )
+    # share of the overlapping people whose SF email differs only in case/whitespace
+    case_variants: float = 0.05
     duplicates: int = 3  # people with a second SF Lead of the same normalised email (conflict)
     handoffs: int = 5  # HubSpot lead over the threshold, no SF record (syncd hands off)
     returns: int = 5  # SF "Returned - Not Ready", HubSpot still an MQL (syncd returns)
     exhausted: int = 3  # SF Lead with `return_after_attempts` unanswered calls, not returned
     won_lags: int = 3  # SF Opportunity Closed Won, HubSpot contact still opportunity
+    # Keep these two equal to mappings/sla.toml ([score] threshold, [attempts] count): the
+    # planted cases sit just under/over them.
     mql_threshold: int = 50
     return_after_attempts: int = 3
     # P(0, 1, 2, ... unanswered call attempts) for each SF Lead that sales is working.
