@@ -301,6 +301,40 @@ class Tx:
             q = q.where(t.c.dirty.is_(dirty))
         return int(self.conn.execute(q).scalar_one())
 
+    # -------------------------------------------------------------- record refs
+
+    def set_refs(self, key: RecordKey, refs: Iterable[str]) -> None:
+        """Replace the same-system person ids a deal/attempt record points at."""
+        t = s.record_refs
+        system, obj, rid = key
+        self.conn.execute(sa.delete(t).where(t.c.system == system, t.c.object == obj,
+                                             t.c.id == rid))
+        rows = [{"system": system, "object": obj, "id": rid, "ref_id": r}
+                for r in sorted(set(refs))]
+        if rows:
+            self.conn.execute(sa.insert(t), rows)
+
+    def referrers(self, system: str, ids: Iterable[str],
+                  kind: str | None = None) -> list[RecordRow]:
+        """Records of ``system`` (optionally of one ``kind``) pointing at any of ``ids``
+        (see :meth:`set_refs`), each once, in key order."""
+        t, r = s.records, s.record_refs
+        out: dict[RecordKey, RecordRow] = {}
+        for chunk in _chunks(sorted(set(ids))):
+            q = (sa.select(t).join(r, sa.and_(r.c.system == t.c.system, r.c.object == t.c.object,
+                                              r.c.id == t.c.id))
+                 .where(r.c.system == system, self._in(r.c.ref_id, chunk)))
+            if kind is not None:
+                q = q.where(t.c.kind == kind)
+            for m in self.conn.execute(q).mappings():
+                row = _record(m)
+                out[row.key] = row
+        return [out[k] for k in sorted(out)]
+
+    def deals_of_people(self, system: str, person_ids: Iterable[str]) -> list[RecordRow]:
+        """Deal records of ``system`` pointing at any of these same-system person ids."""
+        return self.referrers(system, person_ids, kind="deal")
+
     # ----------------------------------------------------------------- entities
 
     def new_entity(self, kind: str, memory: Mapping[str, Any] | None = None,
@@ -331,6 +365,19 @@ class Tx:
             memory=dict(memory), updated_at=now or utcnow())).rowcount
         if n != 1:
             raise KeyError(f"no entity {entity_id}")
+
+    def set_due(self, entity_id: str, due_at: datetime | None) -> None:
+        """When the rules must look at this entity again (None: no timer)."""
+        t = s.entities
+        self.conn.execute(sa.update(t).where(t.c.entity_id == entity_id).values(due_at=due_at))
+
+    def due_entities(self, now: datetime, limit: int | None = None) -> list[str]:
+        """Entities whose timer is due at ``now``, earliest first. The timer stays set
+        until :meth:`set_due` moves or clears it."""
+        t = s.entities
+        q = (sa.select(t.c.entity_id).where(t.c.due_at <= now)
+             .order_by(t.c.due_at, t.c.entity_id).limit(limit))
+        return list(self.conn.execute(q).scalars())
 
     # ----------------------------------------------------------- link conflicts
 

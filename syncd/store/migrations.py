@@ -39,7 +39,7 @@ class Step:
 
 
 _V1_TABLES = [
-    "records", "entities", "link_conflicts", "cursors", "runs", "outbox", "audit",
+    "records", "record_refs", "entities", "link_conflicts", "cursors", "runs", "outbox", "audit",
     "quarantine", "unmapped", "sla_events", "resync_requests", "leases", "heartbeat",
 ]
 

@@ -73,11 +73,24 @@ records = sa.Table(
     sa.Column("updated_at", UTCDateTime(), nullable=False),
 )
 
+# What a deal or connection attempt points at: same-system person ids
+# (HubSpot deal → contact ids, Salesforce Opportunity → Contact ids, Task → WhoId).
+record_refs = sa.Table(
+    "record_refs", metadata,
+    sa.Column("system", sa.String(32), primary_key=True),
+    sa.Column("object", sa.String(64), primary_key=True),
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("ref_id", sa.String(64), primary_key=True),
+    sa.Index("ix_record_refs_ref", "system", "ref_id"),
+)
+
 entities = sa.Table(
     "entities", metadata,
     sa.Column("entity_id", sa.String(36), primary_key=True),
     sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("memory", JSONType, nullable=False),
+    # when the rules must look at this entity again even if nothing changes (SLA timers)
+    sa.Column("due_at", UTCDateTime(), nullable=True, index=True),
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
 )

@@ -274,6 +274,42 @@ def test_entities_and_their_memory(store: Store) -> None:
             tx.new_entity("company")
 
 
+def test_due_timers_of_entities(store: Store) -> None:
+    with store.tx() as tx:
+        a, b, c = tx.new_entity("person"), tx.new_entity("person"), tx.new_entity("person")
+        tx.set_due(a, T0 + timedelta(hours=24))
+        tx.set_due(b, T0 + timedelta(hours=1))
+        assert tx.due_entities(T0) == []
+        assert tx.due_entities(T0 + timedelta(hours=1)) == [b]
+        assert tx.due_entities(T0 + timedelta(days=2)) == [b, a]
+        assert tx.due_entities(T0 + timedelta(days=2), limit=1) == [b]
+        tx.set_due(b, None)
+        assert tx.due_entities(T0 + timedelta(days=2)) == [a]
+        assert c not in tx.due_entities(T0 + timedelta(days=999))
+
+
+def test_referrers_follow_the_refs_of_deals_and_attempts(store: Store) -> None:
+    deal = RecordRow(system="salesforce", object="Opportunity", id="006A", kind="deal",
+                     modified_at=T0, raw={"Name": "Big"}, canonical={})
+    task = RecordRow(system="salesforce", object="Task", id="00TA", kind="attempt",
+                     modified_at=T0, raw={"WhoId": "003A"}, canonical={})
+    other = RecordRow(system="hubspot", object="deals", id="9", kind="deal",
+                      modified_at=T0, raw={}, canonical={})
+    with store.tx() as tx:
+        tx.upsert_records([deal, task, other])
+        tx.set_refs(deal.key, ["003A", "003B", "003A"])
+        tx.set_refs(task.key, ["003A"])
+        tx.set_refs(other.key, ["003A"])  # same id string, other system
+        assert [r.id for r in tx.referrers("salesforce", ["003A", "003B"])] == ["006A", "00TA"]
+        assert [r.id for r in tx.deals_of_people("salesforce", ["003B"])] == ["006A"]
+        assert [r.id for r in tx.referrers("salesforce", ["003A"], kind="attempt")] == ["00TA"]
+        tx.set_refs(deal.key, ["003C"])  # replaced, not added
+        assert tx.deals_of_people("salesforce", ["003A", "003B"]) == []
+        assert [r.id for r in tx.deals_of_people("hubspot", ["003A"])] == ["9"]
+        tx.set_refs(deal.key, [])
+        assert tx.referrers("salesforce", ["003C"]) == []
+
+
 def test_link_conflicts_are_reported_once_until_resolved(store: Store) -> None:
     with store.tx() as tx:
         a = tx.add_link_conflict("ann@example.com", [["salesforce", "Lead", "1"]])
