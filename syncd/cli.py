@@ -184,7 +184,7 @@ def mappings() -> None:
 @pass_ctx
 def mappings_check(c: Ctx, directory: Path | None, live: bool, fmt: str) -> None:
     """Validate every mapping/SLA file; problems as file:line:col: message. Exit 0 clean, 1 problems, 2 unreadable."""
-    from syncd.mapping_check import check_directory, compare_live, format_problems
+    from syncd.mapping_check import check_directory, compare_live, exit_code, format_problems
 
     def go() -> int:
         d = directory
@@ -213,7 +213,7 @@ def mappings_check(c: Ctx, directory: Path | None, live: bool, fmt: str) -> None
         out = format_problems(problems, fmt)
         if out:
             click.echo(out)
-        return 1 if any(p.severity == "error" for p in problems) else 0
+        return exit_code(problems)
 
     sys.exit(guarded(go))
 

@@ -592,6 +592,10 @@ class Mappings:
                 return set(t.read) | set(t.unmapped)
         return set()
 
+    def writable_fields(self) -> dict[tuple[str, str], frozenset[str]]:
+        """(system, object) -> the canonical fields (values and terms) that object can hold."""
+        return {key: frozenset(plan.raw_of) for key, plan in self._plans.items()}
+
     def term_fields(self, system: str, object: str) -> dict[str, str]:
         """raw field -> canonical term field, for the objects' term-carrying fields."""
         return {t.raw_field: t.term_field for t in self._plan(system, object).terms}
