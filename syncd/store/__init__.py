@@ -130,10 +130,22 @@ class Store:
             return migrations.current_version(conn)
 
     @contextmanager
-    def tx(self) -> Iterator[Tx]:
-        """One connection, one transaction: commit on exit, roll back on exception."""
-        with self.engine.begin() as conn:
-            yield Tx(conn)
+    def tx(self, readonly: bool = False) -> Iterator[Tx]:
+        """One connection, one transaction: commit on exit, roll back on exception.
+
+        ``readonly=True`` for reports and long scans (status, audit, ``mappings
+        impact``): it reads one consistent snapshot and, on SQLite, does not take
+        the write lock, so the daemon keeps writing meanwhile. PostgreSQL refuses
+        writes in it.
+        """
+        with self.engine.connect() as conn:
+            if readonly:
+                conn.execution_options(**{_sqlite.READONLY: True})
+            with conn.begin():
+                if readonly and self.dialect == "postgresql":
+                    conn.exec_driver_sql(
+                        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                yield Tx(conn)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -272,7 +284,8 @@ class Tx:
 
     def iter_records(self, system: str | None = None, object: str | None = None,
                      batch: int = 1000) -> Iterator[RecordRow]:
-        """Every record (optionally of one system/object) in key order, ``batch`` at a time."""
+        """Every record (optionally of one system/object) in key order, ``batch`` at a
+        time (keyset pages, bounded memory). Use a ``tx(readonly=True)`` for long scans."""
         t = s.records
         last: RecordKey | None = None
         while True:

@@ -9,6 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 
 BUSY_TIMEOUT_MS = 30_000
+READONLY = "syncd_readonly"  # connection execution option: a deferred (reading) BEGIN
 
 
 def create_private_file(path: str) -> None:
@@ -28,7 +29,8 @@ def configure(engine: sa.Engine) -> None:
 
     IMMEDIATE takes the write lock up front, so a transaction never fails half-way
     on a read→write upgrade (SQLITE_BUSY_SNAPSHOT), and guarded updates (resync
-    claims, leases) are atomic. With WAL, readers outside syncd are not blocked.
+    claims, leases) are atomic. Read-only transactions (execution option
+    ``READONLY``) use a plain deferred BEGIN: with WAL they block no writer.
     """
 
     @sa.event.listens_for(engine, "connect")
@@ -43,4 +45,5 @@ def configure(engine: sa.Engine) -> None:
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        readonly = conn.get_execution_options().get(READONLY, False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")

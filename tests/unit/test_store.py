@@ -256,6 +256,29 @@ def test_a_committed_outbox_survives_kill_9(store: Store, store_url: str) -> Non
     assert [o.key for o in due] == ["k"]
 
 
+def test_a_readonly_scan_does_not_block_the_writer(
+        store: Store, open_store: Callable[[], Store]) -> None:
+    with store.tx() as tx:
+        tx.upsert_records([rec(str(i)) for i in range(10)])
+    writer = open_store()
+    with store.tx(readonly=True) as reader:
+        scan = reader.iter_records(batch=3)
+        first = next(scan)
+        with writer.tx() as tx:  # another daemon writes while the scan is open
+            tx.upsert_records([rec("new")])
+            tx.set_cursor("hubspot", "contacts", Cursor(T0, "9"))
+        assert [first.id, *(r.id for r in scan)] == [str(i) for i in range(10)]  # snapshot
+    with store.tx() as tx:
+        assert tx.count_records() == 11
+
+
+def test_a_readonly_transaction_refuses_writes_on_postgresql(store: Store) -> None:
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite read-only transactions are a locking mode, not enforced")
+    with pytest.raises(sa.exc.InternalError, match="read-only"), store.tx(readonly=True) as tx:
+        tx.upsert_records([rec("1")])
+
+
 # --------------------------------------------------------------------- entities
 
 def test_entities_and_their_memory(store: Store) -> None:
