@@ -199,6 +199,9 @@ class _Server(ThreadingHTTPServer):
 def _make_handler(server: SimServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out as separate writes: without TCP_NODELAY, Nagle + delayed
+        # ACK stall every keep-alive response by ~40 ms (10-20x slower batch throughput).
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
             pass
