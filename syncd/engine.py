@@ -18,7 +18,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -316,7 +316,16 @@ class Engine:
                                                               entity_id=entity)
                 continue
             assert d.system is not None and d.object is not None
-            fields = self.mappings.to_raw(d.system, d.object, d.changes)
+            try:
+                fields = self.mappings.to_raw(d.system, d.object, d.changes)
+            except RecordError as exc:
+                # The mappings cannot express this write: never guess; park it where status shows it.
+                stats.quarantined += 1
+                tx.quarantine_record(d.system, d.object, d.record_id, f"{d.rule}: {exc}",
+                                     raw=_jsonable(dict(d.changes)), now=self.clock())
+                log.warning("write_unmappable", system=d.system, object=d.object, record_id=d.record_id,
+                            rule=d.rule, error=str(exc))
+                continue
             target = raw_now.get((d.system, d.object, d.record_id or ""))
             if d.action == "set":
                 if not fields:
@@ -540,7 +549,7 @@ def _idempotency_key(d: rules.Decision, fields: Mapping[str, Any], target: Canon
 
 
 def _jsonable(v: Any) -> Any:
-    if isinstance(v, datetime):
+    if isinstance(v, date):  # datetimes too
         return v.isoformat()
     if isinstance(v, dict):
         return {str(k): _jsonable(x) for k, x in v.items()}

@@ -78,30 +78,39 @@ def link_people(tx: Tx, rows: Iterable[RecordRow], stats: LinkStats) -> None:
 
 
 def _match_by_email(tx: Tx, row: RecordRow, candidates: list[RecordRow], stats: LinkStats) -> str | None:
+    """The entity of the one person in the other system with this email; None when there is
+    none, or when there are two (a conflict: reported, not merged)."""
     if not row.email_norm:
         return None
     others = [c for c in candidates if c.system != row.system and c.kind == "person"]
-    if row.system == "salesforce":
-        # A Lead and the Contact it was converted to are one person: group by entity.
-        pass
+    # A Lead and the Contact it was converted to are one person, not two candidates.
+    contact_ids = {c.id for c in others if c.object == "Contact"}
     groups: dict[str, list[RecordRow]] = {}
     for c in others:
-        groups.setdefault(c.entity_id or f"unlinked:{c.object}:{c.id}", []).append(c)
+        cid = _values(c).get("converted_contact_id")
+        if c.object == "Lead" and cid and str(cid) in contact_ids:
+            anchor = next(x for x in others if x.object == "Contact" and x.id == str(cid))
+        else:
+            anchor = c
+        gid = anchor.entity_id or c.entity_id or f"unlinked:{anchor.object}:{anchor.id}"
+        groups.setdefault(gid, []).append(c)
     if not groups:
-        # same-system duplicates already linked: reuse only if they share one entity with a record of ours
         return None
     if len(groups) > 1:
         stats.conflicts += 1
-        tx.add_link_conflict(row.email_norm, sorted(f"{c.system}:{c.object}:{c.id}" for c in others + [row]))
+        tx.add_link_conflict(row.email_norm, sorted(f"{c.system}:{c.object}:{c.id}" for c in [*others, row]))
         log.warning("link_conflict", system=row.system, object=row.object, record_id=row.id,
                     candidates=len(groups))
         return None
-    (gid, members), = groups.items()
+    ((gid, members),) = groups.items()
     if gid.startswith("unlinked:"):
         entity = tx.new_entity("person")
         stats.new_entities += 1
         tx.set_entity([_key(m) for m in members], entity)
         return entity
+    unlinked = [_key(m) for m in members if m.entity_id != gid]
+    if unlinked:
+        tx.set_entity(unlinked, gid)
     return gid
 
 

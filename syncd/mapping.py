@@ -121,6 +121,7 @@ VALUE_FIELDS: dict[str, frozenset[str]] = {
     "person": frozenset({
         "email", "first_name", "last_name", "company", "lead_source", "score",
         "return_reason", "is_converted", "converted_contact_id", "converted_opportunity_id",
+        "qualification_reason",
     }),
     "deal": frozenset({"name", "amount", "close_date", "contact_ids", "pipeline"}),
     "attempt": frozenset({"who_id", "type", "status", "at"}),

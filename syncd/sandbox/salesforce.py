@@ -120,6 +120,7 @@ SCHEMA: dict[str, tuple[str, tuple[FieldSpec, ...]]] = {
                 default=LEAD_STATUSES[0],
             ),
             FieldSpec("LeadSource", "picklist", picklist=LEAD_SOURCES, restricted=False),
+            FieldSpec("Description", "textarea"),
             _ro("IsConverted", "boolean", default=False),
             _ro("ConvertedContactId", "reference", reference_to=("Contact",)),
             _ro("ConvertedAccountId", "reference", reference_to=("Account",)),
