@@ -415,3 +415,76 @@ def test_hard_outage_of_one_crm_is_recovered_without_a_restart(
     wait_until(lambda: svc.alive() and returned_in_hubspot(world), "the change after the outage")
     wait_until(lambda: http_get(world.metrics_port, "/healthz") == (200, "ok\n"), "healthy again")
     assert svc.stop() == 0
+
+
+def test_bad_credentials_back_off_that_system_and_the_service_keeps_running(
+    world: World, start_service: Callable[[], ServiceProc]
+) -> None:
+    svc = start_service()
+    svc.wait_ok_cycles("contacts", 1)
+    world.sb.salesforce.expire_sessions()  # every Salesforce call now answers 401
+
+    backed = wait_until(
+        lambda: svc.alive() and svc.events("system_backed_off"), "system_backed_off in the log"
+    )
+    assert backed[0]["system"] == "salesforce"
+    assert "authentication failed" in backed[0]["error"]
+    assert backed[0]["retry_in_s"] == 300
+    assert svc.metric("syncd_system_backed_off", system="salesforce") == 1
+    # HubSpot keeps being synced meanwhile, and Salesforce is not hammered (no crash loop).
+    hs_calls = world.sb.hubspot_server.request_count()
+    sf_calls = world.sb.salesforce_server.request_count()
+    wait_until(
+        lambda: svc.alive() and world.sb.hubspot_server.request_count() > hs_calls + 10,
+        "HubSpot cycles to go on",
+    )
+    assert world.sb.salesforce_server.request_count() == sf_calls
+    assert len(svc.events("system_backed_off")) == 1
+    assert svc.stop() == 0
+
+
+def test_two_daemons_on_one_store_never_run_the_same_cycle_at_once(
+    world: World, start_service: Callable[[], ServiceProc]
+) -> None:
+    first = start_service()
+    first.wait_ok_cycles("contacts", 1)
+    # The second daemon shares the store and the config, but not the metrics port.
+    second_cfg = world.tmp / "second.toml"
+    second_cfg.write_text(
+        world.config.read_text().replace(f"metrics_port = {world.metrics_port}", "metrics_port = 0")
+    )
+    err = world.tmp / "second.stderr"
+    with err.open("wb") as e:
+        second = subprocess.Popen(
+            [SYNCD, "--config", str(second_cfg), "--log-format", "json", "run"],
+            env=world.env,
+            stdout=subprocess.DEVNULL,
+            stderr=e,
+        )
+    other = ServiceProc(second, err, 0)
+    try:
+
+        def cycles(p: ServiceProc) -> int:
+            return len([e for e in p.events("cycle") if e.get("job") == "cycle:contacts"])
+
+        wait_until(lambda: other.alive() and cycles(other) >= 2, "the second daemon to run cycles")
+        first.proc.kill()  # dies without releasing its lease: the lease lapses, work goes on
+        first.proc.wait(timeout=30)
+        after = cycles(other)
+        wait_until(lambda: other.alive() and cycles(other) >= after + 3, "cycles after the kill")
+        assert other.stop() == 0
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.wait(timeout=30)
+
+    with world.store() as store, store.tx() as tx:
+        runs = sorted(
+            (r for r in tx.last_runs(limit=10_000) if r.job == "cycle:contacts"),
+            key=lambda r: r.started_at,
+        )
+    assert len(runs) >= 5
+    for prev, nxt in zip(runs, runs[1:], strict=False):
+        if prev.status == "running":  # the killed daemon's run never finished
+            continue
+        assert prev.finished_at is not None and nxt.started_at >= prev.finished_at, (prev, nxt)
