@@ -374,7 +374,7 @@ class Service:
                 state: str = "done"
                 self._recovered(systems)
             except Exception as exc:  # noqa: BLE001 - a failed resync is reported, never fatal
-                state, result = "failed", {"error": f"{type(exc).__name__}: {exc}"}
+                state, result = "failed", {"error": _one_line(exc)}
                 self._handle_failure(f"resync #{row.id}", exc, systems)
             finally:
                 self._current = None
@@ -409,16 +409,16 @@ class Service:
             log.warning(
                 "cycle_failed",
                 job=job,
-                error=f"{type(exc).__name__}: {exc}",
+                error=_one_line(exc),
                 next="the next scheduled run retries",
             )
         elif isinstance(exc, SyncError):
-            log.error("cycle_failed", job=job, error=f"{type(exc).__name__}: {exc}")
+            log.error("cycle_failed", job=job, error=_one_line(exc))
         else:
             log.error(
                 "cycle_crashed",
                 job=job,
-                error=f"{type(exc).__name__}: {exc}",
+                error=_one_line(exc),
                 traceback="".join(traceback.format_exception(exc)[-3:]),
             )
 
@@ -459,6 +459,12 @@ def system_of(exc: BaseException) -> str | None:
         if isinstance(cand, str) and cand in SYSTEMS:
             found = cand
     return found
+
+
+def _one_line(exc: BaseException, limit: int = 500) -> str:
+    """``Type: message`` on one line (SQL and tracebacks stay out of the summary field)."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"[:limit]
 
 
 def _flush_std() -> None:
