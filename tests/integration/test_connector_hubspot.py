@@ -6,10 +6,11 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import pytest
+from structlog.testing import capture_logs
 
 from connectors._retry import RetryPolicy
 from connectors.hubspot import HubSpotConnector
-from syncd.errors import AuthError, BudgetExhausted, RetriableError
+from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
 from syncd.model import Cursor, FieldUpdate, RawRecord, RecordCreate
 
 if TYPE_CHECKING:  # the fixture's type; pytest provides the object
@@ -313,3 +314,32 @@ def test_allowed_values_come_from_properties_and_pipelines(hubspot_sandbox: HubS
     ]
     assert "onhold" in av[("deals", "dealstage")] and "closedwon" in av[("deals", "dealstage")]
     assert c.usage.calls == {"properties": 2, "pipelines": 1}
+
+
+def test_other_4xx_is_fatal_and_not_retried(hubspot_sandbox: HubSpotSandbox) -> None:
+    hubspot_sandbox.server.inject("server_error", endpoint="contacts.search", status=403,
+                                  message="This app hasn't been granted all required scopes")
+    c = connector(hubspot_sandbox)
+    with pytest.raises(FatalError, match="403") as e:
+        pull(c, "contacts")
+    assert not isinstance(e.value, AuthError)
+    assert c.usage.calls == {"contacts.search": 1}
+
+
+def test_retries_are_logged_without_the_token(hubspot_sandbox: HubSpotSandbox) -> None:
+    hubspot_sandbox.server.inject("rate_limit", endpoint="contacts.search", retry_after=0)
+    with capture_logs() as logs:
+        pull(connector(hubspot_sandbox), "contacts")
+    retries = [e for e in logs if e["event"] == "retrying"]
+    assert len(retries) == 1 and retries[0]["log_level"] == "warning"
+    assert retries[0]["operation"] == "hubspot.contacts.search" and retries[0]["status"] == 429
+    assert hubspot_sandbox.token not in repr(logs)
+
+
+def test_retry_policy_waits() -> None:
+    p = RetryPolicy(base=0.5, cap=30.0, max_retry_after=60.0)
+    assert p.wait_for(1, RateLimited("x", retry_after=7)) == 7
+    assert p.wait_for(1, RateLimited("x", retry_after=600)) == 60  # capped
+    assert all(0 <= p.wait_for(1, RetriableError("x")) <= 0.5 for _ in range(50))
+    assert all(0 <= p.wait_for(20, RetriableError("x")) <= 30 for _ in range(50))
+    assert max(p.wait_for(20, RetriableError("x")) for _ in range(200)) > 0.5  # it grows
