@@ -29,7 +29,7 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
 
-from syncd.errors import ConfigError
+from syncd.errors import ConfigError, FatalError
 from syncd.model import Cursor, utcnow
 from syncd.store import _sqlite, migrations
 from syncd.store import schema as s
@@ -94,7 +94,10 @@ class Store:
         self.dialect = "sqlite" if u.drivername == "sqlite" else "postgresql"
         if self.dialect == "sqlite":
             assert u.database is not None
-            _sqlite.create_private_file(u.database)
+            try:
+                _sqlite.create_private_file(u.database)
+            except OSError as e:
+                raise ConfigError(f"[state] url: cannot create {u.database}: {e.strerror}") from e
             self.engine = sa.create_engine(self.url, connect_args={"check_same_thread": False})
             _sqlite.configure(self.engine)
         else:
@@ -102,11 +105,19 @@ class Store:
 
     @classmethod
     def open(cls, url: str) -> Store:
-        """Open the store and bring its schema to this code's version."""
+        """Open the store and bring its schema to this code's version.
+
+        Raises ConfigError (bad url, or a store newer than this code:
+        StoreVersionError) or FatalError (the database cannot be reached).
+        """
         store = cls(url)
         try:
             with store.engine.begin() as conn:
                 migrations.migrate(conn)
+        except sa.exc.OperationalError as e:
+            store.close()
+            where = make_url(store.url).render_as_string(hide_password=True)
+            raise FatalError(f"state store {where} unreachable: {_first_line(e.orig)}") from e
         except BaseException:
             store.close()
             raise
@@ -881,6 +892,11 @@ class Tx:
     def remove_heartbeat(self, owner: str) -> None:
         t = s.heartbeat
         self.conn.execute(sa.delete(t).where(t.c.owner == owner))
+
+
+def _first_line(e: BaseException | None) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def _record(m: Mapping[Any, Any]) -> RecordRow:

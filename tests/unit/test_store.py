@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from syncd.errors import ConfigError
+from syncd.errors import ConfigError, FatalError
 from syncd.model import Cursor
 from syncd.store import (
     OutboxItem,
@@ -108,6 +108,15 @@ def test_analyze_gives_the_planner_statistics(store: Store) -> None:
                 " OR tbl = 'records' AND idx LIKE 'sqlite_autoindex_records%'").scalar()
             rows = int(str(rows).split()[0])
         assert rows == 50
+
+
+def test_an_unusable_store_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="cannot create"):
+        Store.open(f"sqlite:///{tmp_path / 'file' / 'state.db'}")
+    with pytest.raises(FatalError, match=r"state store .*127\.0\.0\.1:1/x unreachable") as err:
+        Store.open("postgresql://syncd:s3cret@127.0.0.1:1/x")
+    assert "s3cret" not in str(err.value)
 
 
 def test_urls_are_normalised_and_bad_ones_refused() -> None:
