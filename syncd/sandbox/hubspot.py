@@ -257,9 +257,10 @@ class _Record:
 @dataclass
 class _Store:
     records: dict[str, _Record] = field(default_factory=dict)
-    by_mod: list[tuple[int, int]] = field(
-        default_factory=list
-    )  # (updated ms, int id), non-archived
+    # (updated ms, int id) of non-archived records, sorted: the search index
+    by_mod: list[tuple[int, int]] = field(default_factory=list)
+    # id-ordered ids for the list endpoint, per "live"/"archived"; cleared on create/archive
+    sorted_ids: dict[str, list[int] | None] = field(default_factory=dict)
 
 
 class HubSpotApp:
@@ -579,6 +580,7 @@ class HubSpotApp:
         base.update({k: v for k, v in values.items() if v is not None})
         rec = _Record(record_id, base, at, at)
         st.records[record_id] = rec
+        st.sorted_ids.clear()
         rec.props[MODIFIED_PROP[t]] = iso(at)
         bisect.insort(st.by_mod, (at, int(record_id)))
         return record_id
@@ -644,9 +646,7 @@ class HubSpotApp:
         archived = (req.q("archived", "false") or "false").lower() == "true"
         after = req.q("after")
         names = _props_query(req)
-        ids = sorted(
-            int(r.id) for r in self._stores[t].records.values() if r.archived == archived
-        )
+        ids = self._sorted_ids(t, archived)
         start = bisect.bisect_right(ids, int(after)) if after and after.isdigit() else 0
         page = ids[start : start + limit]
         body: dict[str, Any] = {
@@ -656,6 +656,16 @@ class HubSpotApp:
             nxt = str(page[-1])
             body["paging"] = {"next": {"after": nxt, "link": f"/crm/v3/objects/{t}?after={nxt}"}}
         return Response(200, body)
+
+    def _sorted_ids(self, t: str, archived: bool) -> list[int]:
+        """Record ids in id order (cached until the next create/archive)."""
+        st = self._stores[t]
+        key = "archived" if archived else "live"
+        if st.sorted_ids.get(key) is None:
+            st.sorted_ids[key] = sorted(
+                int(r.id) for r in st.records.values() if r.archived == archived
+            )
+        return st.sorted_ids[key] or []
 
     def _live(self, t: str, rid: str) -> _Record:
         rec = self._stores[t].records.get(rid)
@@ -682,6 +692,7 @@ class HubSpotApp:
         if i < len(st.by_mod) and st.by_mod[i] == (rec.updated, int(rid)):
             del st.by_mod[i]
         rec.archived, rec.archived_at = True, self._clock()
+        st.sorted_ids.clear()
         return Response(204)
 
     def _h_create(self, req: Request, _f: FaultPlan, endpoint: str, t: str) -> Response:

@@ -425,3 +425,17 @@ def test_ground_truth_api_is_not_api_traffic(hubspot_sandbox: HubSpotSandbox) ->
     assert [r["hs_object_id"] for r in app.all("contacts")] == ["5000"]
     assert app.write_log == [] and app.daily_used == 0
     assert hubspot_sandbox.server.request_count() == 0
+
+
+def test_archived_records_leave_search_and_list(hubspot_sandbox: HubSpotSandbox) -> None:
+    keep = hubspot_sandbox.app.add("contacts", {"email": "a@example.com"})
+    gone = hubspot_sandbox.app.add("contacts", {"email": "b@example.com"})
+    hs = client(hubspot_sandbox)
+    hs.crm.contacts.basic_api.archive(gone)
+    assert [o.id for o in search(hs).results] == [keep]
+    assert [o.id for o in hs.crm.contacts.basic_api.get_page().results] == [keep]
+    archived = hs.crm.contacts.basic_api.get_page(archived=True).results
+    assert [o.id for o in archived] == [gone] and archived[0].archived is True
+    with pytest.raises(ContactsApiException) as e:
+        hs.crm.contacts.basic_api.get_by_id(gone)
+    assert e.value.status == 404
