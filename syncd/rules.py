@@ -17,10 +17,12 @@ Rule ids:
   R9-followup-sla     an MQL handed to sales with no attempt within the window
 
 Values conventions (see :class:`syncd.model.CanonicalRecord`):
-  * a term or value present with ``None`` is *unknown* (an unmapped CRM value):
-    it never causes a write, never counts as behind, and is never overwritten;
-  * a key absent from the record means the system holds no value there: it may
-    be written, unless ``RuleContext.writable`` says that object cannot hold it.
+  * an *unknown* term is one the CRM holds with a value no mapping names: the
+    term is None and the record lists unmapped values. It never causes a write,
+    never counts as behind, and is never overwritten (:func:`is_unknown`);
+  * an *empty* term (absent, or None with nothing unmapped) may be filled,
+    unless ``RuleContext.writable`` says the object cannot hold it;
+  * a plain value (``values``) is written only when the record carries the key.
 """
 
 from __future__ import annotations
@@ -220,6 +222,24 @@ def value_of(rec: CanonicalRecord | None, name: str, default: Any = _UNSET) -> A
     return src.get(name, default)
 
 
+def is_unknown(rec: CanonicalRecord | None, name: str) -> bool:
+    """The record holds a CRM value for this term that no mapping names.
+
+    ``CanonicalRecord.unmapped`` does not say which term a raw value belonged
+    to, so when anything is unmapped every None term counts as unknown.
+    """
+    return (rec is not None and name in TERM_FIELDS and name in rec.terms
+            and rec.terms[name] is None and bool(rec.unmapped))
+
+
+def is_empty(rec: CanonicalRecord | None, name: str) -> bool:
+    """The record holds no value for this term (absent, or None with nothing unmapped)."""
+    if rec is None or name not in TERM_FIELDS:
+        return False
+    v = rec.terms.get(name, _UNSET)
+    return v is _UNSET or (v is None and not rec.unmapped)
+
+
 class _Plan:
     """Intended field values per system, each with the rule and reason that set it."""
 
@@ -248,7 +268,7 @@ class _Plan:
         if not self.ctx.can_hold(system, rec.object, name):
             return
         now_v = value_of(rec, name)
-        if name in TERM_FIELDS and now_v is None:  # unknown term: never overwritten
+        if is_unknown(rec, name):  # an unmapped CRM value is never overwritten
             return
         if name not in TERM_FIELDS and now_v is _UNSET:  # the record does not carry it
             return
@@ -399,11 +419,11 @@ def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
         cur_rank = _prospective_rank(view, ctx, list(stage.values()), score)
         in_sales = (cur_rank is not None and score_rank is not None and cur_rank >= score_rank
                     and (opp_rank is None or cur_rank < opp_rank))
-        connected = any(status[s] in t.connected_statuses for s in present)
+        connected = _resolved_status(view, ctx, mem) in t.connected_statuses
         since = max([d for d in (mem.returned_at, mem.released_at, mem.handed_off_at) if d],
                     default=None)
         attempts = _counting_attempts(view, ctx, since, now)
-        if in_sales and not connected and status[SALESFORCE] is not None \
+        if in_sales and not connected and not is_unknown(view.salesforce, "lead_status") \
                 and len(attempts) >= sla.attempts.count and sf_rank != returned_rank:
             return_rule = "R5-attempts"
             return_reason = f"{len(attempts)} unanswered attempts"
@@ -418,7 +438,7 @@ def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
                          f"returned – not ready: {return_reason}; back to {t.returned_stage}",
                          backwards=True)
             elif cur_rank != returned_rank and (
-                    cur_rank is not None or value_of(view.record(s), "lifecycle") is _UNSET):
+                    cur_rank is not None or is_empty(view.record(s), "lifecycle")):
                 plan.set(s, "lifecycle", t.returned_stage, return_rule,
                          f"returned – not ready: {return_reason}; to {t.returned_stage}")
         if return_rule == "R5-attempts" and SALESFORCE in present:
@@ -500,7 +520,7 @@ def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
         for s in present:
             r = ctx.rank(stage[s])
             if r is not None and r < target_rank or (
-                    s in present and value_of(view.record(s), "lifecycle") is _UNSET):
+                    is_empty(view.record(s), "lifecycle")):
                 plan.set(s, "lifecycle", target, rule, f"{reason}: {s} moves to {target}")
         if released:
             for s in present:
@@ -525,6 +545,23 @@ def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
             mem = replace(mem, handed_off_at=now, first_attempt_at=None, sla_breach_at=None)
     mem = _followup(view, ctx, plan, mem, now)
     return Outcome(plan.decisions(), replace(mem, last_seen=plan.end_state()))
+
+
+def _resolved_status(view: PersonView, ctx: RuleContext, mem: Memory) -> str | None:
+    """The lead status this cycle will settle on (rule 7's choice when both hold one)."""
+    sf = value_of(view.salesforce, "lead_status", None)
+    if "lead_status" not in ctx.sla.sync.fields or view.hubspot is None:
+        return sf  # type: ignore[no-any-return]
+    hs = value_of(view.hubspot, "lead_status", None)
+    if sf is None or hs is None or hs == sf:
+        return hs if sf is None else sf  # type: ignore[no-any-return]
+    ch = _changed(mem, HUBSPOT, "lead_status", hs)
+    cs = _changed(mem, SALESFORCE, "lead_status", sf)
+    if ch and not cs:
+        return hs  # type: ignore[no-any-return]
+    if cs and not ch:
+        return sf  # type: ignore[no-any-return]
+    return hs if ctx.sla.owner_of("lead_status") == HUBSPOT else sf  # type: ignore[no-any-return]
 
 
 def _prospective_rank(view: PersonView, ctx: RuleContext, stages: list[str | None],
@@ -578,9 +615,13 @@ def _lifecycle_conflict(view: PersonView, ctx: RuleContext, plan: _Plan, mem: Me
 
 
 def _sync_field(view: PersonView, ctx: RuleContext, plan: _Plan, mem: Memory, name: str) -> None:
+    if is_unknown(view.hubspot, name) or is_unknown(view.salesforce, name):
+        return
     a = plan.current(HUBSPOT, name)
     b = plan.current(SALESFORCE, name)
-    if a is None or b is None or a is _UNSET or b is _UNSET or a == b:
+    a = None if a is _UNSET or a == "" else a
+    b = None if b is _UNSET or b == "" else b
+    if a == b:
         return
     planned = [s for s in (HUBSPOT, SALESFORCE) if name in plan.sets[s]]
     if len(planned) == 2:
@@ -589,6 +630,11 @@ def _sync_field(view: PersonView, ctx: RuleContext, plan: _Plan, mem: Memory, na
         src = planned[0]
         _v, rule, reason, _b = plan.sets[src][name]
         plan.set(_OTHER[src], name, plan.current(src, name), rule, reason)
+        return
+    if a is None or b is None:  # one side holds nothing: it gets the other's value
+        empty = HUBSPOT if a is None else SALESFORCE
+        plan.set(empty, name, b if a is None else a, "R7-ownership",
+                 f"{empty} holds no {name}; {_OTHER[empty]} has it")
         return
     ca = _changed(mem, HUBSPOT, name, a)
     cb = _changed(mem, SALESFORCE, name, b)

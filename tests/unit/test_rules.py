@@ -31,7 +31,10 @@ _MISSING = object()
 
 
 def person(system: str, lifecycle: Any = _MISSING, lead_status: Any = _MISSING, *,
-           id: str | None = None, object: str | None = None, **values: Any) -> CanonicalRecord:
+           id: str | None = None, object: str | None = None, unknown: bool = True,
+           **values: Any) -> CanonicalRecord:
+    """A person record. A None term is *unknown* (an unmapped CRM value) unless
+    ``unknown=False``, which makes it *empty*."""
     terms: dict[str, Any] = {}
     if lifecycle is not _MISSING:
         terms["lifecycle"] = lifecycle
@@ -47,7 +50,8 @@ def person(system: str, lifecycle: Any = _MISSING, lead_status: Any = _MISSING, 
     return CanonicalRecord(
         system=system, object=object or ("contacts" if system == "hubspot" else "Lead"),
         id=id or ("101" if system == "hubspot" else "00Q1"), kind="person",
-        modified_at=EARLIER, terms=terms, values=base)
+        modified_at=EARLIER, terms=terms, values=base,
+        unmapped=(("raw_field", "UNMAPPED"),) if unknown and None in terms.values() else ())
 
 
 def hs(lifecycle: Any = _MISSING, lead_status: Any = _MISSING, **values: Any) -> CanonicalRecord:
@@ -169,6 +173,14 @@ def test_r1_an_empty_stage_is_filled_but_never_pulls_back() -> None:
     out = decide(view(hs("lead"), sf("sql"), seen({"lifecycle": "sql"}, {"lifecycle": "sql"})))
     assert sets(out, "salesforce") == {}  # HubSpot dropping to lead does not pull SF back
     assert sets(out, "hubspot") == {"lifecycle": "sql"}
+
+
+def test_r1_an_empty_term_is_filled_an_unmapped_one_is_not() -> None:
+    empty = person("hubspot", None, None, unknown=False)
+    out = decide(view(empty, sf("sql", "attempting")))
+    assert sets(out, "hubspot") == {"lifecycle": "sql", "lead_status": "attempting"}
+    unmapped = person("hubspot", None, None, unknown=True)
+    assert writes(decide(view(unmapped, sf("sql", "attempting")))) == []
 
 
 def test_r1_writable_limits_what_a_target_can_hold() -> None:
