@@ -84,6 +84,10 @@ class _Narrator:
 def run_demo(*, people: int = 200, deals: int = 60, seed_value: int | None = None, seed: int = 1,
              keep_running: bool = False, speed: float = 1.0, console: Console | None = None) -> int:
     console = console or Console()
+    # The narrative is the output; the demo's own log lines (story steps) would only interleave with it.
+    from syncd import logs
+
+    logs.configure(level="warning", fmt="console")
     seed_no = seed if seed_value is None else seed_value
     workdir = Path(tempfile.mkdtemp(prefix="syncd-demo-"))
     sb = Sandbox(workdir / "sandbox").start()
