@@ -78,6 +78,7 @@ class HubSpotConnector:
     """The :class:`connectors.base.Connector` for HubSpot."""
 
     system = "hubspot"
+    search_cap = SEARCH_CAP  # results reachable per search query (a class attribute for tests)
 
     def __init__(
         self,
@@ -303,7 +304,7 @@ class HubSpotConnector:
                 raise FatalError(f"hubspot {obj}.search: non-numeric after {nxt!r}") from None
             if nxt_i <= after:
                 raise FatalError(f"hubspot {obj}.search: paging loop (after {nxt!r} repeated)")
-            if nxt_i + self._page_size > SEARCH_CAP:
+            if nxt_i + self._page_size > self.search_cap:
                 yield results, True
                 return
             yield results, False

@@ -273,12 +273,14 @@ class HubSpotApp:
         *,
         token: str = "sandbox-token",
         daily_limit: int = 1_000_000,
+        search_max_offset: int = SEARCH_MAX_OFFSET,
         burst_limit: int = 190,
         enforce_burst: bool = False,
         clock: Callable[[], int] = _now_ms,
     ) -> None:
         self.token = token
         self.daily_limit = daily_limit
+        self.search_max_offset = search_max_offset  # lower it in tests to exercise the cap
         self.burst_limit = burst_limit
         self.enforce_burst = enforce_burst
         self.daily_used = 0
@@ -780,7 +782,7 @@ class HubSpotApp:
                 400, f"limit must be less than or equal to {SEARCH_LIMIT}", "VALIDATION_ERROR"
             )
         offset = _int(str(body.get("after") or "0"), "after")
-        if offset >= SEARCH_MAX_OFFSET:
+        if offset >= self.search_max_offset:
             raise ApiError(
                 400,
                 "There was a problem with the request.",

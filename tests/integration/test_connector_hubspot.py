@@ -6,12 +6,16 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from connectors._retry import RetryPolicy
 from connectors.hubspot import HubSpotConnector
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
 from syncd.model import Cursor, FieldUpdate, RawRecord, RecordCreate
+from syncd.sandbox._server import SimServer
+from syncd.sandbox.hubspot import HubSpotApp
 
 if TYPE_CHECKING:  # the fixture's type; pytest provides the object
     from tests.integration.conftest import HubSpotSandbox
@@ -343,3 +347,37 @@ def test_retry_policy_waits() -> None:
     assert all(0 <= p.wait_for(1, RetriableError("x")) <= 0.5 for _ in range(50))
     assert all(0 <= p.wait_for(20, RetriableError("x")) <= 30 for _ in range(50))
     assert max(p.wait_for(20, RetriableError("x")) for _ in range(200)) > 0.5  # it grows
+
+
+class _SmallCapConnector(HubSpotConnector):
+    search_cap = 40  # with a sandbox whose search cap is 40, restarts and id walks happen often
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    per_second=st.lists(st.integers(min_value=0, max_value=60), min_size=1, max_size=7),
+    since_at=st.integers(min_value=0, max_value=7),
+    overlap=st.integers(min_value=0, max_value=3),
+    page_size=st.integers(min_value=1, max_value=12),
+)
+def test_any_pull_sees_every_record_at_or_after_the_window_start(
+        sandbox_tls: tuple[object, str], per_second: list[int], since_at: int, overlap: int,
+        page_size: int) -> None:
+    offsets = [sec for sec, n in enumerate(per_second) for _ in range(n)]
+    ctx, ca_path = sandbox_tls
+    app = HubSpotApp(token="t", search_max_offset=40)
+    ids = {app.add("contacts", {"email": f"p{i}@example.com"}, at=T0 + timedelta(seconds=o)): o
+           for i, o in enumerate(offsets)}
+    server = SimServer(app, ssl_context=ctx).start()  # type: ignore[arg-type]
+    try:
+        c = _SmallCapConnector(server.url, "t", ca_bundle=ca_path, properties=PROPS,
+                               retry=FAST, page_size=page_size)
+        since = Cursor(T0 + timedelta(seconds=since_at), "0")
+        recs = pull(c, "contacts", since, overlap=timedelta(seconds=overlap))
+    finally:
+        server.stop()
+    start = since_at - overlap
+    assert {r.id for r in recs} == {rid for rid, o in ids.items() if o >= start}
+    assert len(recs) == len({r.id for r in recs})  # restarts add no duplicates
+    assert [r.modified_at for r in recs] == sorted(r.modified_at for r in recs)
