@@ -57,8 +57,24 @@ class _BadRequest(Exception):
         self.message = message
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _ms(dt: datetime) -> int:
-    return int(dt.timestamp() * 1000)
+    """Epoch milliseconds, floored, in exact integer arithmetic (no float rounding)."""
+    return (dt - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _ts(rec: RawRecord, mod: str) -> int:
+    """The search-side timestamp of a record: its modified property (what the search filters
+    and sorts on), else updatedAt."""
+    v = rec.fields.get(mod)
+    if isinstance(v, str) and v:
+        try:
+            return _ms(datetime.fromisoformat(v).astimezone(UTC))
+        except ValueError:
+            pass
+    return _ms(rec.modified_at)
 
 
 def _one_line(body: Any) -> str:
@@ -235,13 +251,13 @@ class HubSpotConnector:
             nonlocal boundary_ts, boundary_ids
             out = []
             for rec in results:
-                ts = _ms(rec.modified_at)
+                ts = _ts(rec, mod)
                 if ts == boundary_ts and rec.id in boundary_ids:
                     continue
                 out.append(rec)
             out.sort(key=lambda r: (r.modified_at, int(r.id) if r.id.isdigit() else 0, r.id))
             for rec in out:
-                ts = _ms(rec.modified_at)
+                ts = _ts(rec, mod)
                 if ts != boundary_ts:
                     boundary_ts, boundary_ids = ts, set()
                 boundary_ids.add(rec.id)
@@ -256,7 +272,7 @@ class HubSpotConnector:
                 if recs:
                     yield self._page(obj, recs)
                 if results:
-                    last_ts = max(_ms(r.modified_at) for r in results)
+                    last_ts = max(_ts(r, mod) for r in results)
                 capped = at_cap
             if not capped:
                 return

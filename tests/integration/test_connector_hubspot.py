@@ -381,3 +381,13 @@ def test_any_pull_sees_every_record_at_or_after_the_window_start(
     assert {r.id for r in recs} == {rid for rid, o in ids.items() if o >= start}
     assert len(recs) == len({r.id for r in recs})  # restarts add no duplicates
     assert [r.modified_at for r in recs] == sorted(r.modified_at for r in recs)
+
+
+def test_two_updates_of_one_record_apply_in_order(hubspot_sandbox: HubSpotSandbox) -> None:
+    rid = seed(hubspot_sandbox, 1)[0]
+    c = connector(hubspot_sandbox)
+    res = c.write("contacts", [FieldUpdate("a", rid, {"hs_lead_status": "OPEN"}),
+                               FieldUpdate("b", rid, {"hs_lead_status": "CONNECTED"})])
+    assert [r.ok for r in res] == [True, True]
+    assert hubspot_sandbox.app.get("contacts", rid)["hs_lead_status"] == "CONNECTED"
+    assert c.usage.calls == {"contacts.batch_update": 2}  # never two inputs for one id per batch
