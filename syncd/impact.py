@@ -1,0 +1,436 @@
+"""`syncd mappings impact`: what a mapping change would do to the records we hold.
+
+The mapping folder is read at two git revisions (``--to`` None = the working
+tree), both are validated with :func:`syncd.mapping.load_mappings` (a bad one
+raises MappingError, exit 2), and every record in the state store is re-mapped
+under both. Nothing is written and no CRM is called: the store is read in one
+read-only transaction.
+
+The result counts, per transition, the records whose glossary term changes
+(system, object, raw field, raw value, term field, old → new term), with a few
+samples (record ids, masked emails), and the rules that would then fire: the
+people whose records changed are decided again with :func:`syncd.rules.decide_person`
+under the new mappings and SLA (stored records + memory, as the engine builds
+its view), next to the same people decided under the old ones (the baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+
+from syncd import rules
+from syncd.engine import _pick, rule_context  # the engine's own choice of a person's records
+from syncd.errors import MappingError, RecordError
+from syncd.logs import mask_email
+from syncd.mapping import Mappings, load_mappings
+from syncd.model import SYSTEMS, CanonicalRecord, RawRecord, utcnow
+from syncd.sla import SLA, load_sla
+from syncd.store import RecordRow, Store, Tx
+
+log = structlog.get_logger()
+
+UNITS = {"person": "people", "deal": "deals", "attempt": "tasks"}
+SYSTEM_LABEL = {"hubspot": "HubSpot", "salesforce": "Salesforce"}
+WORKING_TREE = "working tree"
+UNMAPPED = "(unmapped)"
+EMPTY = "(empty)"
+
+
+# --------------------------------------------------------------------------- git
+
+
+def _git(cwd: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    try:
+        return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, timeout=30,
+                              check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise MappingError(f"{cwd}:1:1: cannot run git: {exc}") from None
+
+
+def _git_out(cwd: Path, *args: str, what: str) -> str:
+    r = _git(cwd, *args)
+    if r.returncode != 0:
+        err = r.stderr.decode(errors="replace").strip().splitlines()
+        raise MappingError(f"{cwd}:1:1: {what}: {err[-1] if err else 'git failed'}")
+    return r.stdout.decode(errors="replace").strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Side:
+    """One side of the comparison: what the user asked for and what it resolved to."""
+
+    rev: str        # as given ("HEAD", a branch, a sha) or "working tree"
+    revision: str   # the commit, or the working tree's Mappings.revision
+    mappings: Mappings
+    sla: SLA
+
+
+def _load(directory: Path, label: str) -> tuple[Mappings, SLA]:
+    try:
+        return load_mappings(directory), load_sla(directory)
+    except MappingError as exc:
+        # Point at the revision, not at our temporary checkout.
+        raise MappingError(str(exc).replace(str(directory), label)) from None
+
+
+@contextmanager
+def checkout(mappings_dir: Path, rev: str | None) -> Iterator[Side]:
+    """The mapping folder at ``rev`` (None: the working tree), loaded and validated."""
+    d = Path(mappings_dir).resolve()
+    if not d.is_dir():
+        raise MappingError(f"{d}:1:1: mappings directory not found")
+    if rev is None:
+        m, sla = _load(d, str(d))
+        yield Side(WORKING_TREE, m.revision, m, sla)
+        return
+    if _git(d, "rev-parse", "--is-inside-work-tree").returncode != 0:
+        raise MappingError(f"{d}:1:1: not inside a git repository; --from/--to need git "
+                           "(compare two folders by committing them)")
+    commit = _git_out(d, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}",
+                      what=f"unknown git revision {rev!r}")
+    prefix = _git_out(d, "rev-parse", "--show-prefix", what="cannot locate the mappings folder")
+    # Paths are relative to the folder (git -C): works wherever the folder sits in the repo.
+    names = _git_out(d, "ls-tree", "--name-only", commit, "--", ".",
+                     what=f"cannot list the mappings folder at {rev}")
+    listed = [n for n in names.splitlines() if n]
+    if not listed:
+        raise MappingError(f"{rev}:{prefix or '.'}:1:1: the mappings folder does not exist at "
+                           f"this revision")
+    with tempfile.TemporaryDirectory(prefix="syncd-impact-") as tmp:
+        out = Path(tmp)
+        for name in listed:
+            base = Path(name).name
+            if not base.endswith(".toml"):
+                continue
+            r = _git(d, "show", f"{commit}:./{base}")
+            if r.returncode != 0:
+                continue  # a sub-folder (ls-tree is not recursive): not a mapping file
+            (out / base).write_bytes(r.stdout)
+        m, sla = _load(out, f"{rev}:{prefix}".rstrip("/"))
+        yield Side(rev, commit, m, sla)
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+@dataclass
+class _Bucket:
+    info: dict[str, Any]
+    count: int = 0
+    samples: list[dict[str, str | None]] = field(default_factory=list)
+
+    def add(self, sample: dict[str, str | None], limit: int) -> None:
+        self.count += 1
+        if len(self.samples) < limit:
+            self.samples.append(sample)
+
+
+def _map(m: Mappings, raw: RawRecord) -> CanonicalRecord | str:
+    try:
+        return m.to_canonical(raw)
+    except RecordError as exc:
+        return str(exc)
+
+
+def _raw_of(row: RecordRow) -> RawRecord:
+    return RawRecord(row.system, row.object, row.id, row.modified_at, row.raw)
+
+
+def _sample(row: RecordRow) -> dict[str, str | None]:
+    return {"record_id": row.id, "email": mask_email(row.email_norm) if row.email_norm else None}
+
+
+def _norm(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=str))
+
+
+def _raw_value(v: Any) -> str:
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return EMPTY
+    return v if isinstance(v, str) else str(v)
+
+
+class _Diff:
+    def __init__(self, old: Mappings, new: Mappings, samples: int) -> None:
+        self.old, self.new, self.limit = old, new, samples
+        self.terms: dict[tuple[str, ...], _Bucket] = {}
+        self.values: dict[tuple[str, ...], _Bucket] = {}
+        self.errors: dict[tuple[str, ...], _Bucket] = {}
+        self.scanned = 0
+        self.changed: set[tuple[str, str, str]] = set()
+        self.entities: set[str] = set()
+        self.changed_rows: list[RecordRow] = []
+
+    def record(self, row: RecordRow) -> None:
+        self.scanned += 1
+        raw = _raw_of(row)
+        a, b = _map(self.old, raw), _map(self.new, raw)
+        changed = False
+        if isinstance(a, str) or isinstance(b, str):
+            if isinstance(a, str) and isinstance(b, str):
+                return  # unreadable under both: nothing changes
+            side, reason = ("new", b) if isinstance(b, str) else ("old", str(a))
+            key: tuple[str, ...] = (row.system, row.object, side, reason.split(": ", 1)[-1])
+            self.errors.setdefault(key, _Bucket({
+                "system": row.system, "object": row.object, "kind": row.kind,
+                "unmappable_under": side, "reason": key[3]})).add(_sample(row), self.limit)
+            changed = True
+        else:
+            for tf in sorted(set(a.terms) | set(b.terms)):
+                ta, tb = a.terms.get(tf), b.terms.get(tf)
+                if ta == tb:
+                    continue
+                rf = self.new.raw_field(row.system, row.object, tf) \
+                    or self.old.raw_field(row.system, row.object, tf) or "?"
+                rv = _raw_value(row.raw.get(rf))
+                old_t = ta or (UNMAPPED if rv != EMPTY else EMPTY)
+                new_t = tb or (UNMAPPED if rv != EMPTY else EMPTY)
+                key = (row.system, row.object, rf, rv, tf, old_t, new_t)
+                self.terms.setdefault(key, _Bucket({
+                    "system": row.system, "object": row.object, "kind": row.kind,
+                    "raw_field": rf, "raw_value": rv, "term_field": tf,
+                    "old": old_t, "new": new_t})).add(_sample(row), self.limit)
+                changed = True
+            va, vb = _norm(dict(a.values)), _norm(dict(b.values))
+            for vf in sorted(set(va) | set(vb)):
+                if va.get(vf) == vb.get(vf):
+                    continue
+                key = (row.system, row.object, vf)
+                self.values.setdefault(key, _Bucket({
+                    "system": row.system, "object": row.object, "kind": row.kind,
+                    "field": vf,
+                    "old_raw_field": self.old.raw_field(row.system, row.object, vf),
+                    "new_raw_field": self.new.raw_field(row.system, row.object, vf)}),
+                ).add(_sample(row), self.limit)
+                changed = True
+        if changed:
+            self.changed.add(row.key)
+            self.changed_rows.append(row)
+
+
+def _buckets(d: Mapping[tuple[str, ...], _Bucket]) -> list[dict[str, Any]]:
+    out = [{**b.info, "count": b.count, "unit": UNITS.get(b.info["kind"], "records"),
+            "samples": b.samples} for b in d.values()]
+    out.sort(key=lambda x: (-x["count"], x["system"], x["object"], json.dumps(x, default=str)))
+    return out
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def _people_touched(tx: Tx, rows: Sequence[RecordRow]) -> set[str]:
+    """Entities of the people whose records (or whose deals/tasks) changed."""
+    from syncd.linking import person_entities_of
+
+    out: set[str] = set()
+    for r in rows:
+        if r.kind == "person":
+            if r.entity_id:
+                out.add(r.entity_id)
+            continue
+        v = r.canonical.get("values", {})
+        refs = v.get("contact_ids") if r.kind == "deal" else [v.get("who_id")]
+        ids = [str(x) for x in (refs or []) if x]
+        if ids:
+            out |= person_entities_of(tx, r.system, ids)
+    return out
+
+
+def _view(tx: Tx, m: Mappings, entity: str, rows: list[RecordRow],
+          memory: Mapping[str, Any] | None) -> rules.PersonView | None:
+    """The engine's person view, with every record re-mapped under ``m`` (None: unmappable)."""
+    persons = [r for r in rows if r.kind == "person"]
+    if not persons:
+        return None
+    hs = _pick(persons, "hubspot", ("contacts",))
+    sf = _pick(persons, "salesforce", ("Contact", "Lead"), prefer_converted=True)
+    mapped: dict[str, CanonicalRecord | None] = {}
+    for system, row in (("hubspot", hs), ("salesforce", sf)):
+        c = _map(m, _raw_of(row)) if row is not None else None
+        if isinstance(c, str):
+            return None
+        mapped[system] = c
+    deals: list[CanonicalRecord] = []
+    attempts: list[CanonicalRecord] = []
+    for system in SYSTEMS:
+        ids = [r.id for r in persons if r.system == system]
+        if not ids:
+            continue
+        for ref in tx.referrers(system, ids):
+            c = _map(m, _raw_of(ref))
+            if isinstance(c, str):
+                continue  # the engine would have quarantined it
+            (deals if ref.kind == "deal" else attempts if ref.kind == "attempt" else []).append(c)
+    return rules.PersonView(
+        entity_id=entity, hubspot=mapped["hubspot"], salesforce=mapped["salesforce"],
+        deals=tuple(deals), attempts=tuple(attempts),
+        memory=rules.Memory.from_json(json.dumps(memory)) if memory else rules.Memory())
+
+
+def _decide(tx: Tx, side: Side, entities: Sequence[str], now: datetime, limit: int,
+            ) -> tuple[dict[tuple[str, str], _Bucket], int]:
+    """Decisions by (rule, action) for these people under one side's files; and how many
+    writes that side's mappings could not express."""
+    ctx = rule_context(side.mappings, side.sla)
+    out: dict[tuple[str, str], _Bucket] = {}
+    unwritable = 0
+    for i in range(0, len(entities), 500):
+        chunk = list(entities[i:i + 500])
+        by_entity = tx.records_by_entity(chunk)
+        memories = tx.get_memory(chunk)
+        for entity in chunk:
+            rows = by_entity.get(entity, [])
+            view = _view(tx, side.mappings, entity, rows, memories.get(entity))
+            if view is None:
+                continue
+            email = next((r.email_norm for r in rows if r.email_norm), None)
+            for d in rules.decide_person(view, ctx, now).decisions:
+                if d.action != "event" and d.system and d.object:
+                    try:
+                        side.mappings.to_raw(d.system, d.object, d.changes)
+                    except RecordError:
+                        unwritable += 1
+                b = out.setdefault((d.rule, d.event or d.action), _Bucket({
+                    "rule": d.rule, "action": d.event or d.action, "example": d.reason}))
+                b.add({"entity_id": entity, "record_id": d.record_id,
+                       "email": mask_email(email) if email else None}, limit)
+    return out, unwritable
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def impact(store: Store, mappings_dir: Path | str, rev_from: str = "HEAD",
+           rev_to: str | None = None, *, samples: int = 3,
+           now: datetime | None = None) -> dict[str, Any]:
+    """Re-map every stored record under the mappings at ``rev_from`` and ``rev_to``.
+
+    ``rev_to`` None compares with the working tree. Pure: no writes, no API calls.
+    Raises MappingError (exit 2) for a bad revision or an invalid mapping folder.
+    Returns a JSON-ready dict (see :func:`print_impact` and the README for its shape).
+    """
+    now = now or utcnow()
+    samples = max(0, samples)
+    with checkout(Path(mappings_dir), rev_from) as old, checkout(Path(mappings_dir), rev_to) as new:
+        diff = _Diff(old.mappings, new.mappings, samples)
+        with store.tx(readonly=True) as tx:
+            for row in tx.iter_records():
+                diff.record(row)
+            people = sorted(_people_touched(tx, diff.changed_rows))
+            fired, unwritable = _decide(tx, new, people, now, samples)
+            baseline, _ = _decide(tx, old, people, now, 0)
+        rule_keys = sorted(set(fired) | set(baseline))
+        rules_out: list[dict[str, Any]] = []
+        for k in rule_keys:
+            b, base = fired.get(k), baseline.get(k)
+            example = (b or base).info["example"] if (b or base) is not None else ""  # type: ignore[union-attr]
+            rules_out.append({"rule": k[0], "action": k[1], "count": b.count if b else 0,
+                              "baseline": base.count if base else 0, "example": example,
+                              "samples": b.samples if b else []})
+        rules_out.sort(key=lambda r: (-(r["count"] - r["baseline"]), r["rule"], r["action"]))
+        result: dict[str, Any] = {
+            "from": {"rev": old.rev, "revision": old.revision},
+            "to": {"rev": new.rev, "revision": new.revision},
+            "records_scanned": diff.scanned,
+            "records_changed": len(diff.changed),
+            "people_affected": len(people),
+            "transitions": _buckets(diff.terms),
+            "value_changes": _buckets(diff.values),
+            "unmappable": _buckets(diff.errors),
+            "rules": rules_out,
+            "unwritable_writes": unwritable,
+            "now": now.isoformat(),
+        }
+    log.info("mappings_impact", rev_from=old.revision, rev_to=new.revision,
+             scanned=diff.scanned, changed=len(diff.changed), people=len(people))
+    return result
+
+
+def _cell(v: Any) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _samples(items: Sequence[Mapping[str, Any]]) -> str:
+    return ", ".join(f"{s.get('record_id') or s.get('entity_id')}"
+                     + (f" ({s['email']})" if s.get("email") else "") for s in items)
+
+
+def transition_line(t: Mapping[str, Any]) -> str:
+    """``Salesforce Lead Status 'Working - Contacted' : connected → attempting  142 people``."""
+    return (f"{SYSTEM_LABEL.get(t['system'], t['system'])} {t['object']} {t['raw_field']} "
+            f"'{t['raw_value']}' : {t['old']} → {t['new']}  {t['count']} {t['unit']}")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return [*out, ""]
+
+
+def _short(revision: str) -> str:
+    """A commit's first 12 hex digits; a content hash (``sha256:…[+dirty]``) as is."""
+    return revision if ":" in revision else revision[:12]
+
+
+def _sys(x: Mapping[str, Any]) -> str:
+    return SYSTEM_LABEL.get(x["system"], x["system"])
+
+
+def format_impact(result: Mapping[str, Any]) -> str:
+    """Markdown a reviewer pastes into the pull request."""
+    f, t = result["from"], result["to"]
+    out = [f"## Mapping impact: {f['rev']} ({_short(f['revision'])}) → "
+           f"{t['rev']} ({_short(t['revision'])})",
+           "",
+           f"Re-mapped {result['records_scanned']} stored records (no writes, no API calls): "
+           f"{result['records_changed']} change, touching {result['people_affected']} people.",
+           ""]
+    if result["transitions"]:
+        out += ["### Term changes", ""]
+        out += [f"- {transition_line(x)}" for x in result["transitions"]] + [""]
+        out += _table(
+            ("system", "object", "raw field", "raw value", "term", "old → new", "count", "samples"),
+            [(_sys(x), x["object"], x["raw_field"], f"'{x['raw_value']}'", x["term_field"],
+              f"{x['old']} → {x['new']}", f"{x['count']} {x['unit']}", _samples(x["samples"]))
+             for x in result["transitions"]])
+    else:
+        out += ["No stored record changes term.", ""]
+    if result["value_changes"]:
+        out += ["### Value changes", ""]
+        out += _table(
+            ("system", "object", "field", "raw field (old → new)", "count", "samples"),
+            [(_sys(x), x["object"], x["field"], f"{x['old_raw_field']} → {x['new_raw_field']}",
+              f"{x['count']} {x['unit']}", _samples(x["samples"]))
+             for x in result["value_changes"]])
+    if result["unmappable"]:
+        out += ["### Records one side cannot map (the engine quarantines them)", ""]
+        out += _table(
+            ("system", "object", "unmappable under", "reason", "count", "samples"),
+            [(_sys(x), x["object"], x["unmappable_under"], x["reason"], f"{x['count']} {x['unit']}",
+              _samples(x["samples"])) for x in result["unmappable"]])
+    if result["rules"]:
+        out += ["### Rules that would then fire (new files; baseline: the same people, old files)",
+                ""]
+        out += _table(
+            ("rule", "action", "decisions", "baseline", "example reason", "samples"),
+            [(r["rule"], r["action"], r["count"], r["baseline"], mask_email(r["example"]),
+              _samples(r["samples"])) for r in result["rules"]])
+    if result["unwritable_writes"]:
+        out += [f"**{result['unwritable_writes']} intended writes cannot be expressed by the new "
+                "mappings** (they would be quarantined).", ""]
+    return "\n".join(out)
+
+
+def print_impact(result: Mapping[str, Any], file: IO[str] | None = None) -> None:
+    (file or sys.stdout).write(format_impact(result) + "\n")
