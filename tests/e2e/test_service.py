@@ -29,8 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from syncd.mapping import default_mappings_dir
 from syncd.sandbox import Sandbox
-from syncd.sandbox.seed import STORY_CONTRACT, STORY_RETURN, SeedSpec, SeedSummary, seed
-from syncd.sandbox.story import contract_sent, returned_not_ready
+from syncd.sandbox.seed import STORY_RETURN, STORY_SCORE, STORY_WIN, SeedSpec, SeedSummary, seed
+from syncd.sandbox.story import opportunity_won, returned_not_ready, score_crosses_threshold
 from syncd.store import Store
 
 pytestmark = pytest.mark.slow
@@ -200,18 +200,35 @@ def hubspot_contact(world: World, kind: str) -> dict[str, Any]:
     return world.sb.hubspot.get("contacts", hid)
 
 
-def sf_opportunity(world: World, kind: str) -> dict[str, Any]:
-    oid = world.summary.first(kind).sf_opportunity_id
-    assert oid is not None
-    return world.sb.salesforce.get("Opportunity", oid)
-
-
 def returned_in_hubspot(world: World) -> bool:
+    """Salesforce → HubSpot (contacts): the rep's return shows as BAD_TIMING."""
     return hubspot_contact(world, STORY_RETURN).get("hs_lead_status") == "BAD_TIMING"
 
 
-def quote_presented_in_salesforce(world: World) -> bool:
-    return sf_opportunity(world, STORY_CONTRACT).get("StageName") == "Proposal/Price Quote"
+def handed_off_to_salesforce(world: World) -> bool:
+    """HubSpot → Salesforce (contacts): the new MQL is a Salesforce Lead."""
+    email = world.summary.first(STORY_SCORE).email
+    return any(
+        (lead.get("Email") or "").strip().lower() == email
+        for lead in world.sb.salesforce.all("Lead")
+    )
+
+
+def won_in_hubspot(world: World) -> bool:
+    """Salesforce → HubSpot (deals): the won opportunity closes the HubSpot deal."""
+    deal = world.summary.first(STORY_WIN).hubspot_deal_id
+    assert deal is not None
+    return world.sb.hubspot.get("deals", deal).get("dealstage") == "closedwon"
+
+
+def play_changes(world: World) -> None:
+    returned_not_ready(world.sb.hubspot, world.sb.salesforce, world.summary)  # a rep, in Salesforce
+    score_crosses_threshold(world.sb.hubspot, world.sb.salesforce, world.summary)  # in HubSpot
+    opportunity_won(world.sb.hubspot, world.sb.salesforce, world.summary)  # a rep, in Salesforce
+
+
+def all_changes_done(world: World) -> bool:
+    return returned_in_hubspot(world) and handed_off_to_salesforce(world) and won_in_hubspot(world)
 
 
 def repeated_writes(world: World) -> list[Any]:
@@ -243,23 +260,26 @@ def test_changes_flow_both_ways_within_two_cycles_and_metrics_health_answer(
     svc = start_service()
     svc.wait_ok_cycles("contacts", 1)
     svc.wait_ok_cycles("deals", 1)
-    assert not returned_in_hubspot(world) and not quote_presented_in_salesforce(world)
+    assert not (
+        returned_in_hubspot(world) or handed_off_to_salesforce(world) or won_in_hubspot(world)
+    )
 
     contacts_before, deals_before = svc.ok_cycles("contacts"), svc.ok_cycles("deals")
-    returned_not_ready(world.sb.hubspot, world.sb.salesforce, world.summary)  # a rep, in Salesforce
-    contract_sent(world.sb.hubspot, world.sb.salesforce, world.summary)  # a marketer, in HubSpot
+    play_changes(world)
 
     def seen(check: Callable[[World], bool], group: str) -> int | None:
         svc.alive()
         cycles = svc.ok_cycles(group)  # read before the CRM: a bound, not a race
         return cycles if check(world) else None
 
-    at_contacts = wait_until(lambda: seen(returned_in_hubspot, "contacts"), "BAD_TIMING in HubSpot")
-    at_deals = wait_until(
-        lambda: seen(quote_presented_in_salesforce, "deals"), "Proposal/Price Quote in Salesforce"
+    at_returned = wait_until(lambda: seen(returned_in_hubspot, "contacts"), "BAD_TIMING in HubSpot")
+    at_handoff = wait_until(
+        lambda: seen(handed_off_to_salesforce, "contacts"), "a new Salesforce Lead"
     )
-    assert at_contacts <= contacts_before + 2, "the Salesforce change took more than two cycles"
-    assert at_deals <= deals_before + 2, "the HubSpot change took more than two cycles"
+    at_won = wait_until(lambda: seen(won_in_hubspot, "deals"), "closedwon in HubSpot")
+    assert at_returned <= contacts_before + 2, "the Salesforce change took more than two cycles"
+    assert at_handoff <= contacts_before + 2, "the HubSpot change took more than two cycles"
+    assert at_won <= deals_before + 2, "the won opportunity took more than two deals cycles"
 
     status, body = http_get(world.metrics_port, "/healthz")
     assert (status, body.strip()) == (200, "ok")
@@ -280,22 +300,21 @@ def test_sigterm_mid_cycle_exits_0_and_a_follow_up_sync_finishes_the_work_once(
     svc = start_service()
     svc.wait_ok_cycles("contacts", 1)
     svc.wait_ok_cycles("deals", 1)
-    returned_not_ready(world.sb.hubspot, world.sb.salesforce, world.summary)
-    contract_sent(world.sb.hubspot, world.sb.salesforce, world.summary)
-
-    # Stall the next Salesforce pull so the signal lands mid-cycle, with work pending.
+    # Stall the service's next Salesforce query, change both CRMs while it waits, then stop it:
+    # the signal lands mid-cycle with work pending.
     before = world.sb.salesforce_server.request_count("query")
     world.sb.salesforce_server.inject("delay", endpoint="query", delay=3.0)
     wait_until(
         lambda: svc.alive() and world.sb.salesforce_server.request_count("query") > before,
         "the service's next Salesforce query (stalled)",
     )
+    play_changes(world)
     assert svc.stop(signal.SIGTERM) == 0, svc.tail()
     assert svc.events("service_stopped"), svc.tail()
 
     first = world.syncd("sync", "--once")
     assert first.returncode == 0, first.stderr[-2000:]
-    assert returned_in_hubspot(world) and quote_presented_in_salesforce(world)
+    assert all_changes_done(world)
     again = world.syncd("sync", "--once")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "sent=0" in again.stdout, again.stdout
