@@ -257,10 +257,11 @@ class _Plan:
         return value_of(self.view.record(system), name)
 
     def set(self, system: str, name: str, value: Any, rule: str, reason: str,
-            backwards: bool = False, force: bool = False) -> None:
-        """Intend ``name := value`` on ``system``; a no-op or unwritable target is skipped.
+            backwards: bool = False) -> None:
+        """Intend ``name := value`` on ``system``; the first rule to plan a field wins.
 
-        ``force`` lets a later rule override a value an earlier rule planned.
+        Skipped: no record, a None value, a field the object cannot hold, an
+        unmapped CRM value, a value the target already holds.
         """
         rec = self.view.record(system)
         if rec is None or value is None or value is _UNSET:
@@ -272,7 +273,7 @@ class _Plan:
             return
         if name not in TERM_FIELDS and now_v is _UNSET:  # the record does not carry it
             return
-        if name in self.sets[system] and not force:
+        if name in self.sets[system]:
             return
         if now_v == value:
             self.sets[system].pop(name, None)
@@ -547,21 +548,26 @@ def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
     return Outcome(plan.decisions(), replace(mem, last_seen=plan.end_state()))
 
 
+def _term(rec: CanonicalRecord | None, name: str) -> str | None:
+    v = value_of(rec, name, None)
+    return v if isinstance(v, str) else None
+
+
 def _resolved_status(view: PersonView, ctx: RuleContext, mem: Memory) -> str | None:
     """The lead status this cycle will settle on (rule 7's choice when both hold one)."""
-    sf = value_of(view.salesforce, "lead_status", None)
+    sf = _term(view.salesforce, "lead_status")
     if "lead_status" not in ctx.sla.sync.fields or view.hubspot is None:
-        return sf  # type: ignore[no-any-return]
-    hs = value_of(view.hubspot, "lead_status", None)
+        return sf
+    hs = _term(view.hubspot, "lead_status")
     if sf is None or hs is None or hs == sf:
-        return hs if sf is None else sf  # type: ignore[no-any-return]
+        return hs if sf is None else sf
     ch = _changed(mem, HUBSPOT, "lead_status", hs)
     cs = _changed(mem, SALESFORCE, "lead_status", sf)
     if ch and not cs:
-        return hs  # type: ignore[no-any-return]
+        return hs
     if cs and not ch:
-        return sf  # type: ignore[no-any-return]
-    return hs if ctx.sla.owner_of("lead_status") == HUBSPOT else sf  # type: ignore[no-any-return]
+        return sf
+    return hs if ctx.sla.owner_of("lead_status") == HUBSPOT else sf
 
 
 def _prospective_rank(view: PersonView, ctx: RuleContext, stages: list[str | None],

@@ -11,7 +11,7 @@ from test_rules import _MISSING as MISSING
 from test_rules import CTX, NOW, apply, attempt, deal, person, writes
 
 from syncd.model import CanonicalRecord
-from syncd.rules import Memory, PersonView, decide_person, is_unknown
+from syncd.rules import DealView, Memory, PersonView, decide_deal, decide_person, is_unknown
 
 STAGES = list(CTX.stages)
 STATUSES = ["new", "attempting", "connected", "returned_not_ready", "disqualified"]
@@ -116,3 +116,30 @@ def test_deciding_again_after_applying_changes_nothing(v: PersonView) -> None:
     after = apply(v, first)
     again = decide_person(after, CTX, NOW)
     assert writes(again) == [], (first.decisions, again.decisions)
+
+
+DEAL_STAGES = ["exploration", "quote_building", "quote_presented", "closed_won", "closed_lost",
+               "on_hold", None]
+
+
+@COMMON
+@given(st.sampled_from(DEAL_STAGES), st.sampled_from(DEAL_STAGES),
+       st.none() | st.tuples(st.sampled_from(DEAL_STAGES), st.sampled_from(DEAL_STAGES)))
+def test_deal_stages_settle_in_one_cycle(a: str | None, b: str | None,
+                                         last: tuple[str | None, str | None] | None) -> None:
+    mem = Memory() if last is None else Memory(
+        last_seen={"hubspot": {"deal_stage": last[0]}, "salesforce": {"deal_stage": last[1]}})
+    v = DealView("d", deal("hubspot", a), deal("salesforce", b, "006"), mem)
+    out = decide_deal(v, CTX, NOW)
+    for d in writes(out):
+        assert d.changes["deal_stage"] is not None
+    after = apply(v, out)
+    assert writes(decide_deal(after, CTX, NOW)) == []
+    if a is not None and b is not None:
+        assert after.hubspot.terms["deal_stage"] == after.salesforce.terms["deal_stage"]
+
+
+@COMMON
+@given(memories())
+def test_memory_survives_json(m: Memory) -> None:
+    assert Memory.from_json(m.to_json()) == m
