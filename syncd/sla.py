@@ -148,6 +148,16 @@ def _semantic_problems(path: Path, sla: SLA, loc: Locator, directory: Path) -> l
                     f"ownership: {name!r} is owned by both {owners[name]} and {system}")
             owners.setdefault(name, system)
 
+    for section, fields in (("handoff", sla.handoff.fields),
+                            ("reverse_handoff", sla.reverse_handoff.fields)):
+        for i, name in enumerate(fields):
+            if name not in PERSON_FIELDS:
+                add((section, "fields", i), f"{section}.fields: unknown field {name!r}")
+    for name in sla.handoff.placeholders:
+        if name not in PERSON_FIELDS:
+            add(("handoff", "placeholders", name),
+                f"handoff.placeholders: unknown field {name!r}")
+
     glossary = _glossary(directory)
     if glossary is None:
         return out

@@ -98,6 +98,10 @@ def test_each_bad_parameter_is_reported_at_its_line(tmp_path: Path, old: str, ne
     ('status = "new"', 'status = "open"', 'status = "open"', "unknown lead_status term"),
     ('connected_statuses = ["connected"]', 'connected_statuses = ["connected", "reached"]',
      "connected_statuses", "'reached'"),
+    ('company = "[not provided]"', 'compnay = "[not provided]"', "compnay",
+     "unknown field 'compnay'"),
+    ('"lead_type", "qualification_reason"]', '"lead_type", "qualification"]',
+     '"qualification"]', "unknown field 'qualification'"),
     ('fields = ["lead_status"]', 'fields = ["lead_status", "lifecycle"]',
      'fields = ["lead_status", "lifecycle"]', "not a syncable"),
 ])
