@@ -255,15 +255,18 @@ class Engine:
                 self._apply(tx, entity, outcome.decisions, view_records(view), stats)
                 tx.set_memory(entity, json.loads(outcome.memory.to_json()))
                 tx.set_due(entity, _due_at(outcome.memory, self.sla))
-        if deals:
-            by_entity = tx.records_by_entity(list(deals))
-            for entity in deals:
-                dview = self._deal_view(entity, by_entity.get(entity, []))
+        for i in range(0, len(deals), CHUNK):
+            chunk = deals[i:i + CHUNK]
+            by_entity = tx.records_by_entity(chunk)
+            memories = tx.get_memory(chunk)
+            for entity in chunk:
+                dview = self._deal_view(entity, by_entity.get(entity, []), memories.get(entity))
                 if dview is None:
                     continue
                 outcome_d = rules.decide_deal(dview, self.ctx, now)
                 self._apply(tx, entity, outcome_d.decisions,
                             [r for r in (dview.hubspot, dview.salesforce) if r], stats)
+                tx.set_memory(entity, json.loads(outcome_d.memory.to_json()))
 
     def _person_view(self, tx: Tx, entity: str, rows: list[RecordRow], memory: Any) -> rules.PersonView | None:
         persons = [r for r in rows if r.kind == "person"]
@@ -288,17 +291,20 @@ class Engine:
             hubspot=canonical_of(hs) if hs else None,
             salesforce=canonical_of(sf) if sf else None,
             deals=tuple(deals), attempts=tuple(attempts),
-            memory=rules.Memory.from_json(json.dumps(memory)) if memory else rules.Memory(),
+            memory=_memory(memory),
         )
 
-    def _deal_view(self, entity: str, rows: list[RecordRow]) -> rules.DealView | None:
+    def _deal_view(self, entity: str, rows: list[RecordRow],
+                   memory: Any = None) -> rules.DealView | None:
         deals = [r for r in rows if r.kind == "deal"]
         if not deals:
             return None
         hs = _pick(deals, "hubspot", ("deals",))
         sf = _pick(deals, "salesforce", ("Opportunity",))
         return rules.DealView(entity_id=entity, hubspot=canonical_of(hs) if hs else None,
-                              salesforce=canonical_of(sf) if sf else None)
+                              salesforce=canonical_of(sf) if sf else None,
+                              memory=rules.Memory.from_json(json.dumps(memory)) if memory
+                              else rules.Memory())
 
     def _apply(self, tx: Tx, entity: str, decisions: Iterable[rules.Decision],
                current: Sequence[CanonicalRecord], stats: CycleStats) -> None:
@@ -463,6 +469,10 @@ def canonical_of(row: RecordRow) -> CanonicalRecord:
     return CanonicalRecord(system=row.system, object=row.object, id=row.id, kind=row.kind,  # type: ignore[arg-type]
                            modified_at=row.modified_at, terms=dict(row.canonical.get("terms", {})),
                            values=values, unmapped=tuple(tuple(u) for u in row.canonical.get("unmapped", [])))
+
+
+def _memory(stored: Any) -> rules.Memory:
+    return rules.Memory.from_json(json.dumps(stored)) if stored else rules.Memory()
 
 
 def _due_at(mem: rules.Memory, sla: SLA) -> datetime | None:
