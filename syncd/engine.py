@@ -233,6 +233,11 @@ class Engine:
                 stats.conflicts += ls.conflicts
             if self.dry_run and stats.decisions > 1_000_000:  # pragma: no cover - guard
                 break
+        # timers (the follow-up SLA) fall due even when nothing changed in either CRM
+        with self._tx() as tx:
+            due = tx.due_entities(self.clock())
+            if due:
+                self._decide(tx, sorted(due), [], stats)
 
     def decide_entities(self, people: Sequence[str], deals: Sequence[str] = ()) -> CycleStats:
         """Re-decide given entities (resync of one record, SLA timers)."""
