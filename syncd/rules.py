@@ -31,7 +31,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from syncd.model import CanonicalRecord
 from syncd.sla import SLA
@@ -385,6 +385,15 @@ def _first_attempt(view: PersonView, ctx: RuleContext, since: datetime) -> datet
     return min(found) if found else None
 
 
+class _Candidate(NamedTuple):
+    """A stage some rule says the person should reach this cycle."""
+
+    stage: str
+    rule: str
+    reason: str
+    source: str | None = None  # the system holding it (rule 1)
+
+
 def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
     """All person rules (R1-R9) for one linked person. Pure."""
     sla = ctx.sla
@@ -454,52 +463,54 @@ def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
         return Outcome(plan.decisions(), replace(mem, last_seen=plan.end_state()))
 
     # ---- R1 / R4 / R6: where the person should be --------------------------------
-    candidates: list[tuple[str, str, str]] = []  # (stage, rule, reason)
+    candidates: list[_Candidate] = []
     for s in present:
-        if ctx.rank(stage[s]) is not None:
-            candidates.append((stage[s], "R1-forward-only", f"{s} holds {stage[s]}"))
+        held = stage[s]
+        if held is not None and ctx.rank(held) is not None:
+            candidates.append(_Candidate(held, "R1-forward-only", f"{s} holds {held}", s))
     if score is not None and score >= sla.score.threshold and score_rank is not None:
-        candidates.append((t.score_stage, "R4-lead-score",
+        candidates.append(_Candidate(t.score_stage, "R4-lead-score",
                            f"lead score {score} ≥ threshold {sla.score.threshold}"))
     bofu = _bofu_at(view)
     if sla.score.bofu_conversion_is_mql and bofu is not None and score_rank is not None:
-        candidates.append((t.score_stage, "R4-lead-score",
+        candidates.append(_Candidate(t.score_stage, "R4-lead-score",
                            f"bottom-of-funnel conversion at {bofu.isoformat()}"))
     won = [d for d in view.deals if value_of(d, "deal_stage", None) in ctx.closed_won_terms]
     open_ = [d for d in view.deals if (ds := value_of(d, "deal_stage", None)) is not None
              and ds not in ctx.closed_terms]
     if won and ctx.rank(t.won_deal_stage) is not None:
-        candidates.append((t.won_deal_stage, "R6-deals", f"deal {won[0].id} is won"))
+        candidates.append(_Candidate(t.won_deal_stage, "R6-deals", f"deal {won[0].id} is won"))
     if open_ and opp_rank is not None:
-        candidates.append((t.open_deal_stage, "R6-deals", f"deal {open_[0].id} is open"))
+        candidates.append(_Candidate(t.open_deal_stage, "R6-deals",
+                                     f"deal {open_[0].id} is open"))
 
     # ---- R3: the re-hand-off guard --------------------------------------------------
     released = False
     if mem.guarded and returned_rank is not None:
         evidence = _evidence(view, ctx, mem, score)
-        allowed: list[tuple[str, str, str]] = []
-        blocked: list[tuple[str, str, str]] = []
+        allowed: list[_Candidate] = []
+        blocked: list[_Candidate] = []
         for c in candidates:
-            r = ctx.rank(c[0])
+            r = ctx.rank(c.stage)
             assert r is not None
             if r <= returned_rank:
                 allowed.append(c)
-            elif c[1] == "R6-deals" and _deal_after_return(view, mem):
+            elif c.rule == "R6-deals" and _deal_after_return(view, mem):
                 allowed.append(c)
                 released = True
-            elif c[1] == "R1-forward-only" and c[2].startswith(SALESFORCE) and \
-                    stage.get(SALESFORCE) == c[0] and _changed(mem, SALESFORCE, "lifecycle", c[0]):
+            elif c.source == SALESFORCE and _changed(mem, SALESFORCE, "lifecycle", c.stage):
                 allowed.append(c)  # sales moved it forward itself
                 released = True
             elif evidence is not None:
-                allowed.append((c[0], "R3-rehandoff-guard", f"{c[2]}; new evidence: {evidence}"))
+                allowed.append(_Candidate(c.stage, "R3-rehandoff-guard",
+                                          f"{c.reason}; new evidence: {evidence}"))
                 released = True
             else:
                 blocked.append(c)
         # once the guard is lifted this cycle, every promotion goes through
         candidates = allowed + blocked if released else allowed
         if blocked and not released:
-            why = "; ".join(f"{c[0]} ({c[2]})" for c in blocked)
+            why = "; ".join(f"{c.stage} ({c.reason})" for c in blocked)
             if mem.blocked_promotion_at is None:
                 plan.event("R3-rehandoff-guard",
                            f"promotion blocked after return ({mem.return_reason}) without new "
@@ -509,14 +520,14 @@ def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
         if released:
             mem = replace(mem, released_at=now)
 
-    target = _max_stage(ctx, [c[0] for c in candidates])
+    target = _max_stage(ctx, [c.stage for c in candidates])
     target_reason: str | None = None
     target_rank = ctx.rank(target)
     if target is not None and target_rank is not None:
         # the rule credited is the first candidate reaching the target that is not R1
-        best = [c for c in candidates if c[0] == target]
-        best.sort(key=lambda c: c[1] == "R1-forward-only")
-        _t, rule, reason = best[0]
+        best = [c for c in candidates if c.stage == target]
+        best.sort(key=lambda c: c.rule == "R1-forward-only")
+        rule, reason = best[0].rule, best[0].reason
         target_reason = reason
         for s in present:
             r = ctx.rank(stage[s])
