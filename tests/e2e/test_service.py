@@ -467,6 +467,8 @@ def test_two_daemons_on_one_store_never_run_the_same_cycle_at_once(
 ) -> None:
     first = start_service()
     first.wait_ok_cycles("contacts", 1)
+    # Slow Salesforce down so that a cycle outlasts the interval: without leases they would overlap.
+    world.sb.salesforce_server.inject("delay", count=1_000_000, endpoint="query", delay=0.5)
     # The second daemon shares the store and the config, but not the metrics port.
     second_cfg = world.tmp / "second.toml"
     second_cfg.write_text(
