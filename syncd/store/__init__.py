@@ -673,10 +673,18 @@ class Tx:
     def query_audit(self, email: str | None = None, record_id: str | None = None,
                     rule: str | None = None, system: str | None = None,
                     since: datetime | None = None, until: datetime | None = None,
-                    entity_id: str | None = None, limit: int = 1000) -> list[AuditRow]:
-        """Audit rows matching every given filter, oldest first; ``until`` is exclusive."""
+                    entity_id: str | None = None, limit: int = 1000,
+                    newest: bool = False) -> list[AuditRow]:
+        """Audit rows matching every given filter, oldest first; ``until`` is exclusive.
+
+        ``limit`` keeps the oldest rows, or with ``newest=True`` the most recent ones
+        (still returned oldest first): "why did this change?" asks about the latest.
+        """
         t = s.audit
-        q = sa.select(t).order_by(t.c.at, t.c.id).limit(limit)
+        if newest:
+            q = sa.select(t).order_by(t.c.at.desc(), t.c.id.desc()).limit(limit)
+        else:
+            q = sa.select(t).order_by(t.c.at, t.c.id).limit(limit)
         for col, val in ((t.c.email_norm, email), (t.c.record_id, record_id),
                          (t.c.rule, rule), (t.c.system, system), (t.c.entity_id, entity_id)):
             if val is not None:
@@ -685,7 +693,8 @@ class Tx:
             q = q.where(t.c.at >= since)
         if until is not None:
             q = q.where(t.c.at < until)
-        return [AuditRow(**m) for m in self.conn.execute(q).mappings()]
+        rows = [AuditRow(**m) for m in self.conn.execute(q).mappings()]
+        return rows[::-1] if newest else rows
 
     # --------------------------------------------------------------- quarantine
 
