@@ -133,7 +133,8 @@ def status(c: Ctx, as_json: bool) -> None:
 @click.option("--system", type=click.Choice(["hubspot", "salesforce"]), default=None)
 @click.option("--since", type=click.DateTime(), default=None)
 @click.option("--until", type=click.DateTime(), default=None)
-@click.option("--limit", type=int, default=200, show_default=True)
+@click.option("--limit", type=int, default=200, show_default=True,
+              help="Show the most recent N writes.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def audit(c: Ctx, email: str | None, record_id: str | None, rule: str | None, system: str | None,
@@ -149,7 +150,8 @@ def audit(c: Ctx, email: str | None, record_id: str | None, rule: str | None, sy
         try:
             with store.tx() as tx:
                 rows = tx.query_audit(email=normalise_email(email), record_id=record_id, rule=rule,
-                                      system=system, since=_utc(since), until=_utc(until), limit=limit)
+                                      system=system, since=_utc(since), until=_utc(until),
+                                      limit=limit, newest=True)
         finally:
             store.close()
         if as_json:

@@ -133,7 +133,7 @@ def print_audit(rows: Sequence[AuditRow], console: Console | None = None, *, sho
         who = r.email_norm or r.entity_id or ""
         t.add_row(r.at.isoformat()[:19], who if show_emails else mask_email(who), r.system,
                   f"{r.object}/{r.record_id}", r.field, f"{r.before} → {r.after}", r.rule, r.reason,
-                  r.mapping_rev[:14])
+                  r.mapping_rev if ":" in r.mapping_rev else r.mapping_rev[:12])  # keep "+dirty"
     console.print(t)
 
 
