@@ -183,3 +183,8 @@ def test_returned_not_ready_round_trip_keeps_the_revision_in_force_at_each_step(
     assert env.audit("--email", QUERY, "--system", "salesforce") == \
         [r for r in history if r["system"] == "salesforce"]
     assert env.audit("--email", "someone.else@example.test") == []
+    # --limit keeps the most recent writes ("why did this change?" is about the latest).
+    assert env.audit("--email", QUERY, "--limit", "4") == history[-4:]
+    # The table names the revision too (a commit's first 12 hex digits).
+    table = env.syncd("audit", "--email", QUERY).stdout
+    assert rev_a[:12] in table and rev_b[:12] in table
