@@ -48,6 +48,10 @@ class _Narrator:
             for c in cases:
                 self.names.setdefault(c.email.strip().lower(), c.name)
         self.story_emails = {c.email.strip().lower() for k in STORY_KINDS for c in summary.cases.get(k, [])}
+        # Deal writes carry no email: the story's deals are recognised by their record ids.
+        self.story_deals: dict[str, str] = {
+            rid: c.email.strip().lower() for k in STORY_KINDS for c in summary.cases.get(k, [])
+            for rid in (c.hubspot_deal_id, c.sf_opportunity_id) if rid}
         self.seen: set[int] = set()
         self.by_rule: Counter[str] = Counter()
         self.lock = threading.Lock()
@@ -73,7 +77,7 @@ class _Narrator:
                     continue
                 self.seen.add(r.id)
                 self.by_rule[r.rule] += 1
-                email = r.email_norm or ""
+                email = r.email_norm or self.story_deals.get(r.record_id or "", "")
                 if detail_all or email in self.story_emails:
                     name = self.names.get(email, "a person")
                     self.console.print(
