@@ -197,9 +197,11 @@ class ServiceMetrics:
         if usage.reported_limit is not None:
             self.api_reported_limit.labels(system).set(usage.reported_limit)
 
-    def calls_today(self, system: str) -> int:
+    def calls_today(self, system: str, now: datetime | None = None) -> int:
+        """Calls this process made on ``now``'s UTC day (0 once the day has turned)."""
+        day = (now or datetime.now(UTC)).date()
         with self._lock:
-            return self._today.get(system, 0)
+            return self._today.get(system, 0) if day == self._day else 0
 
     def observe_store(self, store: Any) -> None:
         """Outbox depth, quarantine size, unmapped values, open SLA breaches (one short read)."""

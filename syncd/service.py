@@ -45,7 +45,6 @@ from syncd.errors import (
     AuthError,
     BudgetExhausted,
     ConfigError,
-    MappingError,
     RetriableError,
     SyncError,
 )
@@ -253,7 +252,7 @@ class Service:
                 )
             mappings, sla = load_rules_files(new_cfg)
             connectors = build_connectors(new_cfg, mappings)
-        except (ConfigError, MappingError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a bad reload never takes the service down
             log.error(
                 "reload_failed",
                 error=" | ".join(str(exc).splitlines()),
@@ -391,6 +390,25 @@ class Service:
         for system in self.rt.connectors:
             until = self.backoff.get(system)
             if until is not None and until[0] > now:
+                continue
+            budget = (
+                self.cfg.hubspot.daily_budget
+                if system == "hubspot"
+                else (self.cfg.salesforce.daily_budget)
+            )
+            if self.metrics.calls_today(system, now) >= budget:
+                midnight = (now + timedelta(days=1)).replace(
+                    hour=0, minute=0, second=0, microsecond=0
+                )
+                why = f"our daily_budget of {budget} calls is spent"
+                self.backoff[system] = (midnight, why)
+                self.metrics.set_blocked(system, why)
+                log.error(
+                    "system_backed_off",
+                    system=system,
+                    error=why,
+                    retry_in_s=round((midnight - now).total_seconds()),
+                )
                 continue
             out.append(system)
         return out

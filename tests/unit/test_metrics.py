@@ -145,7 +145,10 @@ def test_daily_call_count_starts_over_on_a_new_utc_day(metrics: ServiceMetrics) 
     metrics.observe_usage("hubspot", usage, now=T0)
     usage.count("contacts.search")
     metrics.observe_usage("hubspot", usage, now=T0 + timedelta(days=1))
-    assert metrics.calls_today("hubspot") == 1
+    assert metrics.calls_today("hubspot", T0 + timedelta(days=1)) == 1
+    assert (
+        metrics.calls_today("hubspot", T0 + timedelta(days=2)) == 0
+    )  # nothing called yet that day
     text = metrics.render().decode()
     assert value(text, "syncd_api_calls_total", system="hubspot", endpoint="contacts.search") == 2
 
