@@ -278,33 +278,61 @@ def _view(tx: Tx, m: Mappings, entity: str, rows: list[RecordRow],
         memory=rules.Memory.from_json(json.dumps(memory)) if memory else rules.Memory())
 
 
-def _decide(tx: Tx, side: Side, entities: Sequence[str], now: datetime, limit: int,
-            ) -> tuple[dict[tuple[str, str], _Bucket], int]:
-    """Decisions by (rule, action) for these people under one side's files; and how many
-    writes that side's mappings could not express."""
+def _deal_view(m: Mappings, entity: str, rows: list[RecordRow],
+               memory: Mapping[str, Any] | None) -> rules.DealView | None:
+    """The engine's deal view, re-mapped under ``m`` (None: no deal or unmappable)."""
+    deals = [r for r in rows if r.kind == "deal"]
+    if not deals:
+        return None
+    mapped: dict[str, CanonicalRecord | None] = {}
+    for system, row in (("hubspot", _pick(deals, "hubspot", ("deals",))),
+                        ("salesforce", _pick(deals, "salesforce", ("Opportunity",)))):
+        c = _map(m, _raw_of(row)) if row is not None else None
+        if isinstance(c, str):
+            return None
+        mapped[system] = c
+    return rules.DealView(
+        entity_id=entity, hubspot=mapped["hubspot"], salesforce=mapped["salesforce"],
+        memory=rules.Memory.from_json(json.dumps(memory)) if memory else rules.Memory())
+
+
+def _decide(tx: Tx, side: Side, people: Sequence[str], deals: Sequence[str], now: datetime,
+            limit: int) -> tuple[dict[tuple[str, str], _Bucket], int]:
+    """Decisions by (rule, action) for these people and deals under one side's files; and
+    how many writes that side's mappings could not express."""
     ctx = rule_context(side.mappings, side.sla)
     out: dict[tuple[str, str], _Bucket] = {}
     unwritable = 0
-    for i in range(0, len(entities), 500):
-        chunk = list(entities[i:i + 500])
-        by_entity = tx.records_by_entity(chunk)
-        memories = tx.get_memory(chunk)
-        for entity in chunk:
-            rows = by_entity.get(entity, [])
-            view = _view(tx, side.mappings, entity, rows, memories.get(entity))
-            if view is None:
-                continue
-            email = next((r.email_norm for r in rows if r.email_norm), None)
-            for d in rules.decide_person(view, ctx, now).decisions:
-                if d.action != "event" and d.system and d.object:
-                    try:
-                        side.mappings.to_raw(d.system, d.object, d.changes)
-                    except RecordError:
-                        unwritable += 1
-                b = out.setdefault((d.rule, d.event or d.action), _Bucket({
-                    "rule": d.rule, "action": d.event or d.action, "example": d.reason}))
-                b.add({"entity_id": entity, "record_id": d.record_id,
-                       "email": mask_email(email) if email else None}, limit)
+
+    def count(entity: str, decisions: Sequence[rules.Decision], email: str | None) -> None:
+        nonlocal unwritable
+        for d in decisions:
+            if d.action != "event" and d.system and d.object:
+                try:
+                    side.mappings.to_raw(d.system, d.object, d.changes)
+                except RecordError:
+                    unwritable += 1
+            b = out.setdefault((d.rule, d.event or d.action), _Bucket({
+                "rule": d.rule, "action": d.event or d.action, "example": d.reason}))
+            b.add({"entity_id": entity, "record_id": d.record_id,
+                   "email": mask_email(email) if email else None}, limit)
+
+    for kind, entities in (("person", people), ("deal", deals)):
+        for i in range(0, len(entities), 500):
+            chunk = list(entities[i:i + 500])
+            by_entity = tx.records_by_entity(chunk)
+            memories = tx.get_memory(chunk)
+            for entity in chunk:
+                rows = by_entity.get(entity, [])
+                if kind == "person":
+                    view = _view(tx, side.mappings, entity, rows, memories.get(entity))
+                    if view is not None:
+                        email = next((r.email_norm for r in rows if r.email_norm), None)
+                        count(entity, rules.decide_person(view, ctx, now).decisions, email)
+                else:
+                    dview = _deal_view(side.mappings, entity, rows, memories.get(entity))
+                    if dview is not None:
+                        count(entity, rules.decide_deal(dview, ctx, now).decisions, None)
     return out, unwritable
 
 
@@ -328,8 +356,10 @@ def impact(store: Store, mappings_dir: Path | str, rev_from: str = "HEAD",
             for row in tx.iter_records():
                 diff.record(row)
             people = sorted(_people_touched(tx, diff.changed_rows))
-            fired, unwritable = _decide(tx, new, people, now, samples)
-            baseline, _ = _decide(tx, old, people, now, 0)
+            deals = sorted({r.entity_id for r in diff.changed_rows
+                            if r.kind == "deal" and r.entity_id})
+            fired, unwritable = _decide(tx, new, people, deals, now, samples)
+            baseline, _ = _decide(tx, old, people, deals, now, 0)
         rule_keys = sorted(set(fired) | set(baseline))
         rules_out: list[dict[str, Any]] = []
         for k in rule_keys:
@@ -345,6 +375,7 @@ def impact(store: Store, mappings_dir: Path | str, rev_from: str = "HEAD",
             "records_scanned": diff.scanned,
             "records_changed": len(diff.changed),
             "people_affected": len(people),
+            "deals_affected": len(deals),
             "transitions": _buckets(diff.terms),
             "value_changes": _buckets(diff.values),
             "unmappable": _buckets(diff.errors),
@@ -353,7 +384,7 @@ def impact(store: Store, mappings_dir: Path | str, rev_from: str = "HEAD",
             "now": now.isoformat(),
         }
     log.info("mappings_impact", rev_from=old.revision, rev_to=new.revision,
-             scanned=diff.scanned, changed=len(diff.changed), people=len(people))
+             scanned=diff.scanned, changed=len(diff.changed), people=len(people), deals=len(deals))
     return result
 
 
@@ -394,7 +425,8 @@ def format_impact(result: Mapping[str, Any]) -> str:
            f"{t['rev']} ({_short(t['revision'])})",
            "",
            f"Re-mapped {result['records_scanned']} stored records (no writes, no API calls): "
-           f"{result['records_changed']} change, touching {result['people_affected']} people.",
+           f"{result['records_changed']} change, touching {result['people_affected']} people "
+           f"and {result['deals_affected']} deals.",
            ""]
     if result["transitions"]:
         out += ["### Term changes", ""]

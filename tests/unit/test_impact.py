@@ -46,6 +46,8 @@ class World:
     hs_open: dict[str, str]  # HubSpot contact id -> email, hs_lead_status OPEN
     sf_working: dict[str, str]  # Salesforce Lead id -> email, Status 'Working - Contacted'
     hs_emails: set[str]
+    sf_proposal: set[str]  # Opportunity ids in 'Proposal/Price Quote'
+    hs_deals: dict[str, str]  # HubSpot deal id -> dealstage
     n_records: int
 
 
@@ -79,10 +81,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                      if c.get("hs_lead_status") == "OPEN"},
             sf_working={r["Id"]: r["Email"] for r in leads if r["Status"] == "Working - Contacted"},
             hs_emails={e for c in contacts if (e := normalise_email(c.get("email")))},
+            sf_proposal={o["Id"] for o in sb.salesforce.all("Opportunity")
+                         if o["StageName"] == "Proposal/Price Quote"},
+            hs_deals={d["hs_object_id"]: d["dealstage"] for d in sb.hubspot.all("deals")},
             n_records=n,
         )
     # The sandbox is stopped from here on: impact must not need a CRM.
-    assert w.hs_open and w.sf_working, "the seed must give both transitions something to count"
+    assert w.hs_open and w.sf_working and w.sf_proposal, \
+        "the seed must give every transition something to count"
     yield w
 
 
@@ -274,6 +280,7 @@ def test_cli_json_shape_and_markdown(world: World, repo: Path) -> None:
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert set(data) >= {"from", "to", "records_scanned", "records_changed", "people_affected",
+                         "deals_affected",
                          "transitions", "value_changes", "unmappable", "rules", "unwritable_writes"}
     (t,) = data["transitions"]
     assert set(t) == {"system", "object", "kind", "raw_field", "raw_value", "term_field", "old",
@@ -299,3 +306,29 @@ def test_cli_bad_mapping_exits_2_with_file_line(world: World, repo: Path) -> Non
     assert "hubspot.toml:" in r.stderr and "Traceback" not in r.stderr
     r = cli(world, repo, "--from", "v9.9")
     assert r.returncode == 2 and "unknown git revision 'v9.9'" in r.stderr
+
+
+def test_deal_stage_change_counts_deals_and_decides_them(world: World, repo: Path) -> None:
+    edit(repo / "salesforce.toml",
+         'quote_building = ["Value Proposition", "Id. Decision Makers", "Perception Analysis"]\n'
+         'quote_presented = ["Proposal/Price Quote", "Negotiation/Review"]',
+         'quote_building = ["Value Proposition", "Id. Decision Makers", "Perception Analysis", '
+         '"Proposal/Price Quote"]\nquote_presented = ["Negotiation/Review"]')
+
+    result = run_impact(world, repo)
+
+    (t,) = result["transitions"]
+    assert (t["system"], t["object"], t["raw_field"], t["raw_value"], t["old"], t["new"]) == (
+        "salesforce", "Opportunity", "StageName", "Proposal/Price Quote", "quote_presented",
+        "quote_building")
+    assert (t["count"], t["unit"]) == (len(world.sf_proposal), "deals")
+    assert {s["record_id"] for s in t["samples"]} <= world.sf_proposal
+    # Every such opportunity is linked to a HubSpot deal in this seed: sales owns the deal
+    # stage, so each HubSpot deal would be moved to the new term (rule R6), and nothing else.
+    assert result["deals_affected"] == len(world.sf_proposal)
+    (r,) = result["rules"]
+    assert (r["rule"], r["action"], r["count"], r["baseline"]) == (
+        "R6-deals", "set", len(world.sf_proposal), 0)
+    assert "quote_building" in r["example"]
+    for s in r["samples"]:
+        assert world.hs_deals[s["record_id"]] == "contractsent"  # quote_presented in HubSpot
