@@ -170,7 +170,10 @@ class _Diff:
         self.scanned = 0
         self.changed: set[tuple[str, str, str]] = set()
         self.entities: set[str] = set()
-        self.changed_rows: list[RecordRow] = []
+        # what the rules need afterwards (not the rows: a change may touch every record)
+        self.people: set[str] = set()
+        self.deals: set[str] = set()
+        self.person_keys: set[tuple[str, str, str]] = set()  # people deals/tasks point at
 
     def record(self, row: RecordRow) -> None:
         self.scanned += 1
@@ -216,7 +219,20 @@ class _Diff:
                 changed = True
         if changed:
             self.changed.add(row.key)
-            self.changed_rows.append(row)
+            self._touch(row)
+
+    def _touch(self, row: RecordRow) -> None:
+        if row.kind == "person":
+            if row.entity_id:
+                self.people.add(row.entity_id)
+            return
+        if row.kind == "deal" and row.entity_id:
+            self.deals.add(row.entity_id)
+        v = row.canonical.get("values", {})  # the links as the engine made them
+        refs = v.get("contact_ids") if row.kind == "deal" else [v.get("who_id")]
+        objects = ("contacts",) if row.system == "hubspot" else ("Contact", "Lead")
+        self.person_keys.update((row.system, obj, str(x)) for x in (refs or []) if x
+                                for obj in objects)
 
 
 def _buckets(d: Mapping[tuple[str, ...], _Bucket]) -> list[dict[str, Any]]:
@@ -229,22 +245,10 @@ def _buckets(d: Mapping[tuple[str, ...], _Bucket]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- rules
 
 
-def _people_touched(tx: Tx, rows: Sequence[RecordRow]) -> set[str]:
-    """Entities of the people whose records (or whose deals/tasks) changed."""
-    from syncd.linking import person_entities_of
-
-    out: set[str] = set()
-    for r in rows:
-        if r.kind == "person":
-            if r.entity_id:
-                out.add(r.entity_id)
-            continue
-        v = r.canonical.get("values", {})
-        refs = v.get("contact_ids") if r.kind == "deal" else [v.get("who_id")]
-        ids = [str(x) for x in (refs or []) if x]
-        if ids:
-            out |= person_entities_of(tx, r.system, ids)
-    return out
+def _people_touched(tx: Tx, diff: _Diff) -> set[str]:
+    """Entities of the people whose records, deals or connection attempts changed."""
+    found = tx.get_records(diff.person_keys) if diff.person_keys else {}
+    return diff.people | {r.entity_id for r in found.values() if r.entity_id}
 
 
 def _view(tx: Tx, m: Mappings, entity: str, rows: list[RecordRow],
@@ -355,9 +359,8 @@ def impact(store: Store, mappings_dir: Path | str, rev_from: str = "HEAD",
         with store.tx(readonly=True) as tx:
             for row in tx.iter_records():
                 diff.record(row)
-            people = sorted(_people_touched(tx, diff.changed_rows))
-            deals = sorted({r.entity_id for r in diff.changed_rows
-                            if r.kind == "deal" and r.entity_id})
+            people = sorted(_people_touched(tx, diff))
+            deals = sorted(diff.deals)
             fired, unwritable = _decide(tx, new, people, deals, now, samples)
             baseline, _ = _decide(tx, old, people, deals, now, 0)
         rule_keys = sorted(set(fired) | set(baseline))

@@ -48,6 +48,7 @@ class World:
     hs_emails: set[str]
     sf_proposal: set[str]  # Opportunity ids in 'Proposal/Price Quote'
     hs_deals: dict[str, str]  # HubSpot deal id -> dealstage
+    sf_calls: dict[str, str]  # Task id -> WhoId, Type 'Call'
     n_records: int
 
 
@@ -84,10 +85,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             sf_proposal={o["Id"] for o in sb.salesforce.all("Opportunity")
                          if o["StageName"] == "Proposal/Price Quote"},
             hs_deals={d["hs_object_id"]: d["dealstage"] for d in sb.hubspot.all("deals")},
+            sf_calls={t["Id"]: t["WhoId"] for t in sb.salesforce.all("Task")
+                      if t["Type"] == "Call"},
             n_records=n,
         )
     # The sandbox is stopped from here on: impact must not need a CRM.
-    assert w.hs_open and w.sf_working and w.sf_proposal, \
+    assert w.hs_open and w.sf_working and w.sf_proposal and w.sf_calls, \
         "the seed must give every transition something to count"
     yield w
 
@@ -332,3 +335,20 @@ def test_deal_stage_change_counts_deals_and_decides_them(world: World, repo: Pat
     assert "quote_building" in r["example"]
     for s in r["samples"]:
         assert world.hs_deals[s["record_id"]] == "contractsent"  # quote_presented in HubSpot
+
+
+def test_attempt_types_change_is_a_value_change_on_tasks_touching_their_people(
+        world: World, repo: Path) -> None:
+    edit(repo / "salesforce.toml", 'types = ["Call", "Email"]', 'types = ["Email"]')
+
+    result = run_impact(world, repo)
+
+    assert result["transitions"] == []
+    (v,) = result["value_changes"]
+    assert (v["system"], v["object"], v["field"], v["count"], v["unit"]) == (
+        "salesforce", "Task", "counts", len(world.sf_calls), "tasks")
+    assert {s["record_id"] for s in v["samples"]} <= set(world.sf_calls)
+    # The people those calls were logged on (one Lead or Contact each in this seed).
+    assert result["people_affected"] == len(set(world.sf_calls.values()))
+    # Fewer counting attempts can only delay a return (R5): nothing fires now.
+    assert result["rules"] == []
