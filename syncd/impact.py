@@ -356,9 +356,13 @@ def impact(store: Store, mappings_dir: Path | str, rev_from: str = "HEAD",
     samples = max(0, samples)
     with checkout(Path(mappings_dir), rev_from) as old, checkout(Path(mappings_dir), rev_to) as new:
         diff = _Diff(old.mappings, new.mappings, samples)
+        # An SLA change (thresholds, timers, ownership) can move anyone: decide everyone.
+        sla_changed = old.sla != new.sla
         with store.tx(readonly=True) as tx:
             for row in tx.iter_records():
                 diff.record(row)
+                if sla_changed and row.entity_id and row.kind in ("person", "deal"):
+                    (diff.people if row.kind == "person" else diff.deals).add(row.entity_id)
             people = sorted(_people_touched(tx, diff))
             deals = sorted(diff.deals)
             fired, unwritable = _decide(tx, new, people, deals, now, samples)
@@ -379,6 +383,7 @@ def impact(store: Store, mappings_dir: Path | str, rev_from: str = "HEAD",
             "records_changed": len(diff.changed),
             "people_affected": len(people),
             "deals_affected": len(deals),
+            "sla_changed": sla_changed,
             "transitions": _buckets(diff.terms),
             "value_changes": _buckets(diff.values),
             "unmappable": _buckets(diff.errors),
@@ -431,6 +436,8 @@ def format_impact(result: Mapping[str, Any]) -> str:
            f"{result['records_changed']} change, touching {result['people_affected']} people "
            f"and {result['deals_affected']} deals.",
            ""]
+    if result.get("sla_changed"):
+        out += ["sla.toml changed: every person and deal in the store is decided again.", ""]
     if result["transitions"]:
         out += ["### Term changes", ""]
         out += [f"- {transition_line(x)}" for x in result["transitions"]] + [""]

@@ -49,6 +49,8 @@ class World:
     sf_proposal: set[str]  # Opportunity ids in 'Proposal/Price Quote'
     hs_deals: dict[str, str]  # HubSpot deal id -> dealstage
     sf_calls: dict[str, str]  # Task id -> WhoId, Type 'Call'
+    hs_near: dict[str, str]  # HubSpot contact id -> email: subscriber/lead, score 40..49
+    sf_emails: set[str]
     n_records: int
 
 
@@ -87,10 +89,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             hs_deals={d["hs_object_id"]: d["dealstage"] for d in sb.hubspot.all("deals")},
             sf_calls={t["Id"]: t["WhoId"] for t in sb.salesforce.all("Task")
                       if t["Type"] == "Call"},
+            hs_near={c["hs_object_id"]: c["email"] for c in contacts
+                     if c.get("lifecyclestage") in ("subscriber", "lead")
+                     and 40 <= int(c.get("hubspotscore") or 0) < 50},
+            sf_emails={e for o in ("Lead", "Contact") for r in sb.salesforce.all(o)
+                       if (e := normalise_email(r.get("Email")))},
             n_records=n,
         )
     # The sandbox is stopped from here on: impact must not need a CRM.
-    assert w.hs_open and w.sf_working and w.sf_proposal and w.sf_calls, \
+    assert w.hs_open and w.sf_working and w.sf_proposal and w.sf_calls and w.hs_near, \
         "the seed must give every transition something to count"
     yield w
 
@@ -352,3 +359,19 @@ def test_attempt_types_change_is_a_value_change_on_tasks_touching_their_people(
     assert result["people_affected"] == len(set(world.sf_calls.values()))
     # Fewer counting attempts can only delay a return (R5): nothing fires now.
     assert result["rules"] == []
+
+
+def test_sla_threshold_change_decides_everyone(world: World, repo: Path) -> None:
+    edit(repo / "sla.toml", "threshold = 50", "threshold = 40")
+
+    result = run_impact(world, repo)
+
+    assert result["sla_changed"] is True and result["transitions"] == []
+    assert result["deals_affected"] == len(world.hs_deals)  # every deal is decided again
+    # Contacts at subscriber/lead with a score of 40..49 become MQLs (in HubSpot, and in
+    # Salesforce when it holds them too) and those unknown to Salesforce are handed to sales.
+    near_sf = [i for i, e in world.hs_near.items() if normalise_email(e) in world.sf_emails]
+    got = {(r["rule"], r["action"]): (r["count"], r["baseline"]) for r in result["rules"]}
+    assert got == {("R4-lead-score", "set"): (len(world.hs_near) + len(near_sf), 0),
+                   ("R8-handoff", "create"): (len(world.hs_near) - len(near_sf), 0)}
+    assert "sla.toml changed" in format_impact(result)
