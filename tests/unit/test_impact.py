@@ -12,7 +12,6 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,14 +53,13 @@ class World:
     n_records: int
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    d = tmp_path_factory.mktemp("impact")
-    state_url = f"sqlite:///{d}/state.db"
-    with Sandbox(d / "sb") as sb:
+def build_world(d: Path, state_url: str) -> World:
+    """Seed a sandbox, sync it into the store at ``state_url`` until converged, stop it."""
+    with Sandbox(d / "sb") as sb, pytest.MonkeyPatch.context() as mp:
         seed(sb.hubspot, sb.salesforce, SeedSpec(seed=7, people=150, deals=30))
         cfg = sb.write_config(d / "syncd.toml", state_url=state_url)
-        sb.export_env()
+        for k, v in sb.env().items():
+            mp.setenv(k, v)
         rt = open_runtime(load_config(cfg))
         try:
             for _ in range(6):  # until converged: the store then mirrors the sandbox
@@ -99,7 +97,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     # The sandbox is stopped from here on: impact must not need a CRM.
     assert w.hs_open and w.sf_working and w.sf_proposal and w.sf_calls and w.hs_near, \
         "the seed must give every transition something to count"
-    yield w
+    return w
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    d = tmp_path_factory.mktemp("impact")
+    return build_world(d, f"sqlite:///{d}/state.db")
 
 
 def git(repo: Path, *args: str) -> str:
@@ -375,3 +379,22 @@ def test_sla_threshold_change_decides_everyone(world: World, repo: Path) -> None
     assert got == {("R4-lead-score", "set"): (len(world.hs_near) + len(near_sf), 0),
                    ("R8-handoff", "create"): (len(world.hs_near) - len(near_sf), 0)}
     assert "sla.toml changed" in format_impact(result)
+
+
+def test_impact_reads_every_store_backend(store_url: str, tmp_path: Path) -> None:
+    """The same answer from SQLite and PostgreSQL (read-only transaction on both)."""
+    w = build_world(tmp_path, store_url)
+    m = tmp_path / "repo" / "mappings"
+    shutil.copytree(default_mappings_dir(), m)
+    git(m.parent, "init", "-q")
+    git(m.parent, "add", ".")
+    git(m.parent, "commit", "-qm", "default mappings")
+    change_salesforce(m)
+    before = store_snapshot(store_url)
+
+    result = run_impact(w, m)
+
+    assert [(t["raw_value"], t["old"], t["new"], t["count"]) for t in result["transitions"]] == [
+        ("Working - Contacted", "connected", "attempting", len(w.sf_working))]
+    assert result["records_scanned"] == w.n_records
+    assert store_snapshot(store_url) == before
