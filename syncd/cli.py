@@ -169,7 +169,9 @@ def _utc(d: datetime | None) -> datetime | None:
 def _row_dict(r: Any) -> dict[str, Any]:
     import dataclasses
 
-    return dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r._mapping)
+    if dataclasses.is_dataclass(r) and not isinstance(r, type):
+        return dataclasses.asdict(r)
+    return dict(r._mapping)
 
 
 # -- mappings -------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ class _Narrator:
     def __init__(self, console: Console, summary: SeedSummary) -> None:
         self.console = console
         self.names: dict[str, str] = {}
-        for kind, cases in summary.cases.items():
+        for cases in summary.cases.values():
             for c in cases:
                 self.names.setdefault(c.email.strip().lower(), c.name)
         self.story_emails = {c.email.strip().lower() for k in STORY_KINDS for c in summary.cases.get(k, [])}
