@@ -94,6 +94,8 @@ def checkout(mappings_dir: Path, rev: str | None) -> Iterator[Side]:
         m, sla = _load(d, str(d))
         yield Side(WORKING_TREE, m.revision, m, sla)
         return
+    if not rev or rev.startswith("-"):
+        raise MappingError(f"{d}:1:1: {rev!r} is not a git revision")
     if _git(d, "rev-parse", "--is-inside-work-tree").returncode != 0:
         raise MappingError(f"{d}:1:1: not inside a git repository; --from/--to need git "
                            "(compare two folders by committing them)")

@@ -282,6 +282,8 @@ def test_unknown_revision_and_folder_outside_git_are_clear_errors(world: World, 
                                                                  tmp_path: Path) -> None:
     with pytest.raises(MappingError, match="unknown git revision 'no-such-branch'"):
         run_impact(world, repo, "no-such-branch")
+    with pytest.raises(MappingError, match="'--output=x' is not a git revision"):
+        run_impact(world, repo, "HEAD", "--output=x")
     outside = tmp_path / "plain"
     shutil.copytree(default_mappings_dir(), outside)
     with pytest.raises(MappingError, match="not inside a git repository"):
