@@ -118,9 +118,7 @@ class Service:
                 self.server = MetricsServer(self.metrics, port).start()
             except OSError as exc:
                 self.close()
-                raise ConfigError(
-                    f"service.metrics_port: cannot listen on 127.0.0.1:{port}: {exc.strerror}"
-                ) from None
+                raise ConfigError(f"service.metrics_port: cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
         self._install_signals()
         self._beat()
         self._schedule()
@@ -246,10 +244,7 @@ class Service:
         try:
             new_cfg = load_config(self.config_file)
             if new_cfg.state_url() != self.cfg.state_url():
-                raise ConfigError(
-                    f"{self.config_file}: state.url changed; restart the service to "
-                    "switch state stores"
-                )
+                raise ConfigError(f"{self.config_file}: state.url changed; restart the service to switch state stores")
             mappings, sla = load_rules_files(new_cfg)
             connectors = build_connectors(new_cfg, mappings)
         except Exception as exc:  # noqa: BLE001 - a bad reload never takes the service down
@@ -353,6 +348,7 @@ class Service:
                 return
             try:
                 with self.rt.store.tx() as tx:
+                    self._fail_orphaned_resyncs(tx)
                     row = tx.claim_resync(self.owner)
             except Exception as exc:  # noqa: BLE001 - store briefly away: poll again
                 log.warning("resync_poll_failed", error=str(exc))
@@ -367,9 +363,7 @@ class Service:
             self._current = engine
             try:
                 req.validate()
-                result = run_resync(
-                    self.rt, req, engine, self.keeper, should_stop=self.stopping.is_set
-                )
+                result = run_resync(self.rt, req, engine, self.keeper, should_stop=self.stopping.is_set)
                 state: str = "done"
                 self._recovered(systems)
             except Exception as exc:  # noqa: BLE001 - a failed resync is reported, never fatal
@@ -383,6 +377,20 @@ class Service:
             self._observe_usage(self.rt)
             self._observe_store()
 
+    def _fail_orphaned_resyncs(self, tx: Any) -> None:
+        """Resyncs left ``running`` by a service that stopped beating are marked failed
+        (with how to retry), so they never look in progress for ever."""
+        running = [r for r in tx.resync_queue() if r.state == "running" and r.picked_by != self.owner]
+        if not running:
+            return
+        window = max(3 * min(intervals(self.cfg).values()), 10 * BEAT_S)
+        alive = {b.owner for b in tx.heartbeats(seen_since=utcnow() - timedelta(seconds=window))}
+        for r in running:
+            if r.picked_by not in alive:
+                why = f"the service running it ({r.picked_by}) stopped; run the resync again"
+                tx.finish_resync(r.id, "failed", {"error": why})
+                log.warning("resync_orphaned", id=r.id, picked_by=r.picked_by)
+
     # ------------------------------------------------------------------ failures and back-off
     def _available_systems(self) -> list[str]:
         now = utcnow()
@@ -391,15 +399,9 @@ class Service:
             until = self.backoff.get(system)
             if until is not None and until[0] > now:
                 continue
-            budget = (
-                self.cfg.hubspot.daily_budget
-                if system == "hubspot"
-                else (self.cfg.salesforce.daily_budget)
-            )
+            budget = self.cfg.hubspot.daily_budget if system == "hubspot" else (self.cfg.salesforce.daily_budget)
             if self.metrics.calls_today(system, now) >= budget:
-                midnight = (now + timedelta(days=1)).replace(
-                    hour=0, minute=0, second=0, microsecond=0
-                )
+                midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
                 why = f"our daily_budget of {budget} calls is spent"
                 self.backoff[system] = (midnight, why)
                 self.metrics.set_blocked(system, why)

@@ -161,9 +161,7 @@ def world(tmp_path: Path) -> Iterator[World]:
             "jitter_s = 0.2\nretry_max_attempts = 2\nretry_cap_s = 1\n"
             f"\n[service]\nmetrics_port = {port}\nshutdown_grace_s = 10\n"
         )
-        cfg = sb.write_config(
-            tmp_path / "syncd.toml", state_url=state_url, mappings_dir=mdir, extra=extra
-        )
+        cfg = sb.write_config(tmp_path / "syncd.toml", state_url=state_url, mappings_dir=mdir, extra=extra)
         env = {**os.environ, **sb.env()}
         yield World(sb, summary, tmp_path, cfg, env, port, mdir, state_url)
 
@@ -208,10 +206,7 @@ def returned_in_hubspot(world: World) -> bool:
 def handed_off_to_salesforce(world: World) -> bool:
     """HubSpot → Salesforce (contacts): the new MQL is a Salesforce Lead."""
     email = world.summary.first(STORY_SCORE).email
-    return any(
-        (lead.get("Email") or "").strip().lower() == email
-        for lead in world.sb.salesforce.all("Lead")
-    )
+    return any((lead.get("Email") or "").strip().lower() == email for lead in world.sb.salesforce.all("Lead"))
 
 
 def won_in_hubspot(world: World) -> bool:
@@ -260,9 +255,7 @@ def test_changes_flow_both_ways_within_two_cycles_and_metrics_health_answer(
     svc = start_service()
     svc.wait_ok_cycles("contacts", 1)
     svc.wait_ok_cycles("deals", 1)
-    assert not (
-        returned_in_hubspot(world) or handed_off_to_salesforce(world) or won_in_hubspot(world)
-    )
+    assert not (returned_in_hubspot(world) or handed_off_to_salesforce(world) or won_in_hubspot(world))
 
     contacts_before, deals_before = svc.ok_cycles("contacts"), svc.ok_cycles("deals")
     play_changes(world)
@@ -273,9 +266,7 @@ def test_changes_flow_both_ways_within_two_cycles_and_metrics_health_answer(
         return cycles if check(world) else None
 
     at_returned = wait_until(lambda: seen(returned_in_hubspot, "contacts"), "BAD_TIMING in HubSpot")
-    at_handoff = wait_until(
-        lambda: seen(handed_off_to_salesforce, "contacts"), "a new Salesforce Lead"
-    )
+    at_handoff = wait_until(lambda: seen(handed_off_to_salesforce, "contacts"), "a new Salesforce Lead")
     at_won = wait_until(lambda: seen(won_in_hubspot, "deals"), "closedwon in HubSpot")
     assert at_returned <= contacts_before + 2, "the Salesforce change took more than two cycles"
     assert at_handoff <= contacts_before + 2, "the HubSpot change took more than two cycles"
@@ -323,9 +314,7 @@ def test_sigterm_mid_cycle_exits_0_and_a_follow_up_sync_finishes_the_work_once(
         assert tx.outbox_depth() == 0
 
 
-def test_second_signal_exits_at_once(
-    world: World, start_service: Callable[[], ServiceProc]
-) -> None:
+def test_second_signal_exits_at_once(world: World, start_service: Callable[[], ServiceProc]) -> None:
     svc = start_service()
     svc.wait_ok_cycles("contacts", 1)
     before = world.sb.hubspot_server.request_count("contacts.search")
@@ -348,9 +337,7 @@ def test_queued_resync_is_picked_up_by_the_running_service(
 
     out = world.syncd("resync", "--object", "contacts", "--full")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == (
-        f"queued resync #1; a running service (pid {svc.proc.pid}) will pick it up"
-    )
+    assert out.stdout.strip() == (f"queued resync #1; a running service (pid {svc.proc.pid}) will pick it up")
 
     def finished() -> Any:
         svc.alive()
@@ -392,21 +379,15 @@ def test_sighup_with_a_broken_mapping_file_keeps_the_old_mappings(
     hubspot_toml.write_text(good + "\n[contacts.terms.lifecycle\nbroken = \n")
     svc.proc.send_signal(signal.SIGHUP)
 
-    failed = wait_until(
-        lambda: svc.alive() and svc.events("reload_failed"), "reload_failed in the log"
-    )
+    failed = wait_until(lambda: svc.alive() and svc.events("reload_failed"), "reload_failed in the log")
     assert "hubspot.toml:" in failed[0]["error"] and "\n" not in failed[0]["error"]
     assert failed[0]["kept_mapping_revision"] == revision
 
     # The old mappings are still in force: the service keeps syncing.
     cycles = svc.ok_cycles("contacts")
     returned_not_ready(world.sb.hubspot, world.sb.salesforce, world.summary)
-    wait_until(
-        lambda: svc.alive() and returned_in_hubspot(world), "BAD_TIMING with the old mappings"
-    )
-    wait_until(
-        lambda: svc.ok_cycles("contacts") > cycles, "a successful cycle with the old mappings"
-    )
+    wait_until(lambda: svc.alive() and returned_in_hubspot(world), "BAD_TIMING with the old mappings")
+    wait_until(lambda: svc.ok_cycles("contacts") > cycles, "a successful cycle with the old mappings")
 
     hubspot_toml.write_text(good + "\n# reviewed in git\n")
     svc.proc.send_signal(signal.SIGHUP)
@@ -445,9 +426,7 @@ def test_bad_credentials_back_off_that_system_and_the_service_keeps_running(
     svc.wait_ok_cycles("contacts", 1)
     world.sb.salesforce.expire_sessions()  # every Salesforce call now answers 401
 
-    backed = wait_until(
-        lambda: svc.alive() and svc.events("system_backed_off"), "system_backed_off in the log"
-    )
+    backed = wait_until(lambda: svc.alive() and svc.events("system_backed_off"), "system_backed_off in the log")
     assert backed[0]["system"] == "salesforce"
     assert "authentication failed" in backed[0]["error"]
     assert backed[0]["retry_in_s"] == 300
@@ -473,9 +452,7 @@ def test_two_daemons_on_one_store_never_run_the_same_cycle_at_once(
     world.sb.salesforce_server.inject("delay", count=1_000_000, endpoint="query", delay=0.5)
     # The second daemon shares the store and the config, but not the metrics port.
     second_cfg = world.tmp / "second.toml"
-    second_cfg.write_text(
-        world.config.read_text().replace(f"metrics_port = {world.metrics_port}", "metrics_port = 0")
-    )
+    second_cfg.write_text(world.config.read_text().replace(f"metrics_port = {world.metrics_port}", "metrics_port = 0"))
     err = world.tmp / "second.stderr"
     with err.open("wb") as e:
         second = subprocess.Popen(
@@ -511,3 +488,23 @@ def test_two_daemons_on_one_store_never_run_the_same_cycle_at_once(
         if prev.status == "running":  # the killed daemon's run never finished
             continue
         assert prev.finished_at is not None and nxt.started_at >= prev.finished_at, (prev, nxt)
+
+
+def test_a_resync_left_running_by_a_dead_service_is_marked_failed(
+    world: World, start_service: Callable[[], ServiceProc]
+) -> None:
+    with world.store() as store, store.tx() as tx:
+        rid = tx.queue_resync({"group": "contacts", "full": True})
+        claimed = tx.claim_resync("gone-host:4242:deadbeef")  # a service that died mid-resync
+        assert claimed is not None and claimed.id == rid
+    svc = start_service()
+
+    def state() -> Any:
+        svc.alive()
+        with world.store() as store, store.tx() as tx:
+            row = next(r for r in tx.resync_queue(include_finished=True) if r.id == rid)
+        return row if row.state != "running" else None
+
+    row = wait_until(state, "the orphaned resync to be closed")
+    assert row.state == "failed" and "run the resync again" in row.result["error"]
+    assert svc.stop() == 0
