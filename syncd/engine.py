@@ -221,11 +221,10 @@ class Engine:
                 link_deals(tx, rows, ls)
                 people = set(ls.touched_people)
                 # deals and connection attempts touch the people they point at
-                for row in rows:
-                    if row.kind in ("deal", "attempt"):
-                        people |= _people_of(tx, row)
-                for deal_entity in ls.touched_deals:
-                    people |= _people_of_deal_entity(tx, deal_entity)
+                people |= _people_of_rows(tx, [r for r in rows if r.kind in ("deal", "attempt")])
+                if ls.touched_deals:
+                    deal_rows = tx.records_by_entity(sorted(ls.touched_deals)).values()
+                    people |= _people_of_rows(tx, [r for rs in deal_rows for r in rs])
                 people |= set(tx.due_entities(self.clock()))
                 self._decide(tx, sorted(people), sorted(ls.touched_deals), stats)
                 tx.clear_dirty([(r.system, r.object, r.id) for r in dirty])
@@ -252,8 +251,11 @@ class Engine:
             chunk = people[i:i + CHUNK]
             by_entity = tx.records_by_entity(chunk)
             memories = tx.get_memory(chunk)
+            refs = _referrers_by_ref(
+                tx, [r for e in chunk for r in by_entity.get(e, []) if r.kind == "person"])
             for entity in chunk:
-                view = self._person_view(tx, entity, by_entity.get(entity, []), memories.get(entity))
+                view = self._person_view(tx, entity, by_entity.get(entity, []),
+                                         memories.get(entity), refs)
                 if view is None:
                     continue
                 outcome = rules.decide_person(view, self.ctx, now)
@@ -273,7 +275,9 @@ class Engine:
                             [r for r in (dview.hubspot, dview.salesforce) if r], stats)
                 tx.set_memory(entity, json.loads(outcome_d.memory.to_json()))
 
-    def _person_view(self, tx: Tx, entity: str, rows: list[RecordRow], memory: Any) -> rules.PersonView | None:
+    def _person_view(self, tx: Tx, entity: str, rows: list[RecordRow], memory: Any,
+                     refs: Mapping[tuple[str, str], list[RecordRow]] | None = None,
+                     ) -> rules.PersonView | None:
         persons = [r for r in rows if r.kind == "person"]
         if not persons:
             return None
@@ -285,7 +289,12 @@ class Engine:
             ids = [r.id for r in persons if r.system == system]
             if not ids:
                 continue
-            for ref in tx.referrers(system, ids):
+            if refs is None:
+                referrers = tx.referrers(system, ids)
+            else:  # prefetched for the whole chunk: the same rows, each once, in key order
+                found = {ref.key: ref for rid in ids for ref in refs.get((system, rid), ())}
+                referrers = [found[k] for k in sorted(found)]
+            for ref in referrers:
                 c = canonical_of(ref)
                 if ref.kind == "deal":
                     deals.append(c)
@@ -503,18 +512,29 @@ def _refs_of(row: RecordRow) -> list[str] | None:
     return None
 
 
-def _people_of(tx: Tx, row: RecordRow) -> set[str]:
-    from syncd.linking import person_entities_of
+def _people_of_rows(tx: Tx, rows: Sequence[RecordRow]) -> set[str]:
+    """Entities of the people these deal/attempt rows point at: one store lookup for all rows."""
+    keys: set[tuple[str, str, str]] = set()
+    for row in rows:
+        objects = ("contacts",) if row.system == "hubspot" else ("Contact", "Lead")
+        keys.update((row.system, obj, str(cid)) for cid in (_refs_of(row) or []) for obj in objects)
+    if not keys:
+        return set()
+    return {r.entity_id for r in tx.get_records(keys).values() if r.entity_id}
 
-    refs = _refs_of(row) or []
-    return person_entities_of(tx, row.system, refs)
 
-
-def _people_of_deal_entity(tx: Tx, entity: str) -> set[str]:
-    out: set[str] = set()
-    for rows in tx.records_by_entity([entity]).values():
-        for r in rows:
-            out |= _people_of(tx, r)
+def _referrers_by_ref(tx: Tx,
+                      persons: Sequence[RecordRow]) -> dict[tuple[str, str], list[RecordRow]]:
+    """``Tx.referrers`` for many person records at once, keyed by (system, person id)."""
+    out: dict[tuple[str, str], list[RecordRow]] = {}
+    for system in SYSTEMS:
+        ids = {r.id for r in persons if r.system == system}
+        if not ids:
+            continue
+        for ref in tx.referrers(system, ids):
+            for rid in set(_refs_of(ref) or ()):
+                if rid in ids:
+                    out.setdefault((system, rid), []).append(ref)
     return out
 
 
