@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -55,16 +55,23 @@ def link_people(tx: Tx, rows: Iterable[RecordRow], stats: LinkStats) -> None:
     unlinked = [r for r in rows if not r.entity_id]
     emails = sorted({r.email_norm for r in unlinked if r.email_norm})
     by_email = tx.records_by_email(emails) if emails else {}
+    # The stored entity of every unlinked row, read once; links made below are tracked in
+    # memory instead of re-reading each row (one query per row made linking the hot spot).
+    stored = tx.get_records([_key(r) for r in unlinked]) if unlinked else {}
+    tracker = _TrackingTx(tx)
+    ttx = cast(Tx, tracker)  # a Tx by delegation
     for row in unlinked:
-        fresh = tx.get_records([_key(row)]).get(_key(row))
-        if fresh is not None and fresh.entity_id:  # linked meanwhile (conversion, earlier row)
-            stats.touched_people.add(fresh.entity_id)
+        fresh_entity = tracker.assigned.get(_key(row))
+        if fresh_entity is None and _key(row) in stored:
+            fresh_entity = stored[_key(row)].entity_id
+        if fresh_entity:  # linked meanwhile (conversion, earlier row)
+            stats.touched_people.add(fresh_entity)
             continue
-        entity = _match_by_email(tx, row, by_email.get(row.email_norm or "", []), stats)
+        entity = _match_by_email(ttx, row, by_email.get(row.email_norm or "", []), stats)
         if entity is None:
-            entity = _ensure_entity(tx, row, stats)
+            entity = _ensure_entity(ttx, row, stats)
         else:
-            tx.set_entity([_key(row)], entity)
+            ttx.set_entity([_key(row)], entity)
             stats.linked += 1
         stats.touched_people.add(entity)
         # keep the in-memory candidate list current for later rows of this batch
@@ -75,6 +82,23 @@ def link_people(tx: Tx, rows: Iterable[RecordRow], stats: LinkStats) -> None:
     for row in rows:
         if row.entity_id:
             stats.touched_people.add(row.entity_id)
+
+
+class _TrackingTx:
+    """A ``Tx`` that remembers the entity ids set through it (for link_people's loop)."""
+
+    def __init__(self, tx: Tx) -> None:
+        self.tx = tx
+        self.assigned: dict[Key, str | None] = {}
+
+    def set_entity(self, keys: Iterable[Key], entity_id: str | None) -> None:
+        keys = list(keys)
+        self.tx.set_entity(keys, entity_id)
+        for k in keys:
+            self.assigned[k] = entity_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tx, name)
 
 
 def _match_by_email(tx: Tx, row: RecordRow, candidates: list[RecordRow], stats: LinkStats) -> str | None:
