@@ -59,9 +59,7 @@ def seeded(
 ) -> Iterator[Env]:
     """A started sandbox seeded with ``people``/``deals`` and an open runtime on a fresh store."""
     with workdir("env") as d, Sandbox(d / "sb") as sb:
-        summary = seed(
-            sb.hubspot, sb.salesforce, SeedSpec(seed=seed_no, people=people, deals=deals)
-        )
+        summary = seed(sb.hubspot, sb.salesforce, SeedSpec(seed=seed_no, people=people, deals=deals))
         url = state_url or f"sqlite:///{d / 'state.db'}"
         if url.startswith("postgresql"):
             reset_pg(url)

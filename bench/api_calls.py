@@ -45,9 +45,7 @@ def _install(env: Env) -> dict[str, CountingConnector]:
     return wrapped
 
 
-def _cycle(
-    env: Env, conns: dict[str, CountingConnector]
-) -> tuple[CycleStats, dict[str, int], float]:
+def _cycle(env: Env, conns: dict[str, CountingConnector]) -> tuple[CycleStats, dict[str, int], float]:
     reset_counts(env.sb)
     for c in conns.values():
         c.records.clear()
@@ -56,18 +54,14 @@ def _cycle(
     return st, env.sb.request_counts(), time.perf_counter() - t0
 
 
-def _directions(
-    st: CycleStats, counts: dict[str, int], conns: dict[str, CountingConnector]
-) -> list[dict[str, Any]]:
+def _directions(st: CycleStats, counts: dict[str, int], conns: dict[str, CountingConnector]) -> list[dict[str, Any]]:
     """Per system and direction: calls made, records moved, and the batching floor."""
     pulled = st.pulled
     hs_c, hs_d = pulled.get("hubspot.contacts", 0), pulled.get("hubspot.deals", 0)
     sf_objs = {k.split(".", 1)[1]: v for k, v in pulled.items() if k.startswith("salesforce.")}
     rows: list[dict[str, Any]] = []
     # HubSpot read: search pages per object, plus the deal → contact association lookups.
-    hs_read = sum(
-        v for k, v in counts.items() if k.startswith("hubspot.") and k.endswith(".search")
-    )
+    hs_read = sum(v for k, v in counts.items() if k.startswith("hubspot.") and k.endswith(".search"))
     hs_read += counts.get("hubspot.associations.batch_read", 0)
     hs_read_floor = (
         max(1, floor_calls(hs_c, FLOOR["hubspot.search"]))
@@ -152,9 +146,7 @@ def _change(env: Env, n: int, rng: random.Random) -> int:
     return made
 
 
-def run(
-    people: int, deals: int, changes: int = 1000, no_change_sizes: Sequence[int] = ()
-) -> dict[str, Any]:
+def run(people: int, deals: int, changes: int = 1000, no_change_sizes: Sequence[int] = ()) -> dict[str, Any]:
     out: dict[str, Any] = {"people": people, "deals": deals}
     with seeded(people, deals) as env:
         conns = _install(env)

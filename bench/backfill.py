@@ -33,9 +33,7 @@ def run(people: int, deals: int | None = None) -> dict[str, Any]:
     deals = people // 5 if deals is None else deals
     with workdir("backfill") as d, Sandbox(d / "sb") as sb:
         summary = seed(sb.hubspot, sb.salesforce, SeedSpec(seed=1, people=people, deals=deals))
-        cfg = sb.write_config(
-            d / "syncd.toml", state_url=f"sqlite:///{d / 'state.db'}", extra=LOGGING
-        )
+        cfg = sb.write_config(d / "syncd.toml", state_url=f"sqlite:///{d / 'state.db'}", extra=LOGGING)
         env = {**os.environ, **sb.env()}
         log = open(d / "child.log", "wb")  # noqa: SIM115 - closed below, after the child
         cmd = [sys.executable, "-m", "syncd", "--config", str(cfg), "sync", "--once"]
@@ -53,9 +51,7 @@ def run(people: int, deals: int | None = None) -> dict[str, Any]:
         log.close()
         tail = (d / "child.log").read_text(errors="replace")[-2000:]
         code = os.waitstatus_to_exitcode(status)
-        pulled = sum(
-            v for k, v in summary.counts.items() if k in ("hubspot.contacts", "hubspot.deals")
-        )
+        pulled = sum(v for k, v in summary.counts.items() if k in ("hubspot.contacts", "hubspot.deals"))
     half = [kb for t, kb in samples if t <= wall / 2]
     return {
         "people": people,
@@ -66,9 +62,7 @@ def run(people: int, deals: int | None = None) -> dict[str, Any]:
         "sim_cpu_s": sim_cpu,
         "peak_rss_mb": ru.ru_maxrss / 1024,
         "rss_first_half_max_mb": (max(half) / 1024) if half else None,
-        "rss_samples_mb": [
-            (round(t, 1), round(kb / 1024, 1)) for t, kb in samples[:: max(1, len(samples) // 12)]
-        ],
+        "rss_samples_mb": [(round(t, 1), round(kb / 1024, 1)) for t, kb in samples[:: max(1, len(samples) // 12)]],
         "seeded": dict(summary.counts),
         "hubspot_records": pulled,
         "log_tail": tail if code != 0 else "",

@@ -68,20 +68,13 @@ def _candidates(sb: Sandbox, n: int) -> list[tuple[str, str, str]]:
 def _applied(sb: Sandbox, direction: str, email: str, hs_id: str | None) -> bool:
     if direction == "hs->sf":
         return any(_norm(r.get("Email")) == email for r in sb.salesforce.all("Lead"))
-    return (
-        hs_id is not None
-        and sb.hubspot.get("contacts", hs_id).get("hs_lead_status") == "BAD_TIMING"
-    )
+    return hs_id is not None and sb.hubspot.get("contacts", hs_id).get("hs_lead_status") == "BAD_TIMING"
 
 
-def run(
-    changes: int = 100, interval: float = 5.0, people: int = 2000, pace: float = 0.5
-) -> dict[str, Any]:
+def run(changes: int = 100, interval: float = 5.0, people: int = 2000, pace: float = 0.5) -> dict[str, Any]:
     with workdir("latency") as d, Sandbox(d / "sb") as sb:
         seed(sb.hubspot, sb.salesforce, SeedSpec(seed=3, people=people, deals=people // 5))
-        cfg = sb.write_config(
-            d / "syncd.toml", state_url=f"sqlite:///{d / 'state.db'}", extra=_config_extra(interval)
-        )
+        cfg = sb.write_config(d / "syncd.toml", state_url=f"sqlite:///{d / 'state.db'}", extra=_config_extra(interval))
         env = {**os.environ, **sb.env()}
         base = [sys.executable, "-m", "syncd", "--config", str(cfg)]
         subprocess.run([*base, "sync", "--once"], env=env, check=True, capture_output=True)
@@ -117,9 +110,7 @@ def run(
                         done[k] = lat
                         by_dir[direction].append(lat)
                         del pending[k]
-                if (
-                    deadline is not None and (not pending or time.monotonic() > deadline)
-                ) or proc.poll() is not None:
+                if (deadline is not None and (not pending or time.monotonic() > deadline)) or proc.poll() is not None:
                     break
                 time.sleep(0.1)
         finally:
@@ -148,7 +139,5 @@ def run(
         "p95_s": pct(lats, 95),
         "max_s": lats[-1] if lats else None,
         "mean_s": statistics.fmean(lats) if lats else None,
-        "by_direction": {
-            k: {"n": len(v), "p50_s": pct(v, 50), "p95_s": pct(v, 95)} for k, v in by_dir.items()
-        },
+        "by_direction": {k: {"n": len(v), "p50_s": pct(v, 50), "p95_s": pct(v, 95)} for k, v in by_dir.items()},
     }

@@ -27,7 +27,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "api": (50_000, 10_000),
         "no_change": (5_000, 50_000),
         "changes": 1000,
-        "throughput": (20_000, 4_000),
+        "throughput": (10_000, 2_000),
         "latency": 100,
         "backfill": (50_000, 200_000),
     },
@@ -44,16 +44,10 @@ ALL = ("api", "throughput", "latency", "backfill")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (minutes, not an hour)")
-    ap.add_argument(
-        "--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}"
-    )
-    ap.add_argument(
-        "--no-write", action="store_true", help="print JSON only, leave docs/benchmarks.md alone"
-    )
+    ap.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    ap.add_argument("--no-write", action="store_true", help="print JSON only, leave docs/benchmarks.md alone")
     args = ap.parse_args(argv)
     from syncd import logs
 
@@ -61,42 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "full"
     sz = SIZES[mode]
     only = [s.strip() for s in args.only.split(",") if s.strip()]
-    out_path = ROOT / "bench" / f"results-{mode}.json"
-    results: dict[str, Any] = json.loads(out_path.read_text()) if out_path.exists() else {}
-    results["machine"] = machine()
-    results["mode"] = mode
+    for name in only:
+        if name not in ALL:
+            ap.error(f"unknown measurement {name!r}")
     for name in only:
         t0 = time.perf_counter()
         print(f"[bench] {name} ({mode}) ...", file=sys.stderr, flush=True)
-        if name == "api":
-            from bench import api_calls
-
-            people, deals = sz["api"]
-            results["api"] = api_calls.run(
-                people, deals, changes=sz["changes"], no_change_sizes=sz["no_change"]
-            )
-        elif name == "throughput":
-            from bench import throughput
-
-            people, deals = sz["throughput"]
-            results["throughput"] = throughput.run(
-                people, deals, PG_URL if pg_available() else None
-            )
-        elif name == "latency":
-            from bench import latency
-
-            results["latency"] = latency.run(changes=sz["latency"])
-        elif name == "backfill":
-            from bench import backfill
-
-            results["backfill"] = [backfill.run(n) for n in sz["backfill"]]
-        else:
-            ap.error(f"unknown measurement {name!r}")
-        results.setdefault("measured_at", {})[name] = results["machine"]["date"]
-        print(
-            f"[bench] {name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True
-        )
-        out_path.write_text(json.dumps(results, indent=1, default=str))
+        _save(mode, name, _measure(name, mode, sz, lambda partial, name=name: _save(mode, name, partial)))
+        print(f"[bench] {name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    results = load(mode)
     md = report.render(results)
     if args.no_write:
         print(md)
@@ -104,6 +71,52 @@ def main(argv: list[str] | None = None) -> int:
         report.write(ROOT / "docs" / "benchmarks.md", md, mode)
         print(f"wrote {ROOT / 'docs' / 'benchmarks.md'} ({mode})", file=sys.stderr)
     return 0
+
+
+def _measure(name: str, mode: str, sz: dict[str, Any], partial: Any) -> Any:
+    if name == "api":
+        from bench import api_calls
+
+        people, deals = sz["api"]
+        return api_calls.run(people, deals, changes=sz["changes"], no_change_sizes=sz["no_change"])
+    if name == "throughput":
+        from bench import throughput
+
+        people, deals = sz["throughput"]
+        return throughput.run(people, deals, PG_URL if pg_available() else None)
+    if name == "latency":
+        from bench import latency
+
+        return latency.run(changes=sz["latency"])
+    from bench import backfill
+
+    done: list[dict[str, Any]] = []
+    for n in sz["backfill"]:  # saved after each size: the largest may be cut short
+        done.append(backfill.run(n))
+        partial(done)
+    return done
+
+
+def _path(mode: str, name: str) -> Path:
+    return ROOT / "bench" / f"results-{mode}-{name}.json"
+
+
+def _save(mode: str, name: str, value: Any) -> None:
+    """One file per measurement (runs of different measurements may overlap)."""
+    rec = {"result": value, "machine": machine()}
+    _path(mode, name).write_text(json.dumps(rec, indent=1, default=str))
+
+
+def load(mode: str) -> dict[str, Any]:
+    """Every stored measurement of ``mode``, each with the machine/commit it was taken on."""
+    out: dict[str, Any] = {"mode": mode, "measured": {}}
+    for name in ALL:
+        p = _path(mode, name)
+        if p.exists():
+            rec = json.loads(p.read_text())
+            out[name] = rec["result"]
+            out["measured"][name] = rec["machine"]
+    return out
 
 
 if __name__ == "__main__":

@@ -26,9 +26,7 @@ def record(people: int, deals: int, path: Path) -> int:
         for group in OBJECT_GROUPS.values():
             for system in SYSTEMS:
                 for obj in group[system]:
-                    got = list(
-                        env.rt.connectors[system].iter_changes(obj, None, overlap=timedelta(0))
-                    )
+                    got = list(env.rt.connectors[system].iter_changes(obj, None, overlap=timedelta(0)))
                     n += sum(len(p.records) for p in got)
                     pages.append((system, obj, got))
         mappings, sla = env.rt.mappings, env.rt.sla
@@ -66,6 +64,7 @@ def replay(path: Path, state_url: str) -> dict[str, Any]:
         "ingest_per_s": n / (t1 - t0),
         "decide_per_s": n / (t2 - t1),
         "decisions": stats.decisions,
+        "cpu_records_per_s": n / cpu,
     }
 
 
