@@ -17,7 +17,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -249,7 +249,7 @@ class Engine:
         now = self.clock()
         for i in range(0, len(people), CHUNK):
             chunk = people[i:i + CHUNK]
-            by_entity = tx.records_by_entity(chunk)
+            by_entity = _with_pending(tx.records_by_entity(chunk), tx.open_writes(chunk))
             memories = tx.get_memory(chunk)
             refs = _referrers_by_ref(
                 tx, [r for e in chunk for r in by_entity.get(e, []) if r.kind == "person"])
@@ -264,7 +264,7 @@ class Engine:
                 tx.set_due(entity, _due_at(outcome.memory, self.sla))
         for i in range(0, len(deals), CHUNK):
             chunk = deals[i:i + CHUNK]
-            by_entity = tx.records_by_entity(chunk)
+            by_entity = _with_pending(tx.records_by_entity(chunk), tx.open_writes(chunk))
             memories = tx.get_memory(chunk)
             for entity in chunk:
                 dview = self._deal_view(entity, by_entity.get(entity, []), memories.get(entity))
@@ -483,6 +483,37 @@ def canonical_of(row: RecordRow) -> CanonicalRecord:
     return CanonicalRecord(system=row.system, object=row.object, id=row.id, kind=row.kind,  # type: ignore[arg-type]
                            modified_at=row.modified_at, terms=dict(row.canonical.get("terms", {})),
                            values=values, unmapped=tuple(tuple(u) for u in row.canonical.get("unmapped", [])))
+
+
+def _with_pending(by_entity: dict[str, list[RecordRow]],
+                  pending: Mapping[str, Sequence[OutboxRow]]) -> dict[str, list[RecordRow]]:
+    """The records as they will be once syncd's own pending writes land.
+
+    The rules must not read a value that an outbox entry of ours is about to change (a
+    write killed before it was sent, or backing off after a failure) as news from the CRM:
+    that would re-decide settled things (a returned person read as promoted again, or a
+    second copy of a write whose first copy is still pending).
+    """
+    if not pending:
+        return by_entity
+    out = dict(by_entity)
+    for entity, writes in pending.items():
+        rows = out.get(entity)
+        if not rows:
+            continue
+        by_key = {r.key: r for r in rows}
+        for w in writes:
+            target = by_key.get((w.system, w.object, str(w.record_id)))
+            if target is None:
+                continue
+            canonical = {"terms": dict(target.canonical.get("terms", {})),
+                         "values": dict(target.canonical.get("values", {})),
+                         "unmapped": target.canonical.get("unmapped", [])}
+            for fld, (_before, after) in w.canonical.items():
+                canonical["terms" if fld in rules.TERM_FIELDS else "values"][fld] = after
+            by_key[target.key] = replace(target, canonical=canonical)
+        out[entity] = [by_key[r.key] for r in rows]
+    return out
 
 
 def _memory(stored: Any) -> rules.Memory:

@@ -639,6 +639,19 @@ class Tx:
                 at=now, attempts=attempts, outbox_id=o.id))
         return quarantined
 
+    def open_writes(self, entity_ids: Iterable[str]) -> dict[str, list[OutboxRow]]:
+        """Updates not yet done (pending or sending) per entity, in id order: what syncd has
+        decided and not yet seen applied, so the rules can see their own pending writes."""
+        t = s.outbox
+        out: dict[str, list[OutboxRow]] = {}
+        for chunk in _chunks(sorted(set(entity_ids))):
+            q = (sa.select(t).where(t.c.entity_id.in_(chunk), t.c.state.in_(OUTBOX_OPEN), t.c.op == "update")
+                 .order_by(t.c.id))
+            for m in self.conn.execute(q).mappings():
+                row = _outbox(m)
+                out.setdefault(str(row.entity_id), []).append(row)
+        return out
+
     def outbox_depth(self, system: str | None = None) -> int:
         """Writes not yet done: pending + sending (quarantined ones are not counted)."""
         t = s.outbox
