@@ -155,11 +155,15 @@ def _with_entity(row: RecordRow, entity: str) -> RecordRow:
 
 def link_deals(tx: Tx, rows: Iterable[RecordRow], stats: LinkStats) -> None:
     """Deals ↔ Opportunities: stored link, else same normalised name on the same person."""
-    for row in (r for r in rows if r.kind == "deal"):
+    deals = [r for r in rows if r.kind == "deal"]
+    tracker = _TrackingTx(tx)
+    ttx = cast(Tx, tracker)  # a Tx by delegation
+    seen = _DealNeighbourhood(tx, [r for r in deals if r.entity_id is None])
+    for row in deals:
         entity = row.entity_id
         if entity is None:
-            entity = _match_deal(tx, row) or _ensure_entity(tx, row, stats)
-            tx.set_entity([_key(row)], entity)
+            entity = _match_deal(ttx, row, seen, tracker.assigned) or _ensure_entity(ttx, row, stats)
+            ttx.set_entity([_key(row)], entity)
         stats.touched_deals.add(entity)
 
 
@@ -171,22 +175,62 @@ def person_entities_of(tx: Tx, system: str, contact_ids: Iterable[str]) -> set[s
     return {r.entity_id for r in found.values() if r.entity_id}
 
 
-def _match_deal(tx: Tx, row: RecordRow) -> str | None:
+class _DealNeighbourhood:
+    """What :func:`_match_deal` reads, fetched once for all unlinked deals of a batch: the
+    person records their contact ids name, those persons' records in both systems, and
+    the deals pointing at those."""
+
+    def __init__(self, tx: Tx, deals: list[RecordRow]) -> None:
+        keys = {(r.system, obj, str(cid)) for r in deals
+                for obj in (("contacts",) if r.system == "hubspot" else ("Contact", "Lead"))
+                for cid in (_values(r).get("contact_ids") or [])}
+        self.persons = tx.get_records(keys) if keys else {}
+        entities = sorted({p.entity_id for p in self.persons.values() if p.entity_id})
+        self.by_entity = tx.records_by_entity(entities) if entities else {}
+        self.deals_of: dict[tuple[str, str], list[RecordRow]] = {}
+        for system in ("hubspot", "salesforce"):
+            ids = {p.id for rs in self.by_entity.values() for p in rs if p.system == system}
+            if not ids:
+                continue
+            for deal in tx.deals_of_people(system, ids):
+                for cid in {str(c) for c in (_values(deal).get("contact_ids") or [])}:
+                    if cid in ids:
+                        self.deals_of.setdefault((system, cid), []).append(deal)
+
+
+def _match_deal(tx: Tx, row: RecordRow, seen: _DealNeighbourhood | None = None,
+                assigned: dict[Key, str | None] | None = None) -> str | None:
     v = _values(row)
     name = str(v.get("name") or "").strip().lower()
     if not name:
         return None
-    persons = person_entities_of(tx, row.system, v.get("contact_ids") or [])
+    if seen is None:
+        persons = person_entities_of(tx, row.system, v.get("contact_ids") or [])
+    else:
+        objects = ("contacts",) if row.system == "hubspot" else ("Contact", "Lead")
+        found = (seen.persons.get((row.system, obj, str(cid)))
+                 for cid in (v.get("contact_ids") or []) for obj in objects)
+        persons = {p.entity_id for p in found if p is not None and p.entity_id}
     if not persons:
         return None
     other = "salesforce" if row.system == "hubspot" else "hubspot"
-    for prow in tx.records_by_entity(sorted(persons)).values():
+    if seen is None:
+        groups = list(tx.records_by_entity(sorted(persons)).values())
+    else:  # the same rows in the same order as one records_by_entity call
+        rows_of = [sorted(seen.by_entity[e], key=_key) for e in persons if e in seen.by_entity]
+        groups = sorted(rows_of, key=lambda rs: _key(rs[0]))
+    for prow in groups:
         for p in prow:
             if p.system != other:
                 continue
-            ids = [p.id]
-            for deal in tx.deals_of_people(other, ids):
+            if seen is None:
+                candidates = tx.deals_of_people(other, [p.id])
+            else:
+                by_key = {_key(d): d for d in seen.deals_of.get((other, p.id), [])}
+                candidates = [by_key[k] for k in sorted(by_key)]
+            for deal in candidates:
                 dv = _values(deal)
-                if str(dv.get("name") or "").strip().lower() == name and deal.entity_id:
-                    return deal.entity_id
+                deal_entity = (assigned or {}).get(_key(deal)) or deal.entity_id
+                if str(dv.get("name") or "").strip().lower() == name and deal_entity:
+                    return deal_entity
     return None
