@@ -14,10 +14,9 @@ marked it done (the child reports each accepted write).
 
 At the end:
 - the final CRM state equals the reference (ids and timestamps aside);
-- the audit holds each outbox entry exactly once: one row per (outbox entry,
-  field), every done entry fully audited, the same distinct (system, object,
-  rule, field, before, after) changes as the reference, no open outbox entries,
-  unique outbox keys (exact counts: see REDECIDED_WRITE_BUG);
+- the audit holds each change exactly once: one row per (outbox entry, field),
+  every done entry fully audited, the same multiset of (system, object, rule,
+  field, before, after) as the reference, no open outbox entries, unique keys;
 - no Lead/contact created twice (normalised email) by syncd;
 - nothing missing: the store holds every CRM record, a last cycle changes nothing.
 """
@@ -52,10 +51,8 @@ pytestmark = pytest.mark.slow
 SEED = 20261123
 KILLS = 24  # the issue asks for at least 20
 WAVES = KILLS  # every killed run has fresh work to be killed in
-PER_KIND = 15  # people per change kind per wave
-# "return" and "reverse" (sales returns a lead) belong here too, but they hit PENDING_WRITE_BUG
-# (see test_pending_own_write_is_not_read_as_a_promotion): add them back once it is fixed.
-KINDS = ("score", "ahead")
+PER_KIND = 10  # people per change kind per wave
+KINDS = ("score", "ahead", "return", "reverse")
 BASE_PEOPLE = 300
 CHILD = str(Path(__file__).with_name("_crash_child.py"))
 START = datetime.now(UTC).replace(microsecond=0) - timedelta(days=20)  # same for both sandboxes
@@ -350,12 +347,9 @@ def test_kill_9_at_random_points_then_restart_applies_every_write_exactly_once(
             for oid, canonical in done:
                 assert per_entry[oid] == len(canonical), f"outbox {oid}: audit rows missing"
         got_audit, want_audit = audit_multiset(store), audit_multiset(ref_store)
-        # The same distinct changes as the reference, none missing, none unexpected. Their
-        # COUNTS may differ by REDECIDED_WRITE_BUG (see the deterministic test below), so
-        # they are not compared here: that would make this test fail at random.
-        assert set(got_audit) == set(want_audit), (
-            f"audit differs from the reference: extra {sorted(set(got_audit) - set(want_audit))[:5]},"
-            f" missing {sorted(set(want_audit) - set(got_audit))[:5]}"
+        assert got_audit == want_audit, (
+            f"audit differs from the reference: extra {list((got_audit - want_audit).items())[:5]},"
+            f" missing {list((want_audit - got_audit).items())[:5]}"
         )
 
         # 4. Nothing missing, cursors consistent: the store holds every CRM record.
@@ -475,16 +469,6 @@ def test_kill_after_return_writes_keeps_the_person_returned(e2e: Any) -> None:
     _assert_each_outbox_entry_audited_once(e2e)
 
 
-PENDING_WRITE_BUG = (
-    "rules decide on a CRM value that syncd's own pending outbox write is about to change: "
-    "after a return, while the Salesforce lifecycle write (MQL -> Lead) is still pending "
-    "(killed before it was sent, or failed and backing off) and the reverse-hand-off HubSpot "
-    "contact is pulled, the stale Salesforce MQL is read as a promotion: R4 + "
-    "R3-rehandoff-guard re-hand the returned person to sales with no new evidence"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=PENDING_WRITE_BUG)
 def test_pending_own_write_is_not_read_as_a_promotion(e2e: Any) -> None:
     lid = e2e.sf.insert(
         "Lead",
@@ -512,16 +496,6 @@ def test_pending_own_write_is_not_read_as_a_promotion(e2e: Any) -> None:
     assert not e2e.audit(rule="R3-rehandoff-guard")
 
 
-REDECIDED_WRITE_BUG = (
-    "a kill between two writes of one decision (HubSpot took the MQL stage, the lead status "
-    "write was not sent yet) makes the restart decide the hand-off again: the HubSpot "
-    "record's modification time is part of the idempotency key, so the lead status write "
-    "gets a second outbox entry and the same change (hubspot lead_status -> new) is sent "
-    "and audited twice"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=REDECIDED_WRITE_BUG)
 def test_kill_between_two_writes_of_one_decision_audits_each_change_once(e2e: Any) -> None:
     hid = e2e.hs.add(
         "contacts",
