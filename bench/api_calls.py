@@ -6,21 +6,22 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from bench._env import FLOOR, Env, floor_calls, reset_counts, seeded
 from connectors.base import Connector
 from syncd.engine import CycleStats
-from syncd.model import FieldUpdate, RecordCreate, WriteResult
+from syncd.model import FieldUpdate, RawRecord, RecordCreate, WriteResult
 
 
 class CountingConnector:
     """Delegates to a real connector; counts the records handed to write/create (calls are
     counted by the simulators)."""
 
-    def __init__(self, inner: Connector) -> None:
+    def __init__(self, inner: Connector, requests: Callable[[], int]) -> None:
         self.inner = inner
+        self.requests = requests  # the simulator's request count for this system
         self.records: Counter[str] = Counter()
 
     def __getattr__(self, name: str) -> Any:
@@ -32,6 +33,14 @@ class CountingConnector:
         self.records["clear_first"] += sum(1 for u in updates if u.clear_first)
         return self.inner.write(obj, updates)
 
+    def find_by_email(self, obj: str, emails: Sequence[str]) -> list[RawRecord]:
+        """The look-up before a create (idempotent creates): write-side reads, not pulls."""
+        before = self.requests()
+        try:
+            return self.inner.find_by_email(obj, emails)
+        finally:
+            self.records["find_calls"] += self.requests() - before
+
     def create(self, obj: str, creates: Sequence[RecordCreate]) -> list[WriteResult]:
         self.records["create"] += len(creates)
         self.records[f"create.{obj}"] += len(creates)
@@ -39,7 +48,8 @@ class CountingConnector:
 
 
 def _install(env: Env) -> dict[str, CountingConnector]:
-    wrapped = {k: CountingConnector(v) for k, v in env.rt.connectors.items()}
+    servers = {"hubspot": env.sb.hubspot_server, "salesforce": env.sb.salesforce_server}
+    wrapped = {k: CountingConnector(v, servers[k].request_count) for k, v in env.rt.connectors.items()}
     # same Protocol, by delegation
     env.rt.connectors = cast(dict[str, Connector], wrapped)
     return wrapped
@@ -63,6 +73,7 @@ def _directions(st: CycleStats, counts: dict[str, int], conns: dict[str, Countin
     # HubSpot read: search pages per object, plus the deal → contact association lookups.
     hs_read = sum(v for k, v in counts.items() if k.startswith("hubspot.") and k.endswith(".search"))
     hs_read += counts.get("hubspot.associations.batch_read", 0)
+    hs_read -= conns["hubspot"].records["find_calls"]  # searches by email before creates
     hs_read_floor = (
         max(1, floor_calls(hs_c, FLOOR["hubspot.search"]))
         + max(1, floor_calls(hs_d, FLOOR["hubspot.search"]))
@@ -78,6 +89,7 @@ def _directions(st: CycleStats, counts: dict[str, int], conns: dict[str, Countin
         }
     )
     sf_read = counts.get("salesforce.query", 0) + counts.get("salesforce.query_more", 0)
+    sf_read -= conns["salesforce"].records["find_calls"]  # queries by email before creates
     sf_read_floor = sum(max(1, floor_calls(n, FLOOR["salesforce.query"])) for n in sf_objs.values())
     rows.append(
         {
