@@ -61,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in only:
         t0 = time.perf_counter()
         print(f"[bench] {name} ({mode}) ...", file=sys.stderr, flush=True)
-        _save(mode, name, _measure(name, mode, sz, lambda partial, name=name: _save(mode, name, partial)))
+        started = machine()  # the code measured is the code at the start
+        _save(
+            mode,
+            name,
+            _measure(name, mode, sz, lambda partial, n=name, m=started: _save(mode, n, partial, m)),
+            started,
+        )
         print(f"[bench] {name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     results = load(mode)
     md = report.render(results)
@@ -101,9 +107,9 @@ def _path(mode: str, name: str) -> Path:
     return ROOT / "bench" / f"results-{mode}-{name}.json"
 
 
-def _save(mode: str, name: str, value: Any) -> None:
+def _save(mode: str, name: str, value: Any, started: dict[str, Any]) -> None:
     """One file per measurement (runs of different measurements may overlap)."""
-    rec = {"result": value, "machine": machine()}
+    rec = {"result": value, "machine": started}
     _path(mode, name).write_text(json.dumps(rec, indent=1, default=str))
 
 
