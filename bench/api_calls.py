@@ -138,17 +138,26 @@ def _directions(st: CycleStats, counts: dict[str, int], conns: dict[str, Countin
 
 
 def _change(env: Env, n: int, rng: random.Random) -> int:
-    """``n`` changes split between the CRMs: HubSpot score moves, Salesforce Lead status moves."""
-    hs = [c for c in env.sb.hubspot.all("contacts")]
+    """``n`` changes, half in each CRM, each one the rules act on (so both write directions
+    are exercised): HubSpot lead-stage contacts unknown to Salesforce get a score over the
+    MQL threshold (hand-off: Salesforce Lead creates); open Salesforce Leads move between
+    Open and Working (HubSpot lead status updates)."""
+
+    def norm(e: Any) -> str:
+        return str(e or "").strip().lower()
+
+    sf_emails = {norm(r.get("Email")) for o in ("Lead", "Contact") for r in env.sb.salesforce.all(o)}
+    hs = [
+        c
+        for c in env.sb.hubspot.all("contacts")
+        if c.get("lifecyclestage") == "lead"
+        and int(c.get("hubspotscore") or 0) < 45
+        and norm(c.get("email")) not in sf_emails
+    ]
     sf = [r for r in env.sb.salesforce.all("Lead") if not r.get("IsConverted")]
     made = 0
     for c in rng.sample(hs, min(n // 2, len(hs))):
-        score = int(c.get("hubspotscore") or 0)
-        env.sb.hubspot.modify(
-            "contacts",
-            c["hs_object_id"],
-            {"hubspotscore": str(max(0, min(100, score + rng.choice((-3, 3)))))},
-        )
+        env.sb.hubspot.modify("contacts", c["hs_object_id"], {"hubspotscore": "90"})
         made += 1
     statuses = ("Open - Not Contacted", "Working - Contacted")
     for r in rng.sample(sf, min(n - made, len(sf))):

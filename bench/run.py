@@ -48,12 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (minutes, not an hour)")
     ap.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
     ap.add_argument("--no-write", action="store_true", help="print JSON only, leave docs/benchmarks.md alone")
+    ap.add_argument("--backfill-sizes", default=None, help="people per backfill run, e.g. 50000,200000")
     args = ap.parse_args(argv)
     from syncd import logs
 
     logs.configure(level="error", fmt="json")
     mode = "quick" if args.quick else "full"
-    sz = SIZES[mode]
+    sz = dict(SIZES[mode])
+    if args.backfill_sizes:
+        sz["backfill"] = tuple(int(x) for x in args.backfill_sizes.split(","))
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     for name in only:
         if name not in ALL:
