@@ -209,12 +209,13 @@ class Engine:
 
     # -- link + decide --------------------------------------------------------------------------
     def link_and_decide(self, stats: CycleStats) -> None:
+        conflict_emails: set[str] = set()  # one conflict per email per cycle, whatever the chunking
         while True:
             with self._tx() as tx:
                 dirty = tx.dirty_records(limit=CHUNK * 4)
                 if not dirty:
                     break
-                ls = LinkStats()
+                ls = LinkStats(conflict_emails=conflict_emails)
                 link_people(tx, dirty, ls)
                 refreshed = tx.get_records([(r.system, r.object, r.id) for r in dirty])
                 rows = list(refreshed.values())
@@ -247,6 +248,7 @@ class Engine:
 
     def _decide(self, tx: Tx, people: Sequence[str], deals: Sequence[str], stats: CycleStats) -> None:
         now = self.clock()
+        conflicts = conflicted_emails(tx) if people else frozenset()
         for i in range(0, len(people), CHUNK):
             chunk = people[i:i + CHUNK]
             by_entity = _with_pending(tx.records_by_entity(chunk), tx.open_writes(chunk))
@@ -255,7 +257,7 @@ class Engine:
                 tx, [r for e in chunk for r in by_entity.get(e, []) if r.kind == "person"])
             for entity in chunk:
                 view = self._person_view(tx, entity, by_entity.get(entity, []),
-                                         memories.get(entity), refs)
+                                         memories.get(entity), refs, conflicts)
                 if view is None:
                     continue
                 outcome = rules.decide_person(view, self.ctx, now)
@@ -277,7 +279,7 @@ class Engine:
 
     def _person_view(self, tx: Tx, entity: str, rows: list[RecordRow], memory: Any,
                      refs: Mapping[tuple[str, str], list[RecordRow]] | None = None,
-                     ) -> rules.PersonView | None:
+                     conflicts: frozenset[str] = frozenset()) -> rules.PersonView | None:
         persons = [r for r in rows if r.kind == "person"]
         if not persons:
             return None
@@ -306,6 +308,7 @@ class Engine:
             salesforce=canonical_of(sf) if sf else None,
             deals=tuple(deals), attempts=tuple(attempts),
             memory=_memory(memory),
+            link_conflict=any(r.email_norm in conflicts for r in persons if r.email_norm),
         )
 
     def _deal_view(self, entity: str, rows: list[RecordRow],
@@ -514,6 +517,11 @@ def _with_pending(by_entity: dict[str, list[RecordRow]],
             by_key[target.key] = replace(target, canonical=canonical)
         out[entity] = [by_key[r.key] for r in rows]
     return out
+
+
+def conflicted_emails(tx: Tx) -> frozenset[str]:
+    """Emails with an open identity conflict (see syncd.linking)."""
+    return frozenset(c.email_norm for c in tx.open_link_conflicts())
 
 
 def _memory(stored: Any) -> rules.Memory:

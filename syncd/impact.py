@@ -30,7 +30,7 @@ from typing import IO, Any
 import structlog
 
 from syncd import rules
-from syncd.engine import _pick, rule_context  # the engine's own choice of a person's records
+from syncd.engine import _pick, conflicted_emails, rule_context  # the engine's own choice of a person's records
 from syncd.errors import MappingError, RecordError
 from syncd.logs import mask_email
 from syncd.mapping import Mappings, load_mappings
@@ -254,7 +254,7 @@ def _people_touched(tx: Tx, diff: _Diff) -> set[str]:
 
 
 def _view(tx: Tx, m: Mappings, entity: str, rows: list[RecordRow],
-          memory: Mapping[str, Any] | None) -> rules.PersonView | None:
+          memory: Mapping[str, Any] | None, conflicts: frozenset[str] = frozenset()) -> rules.PersonView | None:
     """The engine's person view, with every record re-mapped under ``m`` (None: unmappable)."""
     persons = [r for r in rows if r.kind == "person"]
     if not persons:
@@ -281,7 +281,8 @@ def _view(tx: Tx, m: Mappings, entity: str, rows: list[RecordRow],
     return rules.PersonView(
         entity_id=entity, hubspot=mapped["hubspot"], salesforce=mapped["salesforce"],
         deals=tuple(deals), attempts=tuple(attempts),
-        memory=rules.Memory.from_json(json.dumps(memory)) if memory else rules.Memory())
+        memory=rules.Memory.from_json(json.dumps(memory)) if memory else rules.Memory(),
+        link_conflict=any(r.email_norm in conflicts for r in persons if r.email_norm))
 
 
 def _deal_view(m: Mappings, entity: str, rows: list[RecordRow],
@@ -323,6 +324,7 @@ def _decide(tx: Tx, side: Side, people: Sequence[str], deals: Sequence[str], now
             b.add({"entity_id": entity, "record_id": d.record_id,
                    "email": mask_email(email) if email else None}, limit)
 
+    conflicts = conflicted_emails(tx)
     for kind, entities in (("person", people), ("deal", deals)):
         for i in range(0, len(entities), 500):
             chunk = list(entities[i:i + 500])
@@ -331,7 +333,7 @@ def _decide(tx: Tx, side: Side, people: Sequence[str], deals: Sequence[str], now
             for entity in chunk:
                 rows = by_entity.get(entity, [])
                 if kind == "person":
-                    view = _view(tx, side.mappings, entity, rows, memories.get(entity))
+                    view = _view(tx, side.mappings, entity, rows, memories.get(entity), conflicts)
                     if view is not None:
                         email = next((r.email_norm for r in rows if r.email_norm), None)
                         count(entity, rules.decide_person(view, ctx, now).decisions, email)

@@ -27,6 +27,7 @@ class LinkStats:
     linked: int = 0
     new_entities: int = 0
     conflicts: int = 0
+    conflict_emails: set[str] = field(default_factory=set)
     touched_people: set[str] = field(default_factory=set)
     touched_deals: set[str] = field(default_factory=set)
 
@@ -67,10 +68,11 @@ def link_people(tx: Tx, rows: Iterable[RecordRow], stats: LinkStats) -> None:
         if fresh_entity:  # linked meanwhile (conversion, earlier row)
             stats.touched_people.add(fresh_entity)
             continue
-        entity = _match_by_email(ttx, row, by_email.get(row.email_norm or "", []), stats)
-        if entity is None:
+        matched = _match_by_email(ttx, row, by_email.get(row.email_norm or "", []), stats)
+        if matched is None:
             entity = _ensure_entity(ttx, row, stats)
         else:
+            entity = matched
             ttx.set_entity([_key(row)], entity)
             stats.linked += 1
         stats.touched_people.add(entity)
@@ -107,6 +109,13 @@ def _match_by_email(tx: Tx, row: RecordRow, candidates: list[RecordRow], stats: 
     if not row.email_norm:
         return None
     others = [c for c in candidates if c.system != row.system and c.kind == "person"]
+    # Two people with this email on our own side (true duplicates) make any match ambiguous:
+    # whichever of them is linked first, the link would be a guess.
+    twins = [c for c in candidates if c.system == row.system and c.kind == "person"
+             and _key(c) != _key(row) and not _converted_pair(c, row)]
+    if others and twins:
+        _conflict(tx, row, [*others, *twins], stats)
+        return None
     # A Lead and the Contact it was converted to are one person, not two candidates.
     contact_ids = {c.id for c in others if c.object == "Contact"}
     groups: dict[str, list[RecordRow]] = {}
@@ -121,10 +130,7 @@ def _match_by_email(tx: Tx, row: RecordRow, candidates: list[RecordRow], stats: 
     if not groups:
         return None
     if len(groups) > 1:
-        stats.conflicts += 1
-        tx.add_link_conflict(row.email_norm, sorted(f"{c.system}:{c.object}:{c.id}" for c in [*others, row]))
-        log.warning("link_conflict", system=row.system, object=row.object, record_id=row.id,
-                    candidates=len(groups))
+        _conflict(tx, row, others, stats)
         return None
     ((gid, members),) = groups.items()
     if gid.startswith("unlinked:"):
@@ -136,6 +142,26 @@ def _match_by_email(tx: Tx, row: RecordRow, candidates: list[RecordRow], stats: 
     if unlinked:
         tx.set_entity(unlinked, gid)
     return gid
+
+
+def _conflict(tx: Tx, row: RecordRow, candidates: list[RecordRow], stats: LinkStats) -> None:
+    """Report (once per email and cycle) that ``row`` has more than one possible match."""
+    email = row.email_norm or ""
+    tx.add_link_conflict(email, sorted(f"{c.system}:{c.object}:{c.id}" for c in [*candidates, row]))
+    if email not in stats.conflict_emails:
+        stats.conflict_emails.add(email)
+        stats.conflicts += 1
+        log.warning("link_conflict", system=row.system, object=row.object, record_id=row.id,
+                    candidates=len(candidates))
+
+
+def _converted_pair(a: RecordRow, b: RecordRow) -> bool:
+    """A Lead and the Contact it was converted to (the same person)."""
+    for lead, contact in ((a, b), (b, a)):
+        if lead.object == "Lead" and contact.object == "Contact" and \
+                str(_values(lead).get("converted_contact_id") or "") == contact.id:
+            return True
+    return False
 
 
 def _ensure_entity(tx: Tx, row: RecordRow, stats: LinkStats) -> str:

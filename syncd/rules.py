@@ -165,6 +165,9 @@ class PersonView:
     deals: tuple[CanonicalRecord, ...] = ()
     attempts: tuple[CanonicalRecord, ...] = ()
     memory: Memory = field(default_factory=Memory)
+    # An open identity conflict on this person's email (two candidate records in one CRM):
+    # no hand-off creates a record for them until RevOps resolves it (it would pick one at random).
+    link_conflict: bool = False
 
     def record(self, system: str) -> CanonicalRecord | None:
         return self.hubspot if system == HUBSPOT else self.salesforce
@@ -694,7 +697,7 @@ def _handoff(view: PersonView, ctx: RuleContext, plan: _Plan, mem: Memory, now: 
     score_rank = ctx.rank(sla.terms.score_stage)
     target_rank = ctx.rank(target)
     if not h.enabled or hs is None or view.salesforce is not None or score_rank is None \
-            or target_rank is None or target_rank < score_rank:
+            or target_rank is None or target_rank < score_rank or view.link_conflict:
         return mem
     why = target_reason or f"lifecycle {target} in hubspot"
     changes = _travelling(hs, h.fields, h.placeholders, {"qualification_reason": why,
@@ -713,7 +716,7 @@ def _handoff(view: PersonView, ctx: RuleContext, plan: _Plan, mem: Memory, now: 
 def _reverse_handoff(view: PersonView, ctx: RuleContext, plan: _Plan, now: datetime) -> None:
     r = ctx.sla.reverse_handoff
     sf = view.salesforce
-    if not r.enabled or sf is None or view.hubspot is not None:
+    if not r.enabled or sf is None or view.hubspot is not None or view.link_conflict:
         return
     reason = plan.current(SALESFORCE, "return_reason")
     changes = _travelling(sf, r.fields, {}, {"return_reason": reason if reason is not _UNSET

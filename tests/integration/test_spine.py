@@ -382,13 +382,6 @@ def test_bad_value_is_quarantined_with_reason_rest_of_page_goes_on(tmp_path: Pat
         assert rows[bad].raw["company"] != "Garbage Inc"  # the bad record was not stored as-is
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="syncd/linking.py: the HubSpot contact is reported as a conflict, but each of the two "
-    "Salesforce Leads, linked after it in the same batch, sees one candidate (the contact) and "
-    "joins "
-    "its entity: the duplicates are merged silently",
-)
 def test_duplicate_candidates_are_never_merged(tmp_path: Path) -> None:
     """A HubSpot contact and two SF Leads of the same normalised email: a conflict, no link."""
     with world(tmp_path, f"sqlite:///{tmp_path / 's.db'}", None) as w:
