@@ -454,9 +454,9 @@ def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
                     cur_rank is not None or is_empty(view.record(s), "lifecycle")):
                 plan.set(s, "lifecycle", t.returned_stage, return_rule,
                          f"returned – not ready: {return_reason}; to {t.returned_stage}")
-        if return_rule == "R5-attempts" and SALESFORCE in present:
-            plan.set(SALESFORCE, "return_reason", return_reason, return_rule,
-                     "reason recorded for marketing")
+        for s in present:  # marketing nurtures with the reason in view, sales keeps its record of it
+            plan.set(s, "return_reason", return_reason, return_rule,
+                     f"returned – not ready: {return_reason}; reason recorded for marketing")
         plan.event(return_rule, f"returned to marketing for nurture: {return_reason}", "returned",
                    returned_by or SALESFORCE, {"return_reason": return_reason})
         mem = _followup(view, ctx, plan, mem, now)  # a breach before the return still counts

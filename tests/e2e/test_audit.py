@@ -165,6 +165,7 @@ def test_returned_not_ready_round_trip_keeps_the_revision_in_force_at_each_step(
         # 2. returned – not ready by sales: back to lead + nurture
         (a, "hubspot", "lead_status", "new", "returned_not_ready", "R2-returned"),
         (a, "hubspot", "lifecycle", "mql", "lead", "R2-returned"),
+        (a, "hubspot", "return_reason", None, RETURN_REASON, "R2-returned"),
         (a, "salesforce", "lifecycle", "mql", "lead", "R2-returned"),
         # 4. new evidence, under the committed mapping change: MQL again, back to sales
         (b, "hubspot", "lifecycle", "lead", "mql", "R3-rehandoff-guard"),

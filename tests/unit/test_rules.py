@@ -200,7 +200,8 @@ def test_r2_sales_returns_the_person_to_lead_in_both_systems() -> None:
     v = view(hs("sql", "attempting", score=70),
              sf("sql", "returned_not_ready", return_reason="no budget this year"), mem)
     out = decide(v)
-    assert sets(out, "hubspot") == {"lifecycle": "lead", "lead_status": "returned_not_ready"}
+    assert sets(out, "hubspot") == {"lifecycle": "lead", "lead_status": "returned_not_ready",
+                                    "return_reason": "no budget this year"}
     assert sets(out, "salesforce") == {"lifecycle": "lead"}
     for d in writes(out):
         assert d.rule == "R2-returned"
@@ -219,7 +220,9 @@ def test_r2_returned_status_set_in_hubspot_counts_too() -> None:
              seen({"lifecycle": "mql", "lead_status": "new"},
                   {"lifecycle": "mql", "lead_status": "new"}))
     out = decide(v)
-    assert sets(out, "salesforce") == {"lifecycle": "lead", "lead_status": "returned_not_ready"}
+    assert sets(out, "salesforce") == {"lifecycle": "lead", "lead_status": "returned_not_ready",
+                                       "return_reason": "returned by hubspot"}
+    assert sets(out, "hubspot") == {"lifecycle": "lead", "return_reason": "returned by hubspot"}
     assert out.memory.return_reason == "returned by hubspot"
 
 
@@ -352,7 +355,8 @@ def test_r5_n_unanswered_attempts_return_the_lead(attempts: tuple[CanonicalRecor
                                            "lead_status": "returned_not_ready",
                                            "return_reason": f"{n} unanswered attempts"}
         assert sets(out, "hubspot") == {"lifecycle": "lead",
-                                        "lead_status": "returned_not_ready"}
+                                        "lead_status": "returned_not_ready",
+                                        "return_reason": f"{n} unanswered attempts"}
         assert all(d.rule == "R5-attempts" for d in out.decisions)
         assert out.memory.return_reason == f"{n} unanswered attempts"
         assert_settled(v)
