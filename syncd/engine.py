@@ -134,8 +134,10 @@ class Engine:
         except BaseException as exc:
             self.store_run_finish(run_id, "failed", stats, f"{type(exc).__name__}: {exc}")
             raise
-        self.store_run_finish(run_id, "ok", stats, None)
-        log.info("cycle", job=job, **stats.summary())
+        # A stop request (SIGTERM) ends the cycle after the current page/batch: durable, but not whole.
+        status = "interrupted" if self.stop_requested else "ok"
+        self.store_run_finish(run_id, status, stats, None)
+        log.info("cycle", job=job, status=status, **stats.summary())
         return stats
 
     def store_run_start(self, job: str) -> str:
