@@ -282,36 +282,14 @@ class Engine:
     def _person_view(self, tx: Tx, entity: str, rows: list[RecordRow], memory: Any,
                      refs: Mapping[tuple[str, str], list[RecordRow]] | None = None,
                      conflicts: frozenset[str] = frozenset()) -> rules.PersonView | None:
-        persons = [r for r in rows if r.kind == "person"]
-        if not persons:
-            return None
-        hs = _pick(persons, "hubspot", ("contacts",))
-        sf = _pick(persons, "salesforce", ("Contact", "Lead"), prefer_converted=True)
-        deals: list[CanonicalRecord] = []
-        attempts: list[CanonicalRecord] = []
-        for system in SYSTEMS:
-            ids = [r.id for r in persons if r.system == system]
-            if not ids:
-                continue
+        def referrers(system: str, ids: list[str]) -> Iterable[RecordRow]:
             if refs is None:
-                referrers = tx.referrers(system, ids)
-            else:  # prefetched for the whole chunk: the same rows, each once, in key order
-                found = {ref.key: ref for rid in ids for ref in refs.get((system, rid), ())}
-                referrers = [found[k] for k in sorted(found)]
-            for ref in referrers:
-                c = canonical_of(ref)
-                if ref.kind == "deal":
-                    deals.append(c)
-                elif ref.kind == "attempt":
-                    attempts.append(c)
-        return rules.PersonView(
-            entity_id=entity,
-            hubspot=canonical_of(hs) if hs else None,
-            salesforce=canonical_of(sf) if sf else None,
-            deals=tuple(deals), attempts=tuple(attempts),
-            memory=_memory(memory),
-            link_conflict=any(r.email_norm in conflicts for r in persons if r.email_norm),
-        )
+                return tx.referrers(system, ids)
+            # prefetched for the whole chunk: the same rows, each once, in key order
+            found = {ref.key: ref for rid in ids for ref in refs.get((system, rid), ())}
+            return [found[k] for k in sorted(found)]
+
+        return person_view(entity, rows, memory, referrers, canonical_of, conflicts)
 
     def _deal_view(self, entity: str, rows: list[RecordRow],
                    memory: Any = None) -> rules.DealView | None:
@@ -519,6 +497,41 @@ def _with_pending(by_entity: dict[str, list[RecordRow]],
             by_key[target.key] = replace(target, canonical=canonical)
         out[entity] = [by_key[r.key] for r in rows]
     return out
+
+
+def person_view(entity: str, rows: Sequence[RecordRow], memory: Any,
+                referrers: Callable[[str, list[str]], Iterable[RecordRow]],
+                to_canonical: Callable[[RecordRow], CanonicalRecord | None],
+                conflicts: frozenset[str] = frozenset()) -> rules.PersonView | None:
+    """What the rules see of one person: the record chosen per system (a Contact over the Lead
+    it was converted from), the deals and connection attempts pointing at any of the person's
+    records, the memory, and whether an identity conflict is open on the email.
+
+    ``to_canonical`` may refuse a record (None): a person record refused makes no view at all,
+    a refused deal or attempt is left out (the daemon quarantines such records).
+    """
+    persons = [r for r in rows if r.kind == "person"]
+    if not persons:
+        return None
+    chosen: dict[str, CanonicalRecord | None] = {}
+    for system, row in (("hubspot", _pick(persons, "hubspot", ("contacts",))),
+                        ("salesforce", _pick(persons, "salesforce", ("Contact", "Lead"), prefer_converted=True))):
+        chosen[system] = to_canonical(row) if row is not None else None
+        if row is not None and chosen[system] is None:
+            return None
+    deals: list[CanonicalRecord] = []
+    attempts: list[CanonicalRecord] = []
+    for system in SYSTEMS:
+        ids = [r.id for r in persons if r.system == system]
+        for ref in referrers(system, ids) if ids else ():
+            c = to_canonical(ref)
+            if c is not None and ref.kind in ("deal", "attempt"):
+                (deals if ref.kind == "deal" else attempts).append(c)
+    return rules.PersonView(
+        entity_id=entity, hubspot=chosen["hubspot"], salesforce=chosen["salesforce"],
+        deals=tuple(deals), attempts=tuple(attempts), memory=_memory(memory),
+        link_conflict=any(r.email_norm in conflicts for r in persons if r.email_norm),
+    )
 
 
 def conflicted_emails(tx: Tx) -> frozenset[str]:

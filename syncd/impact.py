@@ -30,11 +30,16 @@ from typing import IO, Any
 import structlog
 
 from syncd import rules
-from syncd.engine import _pick, conflicted_emails, rule_context  # the engine's own choice of a person's records
+from syncd.engine import (  # the engine's own choice of a person's records
+    _pick,
+    conflicted_emails,
+    person_view,
+    rule_context,
+)
 from syncd.errors import MappingError, RecordError
 from syncd.logs import mask_email
 from syncd.mapping import Mappings, load_mappings
-from syncd.model import SYSTEMS, CanonicalRecord, RawRecord, utcnow
+from syncd.model import CanonicalRecord, RawRecord, utcnow
 from syncd.sla import SLA, load_sla
 from syncd.store import RecordRow, Store, Tx
 
@@ -256,33 +261,11 @@ def _people_touched(tx: Tx, diff: _Diff) -> set[str]:
 def _view(tx: Tx, m: Mappings, entity: str, rows: list[RecordRow],
           memory: Mapping[str, Any] | None, conflicts: frozenset[str] = frozenset()) -> rules.PersonView | None:
     """The engine's person view, with every record re-mapped under ``m`` (None: unmappable)."""
-    persons = [r for r in rows if r.kind == "person"]
-    if not persons:
-        return None
-    hs = _pick(persons, "hubspot", ("contacts",))
-    sf = _pick(persons, "salesforce", ("Contact", "Lead"), prefer_converted=True)
-    mapped: dict[str, CanonicalRecord | None] = {}
-    for system, row in (("hubspot", hs), ("salesforce", sf)):
-        c = _map(m, _raw_of(row)) if row is not None else None
-        if isinstance(c, str):
-            return None
-        mapped[system] = c
-    deals: list[CanonicalRecord] = []
-    attempts: list[CanonicalRecord] = []
-    for system in SYSTEMS:
-        ids = [r.id for r in persons if r.system == system]
-        if not ids:
-            continue
-        for ref in tx.referrers(system, ids):
-            c = _map(m, _raw_of(ref))
-            if isinstance(c, str):
-                continue  # the engine would have quarantined it
-            (deals if ref.kind == "deal" else attempts if ref.kind == "attempt" else []).append(c)
-    return rules.PersonView(
-        entity_id=entity, hubspot=mapped["hubspot"], salesforce=mapped["salesforce"],
-        deals=tuple(deals), attempts=tuple(attempts),
-        memory=rules.Memory.from_json(json.dumps(memory)) if memory else rules.Memory(),
-        link_conflict=any(r.email_norm in conflicts for r in persons if r.email_norm))
+    def remap(row: RecordRow) -> CanonicalRecord | None:
+        c = _map(m, _raw_of(row))
+        return None if isinstance(c, str) else c
+
+    return person_view(entity, rows, memory, tx.referrers, remap, conflicts)
 
 
 def _deal_view(m: Mappings, entity: str, rows: list[RecordRow],
