@@ -255,6 +255,7 @@ class Engine:
             chunk = people[i:i + CHUNK]
             by_entity = _with_pending(tx.records_by_entity(chunk), tx.open_writes(chunk))
             memories = tx.get_memory(chunk)
+            memories_out: dict[str, tuple[dict[str, Any], datetime | None]] = {}
             refs = _referrers_by_ref(
                 tx, [r for e in chunk for r in by_entity.get(e, []) if r.kind == "person"])
             for entity in chunk:
@@ -264,12 +265,13 @@ class Engine:
                     continue
                 outcome = rules.decide_person(view, self.ctx, now)
                 self._apply(tx, entity, outcome.decisions, view_records(view), stats)
-                tx.set_memory(entity, json.loads(outcome.memory.to_json()))
-                tx.set_due(entity, _due_at(outcome.memory, self.sla))
+                memories_out[entity] = (json.loads(outcome.memory.to_json()), _due_at(outcome.memory, self.sla))
+            tx.set_memories(memories_out, now=now)  # one executemany per chunk
         for i in range(0, len(deals), CHUNK):
             chunk = deals[i:i + CHUNK]
             by_entity = _with_pending(tx.records_by_entity(chunk), tx.open_writes(chunk))
             memories = tx.get_memory(chunk)
+            deal_memories: dict[str, tuple[dict[str, Any], datetime | None]] = {}
             for entity in chunk:
                 dview = self._deal_view(entity, by_entity.get(entity, []), memories.get(entity))
                 if dview is None:
@@ -277,7 +279,8 @@ class Engine:
                 outcome_d = rules.decide_deal(dview, self.ctx, now)
                 self._apply(tx, entity, outcome_d.decisions,
                             [r for r in (dview.hubspot, dview.salesforce) if r], stats)
-                tx.set_memory(entity, json.loads(outcome_d.memory.to_json()))
+                deal_memories[entity] = (json.loads(outcome_d.memory.to_json()), None)
+            tx.set_memories(deal_memories, now=now)
 
     def _person_view(self, tx: Tx, entity: str, rows: list[RecordRow], memory: Any,
                      refs: Mapping[tuple[str, str], list[RecordRow]] | None = None,

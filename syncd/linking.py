@@ -9,6 +9,7 @@ name on the same person.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -81,23 +82,38 @@ def link_people(tx: Tx, rows: Iterable[RecordRow], stats: LinkStats) -> None:
             by_email.setdefault(row.email_norm, [])
             by_email[row.email_norm] = [r for r in by_email[row.email_norm] if _key(r) != _key(row)]
             by_email[row.email_norm].append(_with_entity(row, entity))
+    tracker.flush()
     for row in rows:
         if row.entity_id:
             stats.touched_people.add(row.entity_id)
 
 
 class _TrackingTx:
-    """A ``Tx`` that remembers the entity ids set through it (for link_people's loop)."""
+    """A ``Tx`` that holds back the entities and links made through it and writes them in
+    bulk at :meth:`flush` (one executemany each instead of a statement per record), while
+    remembering them (``assigned``) for the rest of the batch. Everything else is delegated.
+
+    Reads through it do not see the held-back links: callers consult ``assigned`` first.
+    """
 
     def __init__(self, tx: Tx) -> None:
         self.tx = tx
         self.assigned: dict[Key, str | None] = {}
+        self.created: dict[str, str] = {}
+
+    def new_entity(self, kind: str) -> str:
+        entity = str(uuid.uuid4())
+        self.created[entity] = kind
+        return entity
 
     def set_entity(self, keys: Iterable[Key], entity_id: str | None) -> None:
-        keys = list(keys)
-        self.tx.set_entity(keys, entity_id)
         for k in keys:
             self.assigned[k] = entity_id
+
+    def flush(self) -> None:
+        self.tx.add_entities(self.created)
+        self.tx.set_entities(self.assigned)
+        self.created = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.tx, name)
@@ -191,6 +207,7 @@ def link_deals(tx: Tx, rows: Iterable[RecordRow], stats: LinkStats) -> None:
             entity = _match_deal(ttx, row, seen, tracker.assigned) or _ensure_entity(ttx, row, stats)
             ttx.set_entity([_key(row)], entity)
         stats.touched_deals.add(entity)
+    tracker.flush()
 
 
 def person_entities_of(tx: Tx, system: str, contact_ids: Iterable[str]) -> set[str]:

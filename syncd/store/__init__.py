@@ -293,6 +293,16 @@ class Tx:
         for cond in self._records_where(keys):
             self.conn.execute(sa.update(s.records).where(cond).values(entity_id=entity_id))
 
+    def set_entities(self, links: Mapping[RecordKey, str | None]) -> None:
+        """Many links at once (one executemany): record key -> entity id."""
+        if not links:
+            return
+        t = s.records
+        stmt = sa.update(t).where(t.c.system == sa.bindparam("k_system"), t.c.object == sa.bindparam("k_object"),
+                                  t.c.id == sa.bindparam("k_id")).values(entity_id=sa.bindparam("k_entity"))
+        self.conn.execute(stmt, [{"k_system": k[0], "k_object": k[1], "k_id": k[2], "k_entity": e}
+                                 for k, e in sorted(links.items())])
+
     def iter_records(self, system: str | None = None, object: str | None = None,
                      batch: int = 1000) -> Iterator[RecordRow]:
         """Every record (optionally of one system/object) in key order, ``batch`` at a
@@ -372,6 +382,18 @@ class Tx:
             entity_id=eid, kind=kind, memory=dict(memory or {}), created_at=now, updated_at=now))
         return eid
 
+    def add_entities(self, entities: Mapping[str, str], now: datetime | None = None) -> None:
+        """Insert new entities whose ids the caller made (``str(uuid.uuid4())``): id -> kind."""
+        if not entities:
+            return
+        for kind in set(entities.values()):
+            if kind not in ("person", "deal"):
+                raise ValueError(f"entity kind must be person or deal, not {kind!r}")
+        now = now or utcnow()
+        self.conn.execute(sa.insert(s.entities), [
+            {"entity_id": eid, "kind": kind, "memory": {}, "created_at": now, "updated_at": now}
+            for eid, kind in entities.items()])
+
     def get_memory(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """The engine's memory (JSON) per entity id; unknown ids are absent."""
         t = s.entities
@@ -389,6 +411,18 @@ class Tx:
             memory=dict(memory), updated_at=now or utcnow())).rowcount
         if n != 1:
             raise KeyError(f"no entity {entity_id}")
+
+    def set_memories(self, items: Mapping[str, tuple[Mapping[str, Any], datetime | None]],
+                     now: datetime | None = None) -> None:
+        """Memory and due timer of many entities at once (one executemany): id -> (memory, due_at)."""
+        if not items:
+            return
+        t = s.entities
+        now = now or utcnow()
+        stmt = sa.update(t).where(t.c.entity_id == sa.bindparam("k_id")).values(
+            memory=sa.bindparam("k_memory"), due_at=sa.bindparam("k_due"), updated_at=now)
+        self.conn.execute(stmt, [{"k_id": eid, "k_memory": dict(mem), "k_due": due}
+                                 for eid, (mem, due) in sorted(items.items())])
 
     def set_due(self, entity_id: str, due_at: datetime | None) -> None:
         """When the rules must look at this entity again (None: no timer)."""

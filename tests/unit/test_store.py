@@ -705,3 +705,22 @@ def test_heartbeat_tells_a_service_is_running(store: Store) -> None:
         assert [h.owner for h in tx.heartbeats()] == ["host-1:123", "host-2:9"]
         tx.remove_heartbeat("host-1:123")
         assert [h.owner for h in tx.heartbeats()] == ["host-2:9"]
+
+
+def test_bulk_entities_links_and_memories(store: Store) -> None:
+    """The engine's per-batch writes: many new entities, links and memories in one statement each."""
+    rows = [rec(f"c{i}") for i in range(5)]
+    a, b = "00000000-0000-4000-8000-00000000000a", "00000000-0000-4000-8000-00000000000b"
+    with store.tx() as tx:
+        tx.upsert_records(rows)
+        tx.add_entities({a: "person", b: "deal"})
+        tx.set_entities({rows[0].key: a, rows[1].key: a, rows[2].key: b})
+        tx.set_memories({a: ({"returned_at": "2026-03-01"}, T0 + timedelta(hours=1)), b: ({"x": 1}, None)})
+    with store.tx() as tx:
+        got = tx.get_records([r.key for r in rows])
+        assert [got[r.key].entity_id for r in rows] == [a, a, b, None, None]
+        assert tx.get_memory([a, b]) == {a: {"returned_at": "2026-03-01"}, b: {"x": 1}}
+        assert tx.due_entities(T0 + timedelta(hours=2)) == [a]
+        assert {r.key for r in tx.records_by_entity([a])[a]} == {rows[0].key, rows[1].key}
+        with pytest.raises(ValueError):
+            tx.add_entities({"00000000-0000-4000-8000-00000000000c": "company"})
