@@ -193,10 +193,8 @@ class Engine:
             rows.append(record_row(raw, canon))
         with self._tx() as tx:
             changed = tx.upsert_records(rows)
-            for row in changed:
-                refs = _refs_of(row)
-                if refs is not None:
-                    tx.set_refs((row.system, row.object, row.id), refs)
+            refs = {row.key: r for row in changed if (r := _refs_of(row)) is not None}
+            tx.set_refs_many(refs)
             for raw, reason in bad:
                 tx.quarantine_record(system, obj, raw.id, reason, raw=_jsonable(dict(raw.fields)))
             if unmapped:

@@ -339,12 +339,18 @@ class Tx:
 
     def set_refs(self, key: RecordKey, refs: Iterable[str]) -> None:
         """Replace the same-system person ids a deal/attempt record points at."""
+        self.set_refs_many({key: refs})
+
+    def set_refs_many(self, refs: Mapping[RecordKey, Iterable[str]]) -> None:
+        """:meth:`set_refs` for many records at once (one executemany per statement)."""
+        if not refs:
+            return
         t = s.record_refs
-        system, obj, rid = key
-        self.conn.execute(sa.delete(t).where(t.c.system == system, t.c.object == obj,
-                                             t.c.id == rid))
-        rows = [{"system": system, "object": obj, "id": rid, "ref_id": r}
-                for r in sorted(set(refs))]
+        delete = sa.delete(t).where(t.c.system == sa.bindparam("k_system"), t.c.object == sa.bindparam("k_object"),
+                                    t.c.id == sa.bindparam("k_id"))
+        self.conn.execute(delete, [{"k_system": k[0], "k_object": k[1], "k_id": k[2]} for k in sorted(refs)])
+        rows = [{"system": k[0], "object": k[1], "id": k[2], "ref_id": r}
+                for k, ids in sorted(refs.items()) for r in sorted(set(ids))]
         if rows:
             self.conn.execute(sa.insert(t), rows)
 
