@@ -348,9 +348,10 @@ class Engine:
                 clear_first=clear_first, email_norm=_email_of(current, d),
                 canonical={k: [_jsonable(d.before.get(k)), _jsonable(v)] for k, v in d.changes.items()},
                 rule=d.rule, reason=d.reason, mapping_rev=self.mappings.revision))
-            stats.planned.append(PlannedWrite(d.system, d.object, d.record_id, items[-1].op,
-                                              _who(current), {k: (d.before.get(k), v) for k, v in d.changes.items()},
-                                              d.rule, d.reason))
+            if self.dry_run:  # the table --dry-run prints; a real cycle keeps memory flat instead
+                stats.planned.append(PlannedWrite(d.system, d.object, d.record_id, items[-1].op, _who(current),
+                                                  {k: (d.before.get(k), v) for k, v in d.changes.items()},
+                                                  d.rule, d.reason))
         if items:
             tx.enqueue(items)
 
