@@ -163,7 +163,7 @@ class Engine:
             self.flush(stats)
 
     # -- pull + map -----------------------------------------------------------------------------
-    def pull(self, system: str, obj: str, stats: CycleStats, *, since_override: Any = None) -> None:
+    def pull(self, system: str, obj: str, stats: CycleStats) -> None:
         conn = self.connectors[system]
         with self._tx() as tx:
             cursor = tx.get_cursor(system, obj)
@@ -226,13 +226,10 @@ class Engine:
                 if ls.touched_deals:
                     deal_rows = tx.records_by_entity(sorted(ls.touched_deals)).values()
                     people |= _people_of_rows(tx, [r for rs in deal_rows for r in rs])
-                people |= set(tx.due_entities(self.clock()))
                 self._decide(tx, sorted(people), sorted(ls.touched_deals), stats)
                 tx.clear_dirty([(r.system, r.object, r.id) for r in dirty])
                 stats.linked += ls.linked
                 stats.conflicts += ls.conflicts
-            if self.dry_run and stats.decisions > 1_000_000:  # pragma: no cover - guard
-                break
         # timers (the follow-up SLA) fall due even when nothing changed in either CRM
         with self._tx() as tx:
             due = tx.due_entities(self.clock())
