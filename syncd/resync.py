@@ -267,6 +267,12 @@ def make_engine(
     )
 
 
+# Linking, deciding and flushing the outbox work on everything pending, whatever group a cycle
+# pulled: two daemons doing that at once would decide the same records twice (and race on each
+# person's memory). Every cycle and resync therefore also holds this lease.
+DECIDE_LEASE = "cycle:decide"
+
+
 # -- running a resync -----------------------------------------------------------------------------
 
 
@@ -279,7 +285,7 @@ def run_resync(
     should_stop: Callable[[], bool] = lambda: False,
 ) -> dict[str, Any]:
     """Run ``req`` with ``engine`` while holding the groups' cycle leases. Returns a summary."""
-    leases = [f"cycle:{g}" for g in req.groups]
+    leases = [f"cycle:{g}" for g in req.groups] + [DECIDE_LEASE]
     with keeper.holding(leases, wait_s=LEASE_WAIT_S, should_stop=should_stop) as got:
         if not got:
             raise RetriableError(

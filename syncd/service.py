@@ -51,6 +51,7 @@ from syncd.errors import (
 from syncd.metrics import MetricsServer, ServiceMetrics
 from syncd.model import SYSTEMS, utcnow
 from syncd.resync import (
+    DECIDE_LEASE,
     LeaseKeeper,
     ObservedEngine,
     ResyncRequest,
@@ -306,7 +307,7 @@ class Service:
             systems = self._available_systems()
             if not systems:
                 return
-            with self.keeper.holding([f"cycle:{group}"]) as got:
+            with self.keeper.holding([f"cycle:{group}", DECIDE_LEASE]) as got:
                 if not got:
                     log.debug("cycle_skipped", group=group, reason="another daemon holds the lease")
                     return
