@@ -294,8 +294,8 @@ class Engine:
         deals = [r for r in rows if r.kind == "deal"]
         if not deals:
             return None
-        hs = _pick(deals, "hubspot", ("deals",))
-        sf = _pick(deals, "salesforce", ("Opportunity",))
+        hs = pick_record(deals, "hubspot", ("deals",))
+        sf = pick_record(deals, "salesforce", ("Opportunity",))
         return rules.DealView(entity_id=entity, hubspot=canonical_of(hs) if hs else None,
                               salesforce=canonical_of(sf) if sf else None,
                               memory=rules.Memory.from_json(json.dumps(memory)) if memory
@@ -513,8 +513,8 @@ def person_view(entity: str, rows: Sequence[RecordRow], memory: Any,
     if not persons:
         return None
     chosen: dict[str, CanonicalRecord | None] = {}
-    for system, row in (("hubspot", _pick(persons, "hubspot", ("contacts",))),
-                        ("salesforce", _pick(persons, "salesforce", ("Contact", "Lead"), prefer_converted=True))):
+    for system, row in (("hubspot", pick_record(persons, "hubspot", ("contacts",))),
+                        ("salesforce", pick_record(persons, "salesforce", ("Contact", "Lead"), prefer_converted=True))):
         chosen[system] = to_canonical(row) if row is not None else None
         if row is not None and chosen[system] is None:
             return None
@@ -591,8 +591,10 @@ def _referrers_by_ref(tx: Tx,
     return out
 
 
-def _pick(rows: list[RecordRow], system: str, objects: tuple[str, ...], *,
-          prefer_converted: bool = False) -> RecordRow | None:
+def pick_record(rows: list[RecordRow], system: str, objects: tuple[str, ...], *,
+                prefer_converted: bool = False) -> RecordRow | None:
+    """The record that speaks for a person/deal in ``system`` (a Contact over the Lead it
+    was converted from, then the most recently modified)."""
     cands = [r for r in rows if r.system == system and r.object in objects]
     if not cands:
         return None

@@ -31,9 +31,9 @@ import structlog
 
 from syncd import rules
 from syncd.engine import (  # the engine's own choice of a person's records
-    _pick,
     conflicted_emails,
     person_view,
+    pick_record,
     rule_context,
 )
 from syncd.errors import MappingError, RecordError
@@ -275,8 +275,8 @@ def _deal_view(m: Mappings, entity: str, rows: list[RecordRow],
     if not deals:
         return None
     mapped: dict[str, CanonicalRecord | None] = {}
-    for system, row in (("hubspot", _pick(deals, "hubspot", ("deals",))),
-                        ("salesforce", _pick(deals, "salesforce", ("Opportunity",)))):
+    for system, row in (("hubspot", pick_record(deals, "hubspot", ("deals",))),
+                        ("salesforce", pick_record(deals, "salesforce", ("Opportunity",)))):
         c = _map(m, _raw_of(row)) if row is not None else None
         if isinstance(c, str):
             return None
