@@ -146,7 +146,13 @@ class Engine:
 
     def store_run_finish(self, run_id: str, status: str, stats: CycleStats, error: str | None) -> None:
         with self.store.tx() as tx:
-            tx.finish_run(run_id, status, stats.summary(), error, now=self.clock())
+            tx.finish_run(run_id, status, {**stats.summary(), "api": self.api_usage()}, error, now=self.clock())
+
+    def api_usage(self) -> dict[str, dict[str, Any]]:
+        """Per system: calls this process made (connector lifetime), 429s, and the budget the CRM reports."""
+        return {system: {"calls": c.usage.total, "rate_limited": sum(c.usage.rate_limited.values()),
+                         "reported_used": c.usage.reported_used, "reported_limit": c.usage.reported_limit}
+                for system, c in self.connectors.items()}
 
     def _cycle(self, group: str | None, stats: CycleStats) -> None:
         groups = [group] if group else list(OBJECT_GROUPS)

@@ -50,6 +50,10 @@ def status_data(store: Store, now: datetime) -> dict[str, Any]:
                     })
         runs = tx.last_runs(limit=20)
         last_ok: dict[str, datetime] = {}
+        api: dict[str, Any] = {}
+        for r in runs:  # newest first: the latest figure per system
+            for system, usage in (r.stats.get("api") or {}).items():
+                api.setdefault(system, {**usage, "as_of": (r.finished_at or r.started_at).isoformat()})
         for r in runs:
             if r.status == "ok" and r.finished_at and r.job not in last_ok:
                 last_ok[r.job] = r.finished_at
@@ -66,6 +70,7 @@ def status_data(store: Store, now: datetime) -> dict[str, Any]:
                       "finished_at": r.finished_at.isoformat() if r.finished_at else None,
                       "stats": r.stats, "error": r.error} for r in runs[:10]],
             "last_success": {job: t.isoformat() for job, t in last_ok.items()},
+            "api_usage": api,
             "sla_breaches": [{"id": e.id, "entity_id": e.entity_id, "at": e.at.isoformat(), "details": e.details}
                              for e in tx.open_events("sla_breach")],
             "events_open": {k: len(tx.open_events(k)) for k in ("promotion_blocked", "conflict", "returned")},
@@ -95,6 +100,13 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
                   + f"   open SLA breaches: {len(data['sla_breaches'])}"
                   + f"   link conflicts: {data['link_conflicts']}"
                   + f"   blocked re-hand-offs: {data['events_open'].get('promotion_blocked', 0)}")
+    if data.get("api_usage"):
+        parts = []
+        for system, u in sorted(data["api_usage"].items()):
+            reported = (f", CRM reports {u['reported_used']}/{u['reported_limit']} today"
+                        if u.get("reported_used") is not None and u.get("reported_limit") else "")
+            parts.append(f"{system} {u['calls']} calls ({u.get('rate_limited', 0)} rate-limited){reported}")
+        console.print("API usage (last run's process): " + "; ".join(parts))
     if data["unmapped_values"]:
         u = Table(title="unmapped CRM values (never guessed: add them to the mapping files)", title_justify="left")
         for col in ("system", "object", "field", "value", "seen"):

@@ -169,6 +169,12 @@ def test_sync_once_then_status_shows_cursors_and_counts(world: World) -> None:
     assert objects[("salesforce", "Lead")]["records"] == world.summary.counts["salesforce.leads"]
     assert data["link_conflicts"] == 1
     assert data["runs"][0]["status"] == "ok"
+    # API usage of the last run, per system, as the simulators counted it (Salesforce also
+    # reports its budget in Sforce-Limit-Info)
+    usage = data["api_usage"]
+    assert usage["hubspot"]["calls"] == world.sb.hubspot_server.request_count()
+    assert usage["salesforce"]["calls"] == world.sb.salesforce_server.request_count()
+    assert usage["salesforce"]["reported_limit"] == world.sb.salesforce.daily_budget
 
     p = world.syncd("status")
     assert p.returncode == 0, p.stderr
