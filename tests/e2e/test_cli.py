@@ -296,3 +296,23 @@ def test_sandbox_serve_prints_urls_token_and_ca_then_stops_on_sigterm(tmp_path: 
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
     assert code == 0
+
+
+def test_mappings_check_live_compares_with_what_the_crms_allow(world: World, tmp_path: Path) -> None:
+    """--live asks the CRMs (HubSpot properties API, Salesforce describe) for their values."""
+    p = world.syncd("mappings", "check", "--live", str(default_mappings_dir()))
+    assert p.returncode == 0, p.stdout + p.stderr  # the default files match the sandbox exactly
+
+    mdir = tmp_path / "mappings"
+    shutil.copytree(default_mappings_dir(), mdir)
+    path = mdir / "hubspot.toml"
+    text = path.read_text()
+    # a value the CRM does not have, and a CRM value (CONNECTED) the mappings no longer name
+    text = text.replace('connected = ["CONNECTED"]', 'connected = ["TALKED_TO"]', 1)
+    path.write_text(text)
+    p = world.syncd("mappings", "check", "--live", "--format", "json", str(mdir))
+    problems = json.loads(p.stdout)
+    messages = " | ".join(str(x.get("message")) for x in problems)
+    assert "TALKED_TO" in messages, messages
+    assert "CONNECTED" in messages, messages
+    assert all(str(x.get("file", "")).endswith(".toml") for x in problems if x.get("severity") == "error")
