@@ -22,6 +22,7 @@ from pathlib import Path
 from rich.console import Console
 
 from syncd.errors import SyncError
+from syncd.logs import mask_email
 from syncd.report import print_status, status_data
 from syncd.sandbox import Sandbox
 from syncd.sandbox.seed import STORY_KINDS, SeedSpec, SeedSummary, seed
@@ -36,6 +37,9 @@ def _config_extra() -> str:
     return (f"[sync]\ncontacts_interval_s = {CONTACTS_INTERVAL_S}\ndeals_interval_s = {DEALS_INTERVAL_S}\n"
             "jitter_s = 0.2\noverlap_s = 5\nretry_cap_s = 2\n\n[service]\nmetrics_port = 0\n"
             "shutdown_grace_s = 10\n\n[logging]\nformat = \"json\"\n")
+
+
+_KEY_FIELDS = ("lifecycle", "lead_status", "deal_stage", "score")
 
 
 class _Narrator:
@@ -71,18 +75,31 @@ class _Narrator:
                     self.console.print(f"              [dim]expected from syncd: {p.step.expect}[/dim]")
 
     def writes(self, rows: list[AuditRow], *, detail_all: bool) -> None:
+        """One line per write (an outbox entry): the record, each field before → after, rule and reason."""
         with self.lock:
+            groups: dict[int, list[AuditRow]] = {}
             for r in rows:
                 if r.id in self.seen:
                     continue
                 self.seen.add(r.id)
                 self.by_rule[r.rule] += 1
+                groups.setdefault(r.outbox_id if r.outbox_id is not None else -r.id, []).append(r)
+            for group in groups.values():
+                r = group[0]
                 email = r.email_norm or self.story_deals.get(r.record_id or "", "")
-                if detail_all or email in self.story_emails:
-                    name = self.names.get(email, "a person")
-                    self.console.print(
-                        f"{self.stamp()} [green]syncd[/green]     {r.system} {r.object}/{r.record_id} "
-                        f"({name}): {r.field} {r.before!s} → {r.after!s}  [dim]{r.rule}: {r.reason}[/dim]")
+                if not (detail_all or email in self.story_emails):
+                    continue
+                name = self.names.get(email, "a person")
+                if all(g.before is None for g in group) and len(group) > 3:  # a record syncd created
+                    shown = [g for g in group if g.field in _KEY_FIELDS]
+                    changes = "created: " + ", ".join(f"{g.field} {g.after}" for g in shown) + \
+                        f" (+{len(group) - len(shown)} more fields)"
+                else:
+                    changes = ", ".join(f"{g.field} {mask_email(str(g.before))} → {mask_email(str(g.after))}"
+                                        for g in group)
+                self.console.print(
+                    f"{self.stamp()} [green]syncd[/green]     {r.system} {r.object}/{r.record_id} ({name}): "
+                    f"{changes}  [dim]{r.rule}: {r.reason}[/dim]", soft_wrap=True)
 
 
 def run_demo(*, people: int = 200, deals: int = 60, seed_value: int | None = None, seed: int = 1,
