@@ -35,6 +35,7 @@ from syncd.model import (
     FieldUpdate,
     RawRecord,
     RecordCreate,
+    WriteResult,
     utcnow,
 )
 from syncd.sla import SLA
@@ -303,9 +304,7 @@ class Engine:
         hs = pick_record(deals, "hubspot", ("deals",))
         sf = pick_record(deals, "salesforce", ("Opportunity",))
         return rules.DealView(entity_id=entity, hubspot=canonical_of(hs) if hs else None,
-                              salesforce=canonical_of(sf) if sf else None,
-                              memory=rules.Memory.from_json(json.dumps(memory)) if memory
-                              else rules.Memory())
+                              salesforce=canonical_of(sf) if sf else None, memory=_memory(memory))
 
     def _apply(self, tx: Tx, entity: str, decisions: Iterable[rules.Decision],
                current: Sequence[CanonicalRecord], stats: CycleStats) -> None:
@@ -318,9 +317,10 @@ class Engine:
                 stats.events += 1
                 tx.add_event(d.event or d.rule, entity,
                              {"rule": d.rule, "reason": d.reason, **_jsonable(dict(d.changes))}, now=self.clock())
-                log.warning("sla_event", kind=d.event, rule=d.rule, entity_id=entity, reason=d.reason) \
-                    if d.event == "sla_breach" else log.info("rule_event", kind=d.event, rule=d.rule,
-                                                              entity_id=entity)
+                if d.event == "sla_breach":
+                    log.warning("sla_event", kind=d.event, rule=d.rule, entity_id=entity, reason=d.reason)
+                else:
+                    log.info("rule_event", kind=d.event, rule=d.rule, entity_id=entity)
                 continue
             assert d.system is not None and d.object is not None
             try:
@@ -409,8 +409,6 @@ class Engine:
                            batch: list[OutboxRow]) -> list[Any]:
         """Creates are keyed: a record with the same email already there (e.g. we created it and
         crashed before marking done) is taken as the result instead of creating a second one."""
-        from syncd.model import WriteResult
-
         emails = [e for e in (self.mappings.raw_email(system, obj, r.fields) for r in batch) if e]
         existing = {}
         if emails:
@@ -555,11 +553,12 @@ def _due_at(mem: rules.Memory, sla: SLA) -> datetime | None:
     return None
 
 
+def _first_email(records: Sequence[CanonicalRecord]) -> str | None:
+    return next((r.email for r in records if r.email), None)
+
+
 def _email_of(current: Sequence[CanonicalRecord], d: rules.Decision) -> str | None:
-    for r in current:
-        if r.email:
-            return r.email
-    e = d.changes.get("email")
+    e = _first_email(current) or d.changes.get("email")
     return e if isinstance(e, str) else None
 
 def _refs_of(row: RecordRow) -> list[str] | None:
@@ -621,10 +620,7 @@ def view_records(view: rules.PersonView) -> list[CanonicalRecord]:
 
 
 def _who(records: Sequence[CanonicalRecord]) -> str:
-    for r in records:
-        if r.email:
-            return r.email
-    return records[0].id if records else "?"
+    return _first_email(records) or (records[0].id if records else "?")
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import structlog
@@ -190,8 +190,6 @@ def _ensure_entity(tx: Tx, row: RecordRow, stats: LinkStats) -> str:
 
 
 def _with_entity(row: RecordRow, entity: str) -> RecordRow:
-    from dataclasses import replace
-
     return replace(row, entity_id=entity)
 
 
