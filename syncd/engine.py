@@ -216,32 +216,48 @@ class Engine:
 
     # -- link + decide --------------------------------------------------------------------------
     def link_and_decide(self, stats: CycleStats) -> None:
-        conflict_emails: set[str] = set()  # one conflict per email per cycle, whatever the chunking
-        while True:
+        """Link every changed record, then decide every entity that is due, each once.
+
+        Two steps, each in batches that commit on their own. Linking a batch marks the entities
+        it touched as due *now* in the same transaction that clears the records' dirty marks;
+        deciding a chunk saves the memories (which set or clear each timer) in the transaction
+        that enqueues its writes. A crash between the two leaves the due marks: the next cycle
+        decides them. Deciding after all linking means a person whose records arrive in
+        different batches (a backfill) is decided once, on the whole picture.
+        """
+        now = self.clock()
+        conflict_emails: set[str] = set()  # one conflict per email per cycle, whatever the batching
+        while not self.stop_requested:
             with self._tx() as tx:
-                dirty = tx.dirty_records(limit=CHUNK * 4)
+                dirty = tx.dirty_records(limit=CHUNK * 4, with_raw=False)
                 if not dirty:
                     break
                 ls = LinkStats(conflict_emails=conflict_emails)
                 link_people(tx, dirty, ls)
-                refreshed = tx.get_records([(r.system, r.object, r.id) for r in dirty])
-                rows = list(refreshed.values())
-                link_deals(tx, rows, ls)
-                people = set(ls.touched_people)
+                link_deals(tx, dirty, ls)  # deal rows: linking people does not change them
+                due = set(ls.touched_people) | set(ls.touched_deals)
                 # deals and connection attempts touch the people they point at
-                people |= _people_of_rows(tx, [r for r in rows if r.kind in ("deal", "attempt")])
-                if ls.touched_deals:
-                    deal_rows = tx.records_by_entity(sorted(ls.touched_deals)).values()
-                    people |= _people_of_rows(tx, [r for rs in deal_rows for r in rs])
-                self._decide(tx, sorted(people), sorted(ls.touched_deals), stats)
-                tx.clear_dirty([(r.system, r.object, r.id) for r in dirty])
+                due |= _people_of_rows(tx, [r for r in dirty if r.kind in ("deal", "attempt")])
+                if ls.touched_deals:  # the other system's record of a touched deal points at people too
+                    deal_rows = tx.records_by_entity(sorted(ls.touched_deals), with_raw=False).values()
+                    due |= _people_of_rows(tx, [r for rs in deal_rows for r in rs if r.kind == "deal"])
+                tx.set_due_many(due, now)
+                tx.clear_dirty([r.key for r in dirty])
                 stats.linked += ls.linked
                 stats.conflicts += ls.conflicts
-        # timers (the follow-up SLA) fall due even when nothing changed in either CRM
+        # What is due: entities touched above, and timers (the follow-up SLA) that fell due even
+        # though nothing changed in either CRM.
         with self._tx() as tx:
-            due = tx.due_entities(self.clock())
-            if due:
-                self._decide(tx, sorted(due), [], stats)
+            conflicts = conflicted_emails(tx)
+        after = ""
+        while not self.stop_requested:
+            with self._tx() as tx:
+                batch = tx.due_batch(now, after=after, limit=CHUNK)
+                if not batch:
+                    break
+                after = batch[-1][0]
+                self._decide(tx, [e for e, k in batch if k == "person"], [e for e, k in batch if k == "deal"],
+                             stats, now=now, conflicts=conflicts)
 
     def decide_entities(self, people: Sequence[str], deals: Sequence[str] = ()) -> CycleStats:
         """Re-decide given entities (resync of one record, SLA timers)."""
@@ -250,12 +266,17 @@ class Engine:
             self._decide(tx, list(people), list(deals), stats)
         return stats
 
-    def _decide(self, tx: Tx, people: Sequence[str], deals: Sequence[str], stats: CycleStats) -> None:
-        now = self.clock()
-        conflicts = conflicted_emails(tx) if people else frozenset()
+    def _decide(self, tx: Tx, people: Sequence[str], deals: Sequence[str], stats: CycleStats, *,
+                now: datetime | None = None, conflicts: frozenset[str] | None = None) -> None:
+        """Decide these entities: writes to the outbox, memories and timers saved, in ``tx``.
+        An entity with nothing to decide on (no records left) has its timer cleared."""
+        now = now or self.clock()
+        if conflicts is None:
+            conflicts = conflicted_emails(tx) if people else frozenset()
+        undecided: set[str] = set()
         for i in range(0, len(people), CHUNK):
             chunk = people[i:i + CHUNK]
-            by_entity = _with_pending(tx.records_by_entity(chunk), tx.open_writes(chunk))
+            by_entity = _with_pending(tx.records_by_entity(chunk, with_raw=False), tx.open_writes(chunk))
             memories = tx.get_memory(chunk)
             memories_out: dict[str, tuple[dict[str, Any], datetime | None]] = {}
             refs = _referrers_by_ref(
@@ -264,32 +285,36 @@ class Engine:
                 view = self._person_view(tx, entity, by_entity.get(entity, []),
                                          memories.get(entity), refs, conflicts)
                 if view is None:
+                    undecided.add(entity)
                     continue
                 outcome = rules.decide_person(view, self.ctx, now)
                 self._apply(tx, entity, outcome.decisions, view_records(view), stats)
-                memories_out[entity] = (json.loads(outcome.memory.to_json()), _due_at(outcome.memory, self.sla))
+                memories_out[entity] = (outcome.memory.to_dict(), _due_at(outcome.memory, self.sla))
             tx.set_memories(memories_out, now=now)  # one executemany per chunk
         for i in range(0, len(deals), CHUNK):
             chunk = deals[i:i + CHUNK]
-            by_entity = _with_pending(tx.records_by_entity(chunk), tx.open_writes(chunk))
+            by_entity = _with_pending(tx.records_by_entity(chunk, with_raw=False), tx.open_writes(chunk))
             memories = tx.get_memory(chunk)
             deal_memories: dict[str, tuple[dict[str, Any], datetime | None]] = {}
             for entity in chunk:
                 dview = self._deal_view(entity, by_entity.get(entity, []), memories.get(entity))
                 if dview is None:
+                    undecided.add(entity)
                     continue
                 outcome_d = rules.decide_deal(dview, self.ctx, now)
                 self._apply(tx, entity, outcome_d.decisions,
                             [r for r in (dview.hubspot, dview.salesforce) if r], stats)
-                deal_memories[entity] = (json.loads(outcome_d.memory.to_json()), None)
+                deal_memories[entity] = (outcome_d.memory.to_dict(), None)
             tx.set_memories(deal_memories, now=now)
+        if undecided:
+            tx.set_due_many(undecided, None)
 
     def _person_view(self, tx: Tx, entity: str, rows: list[RecordRow], memory: Any,
                      refs: Mapping[tuple[str, str], list[RecordRow]] | None = None,
                      conflicts: frozenset[str] = frozenset()) -> rules.PersonView | None:
         def referrers(system: str, ids: list[str]) -> Iterable[RecordRow]:
             if refs is None:
-                return tx.referrers(system, ids)
+                return tx.referrers(system, ids, with_raw=False)
             # prefetched for the whole chunk: the same rows, each once, in key order
             found = {ref.key: ref for rid in ids for ref in refs.get((system, rid), ())}
             return [found[k] for k in sorted(found)]
@@ -543,7 +568,7 @@ def conflicted_emails(tx: Tx) -> frozenset[str]:
 
 
 def _memory(stored: Any) -> rules.Memory:
-    return rules.Memory.from_json(json.dumps(stored)) if stored else rules.Memory()
+    return rules.Memory.from_dict(stored)
 
 
 def _due_at(mem: rules.Memory, sla: SLA) -> datetime | None:
@@ -578,7 +603,7 @@ def _people_of_rows(tx: Tx, rows: Sequence[RecordRow]) -> set[str]:
         keys.update((row.system, obj, str(cid)) for cid in (_refs_of(row) or []) for obj in objects)
     if not keys:
         return set()
-    return {r.entity_id for r in tx.get_records(keys).values() if r.entity_id}
+    return {e for e in tx.entity_ids(keys).values() if e}
 
 
 def _referrers_by_ref(tx: Tx,
@@ -589,7 +614,7 @@ def _referrers_by_ref(tx: Tx,
         ids = {r.id for r in persons if r.system == system}
         if not ids:
             continue
-        for ref in tx.referrers(system, ids):
+        for ref in tx.referrers(system, ids, with_raw=False):
             for rid in set(_refs_of(ref) or ()):
                 if rid in ids:
                     out.setdefault((system, rid), []).append(ref)
@@ -640,11 +665,16 @@ def _idempotency_key(d: rules.Decision, fields: Mapping[str, Any], target: Canon
     return f"{d.rule}:{d.system}:{d.record_id}:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
 def _jsonable(v: Any) -> Any:
+    if type(v) in _PLAIN:  # the common case first: most values are strings
+        return v
     if isinstance(v, date):  # datetimes too
         return v.isoformat()
     if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
+        return {k if type(k) is str else str(k): x if type(x) in _PLAIN else _jsonable(x) for k, x in v.items()}
     if isinstance(v, list | tuple | set):
         return [_jsonable(x) for x in v]
     return v

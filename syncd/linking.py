@@ -10,7 +10,7 @@ name on the same person.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -37,35 +37,40 @@ def _key(row: RecordRow) -> Key:
     return (row.system, row.object, row.id)
 
 
-def _values(row: RecordRow) -> dict[str, Any]:
-    return dict(row.canonical.get("values", {}))
+def _values(row: RecordRow) -> Mapping[str, Any]:
+    return row.canonical.get("values") or {}  # read-only: no copy
 
 
 def link_people(tx: Tx, rows: Iterable[RecordRow], stats: LinkStats) -> None:
     """Give every person record an entity; records already linked keep theirs."""
     rows = [r for r in rows if r.kind == "person"]
     # Lead conversion first: the Contact a Lead became is the same person.
+    conversions: list[tuple[RecordRow, Key]] = []
     for row in rows:
         v = _values(row)
         cid = v.get("converted_contact_id")
         if row.object == "Lead" and v.get("is_converted") and cid:
-            entity = row.entity_id or _ensure_entity(tx, row, stats)
-            contact = tx.get_records([("salesforce", "Contact", str(cid))]).get(("salesforce", "Contact", str(cid)))
-            if contact is not None and contact.entity_id != entity:
-                tx.set_entity([_key(contact)], entity)
-                stats.touched_people.add(entity)
+            conversions.append((row, ("salesforce", "Contact", str(cid))))
+    contacts = tx.get_records([k for _, k in conversions], with_raw=False) if conversions else {}
+    for row, contact_key in conversions:
+        entity = row.entity_id or _ensure_entity(tx, row, stats)
+        contact = contacts.get(contact_key)
+        if contact is not None and contact.entity_id != entity:
+            tx.set_entity([contact_key], entity)
+            contacts[contact_key] = _with_entity(contact, entity)
+            stats.touched_people.add(entity)
     unlinked = [r for r in rows if not r.entity_id]
     emails = sorted({r.email_norm for r in unlinked if r.email_norm})
-    by_email = tx.records_by_email(emails) if emails else {}
+    by_email = tx.records_by_email(emails, with_raw=False) if emails else {}
     # The stored entity of every unlinked row, read once; links made below are tracked in
     # memory instead of re-reading each row (one query per row made linking the hot spot).
-    stored = tx.get_records([_key(r) for r in unlinked]) if unlinked else {}
+    stored = tx.entity_ids([_key(r) for r in unlinked]) if unlinked else {}
     tracker = _TrackingTx(tx)
     ttx = cast(Tx, tracker)  # a Tx by delegation
     for row in unlinked:
         fresh_entity = tracker.assigned.get(_key(row))
-        if fresh_entity is None and _key(row) in stored:
-            fresh_entity = stored[_key(row)].entity_id
+        if fresh_entity is None:
+            fresh_entity = stored.get(_key(row))
         if fresh_entity:  # linked meanwhile (conversion, earlier row)
             stats.touched_people.add(fresh_entity)
             continue
@@ -202,76 +207,62 @@ def link_deals(tx: Tx, rows: Iterable[RecordRow], stats: LinkStats) -> None:
     for row in deals:
         entity = row.entity_id
         if entity is None:
-            entity = _match_deal(ttx, row, seen, tracker.assigned) or _ensure_entity(ttx, row, stats)
+            entity = _match_deal(row, seen, tracker.assigned) or _ensure_entity(ttx, row, stats)
             ttx.set_entity([_key(row)], entity)
         stats.touched_deals.add(entity)
     tracker.flush()
 
 
-def person_entities_of(tx: Tx, system: str, contact_ids: Iterable[str]) -> set[str]:
-    """Entities of the person records a deal points at (HubSpot contacts / SF Contacts or Leads)."""
-    objects = ("contacts",) if system == "hubspot" else ("Contact", "Lead")
-    keys = [(system, obj, str(cid)) for cid in contact_ids for obj in objects]
-    found = tx.get_records(keys) if keys else {}
-    return {r.entity_id for r in found.values() if r.entity_id}
-
-
 class _DealNeighbourhood:
     """What :func:`_match_deal` reads, fetched once for all unlinked deals of a batch: the
-    person records their contact ids name, those persons' records in both systems, and
-    the deals pointing at those."""
+    entities of the person records their contact ids name, those entities' record keys in
+    both systems, and the deals pointing at those persons."""
 
     def __init__(self, tx: Tx, deals: list[RecordRow]) -> None:
         keys = {(r.system, obj, str(cid)) for r in deals
-                for obj in (("contacts",) if r.system == "hubspot" else ("Contact", "Lead"))
+                for obj in _person_objects(r.system)
                 for cid in (_values(r).get("contact_ids") or [])}
-        self.persons = tx.get_records(keys) if keys else {}
-        entities = sorted({p.entity_id for p in self.persons.values() if p.entity_id})
-        self.by_entity = tx.records_by_entity(entities) if entities else {}
+        self.person_entity = tx.entity_ids(keys) if keys else {}
+        entities = sorted({e for e in self.person_entity.values() if e})
+        self.keys_of = tx.record_keys_by_entity(entities) if entities else {}
         self.deals_of: dict[tuple[str, str], list[RecordRow]] = {}
         for system in ("hubspot", "salesforce"):
-            ids = {p.id for rs in self.by_entity.values() for p in rs if p.system == system}
+            ids = {k[2] for ks in self.keys_of.values() for k in ks if k[0] == system}
             if not ids:
                 continue
-            for deal in tx.deals_of_people(system, ids):
+            for deal in tx.deals_of_people(system, ids, with_raw=False):
                 for cid in {str(c) for c in (_values(deal).get("contact_ids") or [])}:
                     if cid in ids:
                         self.deals_of.setdefault((system, cid), []).append(deal)
 
 
-def _match_deal(tx: Tx, row: RecordRow, seen: _DealNeighbourhood | None = None,
-                assigned: dict[Key, str | None] | None = None) -> str | None:
+def _person_objects(system: str) -> tuple[str, ...]:
+    """The person objects a deal's contact ids can name in ``system``."""
+    return ("contacts",) if system == "hubspot" else ("Contact", "Lead")
+
+
+def _match_deal(row: RecordRow, seen: _DealNeighbourhood, assigned: dict[Key, str | None]) -> str | None:
+    """The deal entity in the other system with the same normalised name on the same person."""
     v = _values(row)
     name = str(v.get("name") or "").strip().lower()
     if not name:
         return None
-    if seen is None:
-        persons = person_entities_of(tx, row.system, v.get("contact_ids") or [])
-    else:
-        objects = ("contacts",) if row.system == "hubspot" else ("Contact", "Lead")
-        found = (seen.persons.get((row.system, obj, str(cid)))
-                 for cid in (v.get("contact_ids") or []) for obj in objects)
-        persons = {p.entity_id for p in found if p is not None and p.entity_id}
+    found = (seen.person_entity.get((row.system, obj, str(cid)))
+             for cid in (v.get("contact_ids") or []) for obj in _person_objects(row.system))
+    persons = {e for e in found if e}
     if not persons:
         return None
     other = "salesforce" if row.system == "hubspot" else "hubspot"
-    if seen is None:
-        groups = list(tx.records_by_entity(sorted(persons)).values())
-    else:  # the same rows in the same order as one records_by_entity call
-        rows_of = [sorted(seen.by_entity[e], key=_key) for e in persons if e in seen.by_entity]
-        groups = sorted(rows_of, key=lambda rs: _key(rs[0]))
-    for prow in groups:
-        for p in prow:
-            if p.system != other:
+    # each person's records in key order, persons ordered by their first record
+    groups = sorted((seen.keys_of[e] for e in persons if e in seen.keys_of), key=lambda ks: ks[0])
+    for keys in groups:
+        for system, _obj, pid in keys:
+            if system != other:
                 continue
-            if seen is None:
-                candidates = tx.deals_of_people(other, [p.id])
-            else:
-                by_key = {_key(d): d for d in seen.deals_of.get((other, p.id), [])}
-                candidates = [by_key[k] for k in sorted(by_key)]
-            for deal in candidates:
-                dv = _values(deal)
-                deal_entity = (assigned or {}).get(_key(deal)) or deal.entity_id
-                if str(dv.get("name") or "").strip().lower() == name and deal_entity:
+            by_key = {_key(d): d for d in seen.deals_of.get((other, pid), [])}
+            for k in sorted(by_key):
+                deal = by_key[k]
+                deal_entity = assigned.get(k) or deal.entity_id
+                if str(_values(deal).get("name") or "").strip().lower() == name and deal_entity:
                     return deal_entity
     return None

@@ -121,7 +121,11 @@ class Memory:
             self.released_at is None or self.released_at < self.returned_at)
 
     def to_json(self) -> str:
-        d: dict[str, Any] = {
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready form the state store keeps (see :meth:`from_dict`)."""
+        return {
             "returned_at": _dt(self.returned_at), "return_reason": self.return_reason,
             "score_at_return": self.score_at_return, "released_at": _dt(self.released_at),
             "handed_off_at": _dt(self.handed_off_at),
@@ -131,13 +135,15 @@ class Memory:
             "blocked_promotion_why": self.blocked_promotion_why,
             "last_seen": {s: dict(v) for s, v in self.last_seen.items()},
         }
-        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | None) -> Memory:
-        if not text:
+        return cls.from_dict(json.loads(text)) if text else cls()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Memory:
+        if not d:
             return cls()
-        d = json.loads(text)
         return cls(
             returned_at=_pdt(d.get("returned_at")), return_reason=d.get("return_reason"),
             score_at_return=d.get("score_at_return"), released_at=_pdt(d.get("released_at")),

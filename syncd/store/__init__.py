@@ -253,37 +253,65 @@ class Tx:
             for chunk in _chunks(sorted(set(ids))):
                 yield sa.and_(t.c.system == system, t.c.object == obj, self._in(t.c.id, chunk))
 
-    def get_records(self, keys: Iterable[RecordKey]) -> dict[RecordKey, RecordRow]:
+    def get_records(self, keys: Iterable[RecordKey], *, with_raw: bool = True) -> dict[RecordKey, RecordRow]:
+        """Records by key; unknown keys are absent. ``with_raw=False`` leaves ``raw`` empty
+        (``{}``): linking and the rules read only the canonical side, and decoding the raw
+        JSON of every row they look at was a large share of their time."""
         out: dict[RecordKey, RecordRow] = {}
         for cond in self._records_where(keys):
-            for m in self.conn.execute(sa.select(s.records).where(cond)).mappings():
-                r = _record(m)
+            for row in self.conn.execute(_select_records(with_raw).where(cond)):
+                r = _record_of(row, with_raw)
                 out[r.key] = r
         return out
 
-    def _records_by(self, col: sa.Column[Any], values: Iterable[str]) -> dict[str, list[RecordRow]]:
+    def entity_ids(self, keys: Iterable[RecordKey]) -> dict[RecordKey, str | None]:
+        """The entity of each known record (None: not linked yet); unknown keys are absent.
+        Nothing is decoded: for callers that need only the link, not the record."""
+        t = s.records
+        out: dict[RecordKey, str | None] = {}
+        for cond in self._records_where(keys):
+            for system, obj, rid, entity_id in self.conn.execute(
+                    sa.select(t.c.system, t.c.object, t.c.id, t.c.entity_id).where(cond)):
+                out[(system, obj, rid)] = entity_id
+        return out
+
+    def record_keys_by_entity(self, entity_ids: Iterable[str]) -> dict[str, list[RecordKey]]:
+        """The keys of each entity's records, in key order (nothing decoded)."""
+        t = s.records
+        out: dict[str, list[RecordKey]] = {}
+        for chunk in _chunks(sorted(set(entity_ids))):
+            q = (sa.select(t.c.entity_id, t.c.system, t.c.object, t.c.id).where(self._in(t.c.entity_id, chunk))
+                 .order_by(t.c.system, t.c.object, t.c.id))
+            for entity_id, system, obj, rid in self.conn.execute(q):
+                out.setdefault(entity_id, []).append((system, obj, rid))
+        return out
+
+    def _records_by(self, col: sa.Column[Any], values: Iterable[str],
+                    with_raw: bool) -> dict[str, list[RecordRow]]:
         out: dict[str, list[RecordRow]] = {}
         vals = sorted({v for v in values if v is not None})
         t = s.records
         for chunk in _chunks(vals):
-            q = sa.select(t).where(self._in(col, chunk)).order_by(t.c.system, t.c.object, t.c.id)
-            for m in self.conn.execute(q).mappings():
-                out.setdefault(m[col.name], []).append(_record(m))
+            q = _select_records(with_raw).where(self._in(col, chunk)).order_by(t.c.system, t.c.object, t.c.id)
+            for row in self.conn.execute(q):
+                r = _record_of(row, with_raw)
+                out.setdefault(getattr(r, col.name), []).append(r)
         return out
 
-    def records_by_email(self, emails: Iterable[str]) -> dict[str, list[RecordRow]]:
+    def records_by_email(self, emails: Iterable[str], *, with_raw: bool = True) -> dict[str, list[RecordRow]]:
         """Records per normalised email; emails with no record are absent."""
-        return self._records_by(s.records.c.email_norm, emails)
+        return self._records_by(s.records.c.email_norm, emails, with_raw)
 
-    def records_by_entity(self, entity_ids: Iterable[str]) -> dict[str, list[RecordRow]]:
-        return self._records_by(s.records.c.entity_id, entity_ids)
+    def records_by_entity(self, entity_ids: Iterable[str], *,
+                          with_raw: bool = True) -> dict[str, list[RecordRow]]:
+        return self._records_by(s.records.c.entity_id, entity_ids, with_raw)
 
-    def dirty_records(self, limit: int = 1000) -> list[RecordRow]:
+    def dirty_records(self, limit: int = 1000, *, with_raw: bool = True) -> list[RecordRow]:
         """Records that need a decision, oldest change first."""
         t = s.records
-        q = (sa.select(t).where(t.c.dirty.is_(True))
+        q = (_select_records(with_raw).where(t.c.dirty.is_(True))
              .order_by(t.c.updated_at, t.c.system, t.c.object, t.c.id).limit(limit))
-        return [_record(m) for m in self.conn.execute(q).mappings()]
+        return [_record_of(row, with_raw) for row in self.conn.execute(q)]
 
     def clear_dirty(self, keys: Iterable[RecordKey]) -> None:
         for cond in self._records_where(keys):
@@ -355,25 +383,26 @@ class Tx:
             self.conn.execute(sa.insert(t), rows)
 
     def referrers(self, system: str, ids: Iterable[str],
-                  kind: str | None = None) -> list[RecordRow]:
+                  kind: str | None = None, *, with_raw: bool = True) -> list[RecordRow]:
         """Records of ``system`` (optionally of one ``kind``) pointing at any of ``ids``
         (see :meth:`set_refs`), each once, in key order."""
         t, r = s.records, s.record_refs
         out: dict[RecordKey, RecordRow] = {}
         for chunk in _chunks(sorted(set(ids))):
-            q = (sa.select(t).join(r, sa.and_(r.c.system == t.c.system, r.c.object == t.c.object,
+            q = (_select_records(with_raw).join(r, sa.and_(r.c.system == t.c.system, r.c.object == t.c.object,
                                               r.c.id == t.c.id))
                  .where(r.c.system == system, self._in(r.c.ref_id, chunk)))
             if kind is not None:
                 q = q.where(t.c.kind == kind)
-            for m in self.conn.execute(q).mappings():
-                row = _record(m)
+            for found in self.conn.execute(q):
+                row = _record_of(found, with_raw)
                 out[row.key] = row
         return [out[k] for k in sorted(out)]
 
-    def deals_of_people(self, system: str, person_ids: Iterable[str]) -> list[RecordRow]:
+    def deals_of_people(self, system: str, person_ids: Iterable[str], *,
+                        with_raw: bool = True) -> list[RecordRow]:
         """Deal records of ``system`` pointing at any of these same-system person ids."""
-        return self.referrers(system, person_ids, kind="deal")
+        return self.referrers(system, person_ids, kind="deal", with_raw=with_raw)
 
     # ----------------------------------------------------------------- entities
 
@@ -434,6 +463,22 @@ class Tx:
         """When the rules must look at this entity again (None: no timer)."""
         t = s.entities
         self.conn.execute(sa.update(t).where(t.c.entity_id == entity_id).values(due_at=due_at))
+
+    def set_due_many(self, entity_ids: Iterable[str], due_at: datetime | None) -> None:
+        """Set (or clear, with None) the timer of many entities at once. The engine marks the
+        entities a change touched as due *now*: linking and deciding are separate steps, and
+        the mark is what carries one to the other across a crash."""
+        t = s.entities
+        for chunk in _chunks(sorted(set(entity_ids))):
+            self.conn.execute(sa.update(t).where(self._in(t.c.entity_id, chunk)).values(due_at=due_at))
+
+    def due_batch(self, now: datetime, after: str = "", limit: int = 500) -> list[tuple[str, str]]:
+        """(entity id, kind) of entities due at ``now`` with an id above ``after``, in id
+        order: a keyset walk that visits each due entity once even if it stays due."""
+        t = s.entities
+        q = (sa.select(t.c.entity_id, t.c.kind).where(t.c.due_at <= now, t.c.entity_id > after)
+             .order_by(t.c.entity_id).limit(limit))
+        return [(str(e), str(k)) for e, k in self.conn.execute(q)]
 
     def due_entities(self, now: datetime, limit: int | None = None) -> list[str]:
         """Entities whose timer is due at ``now``, earliest first. The timer stays set
@@ -961,10 +1006,28 @@ def _first_line(e: BaseException | None) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+# Record columns in RecordRow's field order, raw last; rows are read positionally (a
+# RowMapping per row cost more than the SQL on the hot paths).
+_RECORD_COLS = (s.records.c.system, s.records.c.object, s.records.c.id, s.records.c.kind,
+                s.records.c.modified_at, s.records.c.canonical, s.records.c.email_norm, s.records.c.raw_hash,
+                s.records.c.entity_id, s.records.c.dirty, s.records.c.updated_at)
+
+
+def _select_records(with_raw: bool) -> sa.Select[Any]:
+    return sa.select(*_RECORD_COLS, s.records.c.raw) if with_raw else sa.select(*_RECORD_COLS)
+
+
+def _record_of(row: Sequence[Any], with_raw: bool) -> RecordRow:
+    """A row of :func:`_select_records` as a RecordRow (``raw`` is ``{}`` when not selected)."""
+    system, obj, rid, kind, modified_at, canonical, email_norm, rhash, entity_id, dirty, updated_at = row[:11]
+    return RecordRow(system, obj, rid, kind, modified_at, row[11] if with_raw else {}, canonical, email_norm,
+                     rhash, entity_id, bool(dirty), updated_at)
+
+
 def _record(m: Mapping[Any, Any]) -> RecordRow:
     return RecordRow(
         system=m["system"], object=m["object"], id=m["id"], kind=m["kind"],
-        modified_at=m["modified_at"], raw=m["raw"], canonical=m["canonical"],
+        modified_at=m["modified_at"], raw=m.get("raw") or {}, canonical=m["canonical"],
         email_norm=m["email_norm"], raw_hash=m["raw_hash"], entity_id=m["entity_id"],
         dirty=bool(m["dirty"]), updated_at=m["updated_at"],
     )
