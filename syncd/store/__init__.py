@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+import orjson
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.dialects import postgresql as pg_dialect
@@ -85,6 +86,21 @@ def _chunks(items: Sequence[_T], n: int = _CHUNK) -> Iterator[Sequence[_T]]:
         yield items[i:i + n]
 
 
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def _json_loads(value: Any) -> Any:
+    if isinstance(value, int | float):  # SQLite hands back a JSON number column as a number
+        return value
+    return orjson.loads(value)
+
+
+# Every record row carries JSON (canonical, raw) and the engine reads and writes thousands per
+# batch: orjson encodes/decodes them several times faster than the standard library.
+_JSON: dict[str, Any] = {"json_serializer": _json_dumps, "json_deserializer": _json_loads}
+
+
 class Store:
     """A handle on one state store. Thread-safe; each ``tx()`` takes its own connection."""
 
@@ -98,10 +114,10 @@ class Store:
                 _sqlite.create_private_file(u.database)
             except OSError as e:
                 raise ConfigError(f"[state] url: cannot create {u.database}: {e.strerror}") from e
-            self.engine = sa.create_engine(self.url, connect_args={"check_same_thread": False})
+            self.engine = sa.create_engine(self.url, connect_args={"check_same_thread": False}, **_JSON)
             _sqlite.configure(self.engine)
         else:
-            self.engine = sa.create_engine(self.url, pool_pre_ping=True)
+            self.engine = sa.create_engine(self.url, pool_pre_ping=True, **_JSON)
 
     @classmethod
     def open(cls, url: str) -> Store:
