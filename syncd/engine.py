@@ -259,13 +259,6 @@ class Engine:
                 self._decide(tx, [e for e, k in batch if k == "person"], [e for e, k in batch if k == "deal"],
                              stats, now=now, conflicts=conflicts)
 
-    def decide_entities(self, people: Sequence[str], deals: Sequence[str] = ()) -> CycleStats:
-        """Re-decide given entities (resync of one record, SLA timers)."""
-        stats = CycleStats()
-        with self._tx() as tx:
-            self._decide(tx, list(people), list(deals), stats)
-        return stats
-
     def _decide(self, tx: Tx, people: Sequence[str], deals: Sequence[str], stats: CycleStats, *,
                 now: datetime | None = None, conflicts: frozenset[str] | None = None) -> None:
         """Decide these entities: writes to the outbox, memories and timers saved, in ``tx``.

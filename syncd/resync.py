@@ -357,12 +357,11 @@ def _resync_records(engine: ObservedEngine, req: ResyncRequest, stats: CycleStat
         keys += [(system, obj, r.id) for r in records]
     if not keys:
         return 0
-    engine.link_and_decide(stats)
+    # Records that did not change are not dirty: mark their entities due so that they are
+    # decided too, once, with the changed ones (linking marks those).
     with engine.store.tx() as tx:
-        rows = tx.get_records(keys)
-    people = sorted({r.entity_id for r in rows.values() if r.kind == "person" and r.entity_id})
-    deals = sorted({r.entity_id for r in rows.values() if r.kind == "deal" and r.entity_id})
-    _merge(stats, engine.decide_entities(people, deals))
+        tx.set_due_many({e for e in tx.entity_ids(keys).values() if e}, engine.clock())
+    engine.link_and_decide(stats)
     engine.flush(stats)
     return len(keys)
 
