@@ -4,8 +4,10 @@ Every step leaves the state store consistent on its own, so a crash (kill -9)
 anywhere is followed by a restart that finishes the work:
 - a pulled page, the dirty marks it produces and the cursor advance commit in
   one transaction (nothing pulled is lost, nothing is decided twice);
-- decisions become outbox rows in the same transaction that clears the dirty
-  marks and saves the person's memory;
+- linking a batch of changed records marks the entities it touched as due in
+  the same transaction that clears the records' dirty marks;
+- decisions become outbox rows in the same transaction that saves the entity's
+  memory and moves or clears its due mark (each due entity is decided once);
 - outbox rows are marked ``sending`` before the CRM call and ``done`` (with
   their audit rows) after it; a restart resends what was in flight (updates are
   idempotent, creates look the record up by email first).
