@@ -386,20 +386,23 @@ class HubSpotConnector:
                                              f"failed: {r.error}", r.retriable)
         main = [(u.key, u.record_id, {k: _str(v) for k, v in u.fields.items()}) for u in updates
                 if u.key not in results]
-        for r in self._batch_update(obj, main):
+        stored: dict[str, dict[str, Any]] = {}
+        for r in self._batch_update(obj, main, stored):
             results[r.key] = r
-        self._verify_lifecycle(obj, updates, results)
+        self._verify_lifecycle(obj, updates, results, stored)
         return [results[u.key] for u in updates]
 
-    def _batch_update(self, obj: str,
-                      items: list[tuple[str, str, dict[str, str]]]) -> list[WriteResult]:
+    def _batch_update(self, obj: str, items: list[tuple[str, str, dict[str, str]]],
+                      stored: dict[str, dict[str, Any]] | None = None) -> list[WriteResult]:
+        """Batch updates of ``items`` (key, record id, properties). ``stored`` receives, per
+        key applied, the record's properties as the response returned them (after the update)."""
         out: list[WriteResult] = []
         for chunk in _chunks_unique_ids(items, BATCH):
-            out.extend(self._update_chunk(obj, chunk))
+            out.extend(self._update_chunk(obj, chunk, stored))
         return out
 
-    def _update_chunk(self, obj: str,
-                      chunk: list[tuple[str, str, dict[str, str]]]) -> list[WriteResult]:
+    def _update_chunk(self, obj: str, chunk: list[tuple[str, str, dict[str, str]]],
+                      stored: dict[str, dict[str, Any]] | None = None) -> list[WriteResult]:
         body = {"inputs": [{"id": rid, "properties": props, "objectWriteTraceId": key}
                            for key, rid, props in chunk]}
         try:
@@ -408,43 +411,61 @@ class HubSpotConnector:
             if len(chunk) == 1:
                 return [WriteResult(chunk[0][0], False, chunk[0][1], e.message)]
             half = len(chunk) // 2  # find the bad record(s): the rest must go through
-            return self._update_chunk(obj, chunk[:half]) + self._update_chunk(obj, chunk[half:])
+            return (self._update_chunk(obj, chunk[:half], stored)
+                    + self._update_chunk(obj, chunk[half:], stored))
         except RetriableError as e:
             return [WriteResult(k, False, rid, str(e), retriable=True) for k, rid, _ in chunk]
-        ok_ids = {str(o["id"]) for o in resp.get("results") or []}
+        by_id = {str(o["id"]): o.get("properties") or {} for o in resp.get("results") or []}
         errs = _errors_by_id(resp)
         out = []
         for key, rid, _ in chunk:
             if rid in errs:
                 cat, msg = errs[rid]
                 out.append(WriteResult(key, False, rid, msg, cat not in NOT_RETRIABLE_CATEGORIES))
-            elif rid in ok_ids:
+            elif rid in by_id:
                 out.append(WriteResult(key, True, rid))
+                if stored is not None:
+                    stored[key] = by_id[rid]
             else:
                 out.append(WriteResult(key, False, rid, "UNKNOWN: no result for this record", True))
         return out
 
     def _verify_lifecycle(self, obj: str, updates: Sequence[FieldUpdate],
-                          results: dict[str, WriteResult]) -> None:
-        """Backwards lifecyclestage writes are accepted and ignored: read back and check."""
+                          results: dict[str, WriteResult],
+                          stored: dict[str, dict[str, Any]]) -> None:
+        """Backwards lifecyclestage writes are accepted and ignored (crm-api.md §1.3): check
+        that each one stuck. The batch-update response carries the record's properties as
+        stored after the update, so a write is checked against its own response; a record
+        is read back only when the response does not say (no value there) and for
+        backwards moves (``clear_first``: clear, then set, in two requests), which are
+        verified by reading, not trusted."""
         check = [u for u in updates if results[u.key].ok and u.fields.get("lifecyclestage")]
         if obj != "contacts" or not check:
             return
+        got: dict[str, Any] = {}
+        reread: list[FieldUpdate] = []
+        for u in check:
+            value = stored.get(u.key, {}).get("lifecyclestage")
+            if u.clear_first or value is None:
+                reread.append(u)
+            else:
+                got[u.key] = value
         held: dict[str, Any] = {}
-        ids = list(dict.fromkeys(u.record_id for u in check))
+        ids = list(dict.fromkeys(u.record_id for u in reread))
         for i in range(0, len(ids), BATCH):
             body = {"inputs": [{"id": x} for x in ids[i:i + BATCH]],
                     "properties": ["lifecyclestage"], "propertiesWithHistory": []}
             resp = self._read_call(f"{obj}.batch_read", f"{obj}.batch", "read", body)
             held.update({str(o["id"]): (o.get("properties") or {}).get("lifecyclestage")
                          for o in resp.get("results") or []})
+        got.update({u.key: held.get(u.record_id) for u in reread})
         for u in check:
-            want, got = _str(u.fields["lifecyclestage"]), held.get(u.record_id)
-            if got != want:
+            want = _str(u.fields["lifecyclestage"])
+            if got[u.key] != want:
                 results[u.key] = WriteResult(
                     u.key, False, u.record_id,
-                    f"LIFECYCLE_NOT_APPLIED: lifecyclestage is {got!r} after writing {want!r} "
-                    "(HubSpot ignores backwards moves; clear it first with clear_first)")
+                    f"LIFECYCLE_NOT_APPLIED: lifecyclestage is {got[u.key]!r} after writing "
+                    f"{want!r} (HubSpot ignores backwards moves; clear it first with clear_first)")
                 log.warning("hubspot write did not stick", object=obj, record_id=u.record_id,
                             field="lifecyclestage")
 

@@ -14,7 +14,7 @@ from connectors._retry import RetryPolicy
 from connectors.hubspot import HubSpotConnector
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
 from syncd.model import Cursor, FieldUpdate, RawRecord, RecordCreate
-from syncd.sandbox._server import SimServer
+from syncd.sandbox._server import Response, SimServer
 from syncd.sandbox.hubspot import HubSpotApp
 
 if TYPE_CHECKING:  # the fixture's type; pytest provides the object
@@ -391,3 +391,75 @@ def test_two_updates_of_one_record_apply_in_order(hubspot_sandbox: HubSpotSandbo
     assert [r.ok for r in res] == [True, True]
     assert hubspot_sandbox.app.get("contacts", rid)["hs_lead_status"] == "CONNECTED"
     assert c.usage.calls == {"contacts.batch_update": 2}  # never two inputs for one id per batch
+
+
+# -- write-side reads: lifecyclestage verified from the batch-update response ------------------
+
+
+def lifecycle_contacts(sb: HubSpotSandbox, stages: list[str]) -> list[str]:
+    return [sb.app.add("contacts", {"email": f"lc{i}@example.com", "lifecyclestage": s})
+            for i, s in enumerate(stages)]
+
+
+def test_forward_lifecyclestage_write_is_verified_without_a_read(
+    hubspot_sandbox: HubSpotSandbox,
+) -> None:
+    ids = lifecycle_contacts(hubspot_sandbox, ["lead"] * 150)
+    c = connector(hubspot_sandbox)
+    res = c.write("contacts", [FieldUpdate(f"k{i}", rid, {"lifecyclestage": "marketingqualifiedlead"})
+                               for i, rid in enumerate(ids)])
+    assert all(r.ok for r in res), [r.error for r in res if not r.ok]
+    assert c.usage.calls == {"contacts.batch_update": 2}  # 150 writes: 2 batches, no read-back
+    assert {hubspot_sandbox.app.get("contacts", rid)["lifecyclestage"] for rid in ids} == {
+        "marketingqualifiedlead"}
+
+
+def test_ignored_backwards_write_is_caught_from_the_response(
+    hubspot_sandbox: HubSpotSandbox,
+) -> None:
+    fwd, back, cleared = lifecycle_contacts(
+        hubspot_sandbox, ["lead", "salesqualifiedlead", "salesqualifiedlead"])
+    c = connector(hubspot_sandbox)
+    res = c.write("contacts", [
+        FieldUpdate("fwd", fwd, {"lifecyclestage": "marketingqualifiedlead"}),
+        FieldUpdate("back", back, {"lifecyclestage": "lead"}),  # no clear_first: ignored
+        FieldUpdate("cleared", cleared, {"lifecyclestage": "lead"},
+                    clear_first=("lifecyclestage",)),
+    ])
+    by_key = {r.key: r for r in res}
+    assert by_key["fwd"].ok and by_key["cleared"].ok
+    assert by_key["back"].ok is False
+    assert "LIFECYCLE_NOT_APPLIED" in (by_key["back"].error or "")
+    assert "'salesqualifiedlead'" in (by_key["back"].error or "")
+    assert hubspot_sandbox.app.get("contacts", back)["lifecyclestage"] == "salesqualifiedlead"
+    # clear + set, and one read-back: only for the clear_first write
+    assert c.usage.calls == {"contacts.batch_update": 2, "contacts.batch_read": 1}
+
+
+class _TerseHubSpotApp(HubSpotApp):
+    """A HubSpot whose batch-update answers leave lifecyclestage out of the properties."""
+
+    def _h_batch_update(self, *args: object) -> Response:
+        resp = super()._h_batch_update(*args)  # type: ignore[arg-type]
+        for o in resp.body.get("results") or []:
+            o["properties"].pop("lifecyclestage", None)
+        return resp
+
+
+def test_lifecyclestage_is_read_back_when_the_response_does_not_say(
+    sandbox_tls: tuple[object, str],
+) -> None:
+    ctx, ca_path = sandbox_tls
+    app = _TerseHubSpotApp(token="t")
+    fwd = app.add("contacts", {"email": "f@example.com", "lifecyclestage": "lead"})
+    back = app.add("contacts", {"email": "b@example.com", "lifecyclestage": "customer"})
+    server = SimServer(app, ssl_context=ctx).start()  # type: ignore[arg-type]
+    try:
+        c = HubSpotConnector(server.url, "t", ca_bundle=ca_path, properties=PROPS, retry=FAST)
+        res = c.write("contacts", [FieldUpdate("fwd", fwd, {"lifecyclestage": "opportunity"}),
+                                   FieldUpdate("back", back, {"lifecyclestage": "lead"})])
+    finally:
+        server.stop()
+    assert [r.ok for r in res] == [True, False]
+    assert "LIFECYCLE_NOT_APPLIED" in (res[1].error or "")
+    assert c.usage.calls == {"contacts.batch_update": 1, "contacts.batch_read": 1}
