@@ -77,6 +77,11 @@ def _ts(rec: RawRecord, mod: str) -> int:
     return _ms(rec.modified_at)
 
 
+def _order(rec: RawRecord) -> tuple[datetime, int, str]:
+    """The order of records in a Page: (modified_at, id), numeric ids numerically."""
+    return rec.modified_at, int(rec.id) if rec.id.isdigit() else 0, rec.id
+
+
 def _one_line(body: Any) -> str:
     """The CRM's error code + message, on one line."""
     text = body.decode() if isinstance(body, bytes) else str(body or "")
@@ -242,6 +247,27 @@ class HubSpotConnector:
         mod = MODIFIED_PROP.get(obj)
         if mod is None:
             raise FatalError(f"hubspot: object {obj!r} is not supported")
+        walk = self._walk(obj, mod, since, overlap)
+        if obj != "deals":
+            yield from (Page(recs) for recs in walk)
+            return
+        # Deals need their contacts, and one association batch read takes up to ASSOC_BATCH
+        # deals: search pages (200) are buffered and yielded ASSOC_BATCH deals at a time.
+        # Nothing is lost if the caller stops early: the cursor only moves with what was
+        # yielded (the max of a page's records), so the buffered rest is read again.
+        buf: list[RawRecord] = []
+        for recs in walk:
+            buf.extend(recs)
+            while len(buf) >= ASSOC_BATCH:
+                yield self._page(obj, sorted(buf[:ASSOC_BATCH], key=_order))
+                buf = buf[ASSOC_BATCH:]
+        if buf:
+            yield self._page(obj, sorted(buf, key=_order))
+
+    def _walk(self, obj: str, mod: str, since: Cursor | None,
+              overlap: timedelta) -> Iterator[list[RawRecord]]:
+        """The records modified at or after ``since - overlap``, a search page at a time,
+        ascending, each record once (restarts at the 10k cap skip what was yielded)."""
         props = self._props(obj)
         lo = 0 if since is None else max(0, _ms(since.modified_at - overlap))
         boundary_ts: int | None = None  # the timestamp of the last yielded record
@@ -255,7 +281,7 @@ class HubSpotConnector:
                 if ts == boundary_ts and rec.id in boundary_ids:
                     continue
                 out.append(rec)
-            out.sort(key=lambda r: (r.modified_at, int(r.id) if r.id.isdigit() else 0, r.id))
+            out.sort(key=_order)
             for rec in out:
                 ts = _ts(rec, mod)
                 if ts != boundary_ts:
@@ -270,7 +296,7 @@ class HubSpotConnector:
             for results, at_cap in self._pages(obj, filters, mod, props):
                 recs = fresh(results)
                 if recs:
-                    yield self._page(obj, recs)
+                    yield recs
                 if results:
                     last_ts = max(_ts(r, mod) for r in results)
                 capped = at_cap
@@ -287,7 +313,8 @@ class HubSpotConnector:
             lo += 1
 
     def _walk_timestamp(self, obj: str, ts: int, props: list[str], mod: str,
-                        fresh: Callable[[list[RawRecord]], list[RawRecord]]) -> Iterator[Page]:
+                        fresh: Callable[[list[RawRecord]], list[RawRecord]]
+                        ) -> Iterator[list[RawRecord]]:
         last_id = 0
         while True:
             filters = [{"propertyName": mod, "operator": "EQ", "value": str(ts)},
@@ -296,7 +323,7 @@ class HubSpotConnector:
             for results, at_cap in self._pages(obj, filters, "hs_object_id", props):
                 recs = fresh(results)
                 if recs:
-                    yield self._page(obj, recs)
+                    yield recs
                 if results:
                     last_id = max(last_id, *(int(r.id) for r in results))
                 capped = at_cap

@@ -463,3 +463,40 @@ def test_lifecyclestage_is_read_back_when_the_response_does_not_say(
     assert [r.ok for r in res] == [True, False]
     assert "LIFECYCLE_NOT_APPLIED" in (res[1].error or "")
     assert c.usage.calls == {"contacts.batch_update": 1, "contacts.batch_read": 1}
+
+
+# -- backfill reads: one association batch read per 1,000 deals ---------------------------------
+
+
+def test_deal_pages_are_buffered_to_one_association_read_per_1000_deals(
+    hubspot_sandbox: HubSpotSandbox,
+) -> None:
+    app = hubspot_sandbox.app
+    people = [app.add("contacts", {"email": f"d{i}@example.com"}, at=T0) for i in range(3)]
+    deals = [app.add("deals", {"dealname": f"D{i}", "dealstage": "qualifiedtobuy"},
+                     at=T0 + timedelta(seconds=i)) for i in range(1150)]
+    for i, d in enumerate(deals):
+        app.associate(people[i % 3], d, at=T0 + timedelta(seconds=i))
+    c = connector(hubspot_sandbox)
+    pages = list(c.iter_changes("deals", None, overlap=timedelta(0)))
+    assert [len(p.records) for p in pages] == [1000, 150]
+    recs = [r for p in pages for r in p.records]
+    assert [r.id for r in recs] == deals  # (modified_at, id) order, each deal once
+    assert all(r.fields["_contact_ids"] == [people[i % 3]] for i, r in enumerate(recs))
+    # 6 search pages of 200, 2 association reads (1,000 + 150 deals)
+    assert c.usage.calls == {"deals.search": 6, "associations.batch_read": 2}
+
+
+def test_a_pull_cut_short_after_a_buffered_page_loses_no_deal(
+    hubspot_sandbox: HubSpotSandbox,
+) -> None:
+    app = hubspot_sandbox.app
+    deals = [app.add("deals", {"dealname": f"D{i}", "dealstage": "qualifiedtobuy"},
+                     at=T0 + timedelta(seconds=i // 3)) for i in range(1300)]  # ties of 3
+    c = connector(hubspot_sandbox)
+    first = next(iter(c.iter_changes("deals", None, overlap=timedelta(0))))
+    assert len(first.records) == 1000
+    cursor = max(r.cursor for r in first.records)  # what the engine commits for the page
+    assert cursor.id == deals[999]
+    rest = pull(c, "deals", cursor)
+    assert {r.id for r in first.records} | {r.id for r in rest} == set(deals)
