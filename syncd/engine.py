@@ -10,7 +10,8 @@ anywhere is followed by a restart that finishes the work:
   memory and moves or clears its due mark (each due entity is decided once);
 - outbox rows are marked ``sending`` before the CRM call and ``done`` (with
   their audit rows) after it; a restart resends what was in flight (updates are
-  idempotent, creates look the record up by email first).
+  idempotent; a create that may have been sent before looks the record up by
+  email first).
 """
 
 from __future__ import annotations
@@ -427,9 +428,14 @@ class Engine:
 
     def _create_idempotent(self, conn: Connector, system: str, obj: str,
                            batch: list[OutboxRow]) -> list[Any]:
-        """Creates are keyed: a record with the same email already there (e.g. we created it and
-        crashed before marking done) is taken as the result instead of creating a second one."""
-        emails = [e for e in (self.mappings.raw_email(system, obj, r.fields) for r in batch) if e]
+        """Creates are keyed: a create that may already have reached the CRM (a resend: the
+        row was left ``sending`` by a crash, or an earlier attempt failed, e.g. a timeout
+        after the CRM accepted it) first looks its email up, and a record found there is
+        taken as the result instead of creating a second one. A first send creates
+        directly: nothing of ours can be there yet, and the look-up would cost one read
+        per create batch."""
+        resends = [r for r in batch if r.resend]
+        emails = [e for e in (self.mappings.raw_email(system, obj, r.fields) for r in resends) if e]
         existing = {}
         if emails:
             for rec in conn.find_by_email(obj, emails):
@@ -439,7 +445,7 @@ class Engine:
         results: list[WriteResult] = []
         to_create: list[OutboxRow] = []
         for r in batch:
-            e = self.mappings.raw_email(system, obj, r.fields)
+            e = self.mappings.raw_email(system, obj, r.fields) if r.resend else None
             if e and e in existing:
                 results.append(WriteResult(key=str(r.id), ok=True, record_id=existing[e]))
             else:

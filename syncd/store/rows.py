@@ -91,6 +91,17 @@ class OutboxRow:
     done_at: datetime | None
     result_id: str | None
 
+    @property
+    def resend(self) -> bool:
+        """Handed out before, so the CRM may already hold this write: the row was left
+        ``sending`` (a crash after marking it, before ``done``), or an earlier send failed
+        (``attempts`` counted; a timeout may come after the CRM applied it), or it failed
+        into quarantine and was requeued (attempts reset, ``last_error`` kept).
+
+        Meaningful on rows as :meth:`Tx.due` returns them, before ``mark_sending``.
+        """
+        return self.state == "sending" or self.attempts > 0 or self.last_error is not None
+
 
 @dataclass(frozen=True, slots=True)
 class AuditRow:

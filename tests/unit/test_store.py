@@ -500,6 +500,25 @@ def test_failures_back_off_then_quarantine_and_can_be_requeued(store: Store) -> 
         assert tx.open_quarantine() == []
 
 
+def test_due_tells_first_sends_from_resends(store: Store) -> None:
+    """``OutboxRow.resend``: the CRM may already hold the write (creates look it up first)."""
+    retry_at = T0 + timedelta(minutes=1)
+    with store.tx() as tx:
+        tx.enqueue([item("crashed"), item("failed"), item("requeued"), item("fresh")], now=T0)
+        rows = {o.key: o for o in tx.due("hubspot", None, T0, 10)}
+        assert not any(o.resend for o in rows.values())  # never handed out
+        tx.mark_sending([rows[k].id for k in ("crashed", "failed", "requeued")])
+        # crashed: left sending. failed: a timeout, back to pending. requeued: quarantined
+        # after its last attempt, then requeued by the operator (attempts reset to 0).
+        tx.mark_failed(rows["failed"].id, "timeout", T0, max_attempts=3)
+        assert tx.mark_failed(rows["requeued"].id, "timeout", T0, max_attempts=1) is True
+        assert tx.requeue_quarantined(now=T0) == 1
+        again = {o.key: o for o in tx.due("hubspot", None, retry_at, 10)}
+        assert {k: (o.state, o.attempts, o.resend) for k, o in again.items()} == {
+            "crashed": ("sending", 1, True), "failed": ("pending", 1, True),
+            "requeued": ("pending", 0, True), "fresh": ("pending", 0, False)}
+
+
 # ------------------------------------------------------------------------ audit
 
 def test_query_audit_filters_and_orders_by_time(store: Store) -> None:

@@ -1,0 +1,105 @@
+"""Creates and the find-by-email look-up: only a create that may already have reached the CRM
+(a resend) is looked up first; a first send creates directly.
+
+The look-up is what keeps "exactly once" across a crash between the CRM accepting a create and
+the outbox commit marking it done; it costs one read per create batch, so first sends skip it.
+Counts are the simulators' own request counts around ``Engine.flush``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from syncd.engine import CycleStats
+from syncd.model import OBJECT_GROUPS, RecordCreate
+
+EMAIL = "rey.resend@example.com"
+
+
+def _handoff_to_salesforce(e2e: Any) -> None:
+    """A HubSpot contact over the MQL threshold, unknown to Salesforce: a Lead create."""
+    e2e.hs.add("contacts", {"email": EMAIL, "firstname": "Rey", "lastname": "Resend",
+                            "lifecyclestage": "lead", "hubspotscore": "80"})
+
+
+def _handoff_to_hubspot(e2e: Any) -> None:
+    """A returned Salesforce Lead with no HubSpot contact: a HubSpot contact create."""
+    e2e.sf.insert("Lead", {"Email": EMAIL, "FirstName": "Rey", "LastName": "Resend",
+                           "Company": "R", "Status": "Returned - Not Ready", "Lead_Score__c": 60,
+                           "Return_Reason__c": "no budget", "Lifecycle_Stage__c": "MQL"})
+
+
+SCENARIOS = {
+    # system the create goes to: (how to provoke it, object, email field, look-up endpoint)
+    "salesforce": (_handoff_to_salesforce, "Lead", "Email", "query"),
+    "hubspot": (_handoff_to_hubspot, "contacts", "email", "contacts.search"),
+}
+
+
+def _decide(e2e: Any) -> None:
+    """Pull, link and decide: the outbox holds the writes, nothing is sent yet."""
+    eng = e2e.engine()
+    stats = CycleStats()
+    for group in OBJECT_GROUPS.values():
+        for system, objects in group.items():
+            for obj in objects:
+                eng.pull(system, obj, stats)
+    eng.link_and_decide(stats)
+
+
+def _created(e2e: Any, system: str) -> list[dict[str, Any]]:
+    _, obj, field, _ = SCENARIOS[system]
+    app = e2e.sf if system == "salesforce" else e2e.hs
+    return [r for r in app.all(obj) if str(r.get(field) or "").lower() == EMAIL]
+
+
+def _flush(e2e: Any) -> Counter[str]:
+    """One write-back pass; the requests it made per system.endpoint."""
+    for srv in (e2e.sb.hubspot_server, e2e.sb.salesforce_server):
+        srv.reset_counts()
+    e2e.engine().flush(CycleStats())
+    return Counter(e2e.sb.request_counts())
+
+
+@pytest.mark.parametrize("system", sorted(SCENARIOS))
+def test_first_send_of_a_create_makes_no_lookup(e2e: Any, system: str) -> None:
+    provoke, obj, _, lookup = SCENARIOS[system]
+    provoke(e2e)
+    _decide(e2e)
+    assert _created(e2e, system) == []
+    calls = _flush(e2e)
+    assert len(_created(e2e, system)) == 1
+    assert calls[f"{system}.{lookup}"] == 0, calls  # no find-by-email before a first send
+    assert e2e.outbox_depth() == 0
+
+
+@pytest.mark.parametrize("system", sorted(SCENARIOS))
+def test_create_resent_after_a_crash_between_sending_and_done_is_not_duplicated(
+    e2e: Any, system: str
+) -> None:
+    provoke, obj, _, lookup = SCENARIOS[system]
+    provoke(e2e)
+    _decide(e2e)
+    # What a kill -9 right after the CRM's answer leaves: the row marked sending (committed),
+    # the record created in the CRM, the row never marked done.
+    conn = e2e.rt.connectors[system]
+    with e2e.rt.store.tx() as tx:
+        due = [r for r in tx.due(system, obj, datetime.now(UTC), 100) if r.op == "create"]
+        tx.mark_sending([r.id for r in due])
+    assert len(due) == 1
+    (first,) = conn.create(obj, [RecordCreate(key=str(due[0].id), fields=due[0].fields)])
+    assert first.ok and len(_created(e2e, system)) == 1
+
+    calls = _flush(e2e)  # the restart
+    assert calls[f"{system}.{lookup}"] == 1, calls  # the resend is looked up ...
+    assert len(_created(e2e, system)) == 1  # ... and found: not created twice
+    with e2e.rt.store.tx() as tx:
+        row = tx.get_outbox([due[0].id])[due[0].id]
+    assert (row.state, row.result_id) == ("done", first.record_id)
+    audited = Counter((a.outbox_id, a.field) for a in e2e.audit())
+    assert audited and all(n == 1 for n in audited.values())
+    assert {o for o, _ in audited} >= {row.id}
