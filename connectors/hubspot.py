@@ -57,6 +57,19 @@ class _BadRequest(Exception):
         self.message = message
 
 
+class _NotRetried(Exception):
+    """A transport failure of a non-idempotent call: raised as RetriableError, not retried."""
+
+    def __init__(self, error: RetriableError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _transport(endpoint: str, e: BaseException, idempotent: bool) -> Exception:
+    err = RetriableError(f"hubspot {endpoint}: transport: {type(e).__name__}")
+    return err if idempotent else _NotRetried(err)
+
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -148,12 +161,21 @@ class HubSpotConnector:
             api = self._apis[name] = factories[name]()
         return api
 
-    def _call(self, endpoint: str, api: str, method: str, *args: Any) -> Any:
-        return retrying(self._retry, log_name=f"hubspot.{endpoint}")(
-            self._once, endpoint, api, method, *args
-        )
+    def _call(self, endpoint: str, api: str, method: str, *args: Any,
+              idempotent: bool = True) -> Any:
+        """One API call under the retry policy. ``idempotent=False`` (creates): a transport
+        failure (timeout, dropped connection) is raised, not retried, because the CRM may
+        have applied the request before the answer was lost; the caller decides (the engine
+        looks the record up by email before sending it again)."""
+        try:
+            return retrying(self._retry, log_name=f"hubspot.{endpoint}")(
+                self._once, endpoint, api, method, *args, idempotent=idempotent
+            )
+        except _NotRetried as e:
+            raise e.error from None
 
-    def _once(self, endpoint: str, api: str, method: str, *args: Any) -> Any:
+    def _once(self, endpoint: str, api: str, method: str, *args: Any,
+              idempotent: bool = True) -> Any:
         self.usage.count(endpoint)
         fn = getattr(self._api(api), f"{method}_with_http_info")
         try:
@@ -166,9 +188,9 @@ class HubSpotConnector:
             reason = getattr(e, "reason", None)
             if isinstance(reason, urllib3.exceptions.SSLError):
                 raise FatalError(f"hubspot {endpoint}: TLS failure: {reason}") from None
-            raise RetriableError(f"hubspot {endpoint}: transport: {type(e).__name__}") from None
+            raise _transport(endpoint, e, idempotent) from None
         except OSError as e:
-            raise RetriableError(f"hubspot {endpoint}: transport: {type(e).__name__}") from None
+            raise _transport(endpoint, e, idempotent) from None
         except Exception as e:
             status = getattr(e, "status", None)
             if not isinstance(status, int):
@@ -497,6 +519,8 @@ class HubSpotConnector:
                             field="lifecyclestage")
 
     def create(self, obj: str, creates: Sequence[RecordCreate]) -> list[WriteResult]:
+        """Batch creates. A create whose answer was lost (timeout, dropped connection) is
+        NOT retried here (it may have been applied): its result is a retriable failure."""
         self._props(obj)
         results: dict[str, WriteResult] = {}
         for i in range(0, len(creates), BATCH):
@@ -508,7 +532,8 @@ class HubSpotConnector:
         body = {"inputs": [{"properties": {k: _str(v) for k, v in c.fields.items()},
                             "objectWriteTraceId": c.key, "associations": []} for c in chunk]}
         try:
-            resp = self._call(f"{obj}.batch_create", f"{obj}.batch", "create", body)
+            resp = self._call(f"{obj}.batch_create", f"{obj}.batch", "create", body,
+                              idempotent=False)
         except _BadRequest as e:
             if len(chunk) == 1:
                 results[chunk[0].key] = WriteResult(chunk[0].key, False, None, e.message)

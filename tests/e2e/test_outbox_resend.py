@@ -8,14 +8,17 @@ Counts are the simulators' own request counts around ``Engine.flush``.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from syncd.engine import CycleStats
+from syncd.config import load_config
+from syncd.engine import CycleStats, Engine
 from syncd.model import OBJECT_GROUPS, RecordCreate
+from syncd.runtime import open_runtime
 
 EMAIL = "rey.resend@example.com"
 
@@ -38,6 +41,7 @@ SCENARIOS = {
     "salesforce": (_handoff_to_salesforce, "Lead", "Email", "query"),
     "hubspot": (_handoff_to_hubspot, "contacts", "email", "contacts.search"),
 }
+CREATE_ENDPOINT = {"salesforce": "collections.create", "hubspot": "contacts.batch_create"}
 
 
 def _decide(e2e: Any) -> None:
@@ -57,11 +61,11 @@ def _created(e2e: Any, system: str) -> list[dict[str, Any]]:
     return [r for r in app.all(obj) if str(r.get(field) or "").lower() == EMAIL]
 
 
-def _flush(e2e: Any) -> Counter[str]:
+def _flush(e2e: Any, engine: Engine | None = None) -> Counter[str]:
     """One write-back pass; the requests it made per system.endpoint."""
     for srv in (e2e.sb.hubspot_server, e2e.sb.salesforce_server):
         srv.reset_counts()
-    e2e.engine().flush(CycleStats())
+    (engine or e2e.engine()).flush(CycleStats())
     return Counter(e2e.sb.request_counts())
 
 
@@ -103,3 +107,41 @@ def test_create_resent_after_a_crash_between_sending_and_done_is_not_duplicated(
     audited = Counter((a.outbox_id, a.field) for a in e2e.audit())
     assert audited and all(n == 1 for n in audited.values())
     assert {o for o, _ in audited} >= {row.id}
+
+
+@pytest.mark.parametrize("system", sorted(SCENARIOS))
+def test_create_whose_answer_timed_out_after_the_crm_took_it_is_not_duplicated(
+    e2e: Any, system: str
+) -> None:
+    provoke, obj, _, lookup = SCENARIOS[system]
+    provoke(e2e)
+    _decide(e2e)
+    # The same config with a 0.5 s client timeout; the CRM answers the create after 1.5 s,
+    # having applied it: the answer is lost, the record is there.
+    short = e2e.tmp / "short-timeout.toml"
+    short.write_text(e2e.config.read_text().replace("timeout_s = 10", "timeout_s = 0.5"))
+    rt = open_runtime(load_config(short))
+    try:
+        server = e2e.sb.salesforce_server if system == "salesforce" else e2e.sb.hubspot_server
+        server.inject("delay", endpoint=CREATE_ENDPOINT[system], delay=1.5)
+        calls = _flush(e2e, rt.engine())
+        assert calls[f"{system}.{CREATE_ENDPOINT[system]}"] == 1, calls  # not retried blindly
+    finally:
+        rt.close()
+    deadline = time.monotonic() + 5
+    while not _created(e2e, system) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (made,) = _created(e2e, system)
+    with e2e.rt.store.tx() as tx:
+        (row,) = [r for r in tx.due(system, obj, datetime.now(UTC) + timedelta(hours=1), 100)
+                  if r.op == "create"]
+    assert (row.state, row.attempts, row.resend) == ("pending", 1, True)
+
+    later = e2e.engine(clock=lambda: datetime.now(UTC) + timedelta(hours=1))  # retry is due
+    calls = _flush(e2e, later)
+    assert calls[f"{system}.{lookup}"] == 1 and calls[f"{system}.{CREATE_ENDPOINT[system]}"] == 0
+    assert len(_created(e2e, system)) == 1
+    with e2e.rt.store.tx() as tx:
+        done = tx.get_outbox([row.id])[row.id]
+    made_id = made.get("Id") or made.get("hs_object_id")
+    assert (done.state, done.result_id) == ("done", made_id)

@@ -500,3 +500,19 @@ def test_a_pull_cut_short_after_a_buffered_page_loses_no_deal(
     assert cursor.id == deals[999]
     rest = pull(c, "deals", cursor)
     assert {r.id for r in first.records} | {r.id for r in rest} == set(deals)
+
+
+def test_a_dropped_update_is_retried_but_a_dropped_create_is_not(
+    hubspot_sandbox: HubSpotSandbox,
+) -> None:
+    rid = seed(hubspot_sandbox, 1)[0]
+    c = connector(hubspot_sandbox)
+    hubspot_sandbox.server.inject("drop", endpoint="contacts.batch_update")
+    assert c.write("contacts", [FieldUpdate("u", rid, {"hs_lead_status": "OPEN"})])[0].ok
+    assert c.usage.calls == {"contacts.batch_update": 2}
+    # a lost create answer may hide an applied create: report it, never send it twice here
+    hubspot_sandbox.server.inject("drop", endpoint="contacts.batch_create")
+    (res,) = c.create("contacts", [RecordCreate("c", {"email": "new@example.com"})])
+    assert res.ok is False and res.retriable is True
+    assert "transport" in (res.error or "")
+    assert c.usage.calls["contacts.batch_create"] == 1
