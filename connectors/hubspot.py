@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -436,7 +437,22 @@ class HubSpotConnector:
         main = [(u.key, u.record_id, {k: _str(v) for k, v in u.fields.items()}) for u in updates
                 if u.key not in results]
         stored: dict[str, dict[str, Any]] = {}
-        for r in self._batch_update(obj, main, stored):
+        groups = _merge_same_record(main)
+        members = {keys[0]: keys for keys, _, _ in groups}  # an input is sent under its first key
+        retry_alone: list[tuple[str, str, dict[str, str]]] = []
+        for r in self._batch_update(obj, [(keys[0], rid, props) for keys, rid, props in groups],
+                                    stored):
+            keys = members[r.key]
+            if len(keys) > 1 and not r.ok and not r.retriable:
+                # refused as a whole (a bad value, say): nothing applied; send each update
+                # alone (the record has no other input) so only the faulty one fails
+                retry_alone += [it for it in main if it[0] in keys]
+                continue
+            for k in keys:
+                results[k] = replace(r, key=k)
+                if r.key in stored:
+                    stored[k] = stored[r.key]
+        for r in self._batch_update(obj, retry_alone, stored):
             results[r.key] = r
         self._verify_lifecycle(obj, updates, results, stored)
         return [results[u.key] for u in updates]
@@ -613,6 +629,30 @@ def _retry_after(headers: Any) -> float | None:
 
 def _clear_of(updates: Sequence[FieldUpdate], key: str) -> tuple[str, ...]:
     return next((u.clear_first for u in updates if u.key == key), ())
+
+
+def _merge_same_record(items: list[tuple[str, str, dict[str, str]]]
+                       ) -> list[tuple[tuple[str, ...], str, dict[str, str]]]:
+    """(keys, record id, properties) inputs: the updates of one record merged into one input
+    when they set different properties (one batch input instead of one batch per update).
+    A record with two updates of one property keeps all its updates apart, in order (they
+    go in successive batches, so the later value wins), and so does a record updated once."""
+    props_of: dict[str, list[dict[str, str]]] = {}
+    for _, rid, props in items:
+        props_of.setdefault(rid, []).append(props)
+    mergeable = {rid for rid, ps in props_of.items()
+                 if len(ps) > 1 and sum(map(len, ps)) == len(set().union(*ps))}
+    out: list[tuple[tuple[str, ...], str, dict[str, str]]] = []
+    at: dict[str, int] = {}  # a mergeable record -> its input in out
+    for key, rid, props in items:
+        if rid in at:
+            keys, _, merged = out[at[rid]]
+            out[at[rid]] = ((*keys, key), rid, {**merged, **props})
+            continue
+        if rid in mergeable:
+            at[rid] = len(out)
+        out.append(((key,), rid, props))
+    return out
 
 
 def _chunks_unique_ids(items: list[tuple[str, str, dict[str, str]]],

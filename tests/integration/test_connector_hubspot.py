@@ -516,3 +516,33 @@ def test_a_dropped_update_is_retried_but_a_dropped_create_is_not(
     assert res.ok is False and res.retriable is True
     assert "transport" in (res.error or "")
     assert c.usage.calls["contacts.batch_create"] == 1
+
+
+def test_updates_of_one_record_to_different_properties_share_one_input(
+    hubspot_sandbox: HubSpotSandbox,
+) -> None:
+    ids = lifecycle_contacts(hubspot_sandbox, ["lead"] * 3)
+    c = connector(hubspot_sandbox)
+    ups = [FieldUpdate(f"{rid}.{n}", rid, fields) for rid in ids for n, fields in enumerate((
+        {"hs_lead_status": "BAD_TIMING"}, {"lifecyclestage": "marketingqualifiedlead"},
+        {"firstname": "Ada"}))]
+    res = c.write("contacts", ups)
+    assert [r.key for r in res] == [u.key for u in ups] and all(r.ok for r in res)
+    assert c.usage.calls == {"contacts.batch_update": 1}  # not one batch per update
+    for rid in ids:
+        got = hubspot_sandbox.app.get("contacts", rid)
+        assert (got["hs_lead_status"], got["lifecyclestage"], got["firstname"]) == (
+            "BAD_TIMING", "marketingqualifiedlead", "Ada")
+
+
+def test_a_bad_value_in_a_merged_input_fails_only_its_own_update(
+    hubspot_sandbox: HubSpotSandbox,
+) -> None:
+    (rid,) = lifecycle_contacts(hubspot_sandbox, ["lead"])
+    res = connector(hubspot_sandbox).write("contacts", [
+        FieldUpdate("bad", rid, {"hs_lead_status": "NOT_A_STATUS"}),
+        FieldUpdate("good", rid, {"firstname": "Ada"}),
+    ])
+    assert res[0].ok is False and "VALIDATION_ERROR" in (res[0].error or "")
+    assert res[1].ok is True
+    assert hubspot_sandbox.app.get("contacts", rid)["firstname"] == "Ada"
