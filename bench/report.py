@@ -161,6 +161,19 @@ def _throughput(res: dict[str, Any]) -> list[str]:
         )
         + "\n"
     )
+    fl = res.get("floors")
+    if fl:
+        out.append(
+            "Floors (`bench/floors.py`): the work any store-backed core must do, each part alone on the "
+            "same records (CPU, best of 3). Their sum bounds what such a core could reach in CPython; "
+            "the rest of the measured time is orchestration.\n"
+        )
+        frows = [[k, _f(v, 1)] for k, v in fl["us_per_record"].items()]
+        frows.append(["**sum**", f"**{_f(fl['sum_us'], 1)}** (ceiling {_f(fl['ceiling_per_s'], 0)} records/s)"])
+        sq = res.get("sqlite")
+        if sq and sq.get("cpu_s"):
+            frows.append(["measured core (SQLite, CPU)", _f(sq["cpu_s"] / sq["records"] * 1e6, 1)])
+        out.append(table(["part", "µs per record"], frows) + "\n")
     return out
 
 

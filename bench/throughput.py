@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from bench import floors
 from bench._env import reset_pg, seeded, workdir
 from syncd.engine import CycleStats, Engine
 from syncd.model import OBJECT_GROUPS, SYSTEMS, Page
@@ -74,6 +75,7 @@ def run(people: int, deals: int, pg_url: str | None) -> dict[str, Any]:
         pages = d / "pages.pickle"
         out["recorded"] = record(people, deals, pages)
         out["sqlite"] = replay(pages, f"sqlite:///{d / 'replay.db'}")
+        out["floors"] = floors.run(pages, d)
         if pg_url:
             out["postgresql"] = replay(pages, pg_url)
     return out
