@@ -31,7 +31,8 @@ def _api(res: dict[str, Any]) -> list[str]:
         "association batch read 1,000/call, batch update/create 100/call; Salesforce query "
         "2,000/batch, "
         'sObject Collections 200/call; at least one read per object). "Extra" are write-side reads '
-        "(HubSpot lifecycle read-back after a write, find-by-email before a create).\n",
+        "(HubSpot lifecycle read-back, now only after a backwards move made with clear-first or an "
+        "answer without the value; find-by-email, now only before a create that is a resend).\n",
     ]
     for phase, title in (("backfill", "Full backfill"), ("incremental", "Incremental cycle")):
         p = res.get(phase)
