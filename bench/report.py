@@ -214,8 +214,9 @@ def _backfill(res: list[dict[str, Any]]) -> list[str]:
         "while the child "
         "ran (the simulators' work: TLS, HTTP, JSON, search). `syncd CPU` is the child's "
         "user+sys time. "
-        "Peak RSS is the child's ru_maxrss; `RSS at half time` the largest /proc VmRSS sample "
-        "in the first "
+        "Peak RSS is the child's own high-water mark (VmHWM, written by the child at exit; not "
+        "wait4's ru_maxrss, which on Linux includes the peak of the benchmark process it was "
+        "forked from); `RSS at half time` the largest /proc VmRSS sample in the first "
         "half of the run.\n",
     ]
     rows = []
