@@ -86,6 +86,16 @@ def _chunks(items: Sequence[_T], n: int = _CHUNK) -> Iterator[Sequence[_T]]:
         yield items[i:i + n]
 
 
+def _padded(values: Sequence[_T]) -> list[_T]:
+    """``values`` lengthened to the next power of two by repeating the last one (for an IN
+    list: same rows, and one SQL text per power of two instead of one per length)."""
+    out = list(values)
+    if out:
+        size = 1 << (len(out) - 1).bit_length()
+        out += [out[-1]] * (size - len(out))
+    return out
+
+
 def _json_dumps(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
@@ -194,10 +204,16 @@ class Tx:
     def _in(self, col: sa.Column[Any], values: Sequence[str]) -> sa.ColumnElement[bool]:
         """``col IN values`` for string keys; on PostgreSQL one array parameter
         (``= ANY(:v)``): one statement whatever the length (psycopg prepares it once)
-        instead of hundreds of bind parameters."""
+        instead of hundreds of bind parameters.
+
+        On SQLite the list is padded (repeating its last value, which changes nothing) to
+        the next power of two: ``IN (?, ?, …)`` is a different SQL text for every length,
+        and the driver keeps up to 128 prepared statements per connection, so lists of
+        every length from 1 to 500 kept 128 large statements (~6-8 MB) prepared and
+        re-prepared the rest. Padded, each query has at most 10 texts."""
         if self.dialect == "postgresql":
             return col == sa.any_(sa.bindparam(None, list(values), type_=pg_dialect.ARRAY(sa.Text)))
-        return col.in_(values)
+        return col.in_(_padded(values))
 
     def _insert(self, table: sa.Table) -> Any:
         if self.dialect == "postgresql":
@@ -746,7 +762,8 @@ class Tx:
         t = s.outbox
         out: dict[str, list[OutboxRow]] = {}
         for chunk in _chunks(sorted(set(entity_ids))):
-            q = (sa.select(t).where(t.c.entity_id.in_(chunk), t.c.state.in_(OUTBOX_OPEN), t.c.op == "update")
+            q = (sa.select(t).where(self._in(t.c.entity_id, chunk), t.c.state.in_(OUTBOX_OPEN),
+                                    t.c.op == "update")
                  .order_by(t.c.id))
             for m in self.conn.execute(q).mappings():
                 row = _outbox(m)

@@ -192,6 +192,30 @@ def test_bulk_reads_by_key_email_and_entity(store: Store) -> None:
         assert "e-none" not in by_entity
 
 
+def test_key_lists_of_any_length_read_exactly_their_rows_with_few_statement_texts(store: Store) -> None:
+    # SQLite: IN lists are padded to powers of two so the driver's prepared-statement cache
+    # does not fill with one large statement per list length (memory of a backfill).
+    with store.tx() as tx:
+        tx.upsert_records([rec(str(i), entity_id=f"e{i}") for i in range(70)])
+    texts: set[str] = set()
+
+    def seen(conn: object, cursor: object, statement: str, *rest: object) -> None:
+        texts.add(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", seen)
+    try:
+        with store.tx() as tx:
+            for n in range(1, 70):
+                keys = [("hubspot", "contacts", str(i)) for i in range(n)] + [("hubspot", "contacts", "none")]
+                assert sorted(tx.get_records(keys)) == sorted(keys[:-1])
+                by_entity = tx.records_by_entity([f"e{i}" for i in range(n)])
+                assert sorted(by_entity) == sorted(f"e{i}" for i in range(n))
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", seen)
+    if store.dialect == "sqlite":
+        assert len(texts) <= 2 * 8  # two queries, lengths 2..70 -> 8 powers of two
+
+
 def test_dirty_records_clear_dirty_iter_and_count(store: Store) -> None:
     with store.tx() as tx:
         tx.upsert_records([rec(str(i)) for i in range(5)], now=T0)
