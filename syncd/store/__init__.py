@@ -341,7 +341,9 @@ class Tx:
     def dirty_records(self, limit: int = 1000, *, with_raw: bool = True) -> list[RecordRow]:
         """Records that need a decision, oldest change first."""
         t = s.records
-        q = (_select_records(with_raw).where(t.c.dirty.is_(True))
+        # ``dirty = true``: the form the partial index ix_records_dirty_queue (migration 2) names;
+        # it holds exactly this queue in this order.
+        q = (_select_records(with_raw).where(t.c.dirty == sa.true())
              .order_by(t.c.updated_at, t.c.system, t.c.object, t.c.id).limit(limit))
         return [_record_of(row, with_raw) for row in self.conn.execute(q)]
 

@@ -48,8 +48,24 @@ def _v1(conn: sa.Connection) -> None:
     schema.metadata.create_all(conn, tables=[schema.metadata.tables[t] for t in _V1_TABLES])
 
 
+def _v2(conn: sa.Connection) -> None:
+    """Partial indexes for the engine's two work queues, so that taking the next batch costs the
+    batch, not the store: the dirty records in change order (without it every batch sorted
+    *all* dirty rows: quadratic in a backfill), and the entities with a due mark in id order
+    (without it each cycle's walk read every entity). Both hold only the rows in the queue.
+    The plain index on records.dirty goes: the queue index serves every ``dirty = true``
+    lookup, and while it existed SQLite (without statistics) preferred it and sorted."""
+    true = "1" if conn.dialect.name == "sqlite" else "true"
+    conn.execute(sa.text("DROP INDEX ix_records_dirty"))
+    conn.execute(sa.text("CREATE INDEX ix_records_dirty_queue ON records (updated_at, system, object, id) "
+                         f"WHERE dirty = {true}"))
+    conn.execute(sa.text("CREATE INDEX ix_entities_due_walk ON entities (entity_id, due_at) "
+                         "WHERE due_at IS NOT NULL"))
+
+
 STEPS: list[Step] = [
     Step(1, "initial schema", _v1),
+    Step(2, "work-queue indexes (dirty records, due entities)", _v2),
 ]
 
 LATEST = STEPS[-1].version

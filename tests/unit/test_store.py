@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -71,6 +72,53 @@ def test_a_store_newer_than_the_code_is_refused(store: Store, store_url: str) ->
         Store.open(store_url)
     assert f"version {migrations.LATEST + 1}" in str(err.value)
     assert isinstance(err.value, ConfigError)
+
+
+def test_a_version_1_store_is_migrated_to_the_work_queue_indexes_keeping_its_data(
+        store: Store, store_url: str) -> None:
+    """An existing (version 1) store gains the queue indexes on open and keeps every record."""
+    with store.tx() as tx:
+        tx.upsert_records([RecordRow("hubspot", "contacts", "1", "person", T0, {"a": "1"}, {"values": {}})])
+        tx.conn.execute(sa.text("DROP INDEX ix_records_dirty_queue"))
+        tx.conn.execute(sa.text("DROP INDEX ix_entities_due_walk"))
+        tx.conn.execute(sa.text("CREATE INDEX ix_records_dirty ON records (dirty)"))  # as version 1 had it
+        tx.conn.execute(sa.update(s.meta).where(s.meta.c.key == "schema_version").values(value="1"))
+    store.close()
+    again = Store.open(store_url)
+    try:
+        assert again.schema_version() == migrations.LATEST >= 2
+        with again.tx() as tx:
+            indexes = {ix["name"] for t in ("records", "entities") for ix in sa.inspect(tx.conn).get_indexes(t)}
+            assert {"ix_records_dirty_queue", "ix_entities_due_walk"} <= indexes
+            assert "ix_records_dirty" not in indexes
+            assert [r.id for r in tx.dirty_records()] == ["1"]
+    finally:
+        again.close()
+
+
+def test_taking_the_next_batch_of_either_queue_never_sorts_the_whole_queue(tmp_path: Path) -> None:
+    """SQLite's plans for the dirty-record batch and the due-entity walk read an index in
+    order (a temporary sort would make each batch cost the whole queue: quadratic backfills)."""
+    store = Store.open(f"sqlite:///{tmp_path / 'q.db'}")
+    plans: list[str] = []
+
+    def explain(conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and not executemany:
+            cursor.execute("EXPLAIN QUERY PLAN " + statement, params)
+            plans.append(" | ".join(str(r[-1]) for r in cursor.fetchall()))
+
+    try:
+        sa.event.listen(store.engine, "before_cursor_execute", explain)
+        with store.tx() as tx:
+            tx.dirty_records(limit=10)
+            tx.due_batch(T0, after="", limit=10)
+        sa.event.remove(store.engine, "before_cursor_execute", explain)
+    finally:
+        store.close()
+    queue_plans = [p for p in plans if "records" in p or "entities" in p]
+    assert any("ix_records_dirty_queue" in p for p in queue_plans), plans
+    assert any("ix_entities_due_walk" in p for p in queue_plans), plans
+    assert not any("TEMP B-TREE" in p for p in queue_plans), plans
 
 
 def test_sqlite_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
