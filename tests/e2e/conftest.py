@@ -24,6 +24,7 @@ import pytest
 
 from syncd.config import load_config
 from syncd.engine import CycleStats, Engine
+from syncd.model import OBJECT_GROUPS
 from syncd.runtime import Runtime, open_runtime
 from syncd.sandbox import Sandbox
 from syncd.sandbox.hubspot import HubSpotApp
@@ -100,6 +101,18 @@ class E2E:
 
     def cycle(self, group: str | None = None, **kw: Any) -> CycleStats:
         return self.engine(**kw).cycle(group)
+
+    def decide_only(self) -> CycleStats:
+        """A cycle's pull, link and decide, without the write-back: the outbox holds the
+        writes, nothing is sent (to place a crash or a fault before or around the send)."""
+        eng = self.engine()
+        stats = CycleStats()
+        for group in OBJECT_GROUPS.values():
+            for system, objects in group.items():
+                for obj in objects:
+                    eng.pull(system, obj, stats)
+        eng.link_and_decide(stats)
+        return stats
 
     def converge(self, max_cycles: int = 6, **kw: Any) -> list[CycleStats]:
         """Cycles until one sends nothing and has nothing left in the outbox (or ``max_cycles``)."""

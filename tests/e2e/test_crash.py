@@ -40,8 +40,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from syncd.engine import CycleStats
-from syncd.model import OBJECT_GROUPS, FieldUpdate, RecordCreate
+from syncd.model import FieldUpdate, RecordCreate
 from syncd.sandbox import Sandbox
 from syncd.sandbox.seed import SeedSpec, seed
 from syncd.store import Store, schema
@@ -374,13 +373,7 @@ def _cycle_killed_after_send(e2e: Any, sent: int | None = None) -> None:
     """One cycle whose writes reach the CRMs but whose process dies before marking them done
     (the outbox rows stay ``sending``): what a kill -9 right after the HTTP response does.
     With ``sent``, only the first ``sent`` writes reached the CRMs before the kill."""
-    eng = e2e.engine()
-    stats = CycleStats()
-    for group in OBJECT_GROUPS.values():
-        for system, objects in group.items():
-            for obj in objects:
-                eng.pull(system, obj, stats)
-    eng.link_and_decide(stats)
+    stats = e2e.decide_only()
     for system, conn in e2e.rt.connectors.items():
         with e2e.rt.store.tx() as tx:
             due = tx.due(system, None, datetime.now(UTC), 1000)

@@ -17,7 +17,7 @@ import pytest
 
 from syncd.config import load_config
 from syncd.engine import CycleStats, Engine
-from syncd.model import OBJECT_GROUPS, RecordCreate
+from syncd.model import RecordCreate
 from syncd.runtime import open_runtime
 
 EMAIL = "rey.resend@example.com"
@@ -44,17 +44,6 @@ SCENARIOS = {
 CREATE_ENDPOINT = {"salesforce": "collections.create", "hubspot": "contacts.batch_create"}
 
 
-def _decide(e2e: Any) -> None:
-    """Pull, link and decide: the outbox holds the writes, nothing is sent yet."""
-    eng = e2e.engine()
-    stats = CycleStats()
-    for group in OBJECT_GROUPS.values():
-        for system, objects in group.items():
-            for obj in objects:
-                eng.pull(system, obj, stats)
-    eng.link_and_decide(stats)
-
-
 def _created(e2e: Any, system: str) -> list[dict[str, Any]]:
     _, obj, field, _ = SCENARIOS[system]
     app = e2e.sf if system == "salesforce" else e2e.hs
@@ -73,7 +62,7 @@ def _flush(e2e: Any, engine: Engine | None = None) -> Counter[str]:
 def test_first_send_of_a_create_makes_no_lookup(e2e: Any, system: str) -> None:
     provoke, obj, _, lookup = SCENARIOS[system]
     provoke(e2e)
-    _decide(e2e)
+    e2e.decide_only()
     assert _created(e2e, system) == []
     calls = _flush(e2e)
     assert len(_created(e2e, system)) == 1
@@ -87,7 +76,7 @@ def test_create_resent_after_a_crash_between_sending_and_done_is_not_duplicated(
 ) -> None:
     provoke, obj, _, lookup = SCENARIOS[system]
     provoke(e2e)
-    _decide(e2e)
+    e2e.decide_only()
     # What a kill -9 right after the CRM's answer leaves: the row marked sending (committed),
     # the record created in the CRM, the row never marked done.
     conn = e2e.rt.connectors[system]
@@ -115,7 +104,7 @@ def test_create_whose_answer_timed_out_after_the_crm_took_it_is_not_duplicated(
 ) -> None:
     provoke, obj, _, lookup = SCENARIOS[system]
     provoke(e2e)
-    _decide(e2e)
+    e2e.decide_only()
     # The same config with a 0.5 s client timeout; the CRM answers the create after 1.5 s,
     # having applied it: the answer is lost, the record is there.
     short = e2e.tmp / "short-timeout.toml"
