@@ -19,7 +19,7 @@ import orjson
 import sqlalchemy as sa
 
 from syncd import rules
-from syncd.engine import CycleStats, Engine, _referrers_by_ref, record_row
+from syncd.engine import CycleStats, Engine, _referrers_by_ref, prefetched_person_view, record_row
 from syncd.model import RawRecord
 from syncd.store import Store
 from syncd.store import schema as s
@@ -71,7 +71,7 @@ def run(pages_path: Path, workdir: Path) -> dict[str, Any]:
             memories = tx.get_memory(people)
             refs = _referrers_by_ref(tx, [r for rs in by_entity.values() for r in rs if r.kind == "person"])
             views = [v for e in people
-                     if (v := eng._person_view(tx, e, by_entity.get(e, []), memories.get(e), refs)) is not None]
+                     if (v := prefetched_person_view(e, by_entity.get(e, []), memories.get(e), refs)) is not None]
     finally:
         store.close()
     now = datetime.now(UTC)

@@ -260,15 +260,12 @@ class Engine:
                     break
                 after = batch[-1][0]
                 self._decide(tx, [e for e, k in batch if k == "person"], [e for e, k in batch if k == "deal"],
-                             stats, now=now, conflicts=conflicts)
+                             stats, now, conflicts)
 
-    def _decide(self, tx: Tx, people: Sequence[str], deals: Sequence[str], stats: CycleStats, *,
-                now: datetime | None = None, conflicts: frozenset[str] | None = None) -> None:
+    def _decide(self, tx: Tx, people: Sequence[str], deals: Sequence[str], stats: CycleStats,
+                now: datetime, conflicts: frozenset[str]) -> None:
         """Decide these entities: writes to the outbox, memories and timers saved, in ``tx``.
         An entity with nothing to decide on (no records left) has its timer cleared."""
-        now = now or self.clock()
-        if conflicts is None:
-            conflicts = conflicted_emails(tx) if people else frozenset()
         undecided: set[str] = set()
         for i in range(0, len(people), CHUNK):
             chunk = people[i:i + CHUNK]
@@ -278,8 +275,8 @@ class Engine:
             refs = _referrers_by_ref(
                 tx, [r for e in chunk for r in by_entity.get(e, []) if r.kind == "person"])
             for entity in chunk:
-                view = self._person_view(tx, entity, by_entity.get(entity, []),
-                                         memories.get(entity), refs, conflicts)
+                view = prefetched_person_view(entity, by_entity.get(entity, []), memories.get(entity), refs,
+                                              conflicts)
                 if view is None:
                     undecided.add(entity)
                     continue
@@ -304,18 +301,6 @@ class Engine:
             tx.set_memories(deal_memories, now=now)
         if undecided:
             tx.set_due_many(undecided, None)
-
-    def _person_view(self, tx: Tx, entity: str, rows: list[RecordRow], memory: Any,
-                     refs: Mapping[tuple[str, str], list[RecordRow]] | None = None,
-                     conflicts: frozenset[str] = frozenset()) -> rules.PersonView | None:
-        def referrers(system: str, ids: list[str]) -> Iterable[RecordRow]:
-            if refs is None:
-                return tx.referrers(system, ids, with_raw=False)
-            # prefetched for the whole chunk: the same rows, each once, in key order
-            found = {ref.key: ref for rid in ids for ref in refs.get((system, rid), ())}
-            return [found[k] for k in sorted(found)]
-
-        return person_view(entity, rows, memory, referrers, canonical_of, conflicts)
 
     def _deal_view(self, entity: str, rows: list[RecordRow],
                    memory: Any = None) -> rules.DealView | None:
@@ -561,6 +546,17 @@ def person_view(entity: str, rows: Sequence[RecordRow], memory: Any,
         deals=tuple(deals), attempts=tuple(attempts), memory=_memory(memory),
         link_conflict=any(r.email_norm in conflicts for r in persons if r.email_norm),
     )
+
+
+def prefetched_person_view(entity: str, rows: Sequence[RecordRow], memory: Any,
+                           refs: Mapping[tuple[str, str], list[RecordRow]],
+                           conflicts: frozenset[str] = frozenset()) -> rules.PersonView | None:
+    """:func:`person_view` over referrers read once for a whole chunk (:func:`_referrers_by_ref`)."""
+    def referrers(system: str, ids: list[str]) -> Iterable[RecordRow]:
+        found = {ref.key: ref for rid in ids for ref in refs.get((system, rid), ())}
+        return [found[k] for k in sorted(found)]  # each once, in key order, as Tx.referrers gives them
+
+    return person_view(entity, rows, memory, referrers, canonical_of, conflicts)
 
 
 def conflicted_emails(tx: Tx) -> frozenset[str]:
