@@ -196,7 +196,14 @@ class HubSpotConnector:
             status = getattr(e, "status", None)
             if not isinstance(status, int):
                 raise
-            self._translate(endpoint, status, getattr(e, "body", None), getattr(e, "headers", None))
+            try:
+                self._translate(endpoint, status, getattr(e, "body", None), getattr(e, "headers", None))
+            except RetriableError as err:
+                # A 5xx answer to a create does not say whether it was applied: like a lost
+                # answer, report it rather than send it again here (429 and 423 were refused).
+                if idempotent or status < 500:
+                    raise
+                raise _NotRetried(err) from None
         self._read_budget(headers)
         try:
             data: dict[str, Any] = json.loads(raw) if raw else {}

@@ -518,6 +518,23 @@ def test_a_dropped_update_is_retried_but_a_dropped_create_is_not(
     assert c.usage.calls["contacts.batch_create"] == 1
 
 
+def test_a_5xx_answer_to_a_create_is_reported_not_resent_but_a_429_is_waited_out(
+    hubspot_sandbox: HubSpotSandbox,
+) -> None:
+    c = connector(hubspot_sandbox)
+    # 504: the create may have been applied behind the gateway; sending it again could make a
+    # second contact, so it is reported (the outbox resends it later, looking the email up first)
+    hubspot_sandbox.server.inject("server_error", count=1, endpoint="contacts.batch_create", status=504)
+    (res,) = c.create("contacts", [RecordCreate("c", {"email": "new@example.com"})])
+    assert res.ok is False and res.retriable is True and "504" in (res.error or "")
+    assert c.usage.calls["contacts.batch_create"] == 1
+    # 429: refused, nothing applied: waiting and sending again is safe
+    hubspot_sandbox.server.inject("rate_limit", count=1, endpoint="contacts.batch_create")
+    (res,) = c.create("contacts", [RecordCreate("d", {"email": "other@example.com"})])
+    assert res.ok is True
+    assert c.usage.calls["contacts.batch_create"] == 3
+
+
 def test_updates_of_one_record_to_different_properties_share_one_input(
     hubspot_sandbox: HubSpotSandbox,
 ) -> None:
