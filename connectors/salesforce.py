@@ -245,7 +245,12 @@ class SalesforceConnector:
                     raise _NotRetried(err) from e
                 raise err from e
             except SalesforceError as e:
-                raise self._translate(endpoint, e) from e
+                failure = self._translate(endpoint, e)
+                # A 5xx answer to a create does not say whether it was applied: report it
+                # rather than send it again here (the outbox's resend looks the email up).
+                if not idempotent and isinstance(failure, RetriableError) and (failure.status or 0) >= 500:
+                    raise _NotRetried(failure) from e
+                raise failure from e
             self._note_usage()
             return value
 

@@ -318,3 +318,17 @@ def test_a_dropped_update_is_retried_but_a_dropped_create_is_not(
     with pytest.raises(RetriableError):
         conn.create("Lead", [RecordCreate("h", {"LastName": "N", "Company": "C"})])
     assert conn.usage.calls["collections.create"] == 1
+
+
+def test_a_5xx_answer_to_a_create_is_surfaced_not_resent_but_an_update_is_retried(
+    sf_sandbox: SalesforceSandbox, conn: SalesforceConnector
+) -> None:
+    ids = _seed(sf_sandbox.app, 1)
+    sf_sandbox.server.inject("server_error", count=1, endpoint="collections.update", status=500)
+    assert conn.write("Lead", [FieldUpdate("k", ids[0], {"Lead_Score__c": 9})])[0].ok
+    assert conn.usage.calls == {"collections.update": 2}  # an update is idempotent: sent again
+    # a 500 does not say whether the create was applied: sending it again could duplicate the Lead
+    sf_sandbox.server.inject("server_error", count=1, endpoint="collections.create", status=500)
+    with pytest.raises(RetriableError, match="500"):
+        conn.create("Lead", [RecordCreate("h", {"LastName": "N", "Company": "C"})])
+    assert conn.usage.calls["collections.create"] == 1
