@@ -29,7 +29,7 @@ import structlog
 from connectors.base import Connector
 from syncd import rules
 from syncd.errors import FatalError, RecordError, RetriableError
-from syncd.linking import LinkStats, link_deals, link_people
+from syncd.linking import LinkStats, link_deals, link_people, person_objects
 from syncd.mapping import Mappings
 from syncd.model import (
     OBJECT_GROUPS,
@@ -596,8 +596,7 @@ def _people_of_rows(tx: Tx, rows: Sequence[RecordRow]) -> set[str]:
     """Entities of the people these deal/attempt rows point at: one store lookup for all rows."""
     keys: set[tuple[str, str, str]] = set()
     for row in rows:
-        objects = ("contacts",) if row.system == "hubspot" else ("Contact", "Lead")
-        keys.update((row.system, obj, str(cid)) for cid in (_refs_of(row) or []) for obj in objects)
+        keys.update((row.system, obj, str(cid)) for cid in (_refs_of(row) or []) for obj in person_objects(row.system))
     if not keys:
         return set()
     return {e for e in tx.entity_ids(keys).values() if e}

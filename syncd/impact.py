@@ -37,6 +37,7 @@ from syncd.engine import (  # the engine's own choice of a person's records
     rule_context,
 )
 from syncd.errors import MappingError, RecordError
+from syncd.linking import person_objects
 from syncd.logs import mask_email
 from syncd.mapping import Mappings, load_mappings
 from syncd.model import CanonicalRecord, RawRecord, utcnow
@@ -237,9 +238,8 @@ class _Diff:
             self.deals.add(row.entity_id)
         v = row.canonical.get("values", {})  # the links as the engine made them
         refs = v.get("contact_ids") if row.kind == "deal" else [v.get("who_id")]
-        objects = ("contacts",) if row.system == "hubspot" else ("Contact", "Lead")
         self.person_keys.update((row.system, obj, str(x)) for x in (refs or []) if x
-                                for obj in objects)
+                                for obj in person_objects(row.system))
 
 
 def _buckets(d: Mapping[tuple[str, ...], _Bucket]) -> list[dict[str, Any]]:

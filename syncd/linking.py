@@ -220,7 +220,7 @@ class _DealNeighbourhood:
 
     def __init__(self, tx: Tx, deals: list[RecordRow]) -> None:
         keys = {(r.system, obj, str(cid)) for r in deals
-                for obj in _person_objects(r.system)
+                for obj in person_objects(r.system)
                 for cid in (_values(r).get("contact_ids") or [])}
         self.person_entity = tx.entity_ids(keys) if keys else {}
         entities = sorted({e for e in self.person_entity.values() if e})
@@ -236,8 +236,8 @@ class _DealNeighbourhood:
                         self.deals_of.setdefault((system, cid), []).append(deal)
 
 
-def _person_objects(system: str) -> tuple[str, ...]:
-    """The person objects a deal's contact ids can name in ``system``."""
+def person_objects(system: str) -> tuple[str, ...]:
+    """The person objects a deal's contact ids (or a task's WhoId) can name in ``system``."""
     return ("contacts",) if system == "hubspot" else ("Contact", "Lead")
 
 
@@ -248,7 +248,7 @@ def _match_deal(row: RecordRow, seen: _DealNeighbourhood, assigned: dict[Key, st
     if not name:
         return None
     found = (seen.person_entity.get((row.system, obj, str(cid)))
-             for cid in (v.get("contact_ids") or []) for obj in _person_objects(row.system))
+             for cid in (v.get("contact_ids") or []) for obj in person_objects(row.system))
     persons = {e for e in found if e}
     if not persons:
         return None
