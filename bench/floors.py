@@ -58,7 +58,7 @@ def run(pages_path: Path, workdir: Path) -> dict[str, Any]:
     # the rules, on the views of a store the real core filled from the same pages
     store = Store.open(f"sqlite:///{workdir / 'floors.db'}")
     try:
-        eng = Engine(store, mappings, sla, {})
+        eng = Engine(store, mappings, sla, {}, require_pulls=False)  # offline replay: no pulls
         stats = CycleStats()
         for system, obj, ps in pages:
             for p in ps:

@@ -41,7 +41,7 @@ def replay(path: Path, state_url: str) -> dict[str, Any]:
         reset_pg(state_url)
     store = Store.open(state_url)
     try:
-        eng = Engine(store, mappings, sla, {})
+        eng = Engine(store, mappings, sla, {}, require_pulls=False)  # offline replay: no pulls
         stats = CycleStats()
         n = sum(len(p.records) for _, _, ps in pages for p in ps)
         t0 = time.perf_counter()

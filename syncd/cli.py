@@ -85,11 +85,25 @@ def sync(c: Ctx, once: bool, group: str | None, dry_run: bool) -> None:
     """Run one sync cycle: pull, map, link, decide, write back."""
     from syncd.runtime import open_runtime
 
+    from syncd.resync import LEASE_WAIT_S, LeaseKeeper, interrupt_dead_runs, make_engine, new_owner, run_cycle
+
     def go() -> None:
-        rt = open_runtime(c.config())
+        cfg = c.config()
+        rt = open_runtime(cfg)
+        keeper = LeaseKeeper(rt.store, new_owner())
         try:
-            stats = rt.engine(dry_run=dry_run).cycle(group)
+            engine = make_engine(rt, dry_run=dry_run, owner=keeper.owner)
+            if dry_run:  # changes nothing (one transaction, rolled back): no lease needed
+                stats = engine.cycle(group)
+            else:
+                interrupt_dead_runs(rt.store, keeper.owner, fresh_s=3 * min(cfg.sync.intervals().values()))
+                got = run_cycle(engine, group, keeper, wait_s=LEASE_WAIT_S)
+                if got is None:
+                    raise SyncError(f"the store is busy: another syncd kept a cycle running for "
+                                    f"{LEASE_WAIT_S:.0f}s; try again later")
+                stats = got
         finally:
+            keeper.close()
             rt.close()
         if dry_run:
             from syncd.report import planned_writes_table
@@ -97,6 +111,9 @@ def sync(c: Ctx, once: bool, group: str | None, dry_run: bool) -> None:
             planned_writes_table(stats.planned)
         else:
             click.echo(" ".join(f"{k}={v}" for k, v in stats.summary().items()))
+        if stats.partial:
+            # one side could not be pulled: the other was recorded, nothing decided on half a picture
+            raise SyncError(f"partial cycle: {stats.partial_reason()}")
 
     guarded(go)
 

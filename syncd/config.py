@@ -95,6 +95,12 @@ class SyncConfig(_Section):
     retry_max_attempts: Annotated[int, Field(ge=1, le=20)] = 6
     retry_cap_s: PositiveSeconds = 30.0
     write_batch: Annotated[int, Field(ge=1)] = 1000
+    # Never act on half a picture: an entity is decided only when every object it reads pulled
+    # successfully within this many intervals of its group (and finished a first full pull).
+    freshness_intervals: Annotated[float, Field(ge=1, le=1000)] = 2.0
+
+    def intervals(self) -> dict[str, float]:
+        return {"contacts": self.contacts_interval_s, "deals": self.deals_interval_s}
 
 
 class ServiceConfig(_Section):

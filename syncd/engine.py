@@ -12,6 +12,12 @@ anywhere is followed by a restart that finishes the work:
   their audit rows) after it; a restart resends what was in flight (updates are
   idempotent; a create that may have been sent before looks the record up by
   email first).
+
+Never act on half a picture (:mod:`syncd.freshness`): a system whose pull fails is
+recorded (``pull_state``), the others go on pulling, and only entities whose every
+object finished a first full pull and is fresh are decided; the rest stay due. Such a
+cycle is ``partial``, with one line saying why, and writes go only to systems that
+pulled successfully in it.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import structlog
 
 from connectors.base import Connector
 from syncd import rules
-from syncd.errors import FatalError, RecordError, RetriableError
+from syncd import conflicts as link_conflicts
+from syncd import freshness
+from syncd.errors import FatalError, RecordError, RetriableError, SyncError
 from syncd.linking import LinkStats, link_deals, link_people, person_objects
 from syncd.mapping import Mappings
 from syncd.model import (
@@ -77,12 +85,35 @@ class CycleStats:
     skipped: int = 0
     failed: int = 0
     planned: list[PlannedWrite] = field(default_factory=list)
+    # the half picture: systems whose pull failed in this cycle (the error, for back-off),
+    # why decisions were held, and how many due entities were left undecided for it
+    pull_failures: dict[str, SyncError] = field(default_factory=dict)
+    held: list[str] = field(default_factory=list)
+    undecided: int = 0
+    conflicts_resolved: int = 0
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.pull_failures or self.held)
+
+    def partial_reason(self) -> str | None:
+        """One line: which systems failed and why, and what that held back."""
+        if not self.partial:
+            return None
+        parts = [f"{system}: {_one_line(exc)}" for system, exc in sorted(self.pull_failures.items())]
+        parts += [h for h in self.held if not any(h.startswith(f"{s} ") for s in self.pull_failures)]
+        if self.undecided:
+            parts.append(f"{self.undecided} due people/deals wait for a complete picture")
+        return "; ".join(parts)
 
     def summary(self) -> dict[str, Any]:
-        return {"pulled": sum(self.pulled.values()), "changed": self.changed, "quarantined": self.quarantined,
-                "unmapped": self.unmapped, "linked": self.linked, "conflicts": self.conflicts,
-                "decisions": self.decisions, "events": self.events, "sent": self.sent,
-                "skipped": self.skipped, "failed": self.failed}
+        out = {"pulled": sum(self.pulled.values()), "changed": self.changed, "quarantined": self.quarantined,
+               "unmapped": self.unmapped, "linked": self.linked, "conflicts": self.conflicts,
+               "decisions": self.decisions, "events": self.events, "sent": self.sent,
+               "skipped": self.skipped, "failed": self.failed}
+        if self.partial:
+            out["undecided"] = self.undecided
+        return out
 
 
 class _DryRunRollback(Exception):
@@ -93,7 +124,14 @@ class Engine:
     def __init__(self, store: Store, mappings: Mappings, sla: SLA, connectors: Mapping[str, Connector], *,
                  overlap: timedelta = timedelta(seconds=120), clock: Callable[[], datetime] = utcnow,
                  dry_run: bool = False, write_batch: int = 1000,
-                 on_write: Callable[[OutboxRow, str | None], None] | None = None) -> None:
+                 on_write: Callable[[OutboxRow, str | None], None] | None = None,
+                 bounds: Mapping[tuple[str, str], timedelta] | None = None,
+                 unavailable: Mapping[str, str] | None = None,
+                 require_pulls: bool = True, owner: str | None = None) -> None:
+        """``bounds``: the freshness bound per (system, object) (:func:`syncd.freshness.bounds`).
+        ``unavailable``: systems not to pull this cycle (backed off), with why. Offline engines
+        fed by :meth:`ingest` (benchmarks, replays) pass ``require_pulls=False``: they decide
+        whatever is due, whatever the pull state."""
         self.store = store
         self.mappings = mappings
         self.sla = sla
@@ -106,6 +144,11 @@ class Engine:
         self.ctx = rule_context(mappings, sla)
         self._shared_tx: Tx | None = None
         self.stop_requested = False
+        self.bounds = dict(bounds) if bounds is not None else freshness.bounds()
+        self.unavailable = dict(unavailable or {})
+        self.require_pulls = require_pulls
+        self.owner = owner
+        self.pulled_ok: set[str] = set()  # systems with at least one successful pull this cycle
 
     # -- transactions ---------------------------------------------------------------------------
     @contextmanager
@@ -136,17 +179,21 @@ class Engine:
         try:
             self._cycle(group, stats)
         except BaseException as exc:
-            self.store_run_finish(run_id, "failed", stats, f"{type(exc).__name__}: {exc}")
+            self.store_run_finish(run_id, "failed", stats, _one_line(exc))
             raise
         # A stop request (SIGTERM) ends the cycle after the current page/batch: durable, but not whole.
-        status = "interrupted" if self.stop_requested else "ok"
-        self.store_run_finish(run_id, status, stats, None)
-        log.info("cycle", job=job, status=status, **stats.summary())
+        status = "interrupted" if self.stop_requested else "partial" if stats.partial else "ok"
+        reason = stats.partial_reason()
+        self.store_run_finish(run_id, status, stats, reason)
+        if reason:
+            log.warning("cycle", job=job, status=status, reason=reason, **stats.summary())
+        else:
+            log.info("cycle", job=job, status=status, **stats.summary())
         return stats
 
     def store_run_start(self, job: str) -> str:
         with self.store.tx() as tx:
-            return tx.start_run(job, now=self.clock())
+            return tx.start_run(job, now=self.clock(), owner=self.owner)
 
     def store_run_finish(self, run_id: str, status: str, stats: CycleStats, error: str | None) -> None:
         with self.store.tx() as tx:
@@ -162,28 +209,74 @@ class Engine:
         groups = [group] if group else list(OBJECT_GROUPS)
         for g in groups:
             for system in SYSTEMS:
+                if system in stats.pull_failures:
+                    continue  # failed earlier in this cycle: its other objects wait for the next
                 if system not in self.connectors:
+                    why = self.unavailable.get(system)
+                    if why is not None:  # backed off: say so where status and the gate read it
+                        with self._tx() as tx:
+                            for obj in OBJECT_GROUPS[g][system]:
+                                tx.pull_failed(system, obj, why, self.clock())
                     continue
                 for obj in OBJECT_GROUPS[g][system]:
-                    self.pull(system, obj, stats)
+                    try:
+                        self.pull(system, obj, stats)
+                    except (RetriableError, FatalError) as exc:
+                        # One CRM down is recorded, not fatal: the other keeps pulling, and the
+                        # gate in link_and_decide keeps anyone who needs this side undecided.
+                        self._pull_failed(system, obj, exc, stats)
+                        break
                     if self.stop_requested:
                         return
         self.link_and_decide(stats)
         if not self.dry_run and not self.stop_requested:
-            self.flush(stats)
+            # Writes go to the systems that answered this cycle; the others' wait in the outbox.
+            self.flush(stats, systems=None if not self.require_pulls else self.pulled_ok)
+
+    def _pull_failed(self, system: str, obj: str, exc: SyncError, stats: CycleStats) -> None:
+        stats.pull_failures[system] = exc
+        with self._tx() as tx:
+            tx.pull_failed(system, obj, _one_line(exc), self.clock())
+        log.warning("pull_failed", system=system, object=obj, error=_one_line(exc),
+                    next="recorded; nothing that needs this side is decided until it pulls again")
 
     # -- pull + map -----------------------------------------------------------------------------
     def pull(self, system: str, obj: str, stats: CycleStats) -> None:
+        """Pull ``system``/``obj`` from its cursor to the end; a pull that reaches the end is
+        recorded as complete (the half-picture gate reads it). Connector errors propagate."""
         conn = self.connectors[system]
         with self._tx() as tx:
             cursor = tx.get_cursor(system, obj)
         n = 0
+        stopped = False
         for page in conn.iter_changes(obj, cursor, overlap=self.overlap):
             self.ingest(system, obj, page.records, stats)
             n += len(page.records)
             if self.stop_requested:
+                stopped = True
                 break
         stats.pulled[f"{system}.{obj}"] = stats.pulled.get(f"{system}.{obj}", 0) + n
+        if not stopped:
+            with self._tx() as tx:
+                tx.pull_succeeded(system, obj, self.clock())
+            self.pulled_ok.add(system)
+
+    def pull_stale(self, stats: CycleStats) -> None:
+        """Pull every object whose copy in the store is incomplete or not fresh (a targeted
+        resync, so that it too decides on a complete picture)."""
+        with self._tx() as tx:
+            pic = self.picture(tx)
+        for system, obj in freshness.objects_read_by("person"):
+            if system not in self.connectors or system in stats.pull_failures or not pic.problem((system, obj)):
+                continue
+            try:
+                self.pull(system, obj, stats)
+            except (RetriableError, FatalError) as exc:
+                self._pull_failed(system, obj, exc, stats)
+
+    def picture(self, tx: Tx) -> freshness.Picture:
+        """The store's pull state now, against this engine's freshness bounds."""
+        return freshness.Picture(tx.pull_states(), self.bounds, self.clock())
 
     def ingest(self, system: str, obj: str, records: Sequence[RawRecord], stats: CycleStats,
                *, advance_cursor: bool = True) -> None:
@@ -248,10 +341,23 @@ class Engine:
                 tx.clear_dirty([r.key for r in dirty])
                 stats.linked += ls.linked
                 stats.conflicts += ls.conflicts
+        if self.stop_requested:
+            return
+        # Conflicts the CRM data no longer supports resolve themselves (their records merge).
+        self._recheck_conflicts(stats, now)
         # What is due: entities touched above, and timers (the follow-up SLA) that fell due even
-        # though nothing changed in either CRM.
+        # though nothing changed in either CRM. Only kinds whose every object is complete and
+        # fresh are decided; the others keep their due marks for a later cycle.
         with self._tx() as tx:
             conflicts = conflicted_emails(tx)
+            held = {k: self.picture(tx).blockers(k) for k in ("person", "deal")} if self.require_pulls \
+                else {"person": [], "deal": []}
+        for reasons in held.values():
+            stats.held += [r for r in reasons if r not in stats.held]
+        if held["person"] and held["deal"]:
+            with self._tx() as tx:
+                stats.undecided += len(tx.due_entities(now))
+            return
         after = ""
         while not self.stop_requested:
             with self._tx() as tx:
@@ -259,8 +365,33 @@ class Engine:
                 if not batch:
                     break
                 after = batch[-1][0]
-                self._decide(tx, [e for e, k in batch if k == "person"], [e for e, k in batch if k == "deal"],
-                             stats, now, conflicts)
+                people = [e for e, k in batch if k == "person"]
+                deals = [e for e, k in batch if k == "deal"]
+                if held["person"]:
+                    stats.undecided += len(people)
+                    people = []
+                if held["deal"]:
+                    stats.undecided += len(deals)
+                    deals = []
+                self._decide(tx, people, deals, stats, now, conflicts)
+
+    def _recheck_conflicts(self, stats: CycleStats, now: datetime) -> None:
+        with self._tx() as tx:
+            open_ = tx.open_link_conflicts()
+        if not open_:
+            return
+        reachable = (self.pulled_ok if self.require_pulls else set(self.connectors)) & set(self.connectors)
+        try:  # outside any transaction: these are CRM calls
+            gone = link_conflicts.gone_candidates(open_, self._live_ids, reachable)
+        except (RetriableError, FatalError) as exc:
+            log.warning("link_conflict_recheck_failed", error=_one_line(exc), next="the next cycle checks again")
+            gone = set()
+        with self._tx() as tx:
+            stats.conflicts_resolved += link_conflicts.resolve_stale(tx, open_, gone, now)
+
+    def _live_ids(self, system: str, obj: str, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` still exist in the CRM (a fetch by id)."""
+        return {r.id for r in self.connectors[system].fetch(obj, list(ids))}
 
     def _decide(self, tx: Tx, people: Sequence[str], deals: Sequence[str], stats: CycleStats,
                 now: datetime, conflicts: frozenset[str]) -> None:
@@ -271,6 +402,8 @@ class Engine:
             chunk = people[i:i + CHUNK]
             by_entity = _with_pending(tx.records_by_entity(chunk, with_raw=False), tx.open_writes(chunk))
             memories = tx.get_memory(chunk)
+            open_events = tx.open_events_of(chunk)
+            closing: list[int] = []
             memories_out: dict[str, tuple[dict[str, Any], datetime | None]] = {}
             refs = _referrers_by_ref(
                 tx, [r for e in chunk for r in by_entity.get(e, []) if r.kind == "person"])
@@ -281,8 +414,11 @@ class Engine:
                     undecided.add(entity)
                     continue
                 outcome = rules.decide_person(view, self.ctx, now)
-                self._apply(tx, entity, outcome.decisions, view_records(view), stats)
+                over, still = _events_over(open_events.get(entity, []), outcome)
+                self._apply(tx, entity, outcome.decisions, view_records(view), stats, still_open=still)
+                closing += over
                 memories_out[entity] = (outcome.memory.to_dict(), _due_at(outcome.memory, self.sla))
+            tx.close_events(closing)
             tx.set_memories(memories_out, now=now)  # one executemany per chunk
         for i in range(0, len(deals), CHUNK):
             chunk = deals[i:i + CHUNK]
@@ -313,7 +449,8 @@ class Engine:
                               salesforce=canonical_of(sf) if sf else None, memory=_memory(memory))
 
     def _apply(self, tx: Tx, entity: str, decisions: Iterable[rules.Decision],
-               current: Sequence[CanonicalRecord], stats: CycleStats) -> None:
+               current: Sequence[CanonicalRecord], stats: CycleStats,
+               still_open: Mapping[str, bool] | None = None) -> None:
         """Decisions → outbox rows (writes) or events. No-op writes never reach the outbox."""
         raw_now = {(r.system, r.object, r.id): r for r in current}
         items: list[OutboxItem] = []
@@ -321,8 +458,11 @@ class Engine:
             stats.decisions += 1
             if d.action == "event":
                 stats.events += 1
+                # Each event the rules emit is a new occurrence (their memory emits it once): a
+                # second breach or return is recorded, never swallowed by the open first one.
                 tx.add_event(d.event or d.rule, entity,
-                             {"rule": d.rule, "reason": d.reason, **_jsonable(dict(d.changes))}, now=self.clock())
+                             {"rule": d.rule, "reason": d.reason, **_jsonable(dict(d.changes))}, now=self.clock(),
+                             dedupe=False, open=(still_open or {}).get(d.event or d.rule, True))
                 if d.event == "sla_breach":
                     log.warning("sla_event", kind=d.event, rule=d.rule, entity_id=entity, reason=d.reason)
                 else:
@@ -365,9 +505,13 @@ class Engine:
             tx.enqueue(items)
 
     # -- write back -----------------------------------------------------------------------------
-    def flush(self, stats: CycleStats) -> None:
-        """Send due outbox rows in CRM-sized batches; mark each done, retried or quarantined."""
+    def flush(self, stats: CycleStats, systems: Iterable[str] | None = None) -> None:
+        """Send due outbox rows in CRM-sized batches; mark each done, retried or quarantined.
+        With ``systems``, only to those (the ones that answered this cycle)."""
+        only = set(systems) if systems is not None else None
         for system, conn in self.connectors.items():
+            if only is not None and system not in only:
+                continue
             while not self.stop_requested:
                 with self._tx() as tx:
                     due = tx.due(system, None, self.clock(), self.write_batch)
@@ -564,8 +708,29 @@ def conflicted_emails(tx: Tx) -> frozenset[str]:
     return frozenset(c.email_norm for c in tx.open_link_conflicts())
 
 
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line`` of an error, for run rows, log lines and status."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"[:limit]
+
+
 def _memory(stored: Any) -> rules.Memory:
     return rules.Memory.from_dict(stored)
+
+
+def _events_over(open_events: Sequence[Any], outcome: rules.Outcome) -> tuple[list[int], dict[str, bool]]:
+    """Ids of this person's open events that are over after this decision: superseded by a new
+    event of the same kind, or no longer true of the person (a breach followed up or returned,
+    a return or a blocked re-hand-off whose guard was lifted); and, per kind, whether an event
+    of it is still true now (a breach recorded when a late attempt came is history at once)."""
+    mem = outcome.memory
+    new_kinds = {d.event for d in outcome.decisions if d.action == "event"}
+    breach_open = (mem.sla_breach_at is not None and mem.first_attempt_at is None
+                   and not (mem.returned_at is not None and mem.handed_off_at is not None
+                            and mem.returned_at >= mem.handed_off_at))
+    still = {"sla_breach": breach_open, "returned": mem.guarded,
+             "promotion_blocked": mem.guarded and mem.blocked_promotion_at is not None}
+    return [e.id for e in open_events if e.kind in new_kinds or not still.get(e.kind, True)], still
 
 
 def _due_at(mem: rules.Memory, sla: SLA) -> datetime | None:

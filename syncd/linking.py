@@ -52,8 +52,16 @@ def link_people(tx: Tx, rows: Iterable[RecordRow], stats: LinkStats) -> None:
         if row.object == "Lead" and v.get("is_converted") and cid:
             conversions.append((row, ("salesforce", "Contact", str(cid))))
     contacts = tx.get_records([k for _, k in conversions], with_raw=False) if conversions else {}
+    # A converted Lead seen for the first time may belong to a person already linked on the
+    # other side (its HubSpot contact was pulled earlier, e.g. while Salesforce was down): it
+    # joins that person rather than starting a new one that would never meet it again.
+    fresh_leads = sorted({r.email_norm for r, _ in conversions if not r.entity_id and r.email_norm})
+    lead_peers = tx.records_by_email(fresh_leads, with_raw=False) if fresh_leads else {}
     for row, contact_key in conversions:
-        entity = row.entity_id or _ensure_entity(tx, row, stats)
+        entity = row.entity_id or _peer_entity(row, lead_peers.get(row.email_norm or "", [])) \
+            or _ensure_entity(tx, row, stats)
+        if not row.entity_id:
+            tx.set_entity([_key(row)], entity)
         contact = contacts.get(contact_key)
         if contact is not None and contact.entity_id != entity:
             tx.set_entity([contact_key], entity)
@@ -163,6 +171,12 @@ def _match_by_email(tx: Tx, row: RecordRow, candidates: list[RecordRow], stats: 
     if unlinked:
         tx.set_entity(unlinked, gid)
     return gid
+
+
+def _peer_entity(row: RecordRow, candidates: list[RecordRow]) -> str | None:
+    """The one linked person in the other system with ``row``'s email, if exactly one."""
+    entities = {c.entity_id for c in candidates if c.system != row.system and c.kind == "person" and c.entity_id}
+    return entities.pop() if len(entities) == 1 else None
 
 
 def _conflict(tx: Tx, row: RecordRow, candidates: list[RecordRow], stats: LinkStats) -> None:

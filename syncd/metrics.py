@@ -10,7 +10,7 @@ and a few state-store queries (:meth:`ServiceMetrics.observe_store`).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -19,7 +19,7 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
-from syncd.model import ApiUsage
+from syncd.model import SYSTEMS, ApiUsage
 
 log = structlog.get_logger()
 
@@ -42,6 +42,8 @@ class ServiceMetrics:
         self.started_at = now or datetime.now(UTC)
         self.last_success: dict[str, datetime] = {}
         self.blocked: dict[str, str] = {}  # system -> why it is backed off
+        self.picture: dict[str, list[str]] = {}  # system -> why its copy is incomplete or stale
+        self.picture_grace_s = 0.0
         self._lock = threading.Lock()
         self._usage_seen: dict[tuple[str, int], ApiUsage] = {}  # (system, id(usage)) -> snapshot
         self._day = self.started_at.date()
@@ -124,6 +126,12 @@ class ServiceMetrics:
             "syncd_unmapped_values", "Distinct CRM values no mapping names.", ["system"], registry=r
         )
         self.sla_breaches = Gauge("syncd_sla_breaches_open", "Open SLA breach events.", registry=r)
+        self.picture_held = Gauge(
+            "syncd_picture_incomplete",
+            "1 while decisions that need this system are held: its pulls are incomplete or stale.",
+            ["system"],
+            registry=r,
+        )
         self.system_blocked = Gauge(
             "syncd_system_backed_off",
             "1 while a system is backed off (auth failure, budget spent).",
@@ -234,13 +242,29 @@ class ServiceMetrics:
                 self.blocked[system] = why
         self.system_blocked.labels(system).set(0 if why is None else 1)
 
+    def set_picture(self, problems: Mapping[str, Sequence[str]], *, grace_s: float) -> None:
+        """Per system, why decisions that need it are held (incomplete first pull, or no
+        successful pull within the freshness bound); ``grace_s`` after the start before a
+        first pull still running counts against health."""
+        with self._lock:
+            self.picture = {s: list(p) for s, p in problems.items() if p}
+            self.picture_grace_s = grace_s
+        for system in SYSTEMS:
+            self.picture_held.labels(system).set(1 if self.picture.get(system) else 0)
+
     # ------------------------------------------------------------------ health
     def health(self, now: datetime | None = None) -> tuple[bool, str]:
         """(healthy, one-line reason). Unhealthy when a group has had no successful cycle
-        within HEALTH_INTERVALS of its interval (from the service start before the first)."""
+        within HEALTH_INTERVALS of its interval (from the service start before the first),
+        or when a system's pulls are incomplete or older than the freshness bound (decisions
+        that need it are held: a partial picture), once the start-up grace is over."""
         now = now or datetime.now(UTC)
         problems: list[str] = []
         with self._lock:
+            if self.picture and (now - self.started_at).total_seconds() > self.picture_grace_s:
+                for system, why in sorted(self.picture.items()):
+                    problems.append(f"{system}: decisions held: {why[0]}"
+                                    + (f" (+{len(why) - 1} more)" if len(why) > 1 else ""))
             for group, interval in sorted(self.intervals.items()):
                 limit = HEALTH_INTERVALS * interval
                 last = self.last_success.get(group)

@@ -28,6 +28,7 @@ from typing import Any
 
 import structlog
 
+from syncd import freshness
 from syncd.config import Config
 from syncd.engine import CycleStats, Engine
 from syncd.errors import ConfigError, RetriableError, SyncError
@@ -250,21 +251,66 @@ def make_engine(
     rt: Any,
     *,
     systems: Sequence[str] | None = None,
+    unavailable: Mapping[str, str] | None = None,
     on_page: Callable[[str, str, int], None] | None = None,
     on_write: Callable[[Any, str | None], None] | None = None,
+    owner: str | None = None,
+    dry_run: bool = False,
 ) -> ObservedEngine:
-    """An engine over ``rt`` (a :class:`syncd.runtime.Runtime`), limited to ``systems``."""
+    """An engine over ``rt`` (a :class:`syncd.runtime.Runtime`), limited to ``systems``;
+    ``unavailable`` names the systems left out on purpose (backed off) and why."""
     conns = {s: c for s, c in rt.connectors.items() if systems is None or s in systems}
+    sync = rt.config.sync
     return ObservedEngine(
         rt.store,
         rt.mappings,
         rt.sla,
         conns,
-        overlap=timedelta(seconds=rt.config.sync.overlap_s),
-        write_batch=rt.config.sync.write_batch,
+        overlap=timedelta(seconds=sync.overlap_s),
+        write_batch=sync.write_batch,
         on_write=on_write,
         on_page=on_page,
+        bounds=freshness.bounds(sync.intervals(), sync.freshness_intervals),
+        unavailable=unavailable,
+        owner=owner,
+        dry_run=dry_run,
     )
+
+
+def cycle_leases(group: str | None) -> list[str]:
+    """The leases a cycle of ``group`` (None: every group) holds, in the order they are taken."""
+    return [f"cycle:{g}" for g in ([group] if group else list(OBJECT_GROUPS))] + [DECIDE_LEASE]
+
+
+def run_cycle(
+    engine: Engine,
+    group: str | None,
+    keeper: LeaseKeeper,
+    *,
+    wait_s: float = 0.0,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> CycleStats | None:
+    """The one way a cycle runs (the service's jobs and ``syncd sync --once``): holding the
+    group's ``cycle:<group>`` lease and the decide lease, so nothing decides beside another
+    daemon. None when the leases could not be had within ``wait_s``."""
+    with keeper.holding(cycle_leases(group), wait_s=wait_s, should_stop=should_stop) as got:
+        if not got:
+            return None
+        return engine.cycle(group)
+
+
+def interrupt_dead_runs(store: Store, owner: str, *, fresh_s: float) -> int:
+    """Mark runs left ``running`` by processes that are gone as interrupted (at start).
+
+    Alive: this process, services that beat within ``fresh_s``, and lease holders."""
+    now = utcnow()
+    with store.tx() as tx:
+        alive = {owner} | tx.lease_owners(now) | {b.owner for b in tx.heartbeats(
+            seen_since=now - timedelta(seconds=fresh_s))}
+        n = tx.interrupt_running(now=now, alive=alive)
+    if n:
+        log.info("runs_interrupted", count=n, note="left running by a process that stopped")
+    return n
 
 
 # Linking, deciding and flushing the outbox work on everything pending, whatever group a cycle
@@ -318,6 +364,10 @@ def _run(rt: Any, req: ResyncRequest, engine: ObservedEngine) -> dict[str, Any]:
         cycle = engine.cycle(req.group)
         _merge(stats, cycle)
     result = {"requeued_writes": requeued, "retried_records": retried, **stats.summary()}
+    if stats.partial:
+        # One side could not be pulled: what could be recorded is, nothing was decided on half
+        # a picture, and the resync says so instead of reporting success.
+        raise SyncError(f"resync partial: {stats.partial_reason()}")
     log.info("resync_done", request=req.describe(), **result)
     return result
 
@@ -361,6 +411,7 @@ def _resync_records(engine: ObservedEngine, req: ResyncRequest, stats: CycleStat
     # decided too, once, with the changed ones (linking marks those).
     with engine.store.tx() as tx:
         tx.set_due_many({e for e in tx.entity_ids(keys).values() if e}, engine.clock())
+    engine.pull_stale(stats)  # never decide on half a picture, here either
     engine.link_and_decide(stats)
     engine.flush(stats)
     return len(keys)
@@ -399,6 +450,8 @@ def _fetch_targets(
 def _merge(into: CycleStats, other: CycleStats) -> None:
     for k, v in other.pulled.items():
         into.pulled[k] = into.pulled.get(k, 0) + v
+    into.pull_failures.update(other.pull_failures)
+    into.held += [h for h in other.held if h not in into.held]
     for name in (
         "changed",
         "quarantined",
@@ -410,6 +463,8 @@ def _merge(into: CycleStats, other: CycleStats) -> None:
         "sent",
         "skipped",
         "failed",
+        "undecided",
+        "conflicts_resolved",
     ):
         setattr(into, name, getattr(into, name) + getattr(other, name))
 
@@ -449,10 +504,11 @@ def _run_inline(cfg: Config, req: ResyncRequest) -> str:
     rt = open_runtime(cfg)
     keeper = LeaseKeeper(rt.store, new_owner())
     try:
+        interrupt_dead_runs(rt.store, keeper.owner, fresh_s=3 * min(cfg.sync.intervals().values()))
         if sys.stdout.isatty():
             result = _with_progress(rt, req, keeper)
         else:
-            result = run_resync(rt, req, make_engine(rt), keeper)
+            result = run_resync(rt, req, make_engine(rt, owner=keeper.owner), keeper)
     finally:
         keeper.close()
         rt.close()
@@ -475,4 +531,4 @@ def _with_progress(rt: Any, req: ResyncRequest, keeper: LeaseKeeper) -> dict[str
         def on_page(system: str, obj: str, n: int) -> None:
             progress.update(task, advance=n, description=f"resync {req.describe()}: {system} {obj}")
 
-        return run_resync(rt, req, make_engine(rt, on_page=on_page), keeper)
+        return run_resync(rt, req, make_engine(rt, on_page=on_page, owner=keeper.owner), keeper)

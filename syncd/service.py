@@ -50,13 +50,15 @@ from syncd.errors import (
 )
 from syncd.metrics import MetricsServer, ServiceMetrics
 from syncd.model import SYSTEMS, utcnow
+from syncd import freshness
 from syncd.resync import (
-    DECIDE_LEASE,
     LeaseKeeper,
     ObservedEngine,
     ResyncRequest,
+    interrupt_dead_runs,
     make_engine,
     new_owner,
+    run_cycle,
     run_resync,
 )
 from syncd.runtime import Runtime, build_connectors, load_rules_files, open_runtime
@@ -122,6 +124,7 @@ class Service:
                 raise ConfigError(f"service.metrics_port: cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
         self._install_signals()
         self._beat()
+        self._clean_up_after_the_dead()
         self._schedule()
         self.scheduler.start()
         log.info(
@@ -269,6 +272,12 @@ class Service:
                     jitter=new_cfg.sync.jitter_s or None,
                 )
         self.metrics.intervals = intervals(new_cfg)
+        # A reload is how an operator says "fixed": credentials or quota back-offs end now, and
+        # the next cycle tries every system again (a failing one simply backs off again).
+        for system in list(self.backoff):
+            self.backoff.pop(system, None)
+            self.metrics.set_blocked(system, None)
+            log.info("system_backoff_cleared", system=system, reason="reload")
         log.info("reloaded", mapping_revision=mappings.revision, config=str(self.config_file))
         return True
 
@@ -299,49 +308,85 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - the store may be briefly away; beat again soon
             log.warning("heartbeat_failed", error=str(exc))
 
+    def _clean_up_after_the_dead(self) -> None:
+        """At start: runs left ``running`` by a crashed process are marked interrupted, and
+        services that stopped beating long ago are forgotten (status lists the live ones)."""
+        fresh_s = self._alive_window_s()
+        try:
+            interrupt_dead_runs(self.rt.store, self.owner, fresh_s=fresh_s)
+            with self.rt.store.tx() as tx:
+                gone = tx.prune_heartbeats(utcnow() - timedelta(seconds=fresh_s))
+            if gone:
+                log.info("services_forgotten", count=gone, note="stopped beating; dead")
+        except Exception as exc:  # noqa: BLE001 - housekeeping never stops the start
+            log.warning("startup_cleanup_failed", error=_one_line(exc))
+
+    def _alive_window_s(self) -> float:
+        return max(3 * min(intervals(self.cfg).values()), 10 * BEAT_S)
+
     def _cycle_job(self, group: str) -> None:
         with self._work_lock:
             if self.stopping.is_set():
                 return
             self._swap_runtime()
             systems = self._available_systems()
-            if not systems:
-                return
-            with self.keeper.holding([f"cycle:{group}", DECIDE_LEASE]) as got:
-                if not got:
-                    log.debug("cycle_skipped", group=group, reason="another daemon holds the lease")
-                    return
-                self._run_cycle(group, systems)
+            self._run_cycle(group, systems)
 
     def _run_cycle(self, group: str, systems: list[str]) -> None:
-        engine = make_engine(self.rt, systems=systems, on_write=self._on_write)
+        # Backed-off systems are not pulled, but the cycle still runs: the other side is
+        # recorded, and nothing that needs the missing side is decided (syncd.freshness).
+        unavailable = {s: why for s, (_, why) in self.backoff.items() if s not in systems}
+        engine = make_engine(self.rt, systems=systems, unavailable=unavailable, on_write=self._on_write,
+                             owner=self.owner)
         self._current = engine
         if self.stopping.is_set():
             engine.stop_requested = True
         started = time.monotonic()
-        stats, error = CycleStats(), None
+        stats: CycleStats | None = CycleStats()
+        error = None
         try:
-            stats = engine.cycle(group)
-        except Exception as exc:  # noqa: BLE001 - the service never dies because a CRM is down
+            stats = run_cycle(engine, group, self.keeper)
+        except Exception as exc:  # noqa: BLE001 - the service never dies because a CRM or the store is down
             error = type(exc).__name__
             self._handle_failure(f"cycle:{group}", exc, systems)
         finally:
             self._current = None
+        if stats is None:
+            log.debug("cycle_skipped", group=group, reason="another daemon holds the lease")
+            return
+        for system, exc in stats.pull_failures.items():
+            if isinstance(exc, AuthError | BudgetExhausted):  # the engine logged the others (pull_failed)
+                self._handle_failure(f"cycle:{group}", exc, [system])
         if error is None and engine.stop_requested:
             error = "stopped"
         if error is None:
-            self._recovered(systems)
-        full = error is None and len(systems) == len(self.rt.connectors)
+            self._recovered(sorted(engine.pulled_ok))
+        ok = error is None and not stats.partial and len(systems) == len(self.rt.connectors)
         self.metrics.observe_cycle(
             group,
             stats,
             time.monotonic() - started,
-            ok=full,
+            ok=ok,
             mapped=engine.mapped,
             error=error or "partial",
         )
         self._observe_usage(self.rt)
         self._observe_store()
+        self._observe_pulls()
+
+    def _observe_pulls(self) -> None:
+        """What /healthz says about the picture: every system whose pulls are incomplete or
+        older than the freshness bound, with the one-line reason."""
+        try:
+            with self.rt.store.tx(readonly=True) as tx:
+                states = tx.pull_states()
+        except Exception as exc:  # noqa: BLE001 - metrics must not break the service
+            log.warning("metrics_store_read_failed", error=_one_line(exc))
+            return
+        sync = self.cfg.sync
+        pic = freshness.Picture(states, freshness.bounds(sync.intervals(), sync.freshness_intervals), utcnow())
+        self.metrics.set_picture(pic.by_system(),
+                                 grace_s=sync.freshness_intervals * max(sync.intervals().values()))
 
     def _resync_job(self) -> None:
         with self._work_lock:
@@ -360,7 +405,9 @@ class Service:
             req = ResyncRequest.from_params(row.params)
             log.info("resync_started", id=row.id, request=req.describe())
             systems = self._available_systems()
-            engine = make_engine(self.rt, systems=systems, on_write=self._on_write)
+            unavailable = {s: why for s, (_, why) in self.backoff.items() if s not in systems}
+            engine = make_engine(self.rt, systems=systems, unavailable=unavailable, on_write=self._on_write,
+                                 owner=self.owner)
             self._current = engine
             try:
                 req.validate()

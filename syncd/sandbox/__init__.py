@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from syncd.sandbox._server import SimServer, make_tls
+from syncd.sandbox._server import SimServer, make_tls, untrusted_tls
 from syncd.sandbox.hubspot import HubSpotApp
 from syncd.sandbox.salesforce import SalesforceApp
 
@@ -38,6 +38,7 @@ class Sandbox:
         self.directory = Path(directory or tempfile.mkdtemp(prefix="syncd-sandbox-"))
         self.directory.mkdir(parents=True, exist_ok=True)
         ctx, ca = make_tls(str(self.directory))
+        self._tls = ctx
         self.ca_path = Path(ca)
         self.hubspot = HubSpotApp(token=HUBSPOT_TOKEN, daily_limit=hubspot_daily_limit)
         self.salesforce = SalesforceApp(session_ids=(SALESFORCE_SESSION,), daily_budget=salesforce_daily_budget)
@@ -65,6 +66,38 @@ class Sandbox:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+    # -- outages (the network, not the API: faults in the API are ``server.inject``) -------------
+    def outage(self, system: str, kind: str) -> None:
+        """Take ``system``'s simulator off the network: ``refused`` (nothing listens on its
+        port) or ``tls`` (it answers with a certificate from a CA syncd does not trust).
+        Its data stays; :meth:`restore` brings it back on the same port."""
+        if kind not in ("refused", "tls"):
+            raise ValueError(f"outage kind must be refused or tls, not {kind!r}")
+        server = self._server(system)
+        port = server.port
+        server.stop()
+        if kind == "tls":
+            self._set_server(system, SimServer(server.app, port=port, ssl_context=untrusted_tls()).start())
+
+    def restore(self, system: str) -> None:
+        """Serve ``system`` again on its port with the sandbox's own certificate."""
+        server = self._server(system)
+        port = server.port
+        try:
+            server.stop()
+        except OSError:
+            pass
+        self._set_server(system, SimServer(server.app, port=port, ssl_context=self._tls).start())
+
+    def _server(self, system: str) -> SimServer:
+        return self.hubspot_server if system == "hubspot" else self.salesforce_server
+
+    def _set_server(self, system: str, server: SimServer) -> None:
+        if system == "hubspot":
+            self.hubspot_server = server
+        else:
+            self.salesforce_server = server
 
     # -- pointing syncd at it -------------------------------------------------------------------
     @property

@@ -161,6 +161,7 @@ class SimServer:
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+        self._httpd.close_connections()
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -191,6 +192,35 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self._open: set[Any] = set()
+        self._open_lock = threading.Lock()
+
+    def get_request(self) -> Any:
+        conn, addr = super().get_request()
+        with self._open_lock:
+            self._open.add(conn)
+        return conn, addr
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Hang up on every open (keep-alive) connection: a stopped server answers nothing."""
+        import socket as _socket
+
+        with self._open_lock:
+            conns, self._open = list(self._open), set()
+        for c in conns:
+            try:
+                c.shutdown(_socket.SHUT_RDWR)
+                c.close()
+            except OSError:
+                pass
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # noqa: ARG002 - quiet on client hang-ups
         pass
@@ -253,6 +283,16 @@ def _make_handler(server: SimServer) -> type[BaseHTTPRequestHandler]:
         do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _serve
 
     return Handler
+
+
+def untrusted_tls() -> ssl.SSLContext:
+    """A server context whose certificate no sandbox client trusts (another throwaway CA):
+    what a TLS-intercepting proxy or a wrong certificate looks like to syncd."""
+    import trustme
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    trustme.CA(organization_name="not the syncd sandbox CA").issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+    return ctx
 
 
 def make_tls(directory: str) -> tuple[ssl.SSLContext, str]:

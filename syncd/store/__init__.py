@@ -42,6 +42,7 @@ from syncd.store.rows import (
     LinkConflictRow,
     OutboxItem,
     OutboxRow,
+    PullStateRow,
     QuarantineRow,
     RecordKey,
     RecordRow,
@@ -53,7 +54,7 @@ from syncd.store.rows import (
 
 __all__ = [
     "AuditRow", "EventRow", "HeartbeatRow", "LinkConflictRow", "OutboxItem", "OutboxRow",
-    "QuarantineRow", "RecordKey", "RecordRow", "ResyncRow", "RunRow", "Store",
+    "PullStateRow", "QuarantineRow", "RecordKey", "RecordRow", "ResyncRow", "RunRow", "Store",
     "StoreVersionError", "Tx", "UnmappedRow", "normalise_url", "raw_hash",
 ]
 
@@ -351,6 +352,12 @@ class Tx:
         for cond in self._records_where(keys):
             self.conn.execute(sa.update(s.records).where(cond).values(dirty=False))
 
+    def forget_records(self, keys: Iterable[RecordKey]) -> None:
+        """Drop records the CRM no longer has (and what they point at)."""
+        for system, obj, rid in sorted(set(keys)):
+            for t in (s.records, s.record_refs):
+                self.conn.execute(sa.delete(t).where(t.c.system == system, t.c.object == obj, t.c.id == rid))
+
     def set_entity(self, keys: Iterable[RecordKey], entity_id: str | None) -> None:
         for cond in self._records_where(keys):
             self.conn.execute(sa.update(s.records).where(cond).values(entity_id=entity_id))
@@ -599,28 +606,64 @@ class Tx:
 
     # --------------------------------------------------------------------- runs
 
-    def start_run(self, job: str, now: datetime | None = None) -> str:
+    def start_run(self, job: str, now: datetime | None = None, owner: str | None = None) -> str:
         run_id = uuid.uuid4().hex
         self.conn.execute(sa.insert(s.runs).values(
-            run_id=run_id, job=job, started_at=now or utcnow(), status="running", stats={}))
+            run_id=run_id, job=job, started_at=now or utcnow(), status="running", stats={}, owner=owner))
         return run_id
 
     def finish_run(self, run_id: str, status: str, stats: Mapping[str, Any],
                    error: str | None = None, now: datetime | None = None) -> None:
-        if status not in ("ok", "failed", "interrupted"):
-            raise ValueError(f"run status must be ok, failed or interrupted, not {status!r}")
+        if status not in ("ok", "partial", "failed", "interrupted"):
+            raise ValueError(f"run status must be ok, partial, failed or interrupted, not {status!r}")
         t = s.runs
         self.conn.execute(sa.update(t).where(t.c.run_id == run_id).values(
             status=status, stats=dict(stats), error=error, finished_at=now or utcnow()))
 
-    def interrupt_running(self, job: str | None = None, now: datetime | None = None) -> int:
-        """Mark runs left ``running`` (their process died) as ``interrupted``."""
+    def interrupt_running(self, job: str | None = None, now: datetime | None = None, *,
+                          alive: Iterable[str] | None = None) -> int:
+        """Mark runs left ``running`` (their process died) as ``interrupted``.
+
+        With ``alive``, runs whose owner is in it are left alone (another live process is
+        running them); runs of any other owner, or of none (written before schema 3), are
+        interrupted."""
         t = s.runs
         q = sa.update(t).where(t.c.status == "running")
         if job is not None:
             q = q.where(t.c.job == job)
-        return int(self.conn.execute(q.values(status="interrupted",
-                                              finished_at=now or utcnow())).rowcount)
+        live = sorted(set(alive or ()))
+        if live:
+            q = q.where(sa.or_(t.c.owner.is_(None), t.c.owner.not_in(live)))
+        return int(self.conn.execute(q.values(
+            status="interrupted", finished_at=now or utcnow(),
+            error="its process stopped before the run finished (crash or kill)")).rowcount)
+
+    # --------------------------------------------------------------- pull state
+
+    def pull_succeeded(self, system: str, object: str, now: datetime) -> None:
+        """A pull of ``system``/``object`` reached the end of the changes."""
+        t = s.pull_state
+        done = self.conn.execute(sa.update(t).where(t.c.system == system, t.c.object == object).values(
+            first_complete_at=sa.func.coalesce(t.c.first_complete_at, now), last_ok_at=now,
+            last_attempt_at=now, last_error=None, last_error_at=None, failing_since=None)).rowcount
+        if not done:
+            self.conn.execute(sa.insert(t).values(system=system, object=object, first_complete_at=now,
+                                                  last_ok_at=now, last_attempt_at=now))
+
+    def pull_failed(self, system: str, object: str, error: str, now: datetime) -> None:
+        """A pull of ``system``/``object`` could not run or stopped on an error (one line)."""
+        t = s.pull_state
+        done = self.conn.execute(sa.update(t).where(t.c.system == system, t.c.object == object).values(
+            last_attempt_at=now, last_error=error, last_error_at=now,
+            failing_since=sa.func.coalesce(t.c.failing_since, now))).rowcount
+        if not done:
+            self.conn.execute(sa.insert(t).values(system=system, object=object, last_attempt_at=now,
+                                                  last_error=error, last_error_at=now, failing_since=now))
+
+    def pull_states(self) -> dict[tuple[str, str], PullStateRow]:
+        t = s.pull_state
+        return {(m["system"], m["object"]): PullStateRow(**m)
+                for m in self.conn.execute(sa.select(t)).mappings()}
 
     def last_runs(self, limit: int = 20, job: str | None = None) -> list[RunRow]:
         """Most recent first."""
@@ -896,7 +939,7 @@ class Tx:
     # --------------------------------------------------------------- sla events
 
     def add_event(self, kind: str, entity_id: str | None, details: Mapping[str, Any],
-                  now: datetime | None = None, dedupe: bool = True) -> int:
+                  now: datetime | None = None, dedupe: bool = True, open: bool = True) -> int:
         """Record an SLA event (sla_breach, promotion_blocked, conflict, returned, …).
 
         With ``dedupe`` an open event of the same kind for the same entity is kept
@@ -910,7 +953,7 @@ class Tx:
                 return int(existing)
         return int(self.conn.execute(sa.insert(t).values(
             kind=kind, entity_id=entity_id, details=dict(details), at=now or utcnow(),
-            open=True).returning(t.c.id)).scalar_one())
+            open=open).returning(t.c.id)).scalar_one())
 
     def open_events(self, kind: str | None = None) -> list[EventRow]:
         t = s.sla_events
@@ -918,6 +961,16 @@ class Tx:
         if kind is not None:
             q = q.where(t.c.kind == kind)
         return [EventRow(**m) for m in self.conn.execute(q).mappings()]
+
+    def open_events_of(self, entity_ids: Iterable[str]) -> dict[str, list[EventRow]]:
+        """Open events per entity, for a chunk of entities being decided."""
+        t = s.sla_events
+        out: dict[str, list[EventRow]] = {}
+        for chunk in _chunks(sorted(set(entity_ids))):
+            q = sa.select(t).where(t.c.open.is_(True), self._in(t.c.entity_id, chunk)).order_by(t.c.id)
+            for m in self.conn.execute(q).mappings():
+                out.setdefault(m["entity_id"], []).append(EventRow(**m))
+        return out
 
     def close_events(self, ids: Iterable[int]) -> None:
         t = s.sla_events
@@ -1008,6 +1061,11 @@ class Tx:
         return self.conn.execute(sa.select(t.c.owner).where(
             t.c.name == name, t.c.expires_at > now)).scalar()
 
+    def lease_owners(self, now: datetime) -> set[str]:
+        """Everyone holding an unexpired lease at ``now`` (alive, as far as the store knows)."""
+        t = s.leases
+        return set(self.conn.execute(sa.select(t.c.owner).where(t.c.expires_at > now)).scalars())
+
     # ---------------------------------------------------------------- heartbeat
 
     def beat(self, owner: str, info: Mapping[str, Any] | None = None,
@@ -1034,6 +1092,11 @@ class Tx:
     def remove_heartbeat(self, owner: str) -> None:
         t = s.heartbeat
         self.conn.execute(sa.delete(t).where(t.c.owner == owner))
+
+    def prune_heartbeats(self, seen_before: datetime) -> int:
+        """Forget services that stopped beating before ``seen_before`` (they are dead)."""
+        t = s.heartbeat
+        return int(self.conn.execute(sa.delete(t).where(t.c.seen_at < seen_before)).rowcount)
 
 
 def _first_line(e: BaseException | None) -> str:

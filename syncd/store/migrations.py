@@ -44,8 +44,23 @@ _V1_TABLES = [
 ]
 
 
+# ``runs`` as version 1 created it (schema 3 added ``owner``).
+_v1_metadata = sa.MetaData()
+_V1_RUNS = sa.Table(
+    "runs", _v1_metadata,
+    sa.Column("run_id", sa.String(36), primary_key=True),
+    sa.Column("job", sa.String(64), nullable=False),
+    sa.Column("started_at", schema.UTCDateTime(), nullable=False, index=True),
+    sa.Column("finished_at", schema.UTCDateTime(), nullable=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("stats", schema.JSONType, nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+)
+
+
 def _v1(conn: sa.Connection) -> None:
-    schema.metadata.create_all(conn, tables=[schema.metadata.tables[t] for t in _V1_TABLES])
+    schema.metadata.create_all(conn, tables=[schema.metadata.tables[t] for t in _V1_TABLES if t != "runs"])
+    _v1_metadata.create_all(conn, tables=[_V1_RUNS])
 
 
 def _v2(conn: sa.Connection) -> None:
@@ -63,9 +78,18 @@ def _v2(conn: sa.Connection) -> None:
                          "WHERE due_at IS NOT NULL"))
 
 
+def _v3(conn: sa.Connection) -> None:
+    """Pull completeness and freshness per object (the half-picture gate), and the owner of
+    each run (so runs left ``running`` by a dead process can be marked interrupted)."""
+    schema.metadata.create_all(conn, tables=[schema.pull_state], checkfirst=True)
+    if "owner" not in {c["name"] for c in sa.inspect(conn).get_columns("runs")}:
+        conn.execute(sa.text("ALTER TABLE runs ADD COLUMN owner VARCHAR(128)"))
+
+
 STEPS: list[Step] = [
     Step(1, "initial schema", _v1),
     Step(2, "work-queue indexes (dirty records, due entities)", _v2),
+    Step(3, "pull state per object; run owners", _v3),
 ]
 
 LATEST = STEPS[-1].version

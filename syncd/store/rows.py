@@ -127,9 +127,24 @@ class RunRow:
     job: str
     started_at: datetime
     finished_at: datetime | None
-    status: str  # running | ok | failed | interrupted
+    status: str  # running | ok | partial | failed | interrupted
     stats: dict[str, Any]
     error: str | None
+    owner: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PullStateRow:
+    """How complete and fresh the store's copy of one CRM object is."""
+
+    system: str
+    object: str
+    first_complete_at: datetime | None
+    last_ok_at: datetime | None
+    last_attempt_at: datetime
+    last_error: str | None
+    last_error_at: datetime | None
+    failing_since: datetime | None
 
 
 @dataclass(frozen=True, slots=True)

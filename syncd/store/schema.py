@@ -119,10 +119,27 @@ runs = sa.Table(
     sa.Column("job", sa.String(64), nullable=False),
     sa.Column("started_at", UTCDateTime(), nullable=False, index=True),
     sa.Column("finished_at", UTCDateTime(), nullable=True),
-    # running | ok | failed | interrupted
+    # running | ok | partial | failed | interrupted
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("stats", JSONType, nullable=False),
     sa.Column("error", sa.Text, nullable=True),
+    # the process that ran it (schema 3): a run left ``running`` by a dead owner is interrupted
+    sa.Column("owner", sa.String(128), nullable=True),
+)
+
+# How complete and how fresh the store's copy of each CRM object is (schema 3): the engine
+# decides an entity only when every object it reads finished a first full pull and pulled
+# successfully within the freshness bound ("never act on half a picture").
+pull_state = sa.Table(
+    "pull_state", metadata,
+    sa.Column("system", sa.String(32), primary_key=True),
+    sa.Column("object", sa.String(64), primary_key=True),
+    sa.Column("first_complete_at", UTCDateTime(), nullable=True),  # first pull that reached the end
+    sa.Column("last_ok_at", UTCDateTime(), nullable=True),  # latest pull that reached the end
+    sa.Column("last_attempt_at", UTCDateTime(), nullable=False),
+    sa.Column("last_error", sa.Text, nullable=True),  # one line, when the latest attempt failed
+    sa.Column("last_error_at", UTCDateTime(), nullable=True),
+    sa.Column("failing_since", UTCDateTime(), nullable=True),  # first failure after the last success
 )
 
 outbox = sa.Table(

@@ -411,7 +411,7 @@ def test_hard_outage_of_one_crm_is_recovered_without_a_restart(
     )
     time.sleep(max(0.0, outage_ends - time.monotonic()))  # the outage lasts OUTAGE_S
     assert svc.alive() and not returned_in_hubspot(world)
-    assert svc.events("cycle_failed"), svc.tail()
+    assert svc.events("pull_failed"), svc.tail()  # recorded, not fatal: the cycle is partial
     world.sb.salesforce_server.faults.clear()
 
     wait_until(lambda: svc.alive() and returned_in_hubspot(world), "the change after the outage")
