@@ -125,6 +125,7 @@ def sync(c: Ctx, once: bool, group: str | None, dry_run: bool) -> None:
 @pass_ctx
 def status(c: Ctx, as_json: bool) -> None:
     """Per system/object: last run, cursor, outbox, quarantine, unmapped values, SLA breaches."""
+    from syncd import freshness
     from syncd.report import print_status, status_data
     from syncd.store import Store
 
@@ -132,7 +133,8 @@ def status(c: Ctx, as_json: bool) -> None:
         cfg = c.config()
         store = Store.open(cfg.state_url())
         try:
-            data = status_data(store, datetime.now(UTC))
+            data = status_data(store, datetime.now(UTC),
+                               bounds=freshness.bounds(cfg.sync.intervals(), cfg.sync.freshness_intervals))
         finally:
             store.close()
         if as_json:

@@ -322,6 +322,14 @@ class Engine:
         different batches (a backfill) is decided once, on the whole picture.
         """
         now = self.clock()
+        if self.require_pulls:
+            with self._tx() as tx:
+                pic = self.picture(tx)
+            if not pic.first_pulls_done():  # recorded, not linked yet (see Picture.first_pulls_done)
+                stats.held += [r for k in ("person", "deal") for r in pic.blockers(k) if r not in stats.held]
+                with self._tx() as tx:
+                    stats.undecided += len(tx.due_entities(now))
+                return
         conflict_emails: set[str] = set()  # one conflict per email per cycle, whatever the batching
         while not self.stop_requested:
             with self._tx() as tx:

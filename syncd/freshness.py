@@ -77,6 +77,13 @@ class Picture:
                     f"{human_age(bound)} freshness bound{why}")
         return None
 
+    def first_pulls_done(self) -> bool:
+        """Every object finished a first full pull into this store. Until then records are
+        recorded but not linked: linking one CRM's records alone would make one-sided people
+        and deals that the other side's records, arriving later, could not all rejoin."""
+        return all((st := self.states.get(k)) is not None and st.first_complete_at is not None
+                   for k in objects_read_by("person"))
+
     def blockers(self, kind: str) -> list[str]:
         """One line per object that keeps entities of ``kind`` from being decided."""
         return [p for key in objects_read_by(kind) if (p := self.problem(key)) is not None]

@@ -9,12 +9,16 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from syncd import freshness
 from syncd.logs import mask_email
 from syncd.model import OBJECT_GROUPS, SYSTEMS
 from syncd.store import AuditRow, Store
 
 if TYPE_CHECKING:
     from syncd.engine import PlannedWrite
+
+
+ALIVE_S = 30.0  # a service beats every 2 s: one unseen for this long has stopped
 
 
 def _console() -> Console:
@@ -32,14 +36,23 @@ def _ago(now: datetime, t: datetime | None) -> str:
     return f"{s // 3600}h ago"
 
 
-def status_data(store: Store, now: datetime) -> dict[str, Any]:
-    """Everything `syncd status` shows, as plain data (also the --json output)."""
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat() if t is not None else None
+
+
+def status_data(store: Store, now: datetime,
+                bounds: dict[tuple[str, str], Any] | None = None) -> dict[str, Any]:
+    """Everything `syncd status` shows, as plain data (also the --json output). ``bounds``:
+    the freshness bound per (system, object) of the config in force (default intervals)."""
     with store.tx() as tx:
+        pulls = tx.pull_states()
+        pic = freshness.Picture(pulls, bounds or freshness.bounds(), now)
         objects = []
         for system in SYSTEMS:
             for group in OBJECT_GROUPS.values():
                 for obj in group[system]:
                     cur = tx.get_cursor(system, obj)
+                    ps = pulls.get((system, obj))
                     objects.append({
                         "system": system, "object": obj,
                         "cursor": cur.to_json() if cur else None,
@@ -47,7 +60,25 @@ def status_data(store: Store, now: datetime) -> dict[str, Any]:
                         "records": tx.count_records(system, obj),
                         "quarantined": sum(1 for q in tx.open_quarantine(system) if q.object == obj),
                         "unmapped": sum(u.count for u in tx.unmapped_values(system) if u.object == obj),
+                        "first_complete_pull": _iso(ps.first_complete_at) if ps else None,
+                        "last_pull": _iso(ps.last_ok_at) if ps else None,
+                        "failing_since": _iso(ps.failing_since) if ps else None,
+                        "last_error": ps.last_error if ps else None,
+                        "held_because": pic.problem((system, obj)),
                     })
+        systems = {}
+        for system in SYSTEMS:
+            mine = [pulls.get((system, o)) for g in OBJECT_GROUPS.values() for o in g[system]]
+            oks = [p.last_ok_at for p in mine if p is not None and p.last_ok_at is not None]
+            failing = [p for p in mine if p is not None and p.failing_since is not None]
+            first_fail = min(failing, key=lambda p: p.failing_since or now) if failing else None
+            systems[system] = {
+                # every object of the system pulled to the end at least this recently
+                "last_complete_pull": _iso(min(oks)) if len(oks) == len(mine) else None,
+                "failing_since": _iso(first_fail.failing_since) if first_fail else None,
+                "error": first_fail.last_error if first_fail else None,
+            }
+        held = list(dict.fromkeys(pic.blockers("person") + pic.blockers("deal")))
         runs = tx.last_runs(limit=20)
         last_ok: dict[str, datetime] = {}
         api: dict[str, Any] = {}
@@ -59,6 +90,8 @@ def status_data(store: Store, now: datetime) -> dict[str, Any]:
                 last_ok[r.job] = r.finished_at
         return {
             "now": now.isoformat(),
+            "picture": {"complete": not held, "held": held},
+            "systems": systems,
             "objects": objects,
             "outbox": {s: tx.outbox_depth(s) for s in SYSTEMS},
             "quarantine": [{"id": q.id, "system": q.system, "object": q.object, "record_id": q.record_id,
@@ -66,6 +99,7 @@ def status_data(store: Store, now: datetime) -> dict[str, Any]:
                            for q in tx.open_quarantine()],
             "unmapped_values": [{"system": u.system, "object": u.object, "field": u.field, "value": u.value,
                                  "count": u.count} for u in tx.unmapped_values()[:20]],
+            "undecided": len(tx.due_entities(now)) if held else 0,
             "runs": [{"job": r.job, "status": r.status, "started_at": r.started_at.isoformat(),
                       "finished_at": r.finished_at.isoformat() if r.finished_at else None,
                       "stats": r.stats, "error": r.error} for r in runs[:10]],
@@ -77,7 +111,8 @@ def status_data(store: Store, now: datetime) -> dict[str, Any]:
             "link_conflicts": len(tx.open_link_conflicts()),
             "resync_queue": [{"id": r.id, "state": r.state, "params": r.params,
                               "requested_at": r.requested_at.isoformat()} for r in tx.resync_queue()],
-            "services": [{"owner": h.owner, "pid": h.pid, "seen_at": h.seen_at.isoformat(), **h.info}
+            "services": [{"owner": h.owner, "pid": h.pid, "seen_at": h.seen_at.isoformat(), **h.info,
+                          "alive": (now - h.seen_at).total_seconds() <= ALIVE_S}
                          for h in tx.heartbeats()],
         }
 
@@ -87,13 +122,36 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
     now = datetime.fromisoformat(data["now"])
     last = data["last_success"]
     t = Table(title="syncd status", title_justify="left")
-    for col in ("system", "object", "records", "cursor", "lag", "quarantined", "unmapped"):
+    for col in ("system", "object", "records", "cursor", "lag", "last pull", "quarantined", "unmapped"):
         t.add_column(col, justify="right" if col in ("records", "quarantined", "unmapped", "lag") else "left")
     for o in data["objects"]:
         cur = o["cursor"]["modified_at"][:19] if o["cursor"] else "—"
         lag = f"{int(o['lag_s'])}s" if o["lag_s"] is not None else "—"
-        t.add_row(o["system"], o["object"], str(o["records"]), cur, lag, str(o["quarantined"]), str(o["unmapped"]))
+        last_pull = _ago(now, datetime.fromisoformat(o["last_pull"])) if o.get("last_pull") else "never"
+        if o.get("failing_since"):
+            last_pull += " (failing)"
+        t.add_row(o["system"], o["object"], str(o["records"]), cur, lag, last_pull, str(o["quarantined"]),
+                  str(o["unmapped"]))
     console.print(t)
+    picture = data.get("picture") or {"complete": True, "held": []}
+    if picture["complete"]:
+        console.print("picture: complete (every object pulled within its freshness bound)")
+    else:
+        console.print(f"picture: PARTIAL: {data.get('undecided', 0)} due people/deals are not decided "
+                      "until every CRM object they read is pulled:")
+        for why in picture["held"]:
+            console.print(f"  - {mask_email(why)}")
+    for system, st in (data.get("systems") or {}).items():
+        last = _ago(now, datetime.fromisoformat(st["last_complete_pull"])) if st["last_complete_pull"] else "never"
+        line = f"{system}: last complete pull {last}"
+        if st["failing_since"]:
+            since = datetime.fromisoformat(st["failing_since"])
+            line += f"; failing since {st['failing_since'][:19]} ({_ago(now, since)}): {mask_email(st['error'] or '')}"
+        console.print(line)
+    if data["runs"] and data["runs"][0]["status"] in ("partial", "failed", "interrupted"):
+        r = data["runs"][0]
+        console.print(f"last cycle: {r['status']} ({r['job']}, {r['started_at'][:19]}): "
+                      f"{mask_email(r['error'] or '')}")
     console.print("last successful cycle: " + (", ".join(
         f"{job} {_ago(now, datetime.fromisoformat(ts))}" for job, ts in last.items()) or "none yet"))
     console.print("pending outbox: " + ", ".join(f"{s} {n}" for s, n in data["outbox"].items())
@@ -131,9 +189,12 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
         console.print(b)
     if data["resync_queue"]:
         console.print("queued resyncs: " + ", ".join(f"#{r['id']} {r['state']}" for r in data["resync_queue"]))
-    if data["services"]:
-        console.print("services on this store: " + ", ".join(f"{s['owner']} (pid {s['pid']})"
-                                                             for s in data["services"]))
+    live = [x for x in data["services"] if x.get("alive", True)]
+    stopped = len(data["services"]) - len(live)
+    if live or stopped:
+        console.print("services on this store: " + (", ".join(
+            f"{x['owner']} (pid {x['pid']}, seen {_ago(now, datetime.fromisoformat(x['seen_at']))})" for x in live)
+            or "none running") + (f"   ({stopped} stopped, not beating)" if stopped else ""))
 
 
 def print_audit(rows: Sequence[AuditRow], console: Console | None = None, *, show_emails: bool = True) -> None:

@@ -315,6 +315,14 @@ class SalesforceApp:
         with self._lock:
             self._update(sobject, record_id, fields, at)
 
+    def delete(self, sobject: str, record_id: str) -> None:
+        """Delete a record as a user would (or a merge would, for the loser): it is gone from
+        every query and read. (Deleted-record feeds, getDeleted/queryAll, are not simulated.)"""
+        with self._lock:
+            self._row(sobject, record_id)  # NOT_FOUND for an unknown id
+            del self._rows[sobject][record_id]
+            self._index[sobject] = [k for k in self._index[sobject] if k[1] != record_id]
+
     def get(self, sobject: str, record_id: str) -> dict[str, Any]:
         with self._lock:
             return dict(self._row(sobject, record_id))

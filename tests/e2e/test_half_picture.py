@@ -181,14 +181,14 @@ def open_conflicts(w: World) -> int:
         return len(tx.open_link_conflicts())
 
 
-def wait_until(cond: Callable[[], Any], what: str) -> Any:
+def wait_until(cond: Callable[[], Any], what: str | Callable[[], str]) -> Any:
     deadline = time.monotonic() + DEADLINE_S
     while True:
         got = cond()
         if got:
             return got
         if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for: {what}")
+            raise AssertionError(f"gave up waiting for: {what() if callable(what) else what}")
         time.sleep(0.2)
 
 
@@ -201,7 +201,7 @@ class Service:
                                          env=w.env, stdout=subprocess.DEVNULL, stderr=e)
 
     def tail(self) -> str:
-        return "\n".join(self.err.read_text(errors="replace").splitlines()[-12:])
+        return "\n".join(self.err.read_text(errors="replace").splitlines()[-25:])
 
     def alive(self) -> bool:
         if self.proc.poll() is not None:
@@ -279,7 +279,7 @@ def test_service_first_run_on_an_empty_store(world: World, reference: dict[str, 
         heal(world, system, cond)
         svc.proc.send_signal(signal.SIGHUP)  # the operator's "fixed": back-offs end at once
         wait_until(lambda: svc.alive() and projection(world.sb) == reference["first"],
-                   f"convergence after the {system} {cond} fault; log: {svc.tail()}")
+                   lambda: f"convergence after the {system} {cond} fault; log: {svc.tail()}")
     finally:
         assert svc.stop() == 0
     assert_converged_like_a_fault_free_run(world, reference["first"], reference["conflicts"])
@@ -307,7 +307,65 @@ def test_service_steady_state(world: World, reference: dict[str, Any], system: s
         heal(world, system, cond)
         svc.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: svc.alive() and projection(world.sb) == reference["steady"],
-                   f"convergence after the {system} {cond} fault; log: {svc.tail()}")
+                   lambda: f"convergence after the {system} {cond} fault; log: {svc.tail()}")
     finally:
         assert svc.stop() == 0
     assert_converged_like_a_fault_free_run(world, reference["steady"], reference["conflicts"])
+
+
+# -- saying so: status and /healthz -------------------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _healthz(port: int) -> tuple[int, str]:
+    from http.client import HTTPConnection
+
+    conn = HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/healthz")
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    except OSError:
+        return 0, ""
+    finally:
+        conn.close()
+
+
+def test_status_and_healthz_say_which_system_since_when_and_why(world: World) -> None:
+    port = _free_port()
+    world.config.write_text(world.config.read_text().replace("metrics_port = 0", f"metrics_port = {port}"))
+    break_(world, "salesforce", "auth")
+    assert world.syncd("sync", "--once").returncode == 1
+
+    data = json.loads(world.syncd("status", "--json").stdout)
+    assert data["picture"]["complete"] is False
+    assert any(h.startswith("salesforce Lead: first full pull not finished: AuthError") for h in data["picture"]["held"])
+    sf = data["systems"]["salesforce"]
+    assert sf["last_complete_pull"] is None and sf["failing_since"] is not None and "AuthError" in sf["error"]
+    assert data["systems"]["hubspot"]["last_complete_pull"] is not None  # the other side was pulled
+    assert data["runs"][0]["status"] == "partial" and "salesforce" in data["runs"][0]["error"]
+    text = world.syncd("status").stdout
+    assert "picture: PARTIAL" in text
+    assert "salesforce: last complete pull never; failing since" in text
+    assert "last cycle: partial" in text
+
+    svc = Service(world)
+    try:
+        status, body = wait_until(lambda: svc.alive() and (h := _healthz(port))[0] == 503
+                                  and "decisions held" in h[1] and h, "/healthz to report the held decisions")
+        assert "salesforce" in body and "first full pull not finished" in body, body
+        heal(world, "salesforce", "auth")
+        svc.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: svc.alive() and _healthz(port) == (200, "ok\n"), lambda: f"healthy again: {svc.tail()}")
+    finally:
+        assert svc.stop() == 0
+    data = json.loads(world.syncd("status", "--json").stdout)
+    assert data["picture"] == {"complete": True, "held": []}
+    assert data["systems"]["salesforce"]["failing_since"] is None
+    assert data["systems"]["salesforce"]["last_complete_pull"] is not None
