@@ -83,9 +83,8 @@ def main(ctx: click.Context, config_arg: str | None, log_format: str | None, ver
 @pass_ctx
 def sync(c: Ctx, once: bool, group: str | None, dry_run: bool) -> None:
     """Run one sync cycle: pull, map, link, decide, write back."""
-    from syncd.runtime import open_runtime
-
     from syncd.resync import LEASE_WAIT_S, LeaseKeeper, interrupt_dead_runs, make_engine, new_owner, run_cycle
+    from syncd.runtime import open_runtime
 
     def go() -> None:
         cfg = c.config()

@@ -33,9 +33,8 @@ from typing import Any
 import structlog
 
 from connectors.base import Connector
-from syncd import rules
 from syncd import conflicts as link_conflicts
-from syncd import freshness
+from syncd import freshness, rules
 from syncd.errors import FatalError, RecordError, RetriableError, SyncError
 from syncd.linking import LinkStats, link_deals, link_people, person_objects
 from syncd.mapping import Mappings

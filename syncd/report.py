@@ -142,8 +142,8 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
         for why in picture["held"]:
             console.print(f"  - {mask_email(why)}")
     for system, st in (data.get("systems") or {}).items():
-        last = _ago(now, datetime.fromisoformat(st["last_complete_pull"])) if st["last_complete_pull"] else "never"
-        line = f"{system}: last complete pull {last}"
+        pulled = _ago(now, datetime.fromisoformat(st["last_complete_pull"])) if st["last_complete_pull"] else "never"
+        line = f"{system}: last complete pull {pulled}"
         if st["failing_since"]:
             since = datetime.fromisoformat(st["failing_since"])
             line += f"; failing since {st['failing_since'][:19]} ({_ago(now, since)}): {mask_email(st['error'] or '')}"

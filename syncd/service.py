@@ -39,6 +39,7 @@ import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from syncd import freshness
 from syncd.config import Config, load_config
 from syncd.engine import CycleStats
 from syncd.errors import (
@@ -50,7 +51,6 @@ from syncd.errors import (
 )
 from syncd.metrics import MetricsServer, ServiceMetrics
 from syncd.model import SYSTEMS, utcnow
-from syncd import freshness
 from syncd.resync import (
     LeaseKeeper,
     ObservedEngine,
@@ -354,9 +354,9 @@ class Service:
         if stats is None:
             log.debug("cycle_skipped", group=group, reason="another daemon holds the lease")
             return
-        for system, exc in stats.pull_failures.items():
-            if isinstance(exc, AuthError | BudgetExhausted):  # the engine logged the others (pull_failed)
-                self._handle_failure(f"cycle:{group}", exc, [system])
+        for system, failure in stats.pull_failures.items():
+            if isinstance(failure, AuthError | BudgetExhausted):  # the engine logged the others (pull_failed)
+                self._handle_failure(f"cycle:{group}", failure, [system])
         if error is None and engine.stop_requested:
             error = "stopped"
         if error is None:

@@ -10,6 +10,7 @@ benchmarks all run the real client libraries against it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -84,10 +85,8 @@ class Sandbox:
         """Serve ``system`` again on its port with the sandbox's own certificate."""
         server = self._server(system)
         port = server.port
-        try:
+        with contextlib.suppress(OSError):
             server.stop()
-        except OSError:
-            pass
         self._set_server(system, SimServer(server.app, port=port, ssl_context=self._tls).start())
 
     def _server(self, system: str) -> SimServer:

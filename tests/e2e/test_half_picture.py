@@ -142,7 +142,8 @@ def projection(sb: Sandbox) -> dict[str, Any]:
     for obj in ("Lead", "Contact"):
         for r in sb.salesforce.all(obj):
             people.setdefault(str(r.get("Email") or "").strip().lower(), []).append((obj, clean(r)))
-    deals = sorted(clean(d) for d in sb.hubspot.all("deals")) + sorted(clean(o) for o in sb.salesforce.all("Opportunity"))
+    deals = sorted(clean(d) for d in sb.hubspot.all("deals"))
+    deals += sorted(clean(o) for o in sb.salesforce.all("Opportunity"))
     return {"people": {k: sorted(v) for k, v in people.items()}, "deals": deals}
 
 
@@ -345,7 +346,8 @@ def test_status_and_healthz_say_which_system_since_when_and_why(world: World) ->
 
     data = json.loads(world.syncd("status", "--json").stdout)
     assert data["picture"]["complete"] is False
-    assert any(h.startswith("salesforce Lead: first full pull not finished: AuthError") for h in data["picture"]["held"])
+    held = data["picture"]["held"]
+    assert any(h.startswith("salesforce Lead: first full pull not finished: AuthError") for h in held), held
     sf = data["systems"]["salesforce"]
     assert sf["last_complete_pull"] is None and sf["failing_since"] is not None and "AuthError" in sf["error"]
     assert data["systems"]["hubspot"]["last_complete_pull"] is not None  # the other side was pulled
