@@ -14,8 +14,11 @@ changes included. Per side, one child process:
    fixed by this script, so both sides get the same records and timestamps);
 2. runs the real daemon, ``python -m syncd --config … sync --once``, until a cycle writes
    nothing (phase 0), then applies each step of the demo's story (``syncd.sandbox.story``)
-   and again runs cycles until nothing is written (phases 1…n);
-3. dumps, normalised, every ``decide_person``/``decide_deal`` outcome of those cycles (a
+   and again runs cycles until nothing is written (phases 1…7);
+3. runs a last phase with the daemon's clock ``--later-hours`` (25) ahead, nobody acting,
+   so the follow-up timers of the hand-offs come due (R9); this uses ``time-machine`` from
+   the dev extras inside the daemon process only (``--later-hours 0`` skips it);
+4. dumps, normalised, every ``decide_person``/``decide_deal`` outcome of those cycles (a
    thin wrapper around the two functions inside the daemon process records the decisions
    and the memory they return), the outbox, the audit rows and the SLA events.
 
@@ -29,6 +32,8 @@ object, record id, rule, field before → after, the event and its details, the 
 Rows are sorted, so the order entities are visited in (by uuid) does not matter.
 
 Exit status: 0 the same, 1 different (a short diff is printed), 2 a side could not run.
+About a minute at 300 people. What it compares is only what the seed and the story exercise
+(e.g. no seeded score sits exactly on the threshold): edge cases are the unit tests' job.
 The SLA windows (follow-up hours, attempt days) are measured against the wall clock, so a
 seeded deadline that falls between the two sides' runs would show up as a difference: the
 sides run side by side (in parallel) to keep their clocks a few seconds apart.
@@ -178,20 +183,23 @@ def summary(d: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from", dest="rev_a", default="HEAD", help="a git revision, or WORKTREE (default: HEAD)")
-    p.add_argument("--to", dest="rev_b", default=WORKTREE, help="a git revision, or WORKTREE (default)")
-    p.add_argument("--people", type=int, default=300)
+                                epilog="How it works and what is normalised: the docstring of bench/decisions_diff.py.")
+    p.add_argument("--from", dest="rev_a", metavar="REV", default="HEAD",
+                   help="a git revision, or WORKTREE (default: HEAD)")
+    p.add_argument("--to", dest="rev_b", metavar="REV", default=WORKTREE,
+                   help="a git revision, or WORKTREE: this checkout with its uncommitted changes (default)")
+    p.add_argument("--people", type=int, default=300, help="seeded people (default 300)")
     p.add_argument("--deals", type=int, default=None, help="default: a fifth of --people")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="the seed (default 1)")
     p.add_argument("--no-story", action="store_true", help="only reconcile the seeded data")
     p.add_argument("--max-cycles", type=int, default=8, help="per phase (default 8)")
     p.add_argument("--later-hours", type=float, default=25.0,
                    help="a last phase with the daemon's clock this far ahead (0: none; default 25, "
                         "past the follow-up window)")
-    p.add_argument("--keep", type=Path, default=None, help="write the two JSON dumps into this directory")
+    p.add_argument("--keep", type=Path, metavar="DIR", default=None,
+                   help="write the two JSON dumps there (from.json, to.json)")
     p.add_argument("--serial", action="store_true", help="run the two sides one after the other")
-    p.add_argument("--max-diff-lines", type=int, default=40)
+    p.add_argument("--max-diff-lines", type=int, default=40, help="per section (default 40)")
     # the child's own options (one side's run), not for use by hand
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tree", type=Path, help=argparse.SUPPRESS)
@@ -285,12 +293,14 @@ class Normaliser:
 
 
 def child(args: argparse.Namespace) -> int:
+    import connectors
     import syncd  # from PYTHONPATH: the side's own tree
     from syncd.sandbox import Sandbox
     from syncd.sandbox.seed import SeedSpec, seed
 
-    if not Path(syncd.__file__).resolve().is_relative_to(args.tree.resolve()):
-        raise SystemExit(f"syncd imported from {syncd.__file__}, not from {args.tree}")
+    for pkg in (syncd, connectors):
+        if not Path(pkg.__file__ or "").resolve().is_relative_to(args.tree.resolve()):
+            raise SystemExit(f"{pkg.__name__} imported from {pkg.__file__}, not from {args.tree}")
     work: Path = args.out.parent
     decisions_file = work / "decisions.jsonl"
     seeding = datetime.now(UTC)
