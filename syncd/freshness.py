@@ -23,6 +23,7 @@ ObjectKey = tuple[str, str]  # (system, object)
 # The intervals `syncd run` uses by default; engines built from a config pass their own bounds.
 DEFAULT_INTERVALS_S = {"contacts": 30.0, "deals": 60.0}
 DEFAULT_FRESHNESS_INTERVALS = 2.0
+PERSON_OBJECTS = {"hubspot": ("contacts",), "salesforce": ("Lead", "Contact")}
 
 
 def objects_read_by(kind: str) -> list[ObjectKey]:
@@ -77,12 +78,23 @@ class Picture:
                     f"{human_age(bound)} freshness bound{why}")
         return None
 
+    def linkable_kinds(self) -> list[str]:
+        """Which kinds of records may be linked: people once every person object of both CRMs
+        finished a first full pull into this store, deals (and connection attempts) once every
+        object did. Until then those records are recorded but not linked: linking one CRM's
+        records alone would make one-sided people and deals that the other side's records,
+        arriving later, could not all rejoin."""
+        def done(keys: list[ObjectKey]) -> bool:
+            return all((st := self.states.get(k)) is not None and st.first_complete_at is not None for k in keys)
+
+        people = [(s, o) for s in SYSTEMS for o in PERSON_OBJECTS[s]]
+        if not done(people):
+            return []
+        return ["person", "deal", "attempt"] if done(objects_read_by("person")) else ["person"]
+
     def first_pulls_done(self) -> bool:
-        """Every object finished a first full pull into this store. Until then records are
-        recorded but not linked: linking one CRM's records alone would make one-sided people
-        and deals that the other side's records, arriving later, could not all rejoin."""
-        return all((st := self.states.get(k)) is not None and st.first_complete_at is not None
-                   for k in objects_read_by("person"))
+        """Every object finished a first full pull into this store."""
+        return len(self.linkable_kinds()) == 3
 
     def blockers(self, kind: str) -> list[str]:
         """One line per object that keeps entities of ``kind`` from being decided."""

@@ -339,13 +339,16 @@ class Tx:
                           with_raw: bool = True) -> dict[str, list[RecordRow]]:
         return self._records_by(s.records.c.entity_id, entity_ids, with_raw)
 
-    def dirty_records(self, limit: int = 1000, *, with_raw: bool = True) -> list[RecordRow]:
-        """Records that need a decision, oldest change first."""
+    def dirty_records(self, limit: int = 1000, *, with_raw: bool = True,
+                      kinds: Sequence[str] | None = None) -> list[RecordRow]:
+        """Records that need a decision, oldest change first (only of ``kinds`` when given)."""
         t = s.records
         # ``dirty = true``: the form the partial index ix_records_dirty_queue (migration 2) names;
         # it holds exactly this queue in this order.
         q = (_select_records(with_raw).where(t.c.dirty == sa.true())
              .order_by(t.c.updated_at, t.c.system, t.c.object, t.c.id).limit(limit))
+        if kinds is not None:
+            q = q.where(t.c.kind.in_(sorted(kinds)))
         return [_record_of(row, with_raw) for row in self.conn.execute(q)]
 
     def clear_dirty(self, keys: Iterable[RecordKey]) -> None:
