@@ -159,32 +159,36 @@ class Engine:
                 for system, c in self.connectors.items()}
 
     def _cycle(self, group: str | None, stats: CycleStats) -> None:
-        groups = [group] if group else list(OBJECT_GROUPS)
-        for g in groups:
+        for g in [group] if group else list(OBJECT_GROUPS):
             for system in SYSTEMS:
-                if system in stats.pull_failures:
-                    continue  # failed earlier in this cycle: its other objects wait for the next
-                if system not in self.connectors:
-                    why = self.unavailable.get(system)
-                    if why is not None:  # backed off: say so where status and the gate read it
-                        with self._tx() as tx:
-                            for obj in OBJECT_GROUPS[g][system]:
-                                tx.pull_failed(system, obj, why, self.clock())
-                    continue
-                for obj in OBJECT_GROUPS[g][system]:
-                    try:
-                        self.pull(system, obj, stats)
-                    except (RetriableError, FatalError) as exc:
-                        # One CRM down is recorded, not fatal: the other keeps pulling, and the
-                        # gate in link_and_decide keeps anyone who needs this side undecided.
-                        self._pull_failed(system, obj, exc, stats)
-                        break
-                    if self.stop_requested:
-                        return
+                self._pull_group(g, system, stats)
+                if self.stop_requested:
+                    return
         self.link_and_decide(stats)
         if not self.dry_run and not self.stop_requested:
             # Writes go to the systems that answered this cycle; the others' wait in the outbox.
             self.flush(stats, systems=None if not self.require_pulls else self.pulled_ok)
+
+    def _pull_group(self, group: str, system: str, stats: CycleStats) -> None:
+        """Pull ``system``'s objects of ``group``. One CRM down is recorded, not fatal: the other
+        keeps pulling, and the gate in link_and_decide keeps anyone who needs this side undecided."""
+        if system in stats.pull_failures:
+            return  # failed earlier in this cycle: its other objects wait for the next
+        if system not in self.connectors:
+            why = self.unavailable.get(system)
+            if why is not None:  # backed off: say so where status and the gate read it
+                with self._tx() as tx:
+                    for obj in OBJECT_GROUPS[group][system]:
+                        tx.pull_failed(system, obj, why, self.clock())
+            return
+        for obj in OBJECT_GROUPS[group][system]:
+            try:
+                self.pull(system, obj, stats)
+            except (RetriableError, FatalError) as exc:
+                self._pull_failed(system, obj, exc, stats)
+                return
+            if self.stop_requested:
+                return
 
     def _pull_failed(self, system: str, obj: str, exc: SyncError, stats: CycleStats) -> None:
         stats.pull_failures[system] = exc
@@ -275,6 +279,15 @@ class Engine:
         different batches (a backfill) is decided once, on the whole picture.
         """
         now = self.clock()
+        self._link(stats, now)
+        if self.stop_requested:
+            return
+        # Conflicts the CRM data no longer supports resolve themselves (their records merge).
+        self._recheck_conflicts(stats, now)
+        self._decide_due(stats, now)
+
+    def _link(self, stats: CycleStats, now: datetime) -> None:
+        """Link the changed records in batches; each batch marks the entities it touched due."""
         kinds: list[str] | None = None  # every kind
         if self.require_pulls:
             with self._tx() as tx:
@@ -284,7 +297,7 @@ class Engine:
             with self._tx() as tx:
                 dirty = tx.dirty_records(limit=CHUNK * 4, with_raw=False, kinds=kinds)
                 if not dirty:
-                    break
+                    return
                 ls = LinkStats(conflict_emails=conflict_emails)
                 link_people(tx, dirty, ls)
                 link_deals(tx, dirty, ls)  # deal rows: linking people does not change them
@@ -298,13 +311,11 @@ class Engine:
                 tx.clear_dirty([r.key for r in dirty])
                 stats.linked += ls.linked
                 stats.conflicts += ls.conflicts
-        if self.stop_requested:
-            return
-        # Conflicts the CRM data no longer supports resolve themselves (their records merge).
-        self._recheck_conflicts(stats, now)
-        # What is due: entities touched above, and timers (the follow-up SLA) that fell due even
-        # though nothing changed in either CRM. Only kinds whose every object is complete and
-        # fresh are decided; the others keep their due marks for a later cycle.
+
+    def _decide_due(self, stats: CycleStats, now: datetime) -> None:
+        """Decide what is due: entities touched by linking, and timers (the follow-up SLA) that
+        fell due though nothing changed. Only kinds whose every object is complete and fresh are
+        decided; the others keep their due marks for a later cycle."""
         with self._tx() as tx:
             conflicts = conflicted_emails(tx)
             held = {k: self.picture(tx).blockers(k) for k in ("person", "deal")} if self.require_pulls \
@@ -320,16 +331,11 @@ class Engine:
             with self._tx() as tx:
                 batch = tx.due_batch(now, after=after, limit=CHUNK)
                 if not batch:
-                    break
+                    return
                 after = batch[-1][0]
-                people = [e for e, k in batch if k == "person"]
-                deals = [e for e, k in batch if k == "deal"]
-                if held["person"]:
-                    stats.undecided += len(people)
-                    people = []
-                if held["deal"]:
-                    stats.undecided += len(deals)
-                    deals = []
+                people = [] if held["person"] else [e for e, k in batch if k == "person"]
+                deals = [] if held["deal"] else [e for e, k in batch if k == "deal"]
+                stats.undecided += len(batch) - len(people) - len(deals)
                 self._decide(tx, people, deals, stats, now, conflicts)
 
     def flush(self, stats: CycleStats, systems: Iterable[str] | None = None) -> None:

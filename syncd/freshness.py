@@ -11,7 +11,7 @@ object that holds it back.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -84,7 +84,7 @@ class Picture:
         object did. Until then those records are recorded but not linked: linking one CRM's
         records alone would make one-sided people and deals that the other side's records,
         arriving later, could not all rejoin."""
-        def done(keys: list[ObjectKey]) -> bool:
+        def done(keys: Sequence[ObjectKey]) -> bool:
             return all((st := self.states.get(k)) is not None and st.first_complete_at is not None for k in keys)
 
         people = [(s, o) for s in SYSTEMS for o in PERSON_OBJECTS[s]]

@@ -50,6 +50,16 @@ class WriteBack:
         self.on_write = on_write
         self.should_stop = should_stop
 
+    def _record_event(self, tx: Tx, entity: str, d: rules.Decision, still_open: bool) -> None:
+        # Each event the rules emit is a new occurrence (their memory emits it once): a second
+        # breach or return is recorded, never swallowed by the open first one.
+        tx.add_event(d.event or d.rule, entity, {"rule": d.rule, "reason": d.reason, **jsonable(dict(d.changes))},
+                     now=self.clock(), dedupe=False, open=still_open)
+        if d.event == "sla_breach":
+            log.warning("sla_event", kind=d.event, rule=d.rule, entity_id=entity, reason=d.reason)
+        else:
+            log.info("rule_event", kind=d.event, rule=d.rule, entity_id=entity)
+
     def held_values(self, tx: Tx, decisions: Iterable[rules.Decision]) -> dict[RecordKey, RecordRow]:
         """The stored raw records that ``decisions`` would set fields of: one read for a chunk."""
         keys = {(d.system, d.object, d.record_id) for d in decisions
@@ -69,15 +79,7 @@ class WriteBack:
             stats.decisions += 1
             if d.action == "event":
                 stats.events += 1
-                # Each event the rules emit is a new occurrence (their memory emits it once): a
-                # second breach or return is recorded, never swallowed by the open first one.
-                tx.add_event(d.event or d.rule, entity,
-                             {"rule": d.rule, "reason": d.reason, **jsonable(dict(d.changes))}, now=self.clock(),
-                             dedupe=False, open=(still_open or {}).get(d.event or d.rule, True))
-                if d.event == "sla_breach":
-                    log.warning("sla_event", kind=d.event, rule=d.rule, entity_id=entity, reason=d.reason)
-                else:
-                    log.info("rule_event", kind=d.event, rule=d.rule, entity_id=entity)
+                self._record_event(tx, entity, d, (still_open or {}).get(d.event or d.rule, True))
                 continue
             assert d.system is not None and d.object is not None
             try:
