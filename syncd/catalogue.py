@@ -13,17 +13,24 @@ required" errors), and the order person objects are looked up by email.
 
 Adding an object type (say HubSpot companies ↔ Salesforce Accounts) is:
 
-1. a row here per system (and a :class:`Kind` if it is a new kind of record,
-   with its canonical value and term fields);
-2. a stream class in each connector (``connectors/hubspot.py``: a
-   ``HubSpotStream`` subclass naming the object; ``connectors/salesforce.py``:
-   only when the sObject needs more than the generic ``SObjectStream``);
+1. a row here per system; if it is a new kind of record, a :class:`Kind` too
+   (its canonical value and term fields, whether it forms entities, the field
+   naming the people it points at) and its name in ``RecordKind``;
+2. a stream class in each connector, listed in that module's ``STREAMS``
+   (``connectors/hubspot.py``: a ``HubSpotStream`` subclass, with an ``enrich``
+   hook if the search does not return everything; ``connectors/salesforce.py``:
+   an ``SObjectStream`` subclass naming the sObject);
 3. a mapping table per system file (``[companies]`` in ``mappings/hubspot.toml``,
-   ``[Account]`` in ``mappings/salesforce.toml``);
-4. the rules that decide on it (``syncd/rules.py``).
+   ``[Account]`` in ``mappings/salesforce.toml``): the file schema requires it;
+4. the rules that decide on it (``syncd/rules.py``), and for a new kind the way
+   its records are linked across the systems (``syncd/linking.py``).
 
-Nothing else names objects. This module imports nothing from syncd: it is the
-top of the flow.
+The pull order, ``--object`` choices, the mapping schema and kind checks, the
+pulled fields, linking's reference look-ups and ``mappings impact`` follow from
+the row. A new ``group`` also wants its schedule interval in the config.
+
+Nothing else should name objects. This module imports nothing from syncd: it
+is the top of the flow.
 """
 
 from __future__ import annotations
@@ -98,6 +105,8 @@ OBJECTS: tuple[ObjectType, ...] = (
 SYSTEMS: tuple[System, ...] = tuple(dict.fromkeys(o.system for o in OBJECTS))
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(o.group for o in OBJECTS))
 ENTITY_KINDS: tuple[RecordKind, ...] = tuple(k for k, spec in KINDS.items() if spec.entity)
+# kinds whose records point at people (deals, connection attempts): the store keeps their refs
+REFERRING_KINDS: tuple[RecordKind, ...] = tuple(k for k, spec in KINDS.items() if spec.refs_field)
 
 _BY_KEY: dict[tuple[str, str], ObjectType] = {(o.system, o.name): o for o in OBJECTS}
 _KIND_BY_NAME: dict[str, Kind] = {k: spec for k, spec in KINDS.items()}

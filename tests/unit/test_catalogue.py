@@ -49,6 +49,7 @@ def test_the_derived_tables_are_what_the_modules_used_to_spell_out() -> None:
     assert catalogue.speaking_order("salesforce", "deal") == ("Opportunity",)
     assert catalogue.GROUPS == ("contacts", "deals")
     assert catalogue.ENTITY_KINDS == ("person", "deal")  # the kinds store.new_entity accepts
+    assert catalogue.REFERRING_KINDS == ("deal", "attempt")  # the engine's ("deal", "attempt")
 
 
 def test_rows_are_unique_and_consistent() -> None:
