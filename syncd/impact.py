@@ -29,7 +29,7 @@ from typing import IO, Any
 
 import structlog
 
-from syncd import rules
+from syncd import catalogue, rules
 from syncd.engine import (  # the engine's own choice of a person's records
     conflicted_emails,
     person_view,
@@ -37,7 +37,7 @@ from syncd.engine import (  # the engine's own choice of a person's records
     rule_context,
 )
 from syncd.errors import MappingError, RecordError
-from syncd.linking import person_objects
+from syncd.linking import person_objects, references
 from syncd.logs import mask_email
 from syncd.mapping import Mappings, load_mappings
 from syncd.model import CanonicalRecord, RawRecord, utcnow
@@ -46,7 +46,7 @@ from syncd.store import RecordRow, Store, Tx
 
 log = structlog.get_logger()
 
-UNITS = {"person": "people", "deal": "deals", "attempt": "tasks"}
+UNITS = {k: spec.unit for k, spec in catalogue.KINDS.items()}
 SYSTEM_LABEL = {"hubspot": "HubSpot", "salesforce": "Salesforce"}
 WORKING_TREE = "working tree"
 UNMAPPED = "(unmapped)"
@@ -236,9 +236,8 @@ class _Diff:
             return
         if row.kind == "deal" and row.entity_id:
             self.deals.add(row.entity_id)
-        v = row.canonical.get("values", {})  # the links as the engine made them
-        refs = v.get("contact_ids") if row.kind == "deal" else [v.get("who_id")]
-        self.person_keys.update((row.system, obj, str(x)) for x in (refs or []) if x
+        # the links as the engine made them
+        self.person_keys.update((row.system, obj, x) for x in (references(row) or []) if x
                                 for obj in person_objects(row.system))
 
 
@@ -275,8 +274,8 @@ def _deal_view(m: Mappings, entity: str, rows: list[RecordRow],
     if not deals:
         return None
     mapped: dict[str, CanonicalRecord | None] = {}
-    for system, row in (("hubspot", pick_record(deals, "hubspot", ("deals",))),
-                        ("salesforce", pick_record(deals, "salesforce", ("Opportunity",)))):
+    for system in catalogue.SYSTEMS:
+        row = pick_record(deals, system, catalogue.speaking_order(system, "deal"))
         c = _map(m, _raw_of(row)) if row is not None else None
         if isinstance(c, str):
             return None
@@ -348,7 +347,7 @@ def impact(store: Store, mappings_dir: Path | str, rev_from: str = "HEAD",
         with store.tx(readonly=True) as tx:
             for row in tx.iter_records():
                 diff.record(row)
-                if sla_changed and row.entity_id and row.kind in ("person", "deal"):
+                if sla_changed and row.entity_id and row.kind in catalogue.ENTITY_KINDS:
                     (diff.people if row.kind == "person" else diff.deals).add(row.entity_id)
             people = sorted(_people_touched(tx, diff))
             deals = sorted(diff.deals)

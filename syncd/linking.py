@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import structlog
 
+from syncd import catalogue
 from syncd.store import RecordRow, Tx
 
 log = structlog.get_logger()
@@ -41,6 +42,12 @@ def _values(row: RecordRow) -> Mapping[str, Any]:
     return row.canonical.get("values") or {}  # read-only: no copy
 
 
+def _converts_to(row: RecordRow) -> str | None:
+    """The object this record's type becomes when converted (a Lead: Contact), per the catalogue."""
+    obj = catalogue.find(row.system, row.object)
+    return obj.converts_to if obj is not None else None
+
+
 def link_people(tx: Tx, rows: Iterable[RecordRow], stats: LinkStats) -> None:
     """Give every person record an entity; records already linked keep theirs."""
     rows = [r for r in rows if r.kind == "person"]
@@ -49,8 +56,9 @@ def link_people(tx: Tx, rows: Iterable[RecordRow], stats: LinkStats) -> None:
     for row in rows:
         v = _values(row)
         cid = v.get("converted_contact_id")
-        if row.object == "Lead" and v.get("is_converted") and cid:
-            conversions.append((row, ("salesforce", "Contact", str(cid))))
+        target = _converts_to(row)
+        if target and v.get("is_converted") and cid:
+            conversions.append((row, (row.system, target, str(cid))))
     contacts = tx.get_records([k for _, k in conversions], with_raw=False) if conversions else {}
     # A converted Lead seen for the first time may belong to a person already linked on the
     # other side (its HubSpot contact was pulled earlier, e.g. while Salesforce was down): it
@@ -146,14 +154,15 @@ def _match_by_email(tx: Tx, row: RecordRow, candidates: list[RecordRow], stats: 
         _conflict(tx, row, [*others, *twins], stats)
         return None
     # A Lead and the Contact it was converted to are one person, not two candidates.
-    contact_ids = {c.id for c in others if c.object == "Contact"}
+    by_key: dict[Key, RecordRow] = {}
+    for c in others:
+        by_key.setdefault(_key(c), c)
     groups: dict[str, list[RecordRow]] = {}
     for c in others:
         cid = _values(c).get("converted_contact_id")
-        if c.object == "Lead" and cid and str(cid) in contact_ids:
-            anchor = next(x for x in others if x.object == "Contact" and x.id == str(cid))
-        else:
-            anchor = c
+        target = _converts_to(c)
+        converted = by_key.get((c.system, target, str(cid))) if target and cid else None
+        anchor = converted if converted is not None else c
         gid = anchor.entity_id or c.entity_id or f"unlinked:{anchor.object}:{anchor.id}"
         groups.setdefault(gid, []).append(c)
     if not groups:
@@ -193,7 +202,7 @@ def _conflict(tx: Tx, row: RecordRow, candidates: list[RecordRow], stats: LinkSt
 def _converted_pair(a: RecordRow, b: RecordRow) -> bool:
     """A Lead and the Contact it was converted to (the same person)."""
     for lead, contact in ((a, b), (b, a)):
-        if lead.object == "Lead" and contact.object == "Contact" and \
+        if _converts_to(lead) == contact.object and \
                 str(_values(lead).get("converted_contact_id") or "") == contact.id:
             return True
     return False
@@ -240,7 +249,7 @@ class _DealNeighbourhood:
         entities = sorted({e for e in self.person_entity.values() if e})
         self.keys_of = tx.record_keys_by_entity(entities) if entities else {}
         self.deals_of: dict[tuple[str, str], list[RecordRow]] = {}
-        for system in ("hubspot", "salesforce"):
+        for system in catalogue.SYSTEMS:
             ids = {k[2] for ks in self.keys_of.values() for k in ks if k[0] == system}
             if not ids:
                 continue
@@ -250,9 +259,22 @@ class _DealNeighbourhood:
                         self.deals_of.setdefault((system, cid), []).append(deal)
 
 
+def references(row: RecordRow) -> list[str] | None:
+    """The same-system person ids a record names (a deal's contact ids, a task's WhoId), read
+    from its kind's ``refs_field`` in the catalogue; None for a kind that names none."""
+    spec = catalogue.kind_spec(row.kind)
+    if spec is None or spec.refs_field is None:
+        return None
+    v = _values(row).get(spec.refs_field)
+    if isinstance(v, list | tuple):
+        return [str(x) for x in v]
+    return [str(v)] if v else []
+
+
 def person_objects(system: str) -> tuple[str, ...]:
-    """The person objects a deal's contact ids (or a task's WhoId) can name in ``system``."""
-    return ("contacts",) if system == "hubspot" else ("Contact", "Lead")
+    """The person objects a deal's contact ids (or a task's WhoId) can name in ``system``
+    (the catalogue's ``refs``)."""
+    return catalogue.person_objects(system)
 
 
 def _match_deal(row: RecordRow, seen: _DealNeighbourhood, assigned: dict[Key, str | None]) -> str | None:
@@ -266,7 +288,7 @@ def _match_deal(row: RecordRow, seen: _DealNeighbourhood, assigned: dict[Key, st
     persons = {e for e in found if e}
     if not persons:
         return None
-    other = "salesforce" if row.system == "hubspot" else "hubspot"
+    other = next(s for s in catalogue.SYSTEMS if s != row.system)
     # each person's records in key order, persons ordered by their first record
     groups = sorted((seen.keys_of[e] for e in persons if e in seen.keys_of), key=lambda ks: ks[0])
     for keys in groups:
