@@ -32,8 +32,8 @@ from typing import Any
 import structlog
 
 from connectors.base import Connector
+from syncd import catalogue, freshness, rules
 from syncd import conflicts as link_conflicts
-from syncd import freshness, rules
 from syncd._json import jsonable
 from syncd.errors import FatalError, RecordError, RetriableError, SyncError
 from syncd.linking import LinkStats, link_deals, link_people
@@ -303,7 +303,7 @@ class Engine:
                 link_deals(tx, dirty, ls)  # deal rows: linking people does not change them
                 due = set(ls.touched_people) | set(ls.touched_deals)
                 # deals and connection attempts touch the people they point at
-                due |= people_of_rows(tx, [r for r in dirty if r.kind in ("deal", "attempt")])
+                due |= people_of_rows(tx, [r for r in dirty if r.kind in catalogue.REFERRING_KINDS])
                 if ls.touched_deals:  # the other system's record of a touched deal points at people too
                     deal_rows = tx.records_by_entity(sorted(ls.touched_deals), with_raw=False).values()
                     due |= people_of_rows(tx, [r for rs in deal_rows for r in rs if r.kind == "deal"])

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from syncd.model import OBJECT_GROUPS, SYSTEMS
+from syncd import catalogue
 from syncd.store.rows import PullStateRow
 
 ObjectKey = tuple[str, str]  # (system, object)
@@ -23,7 +23,6 @@ ObjectKey = tuple[str, str]  # (system, object)
 # The intervals `syncd run` uses by default; engines built from a config pass their own bounds.
 DEFAULT_INTERVALS_S = {"contacts": 30.0, "deals": 60.0}
 DEFAULT_FRESHNESS_INTERVALS = 2.0
-PERSON_OBJECTS = {"hubspot": ("contacts",), "salesforce": ("Lead", "Contact")}
 
 
 def objects_read_by(kind: str) -> list[ObjectKey]:
@@ -32,16 +31,15 @@ def objects_read_by(kind: str) -> list[ObjectKey]:
     A person's decision reads its person records in both CRMs, the connection attempts
     pointing at them and the deals they are on (an open or won deal moves the stage), so it
     needs every object; a deal's reads the deal objects of both CRMs."""
-    groups = list(OBJECT_GROUPS) if kind == "person" else ["deals"]
-    return [(system, obj) for g in groups for system in SYSTEMS for obj in OBJECT_GROUPS[g][system]]
+    objs = catalogue.OBJECTS if kind == "person" else catalogue.objects(kind="deal")
+    return [(o.system, o.name) for o in objs]
 
 
 def bounds(intervals_s: Mapping[str, float] | None = None,
            freshness_intervals: float = DEFAULT_FRESHNESS_INTERVALS) -> dict[ObjectKey, timedelta]:
     """The freshness bound of each object: ``freshness_intervals`` × its group's interval."""
     iv = {**DEFAULT_INTERVALS_S, **(intervals_s or {})}
-    return {(system, obj): timedelta(seconds=freshness_intervals * iv[g])
-            for g, by_system in OBJECT_GROUPS.items() for system, objs in by_system.items() for obj in objs}
+    return {(o.system, o.name): timedelta(seconds=freshness_intervals * iv[o.group]) for o in catalogue.OBJECTS}
 
 
 def human_age(delta: timedelta) -> str:
@@ -87,14 +85,13 @@ class Picture:
         def done(keys: Sequence[ObjectKey]) -> bool:
             return all((st := self.states.get(k)) is not None and st.first_complete_at is not None for k in keys)
 
-        people = [(s, o) for s in SYSTEMS for o in PERSON_OBJECTS[s]]
-        if not done(people):
+        if not done([(o.system, o.name) for o in catalogue.objects(kind="person")]):
             return []
-        return ["person", "deal", "attempt"] if done(objects_read_by("person")) else ["person"]
+        return list(catalogue.KINDS) if done(objects_read_by("person")) else ["person"]
 
     def first_pulls_done(self) -> bool:
         """Every object finished a first full pull into this store."""
-        return len(self.linkable_kinds()) == 3
+        return len(self.linkable_kinds()) == len(catalogue.KINDS)
 
     def blockers(self, kind: str) -> list[str]:
         """One line per object that keeps entities of ``kind`` from being decided."""

@@ -14,7 +14,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from syncd import rules
+from syncd import catalogue, rules
 from syncd.linking import person_objects
 from syncd.mapping import Mappings
 from syncd.model import SYSTEMS, CanonicalRecord
@@ -88,8 +88,8 @@ def person_view(entity: str, rows: Sequence[RecordRow], memory: Any,
     if not persons:
         return None
     chosen: dict[str, CanonicalRecord | None] = {}
-    for system, row in (("hubspot", pick_record(persons, "hubspot", ("contacts",))),
-                        ("salesforce", pick_record(persons, "salesforce", ("Contact", "Lead"), prefer_converted=True))):
+    for system in SYSTEMS:
+        row = pick_record(persons, system, catalogue.speaking_order(system, "person"), prefer_converted=True)
         chosen[system] = to_canonical(row) if row is not None else None
         if row is not None and chosen[system] is None:
             return None
@@ -99,7 +99,7 @@ def person_view(entity: str, rows: Sequence[RecordRow], memory: Any,
         ids = [r.id for r in persons if r.system == system]
         for ref in referrers(system, ids) if ids else ():
             c = to_canonical(ref)
-            if c is not None and ref.kind in ("deal", "attempt"):
+            if c is not None and ref.kind in catalogue.REFERRING_KINDS:
                 (deals if ref.kind == "deal" else attempts).append(c)
     return rules.PersonView(
         entity_id=entity, hubspot=chosen["hubspot"], salesforce=chosen["salesforce"],
@@ -129,12 +129,14 @@ def memory_of(stored: Any) -> rules.Memory:
 
 
 def refs_of(row: RecordRow) -> list[str] | None:
-    v = row.canonical.get("values", {})
-    if row.kind == "deal":
-        return [str(x) for x in (v.get("contact_ids") or [])]
-    if row.kind == "attempt":
-        return [str(v["who_id"])] if v.get("who_id") else []
-    return None
+    """The same-system person ids a deal or connection attempt points at (None for a person)."""
+    spec = catalogue.kind_spec(row.kind)
+    if spec is None or spec.refs_field is None:
+        return None
+    v = row.canonical.get("values", {}).get(spec.refs_field)
+    if isinstance(v, list | tuple):
+        return [str(x) for x in v]
+    return [str(v)] if v else []
 
 
 def people_of_rows(tx: Tx, rows: Sequence[RecordRow]) -> set[str]:
@@ -169,16 +171,13 @@ def pick_record(rows: list[RecordRow], system: str, objects: tuple[str, ...], *,
     cands = [r for r in rows if r.system == system and r.object in objects]
     if not cands:
         return None
-    # Prefer the first listed object type (Contact over a converted Lead), then the latest.
-    cands.sort(key=lambda r: (objects.index(r.object), -r.modified_at.timestamp()))
-    if prefer_converted:
-        leads = [r for r in cands if r.object == "Lead" and not r.canonical.get("values", {}).get("is_converted")]
-        contacts = [r for r in cands if r.object == "Contact"]
-        if contacts:
-            return contacts[0]
-        if leads:
-            return leads[0]
-    return cands[0]
+    # The first listed object type (a Contact over the Lead it came from); with
+    # ``prefer_converted`` a record not yet converted over one that was; then the latest.
+    def order(r: RecordRow) -> tuple[int, bool, float]:
+        converted = bool(prefer_converted and r.canonical.get("values", {}).get("is_converted"))
+        return objects.index(r.object), converted, -r.modified_at.timestamp()
+
+    return min(cands, key=order)
 
 
 def view_records(view: rules.PersonView) -> list[CanonicalRecord]:
@@ -196,7 +195,7 @@ def deal_view(entity: str, rows: Sequence[RecordRow], memory: Any = None,
     deals = [r for r in rows if r.kind == "deal"]
     if not deals:
         return None
-    hs = pick_record(deals, "hubspot", ("deals",))
-    sf = pick_record(deals, "salesforce", ("Opportunity",))
+    picked = {s: pick_record(deals, s, catalogue.speaking_order(s, "deal")) for s in SYSTEMS}
+    hs, sf = picked["hubspot"], picked["salesforce"]
     return rules.DealView(entity_id=entity, hubspot=to_canonical(hs) if hs else None,
                           salesforce=to_canonical(sf) if sf else None, memory=memory_of(memory))

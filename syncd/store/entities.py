@@ -9,6 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from syncd import catalogue
 from syncd.model import utcnow
 from syncd.store import schema as s
 from syncd.store._base import (
@@ -29,8 +30,8 @@ class EntitiesTx(TxBase):
     def new_entity(self, kind: str, memory: Mapping[str, Any] | None = None,
                    now: datetime | None = None) -> str:
         """A new linked identity (``person`` or ``deal``); returns its uuid4 id."""
-        if kind not in ("person", "deal"):
-            raise ValueError(f"entity kind must be person or deal, not {kind!r}")
+        if kind not in catalogue.ENTITY_KINDS:
+            raise ValueError(f"entity kind must be one of {', '.join(catalogue.ENTITY_KINDS)}, not {kind!r}")
         now = now or utcnow()
         eid = str(uuid.uuid4())
         self.conn.execute(sa.insert(s.entities).values(
@@ -42,8 +43,8 @@ class EntitiesTx(TxBase):
         if not entities:
             return
         for kind in set(entities.values()):
-            if kind not in ("person", "deal"):
-                raise ValueError(f"entity kind must be person or deal, not {kind!r}")
+            if kind not in catalogue.ENTITY_KINDS:
+                raise ValueError(f"entity kind must be one of {', '.join(catalogue.ENTITY_KINDS)}, not {kind!r}")
         now = now or utcnow()
         self.conn.execute(sa.insert(s.entities), [
             {"entity_id": eid, "kind": kind, "memory": {}, "created_at": now, "updated_at": now}
