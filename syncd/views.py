@@ -73,6 +73,19 @@ def with_pending(by_entity: dict[str, list[RecordRow]],
     return out
 
 
+def pending_overlay(record: CanonicalRecord, writes: Sequence[OutboxRow]) -> CanonicalRecord:
+    """``record`` as it will be once these pending writes of ours to it land (the overlay of
+    :func:`with_pending`, for a record mapped afresh, as ``mappings impact`` maps them)."""
+    mine = [w for w in writes if (w.system, w.object, str(w.record_id)) == (record.system, record.object, record.id)]
+    if not mine:
+        return record
+    terms, values = dict(record.terms), dict(record.values)
+    for w in mine:
+        for fld, (_before, after) in w.canonical.items():
+            (terms if fld in rules.TERM_FIELDS else values)[fld] = after
+    return replace(record, terms=terms, values=values)
+
+
 def person_view(entity: str, rows: Sequence[RecordRow], memory: Any,
                 referrers: Callable[[str, list[str]], Iterable[RecordRow]],
                 to_canonical: Callable[[RecordRow], CanonicalRecord | None],
@@ -191,11 +204,16 @@ def first_email(records: Sequence[CanonicalRecord]) -> str | None:
 def deal_view(entity: str, rows: Sequence[RecordRow], memory: Any = None,
               to_canonical: Callable[[RecordRow], CanonicalRecord | None] = canonical_of) -> rules.DealView | None:
     """What the rules see of one deal: the record chosen per system, and the memory.
-    ``to_canonical`` may refuse a record (None): that side is then left out."""
+    ``to_canonical`` may refuse a record (None): then there is no view at all (the daemon
+    quarantines such records; ``mappings impact`` counts them as unmappable)."""
     deals = [r for r in rows if r.kind == "deal"]
     if not deals:
         return None
-    picked = {s: pick_record(deals, s, catalogue.speaking_order(s, "deal")) for s in SYSTEMS}
-    hs, sf = picked["hubspot"], picked["salesforce"]
-    return rules.DealView(entity_id=entity, hubspot=to_canonical(hs) if hs else None,
-                          salesforce=to_canonical(sf) if sf else None, memory=memory_of(memory))
+    chosen: dict[str, CanonicalRecord | None] = {}
+    for system in SYSTEMS:
+        row = pick_record(deals, system, catalogue.speaking_order(system, "deal"))
+        chosen[system] = to_canonical(row) if row is not None else None
+        if row is not None and chosen[system] is None:
+            return None
+    return rules.DealView(entity_id=entity, hubspot=chosen["hubspot"], salesforce=chosen["salesforce"],
+                          memory=memory_of(memory))
