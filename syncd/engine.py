@@ -64,6 +64,7 @@ __all__ = ["CHUNK", "CycleStats", "Engine", "PlannedWrite", "canonical_of", "per
 log = structlog.get_logger()
 
 CHUNK = 500  # entities decided per transaction
+CONFLICT_LOOKUP_S = 3600.0  # how often link conflicts' candidates are looked up in the CRMs
 
 
 class _DryRunRollback(Exception):
@@ -343,16 +344,26 @@ class Engine:
         self.writeback.flush(stats, systems)
 
     def _recheck_conflicts(self, stats: CycleStats, now: datetime) -> None:
+        """Every cycle, open conflicts are judged again on the stored records (an email
+        corrected is pulled like any change); at most every :data:`CONFLICT_LOOKUP_S` their
+        candidates are also looked up in the CRMs (a duplicate deleted or merged away), a
+        few batched reads for the whole store rather than some every cycle."""
         with self._tx() as tx:
             open_ = tx.open_link_conflicts()
+            last = tx.conflicts_looked_up_at()
+            if last is None:  # conflicts just found were just pulled: nothing to look up yet
+                tx.set_conflicts_looked_up(now)
         if not open_:
             return
-        reachable = (self.pulled_ok if self.require_pulls else set(self.connectors)) & set(self.connectors)
-        try:  # outside any transaction: these are CRM calls
-            gone = link_conflicts.gone_candidates(open_, self._live_ids, reachable)
-        except (RetriableError, FatalError) as exc:
-            log.warning("link_conflict_recheck_failed", error=one_line(exc), next="the next cycle checks again")
-            gone = set()
+        gone: set[tuple[str, str, str]] = set()
+        if last is not None and (now - last).total_seconds() >= CONFLICT_LOOKUP_S:
+            reachable = (self.pulled_ok if self.require_pulls else set(self.connectors)) & set(self.connectors)
+            try:  # outside any transaction: these are CRM calls
+                gone = link_conflicts.gone_candidates(open_, self._live_ids, reachable)
+                with self._tx() as tx:
+                    tx.set_conflicts_looked_up(now)
+            except (RetriableError, FatalError) as exc:
+                log.warning("link_conflict_lookup_failed", error=one_line(exc), next="the next cycle looks again")
         with self._tx() as tx:
             stats.conflicts_resolved += link_conflicts.resolve_stale(tx, open_, gone, now)
 

@@ -21,6 +21,8 @@ from syncd.store.rows import (
     LinkConflictRow,
 )
 
+_LOOKED_UP = "link_conflicts_looked_up_at"  # a key in ``meta``
+
 
 class EntitiesTx(TxBase):
     """Entities and memory, due marks, link conflicts, SLA events."""
@@ -125,6 +127,16 @@ class EntitiesTx(TxBase):
         return int(self.conn.execute(sa.insert(t).values(
             email_norm=email_norm, candidates=list(candidates), detected_at=now,
         ).returning(t.c.id)).scalar_one())
+
+    def conflicts_looked_up_at(self) -> datetime | None:
+        """When open link conflicts' candidates were last looked up in the CRMs (store-wide)."""
+        v = self.conn.execute(sa.select(s.meta.c.value).where(s.meta.c.key == _LOOKED_UP)).scalar()
+        return datetime.fromisoformat(v) if v else None
+
+    def set_conflicts_looked_up(self, at: datetime) -> None:
+        m = s.meta
+        if not self.conn.execute(sa.update(m).where(m.c.key == _LOOKED_UP).values(value=at.isoformat())).rowcount:
+            self.conn.execute(sa.insert(m).values(key=_LOOKED_UP, value=at.isoformat()))
 
     def open_link_conflicts(self) -> list[LinkConflictRow]:
         t = s.link_conflicts
