@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -56,7 +56,10 @@ def status_data(store: Store, now: datetime,
                     objects.append({
                         "system": system, "object": obj,
                         "cursor": cur.to_json() if cur else None,
-                        "lag_s": round((now - cur.modified_at).total_seconds(), 1) if cur else None,
+                        # how far behind the CRM the store can be: everything changed before the
+                        # last complete pull is in it (the newest record's age is not lag: a quiet
+                        # object would look days behind)
+                        "lag_s": round((now - ps.last_ok_at).total_seconds(), 1) if ps and ps.last_ok_at else None,
                         "records": tx.count_records(system, obj),
                         "quarantined": sum(1 for q in tx.open_quarantine(system) if q.object == obj),
                         "unmapped": sum(u.count for u in tx.unmapped_values(system) if u.object == obj),
@@ -126,7 +129,7 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
         t.add_column(col, justify="right" if col in ("records", "quarantined", "unmapped", "lag") else "left")
     for o in data["objects"]:
         cur = o["cursor"]["modified_at"][:19] if o["cursor"] else "—"
-        lag = f"{int(o['lag_s'])}s" if o["lag_s"] is not None else "—"
+        lag = freshness.human_age(timedelta(seconds=o["lag_s"])) if o["lag_s"] is not None else "—"
         last_pull = _ago(now, datetime.fromisoformat(o["last_pull"])) if o.get("last_pull") else "never"
         if o.get("failing_since"):
             last_pull += " (failing)"
