@@ -65,7 +65,10 @@ def _http_url(v: str) -> str:
         u = urlsplit(v)
         port = u.port
     except ValueError as exc:  # a bad port or a broken [IPv6] literal
-        raise ValueError(f"{_shown(v)!r} does not parse: {str(exc).lower()}") from None
+        why = str(exc).lower()
+        why = ("the port is not a number" if "cast to integer" in why else
+               "the port is out of range (1-65535)" if "out of range" in why else why)
+        raise ValueError(f"{_shown(v)!r} does not parse: {why}") from None
     if u.scheme not in ("https", "http"):
         what = f"scheme {u.scheme!r}" if u.scheme and "//" in v else "no scheme"
         raise ValueError(f"{_shown(v)!r} has {what} (expected https://HOST or http://HOST)")
@@ -86,7 +89,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 def _env_name(v: str | None) -> str | None:
     if v is not None and not _ENV_NAME.fullmatch(v):
         # never echo the value: a common slip is pasting the secret itself here
-        raise ValueError("is not an environment variable name (letters, digits and _); it names the "
+        raise ValueError("is not an environment variable name (letters, digits, _): it names the "
                          "variable that holds the credential, never the credential itself")
     return v
 
@@ -178,7 +181,7 @@ def _state_url(v: str) -> str:
     except (ArgumentError, ValueError) as exc:
         why = "the port is not a number" if isinstance(exc, ValueError) and "int()" in str(exc) else "not a URL"
         raise ValueError(f"{_shown(v)!r} does not parse: {why} (expected {_STATE_FORMS})") from None
-    shown = u.render_as_string(hide_password=True)
+    shown = _shown(v)
     if u.drivername not in _STATE_DRIVERS:
         raise ValueError(f"{shown!r}: unsupported database {u.drivername!r} (expected {_STATE_FORMS})")
     if u.drivername == "sqlite":
@@ -404,6 +407,8 @@ def _problems(exc: ValidationError, source: str, text: str) -> list[str]:
             msg = str(err.get("ctx", {}).get("error", err["msg"]))
         elif kind in ("model_type", "model_attributes_type", "dict_type"):
             msg = f"must be a table ([{key}] or {key} = {{ … }})"
+        elif kind == "path_type":
+            msg = "must be a path (a string)"
         else:
             msg = err["msg"]
         out.append(f"{where(loc)}: {key}: {one_line(msg)}")

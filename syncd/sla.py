@@ -12,6 +12,7 @@ passed here as ``defaults=True``).
 from __future__ import annotations
 
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -204,6 +205,15 @@ def _missing(path: Path) -> Problem:
                    "the built-in SLA)", code=SLA_MISSING)
 
 
+def _flat(text: str) -> str:
+    """A key or value quoted in a message may hold line breaks: a problem is one line."""
+    return text if text.isprintable() else " ".join(text.split())  # every line break is whitespace
+
+
+def _one_line(p: Problem) -> Problem:
+    return p if p.message.isprintable() else replace(p, message=_flat(p.message))
+
+
 def sla_problems(directory: Path, *, defaults: bool = False) -> list[Problem]:
     """Every problem in ``directory/sla.toml``: schema, ranges, ownership, unknown terms.
 
@@ -213,10 +223,10 @@ def sla_problems(directory: Path, *, defaults: bool = False) -> list[Problem]:
     if not path.exists():
         return [] if defaults else [_missing(path)]
     problems = problems_for(path, SLA)
-    if problems:
-        return problems
-    sla, loc = parse_file(path, SLA)
-    return _semantic_problems(path, sla, loc, Path(directory))
+    if not problems:
+        sla, loc = parse_file(path, SLA)
+        problems = _semantic_problems(path, sla, loc, Path(directory))
+    return [_one_line(p) for p in problems]
 
 
 def load_sla(directory: Path, *, defaults: bool = False) -> SLA:
@@ -230,9 +240,12 @@ def load_sla(directory: Path, *, defaults: bool = False) -> SLA:
         if defaults:
             return SLA()
         raise MappingError(str(_missing(path)))
-    sla, loc = parse_file(path, SLA)
+    try:
+        sla, loc = parse_file(path, SLA)
+    except MappingError as exc:
+        raise MappingError(_flat(str(exc))) from None
     errors = [p for p in _semantic_problems(path, sla, loc, Path(directory))
               if p.severity == "error"]
     if errors:
-        raise MappingError(str(errors[0]))
+        raise MappingError(str(_one_line(errors[0])))
     return sla
