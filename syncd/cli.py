@@ -350,23 +350,22 @@ def mappings_check(c: Ctx, directory: Path | None, live: bool, fmt: str) -> None
     from syncd.mapping_check import check_directory, compare_live, exit_code, format_problems
 
     def go() -> int:
+        # the config is read when it names the folder, when --live needs it, or when it is given
+        use_config = live or c.config_arg is not None or (directory is None and config_path(None).exists())
+        cfg = c.config(credentials=live) if use_config else None
         d = directory
         if d is None:
+            from syncd.mapping import default_mappings_dir
             from syncd.runtime import mappings_dir
 
-            d = mappings_dir(c.config(credentials=live)) if (c.config_arg or config_path(None).exists()) else None
-            if d is None:
-                from syncd.mapping import default_mappings_dir
-
-                d = default_mappings_dir()
+            d = mappings_dir(cfg) if cfg is not None else default_mappings_dir()
         if not d.is_dir():
             _fail(2, f"{d}: not a readable directory")
         problems = check_directory(d)
-        if c.config_arg or config_path(None).exists():
+        if cfg is not None and cfg.mappings.sla == "defaults":  # the built-in SLA is asked for
             from syncd.sla import SLA_MISSING
 
-            if c.config(credentials=live).mappings.sla == "defaults":  # the built-in SLA is asked for
-                problems = [p for p in problems if p.code != SLA_MISSING]
+            problems = [p for p in problems if p.code != SLA_MISSING]
         if live and not any(p.severity == "error" for p in problems):
             from syncd.mapping import load_mappings
             from syncd.runtime import build_connectors

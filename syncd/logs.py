@@ -67,6 +67,8 @@ def _scrub(value: Any, show_emails: bool) -> Any:
 def scrubber(show_emails: bool) -> structlog.types.Processor:
     def scrub(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         for k in list(event_dict):
+            if k == "exc_info":  # the exception itself, for the renderer (its text is scrubbed once rendered)
+                continue
             if _SECRET_KEYS.search(k):
                 event_dict[k] = "***"
             else:
@@ -127,8 +129,8 @@ def configure(*, level: str = "info", fmt: str = "auto", show_emails: bool = Fal
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            exceptions,  # before the scrubber: an exception's text is scrubbed too
             scrubber(show_emails),
-            exceptions,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
