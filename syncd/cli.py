@@ -111,10 +111,10 @@ class _Syncd(click.Group):
         _DEBUG["on"] = False
         try:
             rv = super().main(args, prog_name, complete_var, False, **extra)
-        except click.exceptions.NoArgsIsHelpError as exc:
-            exc.show()  # `syncd` / `syncd mappings` alone: the help, as click prints it
-            sys.exit(exc.exit_code)
         except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `syncd` alone (click ≥ 8.2): the help, as click does
+                exc.show()
+                sys.exit(exc.exit_code)
             where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
             _fail(exc.exit_code, f"{exc.format_message()}{where}")
         except click.ClickException as exc:

@@ -4,8 +4,9 @@ Every problem is found at load and reported at once, on one line (``; `` between
 problems), each naming the file, the line and the key: unknown keys, wrong types,
 missing required keys, URLs without a scheme or host, ports out of range, a state
 URL that does not parse, files named in the config that are not there or cannot be
-read. Secrets never live in the config: it names the environment variable or the
-secret file that holds them.
+read (the mapping folder is the mapping loader's to check: it names what is missing).
+Secrets never live in the config: it names the environment variable or the secret
+file that holds them.
 """
 
 from __future__ import annotations
@@ -145,27 +146,11 @@ def _secret_file(p: Path | None, info: ValidationInfo) -> Path | None:
     return p
 
 
-def _directory(p: Path | None, info: ValidationInfo) -> Path | None:
-    path = _resolved(p, info) if p is not None else None
-    if path is None:
-        return p
-    try:
-        if not path.exists():
-            raise ValueError(f"{path}: no such directory")
-        if not path.is_dir():
-            raise ValueError(f"{path}: not a directory")
-        next(iter(path.iterdir()), None)
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return p
-
-
 CaBundle = Annotated[Path | None, AfterValidator(_ca_bundle)]
 SecretFile = Annotated[Path | None, AfterValidator(_secret_file)]
-Directory = Annotated[Path | None, AfterValidator(_directory)]
 
 _STATE_DRIVERS = ("sqlite", "postgresql", "postgresql+psycopg", "postgres")
-_STATE_FORMS = "sqlite:///PATH, or postgresql://USER@HOST:PORT/DB"
+_STATE_FORMS = "sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
 
 
 def _state_url(v: str) -> str:
@@ -188,8 +173,6 @@ def _state_url(v: str) -> str:
         if u.host:
             raise ValueError(f"{shown!r}: an SQLite URL has no host; three slashes, then the path "
                              "(sqlite:///relative/path.db or sqlite:////absolute/path.db)")
-        if not u.database or u.database == ":memory:":
-            raise ValueError(f"{shown!r}: an SQLite store needs a file path (sqlite:///PATH)")
     elif port is not None and not 1 <= port <= 65535:
         raise ValueError(f"{shown!r}: port {port} is out of range (1-65535)")
     return v
@@ -254,7 +237,7 @@ class StateConfig(_Section):
 
 
 class MappingsConfig(_Section):
-    dir: Directory = None  # default: the mappings/ shipped with syncd
+    dir: Path | None = None  # default: the mappings/ shipped with syncd
     # "file": the folder's sla.toml, which must exist; "defaults": the built-in SLA when it has none
     sla: Literal["file", "defaults"] = "file"
 
@@ -352,14 +335,8 @@ def _decode(path: Path, raw: bytes) -> str:
                           "save the file as UTF-8") from None
 
 
-_TOML_POS = re.compile(r"\s*\(at line (\d+), column (\d+)\)")
-
-
 def _toml_error(path: Path, exc: tomllib.TOMLDecodeError) -> str:
-    msg = one_line(str(exc))
-    m = _TOML_POS.search(msg)
-    where = f"{path}:{m.group(1)}:{m.group(2)}" if m else str(path)
-    return f"{where}: invalid TOML: {_TOML_POS.sub('', msg).strip()}"
+    return f"{path}: invalid TOML: {one_line(str(exc))}"  # tomllib says "(at line N, column M)"
 
 
 def parse_config(data: dict[str, Any], *, source: str, base_dir: Path, text: str = "",
@@ -396,26 +373,29 @@ def _problems(exc: ValidationError, source: str, text: str) -> list[str]:
     out: list[str] = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
-        key = _key(loc)
-        kind = err["type"]
-        if kind == "missing":
+        if err["type"] == "missing":
             missing += _required_keys(loc)
-            continue
-        if kind == "extra_forbidden":
-            msg = "unknown key" + _did_you_mean(loc)
-        elif kind == "value_error":
-            msg = str(err.get("ctx", {}).get("error", err["msg"]))
-        elif kind in ("model_type", "model_attributes_type", "dict_type"):
-            msg = f"must be a table ([{key}] or {key} = {{ … }})"
-        elif kind == "path_type":
-            msg = "must be a path (a string)"
         else:
-            msg = err["msg"]
-        out.append(f"{where(loc)}: {key}: {one_line(msg)}")
+            out.append(f"{where(loc)}: {_key(loc)}: {one_line(_message(err))}")
     if missing:
         out.insert(0, f"{source}: missing required key{'s' if len(missing) > 1 else ''}: "
                       f"{', '.join(missing)} (see {EXAMPLE})")
     return out
+
+
+def _message(err: Any) -> str:
+    """What an operator reads for one pydantic error (``err`` is its ErrorDetails)."""
+    kind, loc = err["type"], tuple(err["loc"])
+    if kind == "extra_forbidden":
+        return "unknown key" + _did_you_mean(loc)
+    if kind == "value_error":
+        return str(err.get("ctx", {}).get("error", err["msg"]))
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        key = _key(loc)
+        return f"must be a table ([{key}] or {key} = {{ … }})"
+    if kind == "path_type":
+        return "must be a path (a string)"
+    return str(err["msg"])
 
 
 def _key(loc: tuple[Any, ...]) -> str:

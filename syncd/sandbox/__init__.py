@@ -150,28 +150,27 @@ class Sandbox:
         return counts
 
 
+_PORT_FLAGS = ("--hubspot-port", "--salesforce-port")
+
+
 def _check_serve_args(*, people: int, deals: int | None, hubspot_port: int, salesforce_port: int,
                       directory: Path | None) -> None:
     """Bad arguments of ``sandbox serve`` as one ConfigError (exit 2), before anything starts."""
     from syncd.errors import ConfigError
 
-    problems = []
-    if people < 0:
-        problems.append(f"--people must not be negative, not {people}")
-    if deals is not None and deals < 0:
-        problems.append(f"--deals must not be negative, not {deals}")
-    for flag, port in (("--hubspot-port", hubspot_port), ("--salesforce-port", salesforce_port)):
-        if not 0 <= port <= 65535:
-            problems.append(f"{flag} must be a port, 0-65535 (0: any free port), not {port}")
+    ports = dict(zip(_PORT_FLAGS, (hubspot_port, salesforce_port), strict=True))
+    counts = {"--people": people, "--deals": 0 if deals is None else deals}
+    problems = [f"{flag} must not be negative, not {n}" for flag, n in counts.items() if n < 0]
+    problems += [f"{flag} must be a port, 0-65535 (0: any free port), not {port}"
+                 for flag, port in ports.items() if not 0 <= port <= 65535]
     if hubspot_port and hubspot_port == salesforce_port:
         problems.append(f"--hubspot-port and --salesforce-port are both {hubspot_port}; they need two ports")
     if problems:
         raise ConfigError("sandbox serve: " + "; ".join(problems))
-    for flag, port in (("--hubspot-port", hubspot_port), ("--salesforce-port", salesforce_port)):
-        if port:
-            why = _cannot_listen(port)
-            if why:
-                raise ConfigError(f"sandbox serve {flag} {port}: cannot listen on 127.0.0.1:{port}: {why}")
+    for flag, port in ports.items():
+        why = _cannot_listen(port) if port else None
+        if why:
+            raise ConfigError(f"sandbox serve {flag} {port}: cannot listen on 127.0.0.1:{port}: {why}")
     if directory is not None:
         try:
             directory.mkdir(parents=True, exist_ok=True)

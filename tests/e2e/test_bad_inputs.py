@@ -156,7 +156,7 @@ CONFIG = [
       env={"SYNCD_CONFIG": "{tmp}/nowhere.toml"}),
     C("config-is-a-directory", ("--config", "{tmp}/cfgdir", "status"), 2, ("cfgdir", "cannot read config"),
       setup=mkdir("cfgdir")),
-    C("config-invalid-toml", SYNC, 2, ("syncd.toml:3:", "invalid TOML"),
+    C("config-invalid-toml", SYNC, 2, ("syncd.toml: invalid TOML", "line 3"),
       config=lambda w: w.fmt('[hubspot]\nbase_url = "{hs}"\ntimeout_s = = 5\n')),
     C("config-duplicate-section", SYNC, 2, ("invalid TOML",),
       config=lambda w: config(w) + "\n[sync]\noverlap_s = 1\n"),
@@ -258,7 +258,7 @@ STORE = [
       config=with_({"state": {"url": '"mysql://db.internal/syncd"'}})),
     C("store-sqlite-with-host", ("status",), 2, ("state.url", "no host"),
       config=with_({"state": {"url": '"sqlite://server/syncd.db"'}})),
-    C("store-sqlite-in-memory", ("status",), 2, ("state.url", "file path"),
+    C("store-sqlite-in-memory", ("status",), 2, ("[state] url", "file path"),
       config=with_({"state": {"url": '"sqlite:///:memory:"'}})),
     C("store-not-a-url", ("status",), 2, ("state.url", "does not parse"),
       config=with_({"state": {"url": '"syncd.db"'}})),
@@ -270,9 +270,9 @@ STORE = [
 
 # -- mapping and SLA files ---------------------------------------------------------------------------
 MAPPINGS = [
-    C("mappings-dir-missing", SYNC, 2, ("mappings.dir", "{tmp}/m", "no such directory"),
+    C("mappings-dir-missing", SYNC, 2, ("{tmp}/m", "mappings directory not found"),
       config=with_(MAPPINGS_M)),
-    C("mappings-dir-is-a-file", SYNC, 2, ("mappings.dir", "not a directory"),
+    C("mappings-dir-is-a-file", SYNC, 2, ("{tmp}/m", "mappings directory"),
       config=with_(MAPPINGS_M), setup=write("m", "x\n")),
     C("sla-missing", SYNC, 2, ("{tmp}/m/sla.toml", "missing", 'sla = "defaults"'),
       config=with_(MAPPINGS_M), setup=mappings(lambda d: (d / "sla.toml").unlink())),
