@@ -19,10 +19,12 @@ import orjson
 import sqlalchemy as sa
 
 from syncd import rules
-from syncd.engine import CycleStats, Engine, _referrers_by_ref, prefetched_person_view, record_row
+from syncd.engine import CycleStats, Engine, record_row
 from syncd.model import RawRecord
 from syncd.store import Store
 from syncd.store import schema as s
+from syncd.views import prefetched_person_view
+from syncd.views import referrers_by_ref as _referrers_by_ref
 
 
 def _best(fn: Callable[[], object], reps: int = 3) -> float:

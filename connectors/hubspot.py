@@ -21,14 +21,16 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import structlog
 import urllib3
 from hubspot import HubSpot
 from urllib3.util.retry import Retry
 
-from connectors._retry import RetryPolicy, retrying
+from connectors._errors import NotRetried, call, lost_answer, may_be_applied
+from connectors._retry import RetryPolicy
+from syncd import catalogue
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
 from syncd.model import (
     ApiUsage,
@@ -42,12 +44,135 @@ from syncd.model import (
 
 log = structlog.get_logger()
 
-MODIFIED_PROP = {"contacts": "lastmodifieddate", "deals": "hs_lastmodifieddate"}
+SYSTEM = "hubspot"
 SEARCH_CAP = 10_000
 BATCH = 100
 ASSOC_BATCH = 1000
 IN_VALUES = 100
 NOT_RETRIABLE_CATEGORIES = {"VALIDATION_ERROR", "OBJECT_NOT_FOUND", "CONFLICT"}
+
+Read = Callable[..., Any]
+"""``HubSpotConnector._read_call(endpoint, api, method, *args)``: one read under the retry policy."""
+
+
+# ---------------------------------------------------------------------- streams
+class HubSpotStream:
+    """One HubSpot object type, in the spirit of singer-sdk's ``Stream``.
+
+    ``name`` picks the catalogue row, which gives the primary key and the
+    replication key (the modified property the search filters and sorts on).
+    An instance holds the properties the mappings need. Subclasses say what their
+    object needs beyond a search: a property to find records by email, a read
+    back of forward-only lifecycle writes, an ``enrich`` hook run on every page
+    (``enrich_batch`` regroups pages to that many records first), and picklist
+    values that are not properties (``allowed_values``).
+    """
+
+    name: ClassVar[str]
+    primary_key: ClassVar[str]
+    replication_key: ClassVar[str]
+    refs: ClassVar[tuple[str, ...]]
+    email_property: ClassVar[str | None] = None  # find_by_email searches it; None: never found
+    checks_lifecycle: ClassVar[bool] = False  # HubSpot ignores backwards lifecyclestage writes
+    enrich_batch: ClassVar[int] = 0  # 0: pages are yielded as searched
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        row = catalogue.get(SYSTEM, cls.name)
+        cls.primary_key, cls.replication_key, cls.refs = row.key, row.cursor, row.refs
+
+    def __init__(self, properties: Sequence[str]) -> None:
+        self.properties = list(dict.fromkeys(
+            [*dict.fromkeys(properties), self.replication_key, self.primary_key]))
+
+    def enrich(self, read: Read, records: list[RawRecord]) -> list[RawRecord]:
+        """The records with whatever the search does not return."""
+        return records
+
+    def allowed_values(self, read: Read) -> dict[tuple[str, str], list[str]]:
+        """Allowed values of fields that are not enumeration properties."""
+        return {}
+
+
+class Contacts(HubSpotStream):
+    name = "contacts"
+    email_property = "email"
+    checks_lifecycle = True
+
+
+class Deals(HubSpotStream):
+    """Deals carry their contacts (``_contact_ids``), read by association batches."""
+
+    name = "deals"
+    # One association batch read takes up to ASSOC_BATCH deals: search pages (200) are
+    # buffered and yielded ASSOC_BATCH deals at a time.
+    enrich_batch = ASSOC_BATCH
+
+    def enrich(self, read: Read, records: list[RawRecord]) -> list[RawRecord]:
+        links = self._contact_ids(read, [r.id for r in records])
+        return [RawRecord(r.system, r.object, r.id, r.modified_at,
+                          {**r.fields, "_contact_ids": links.get(r.id, [])}) for r in records]
+
+    def _contact_ids(self, read: Read, deal_ids: list[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for i in range(0, len(deal_ids), ASSOC_BATCH):
+            body = {"inputs": [{"id": d} for d in deal_ids[i:i + ASSOC_BATCH]]}
+            resp = read("associations.batch_read", "assoc.batch", "get_page",
+                        self.name, self.refs[0], body)
+            for r in resp.get("results") or []:
+                to = (str(t["toObjectId"]) for t in r.get("to") or [])
+                out[str(r["from"]["id"])] = sorted(to, key=int)
+        return out
+
+    def allowed_values(self, read: Read) -> dict[tuple[str, str], list[str]]:
+        """Deal stages and pipelines come from the pipelines API."""
+        resp = read("pipelines", "pipelines", "get_all", self.name)
+        stages: list[str] = []
+        pipelines: list[str] = []
+        for pl in sorted(resp.get("results") or [], key=lambda p: p.get("displayOrder") or 0):
+            if pl.get("archived"):
+                continue
+            pipelines.append(pl["id"])
+            for st in sorted(pl.get("stages") or [], key=lambda s: s.get("displayOrder") or 0):
+                if not st.get("archived") and st["id"] not in stages:
+                    stages.append(st["id"])
+        return {(self.name, "dealstage"): stages, (self.name, "pipeline"): pipelines}
+
+
+STREAMS: dict[str, type[HubSpotStream]] = {s.name: s for s in (Contacts, Deals)}
+MODIFIED_PROP = {name: cls.replication_key for name, cls in STREAMS.items()}
+
+
+class SearchPaginator:
+    """Paging of one search query by its ``after`` offsets.
+
+    Each ``after`` must be a number larger than the last (a repeated one would loop
+    forever). Paging stops at the last page, or (``capped``) where the next page
+    would pass the search cap: the caller then restarts the query.
+    """
+
+    def __init__(self, endpoint: str, page_size: int, cap: int) -> None:
+        self.endpoint, self.page_size, self.cap = endpoint, page_size, cap
+        self.after = 0
+        self.done = self.capped = False
+
+    def advance(self, response: dict[str, Any], got_results: bool) -> None:
+        nxt = ((response.get("paging") or {}).get("next") or {}).get("after")
+        if nxt is None or not got_results:
+            self.done = True
+            return
+        try:
+            nxt_i = int(nxt)
+        except ValueError:
+            raise FatalError(f"hubspot {self.endpoint}: non-numeric after {nxt!r}",
+                             system=SYSTEM) from None
+        if nxt_i <= self.after:
+            raise FatalError(f"hubspot {self.endpoint}: paging loop (after {nxt!r} repeated)",
+                             system=SYSTEM)
+        if nxt_i + self.page_size > self.cap:
+            self.done = self.capped = True
+            return
+        self.after = nxt_i
 
 
 class _BadRequest(Exception):
@@ -58,17 +183,9 @@ class _BadRequest(Exception):
         self.message = message
 
 
-class _NotRetried(Exception):
-    """A transport failure of a non-idempotent call: raised as RetriableError, not retried."""
-
-    def __init__(self, error: RetriableError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
 def _transport(endpoint: str, e: BaseException, idempotent: bool) -> Exception:
-    err = RetriableError(f"hubspot {endpoint}: transport: {type(e).__name__}")
-    return err if idempotent else _NotRetried(err)
+    err = RetriableError(f"hubspot {endpoint}: transport: {type(e).__name__}", system=SYSTEM)
+    return lost_answer(err, idempotent=idempotent)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -110,9 +227,9 @@ def _one_line(body: Any) -> str:
 
 
 class HubSpotConnector:
-    """The :class:`connectors.base.Connector` for HubSpot."""
+    """The :class:`connectors.base.Connector` for HubSpot: one :class:`HubSpotStream` per object."""
 
-    system = "hubspot"
+    system = SYSTEM
     search_cap = SEARCH_CAP  # results reachable per search query (a class attribute for tests)
 
     def __init__(
@@ -126,11 +243,11 @@ class HubSpotConnector:
         page_size: int = 200,
         timeout: float = 30.0,
     ) -> None:
-        unknown = set(properties) - set(MODIFIED_PROP)
+        unknown = set(properties) - set(STREAMS)
         if unknown:
-            raise FatalError(f"hubspot: unsupported objects {sorted(unknown)}")
+            raise FatalError(f"hubspot: unsupported objects {sorted(unknown)}", system=SYSTEM)
         self.usage = ApiUsage()
-        self._properties = {o: list(dict.fromkeys(p)) for o, p in properties.items()}
+        self._streams = {o: STREAMS[o](p) for o, p in properties.items()}
         self._retry = retry
         self._page_size = max(1, min(page_size, 200))
         self._timeout = timeout
@@ -144,22 +261,24 @@ class HubSpotConnector:
 
     # ------------------------------------------------------------------ plumbing
     def _api(self, name: str) -> Any:
-        """Cache the API objects: each attribute access builds a new pool (crm-api.md §1.1)."""
+        """Cache the API objects: each attribute access builds a new pool (crm-api.md §1.1).
+
+        ``name`` is ``<object>.<api>`` (``contacts.search`` is ``crm.contacts.search_api``)
+        or one of the shared APIs below."""
         api = self._apis.get(name)
         if api is None:
             crm = self._client.crm
-            factories: dict[str, Callable[[], Any]] = {
-                "contacts.basic": lambda: crm.contacts.basic_api,
-                "contacts.search": lambda: crm.contacts.search_api,
-                "contacts.batch": lambda: crm.contacts.batch_api,
-                "deals.basic": lambda: crm.deals.basic_api,
-                "deals.search": lambda: crm.deals.search_api,
-                "deals.batch": lambda: crm.deals.batch_api,
+            shared: dict[str, Callable[[], Any]] = {
                 "assoc.batch": lambda: crm.associations.v4.batch_api,
                 "properties": lambda: crm.properties.core_api,
                 "pipelines": lambda: crm.pipelines.pipelines_api,
             }
-            api = self._apis[name] = factories[name]()
+            if name in shared:
+                api = shared[name]()
+            else:
+                obj, kind = name.split(".")
+                api = getattr(getattr(crm, obj), f"{kind}_api")
+            self._apis[name] = api
         return api
 
     def _call(self, endpoint: str, api: str, method: str, *args: Any,
@@ -168,12 +287,8 @@ class HubSpotConnector:
         failure (timeout, dropped connection) is raised, not retried, because the CRM may
         have applied the request before the answer was lost; the caller decides (the engine
         looks the record up by email before sending it again)."""
-        try:
-            return retrying(self._retry, log_name=f"hubspot.{endpoint}")(
-                self._once, endpoint, api, method, *args, idempotent=idempotent
-            )
-        except _NotRetried as e:
-            raise e.error from None
+        return call(self._retry, f"hubspot.{endpoint}", self._once, endpoint, api, method, *args,
+                    idempotent=idempotent)
 
     def _once(self, endpoint: str, api: str, method: str, *args: Any,
               idempotent: bool = True) -> Any:
@@ -188,7 +303,7 @@ class HubSpotConnector:
         except urllib3.exceptions.HTTPError as e:
             reason = getattr(e, "reason", None)
             if isinstance(reason, urllib3.exceptions.SSLError):
-                raise FatalError(f"hubspot {endpoint}: TLS failure: {reason}") from None
+                raise FatalError(f"hubspot {endpoint}: TLS failure: {reason}", system=SYSTEM) from None
             raise _transport(endpoint, e, idempotent) from None
         except OSError as e:
             raise _transport(endpoint, e, idempotent) from None
@@ -201,33 +316,33 @@ class HubSpotConnector:
             except RetriableError as err:
                 # A 5xx answer to a create does not say whether it was applied: like a lost
                 # answer, report it rather than send it again here (429 and 423 were refused).
-                if idempotent or status < 500:
+                if not may_be_applied(err, idempotent=idempotent):
                     raise
-                raise _NotRetried(err) from None
+                raise NotRetried(err) from None
         self._read_budget(headers)
         try:
             data: dict[str, Any] = json.loads(raw) if raw else {}
         except ValueError:
-            raise RetriableError(f"hubspot {endpoint}: unreadable response body") from None
+            raise RetriableError(f"hubspot {endpoint}: unreadable response body", system=SYSTEM) from None
         return data
 
     def _translate(self, endpoint: str, status: int, body: Any, headers: Any) -> None:
         msg = _one_line(body)
         self._read_budget(headers)
         if status == 401:
-            raise AuthError(f"hubspot {endpoint}: 401 {msg}")
+            raise AuthError(f"hubspot {endpoint}: 401 {msg}", system=SYSTEM)
         if status == 429:
-            self.usage.rate_limited[endpoint] = self.usage.rate_limited.get(endpoint, 0) + 1
+            self.usage.limited(endpoint)
             if "DAILY" in msg.split(":")[0]:
-                raise BudgetExhausted(f"hubspot {endpoint}: daily API limit spent ({msg})")
+                raise BudgetExhausted(f"hubspot {endpoint}: daily API limit spent ({msg})", system=SYSTEM)
             raise RateLimited(f"hubspot {endpoint}: 429 {msg}", status=429,
-                              retry_after=_retry_after(headers), body=msg)
+                              retry_after=_retry_after(headers), body=msg, system=SYSTEM)
         if status >= 500 or status in (423, 477):
             raise RetriableError(f"hubspot {endpoint}: {status} {msg}", status=status,
-                                 retry_after=_retry_after(headers), body=msg)
+                                 retry_after=_retry_after(headers), body=msg, system=SYSTEM)
         if status == 400:
             raise _BadRequest(f"{status} {msg}")
-        raise FatalError(f"hubspot {endpoint}: {status} {msg}")
+        raise FatalError(f"hubspot {endpoint}: {status} {msg}", system=SYSTEM)
 
     def _read_budget(self, headers: Any) -> None:
         if not headers:
@@ -246,25 +361,26 @@ class HubSpotConnector:
         try:
             return self._call(endpoint, api, method, *args)
         except _BadRequest as e:
-            raise FatalError(f"hubspot {endpoint}: {e.message}") from None
+            raise FatalError(f"hubspot {endpoint}: {e.message}", system=SYSTEM) from None
 
     def _record(self, obj: str, o: dict[str, Any]) -> RawRecord:
         try:
             updated = datetime.fromisoformat(o["updatedAt"]).astimezone(UTC)
         except (KeyError, TypeError, ValueError):
-            raise FatalError(f"hubspot {obj} {o.get('id')}: no valid updatedAt") from None
+            raise FatalError(f"hubspot {obj} {o.get('id')}: no valid updatedAt", system=SYSTEM) from None
         props = {k: v if v is None or isinstance(v, str) else str(v)
                  for k, v in (o.get("properties") or {}).items()}
         return RawRecord(self.system, obj, str(o["id"]), updated, props)
 
     # ------------------------------------------------------------------ Connector
     def objects(self) -> Sequence[str]:
-        return list(self._properties)
+        return list(self._streams)
 
-    def _props(self, obj: str) -> list[str]:
-        if obj not in self._properties:
-            raise FatalError(f"hubspot: object {obj!r} is not configured")
-        return list(dict.fromkeys([*self._properties[obj], MODIFIED_PROP[obj], "hs_object_id"]))
+    def _stream(self, obj: str) -> HubSpotStream:
+        stream = self._streams.get(obj)
+        if stream is None:
+            raise FatalError(f"hubspot: object {obj!r} is not configured", system=SYSTEM)
+        return stream
 
     def _search(self, obj: str, filters: list[dict[str, Any]], sort: str, after: int,
                 props: list[str]) -> Any:
@@ -274,31 +390,31 @@ class HubSpotConnector:
         return self._read_call(f"{obj}.search", f"{obj}.search", "do_search", body)
 
     def iter_changes(self, obj: str, since: Cursor | None, *, overlap: timedelta) -> Iterator[Page]:
-        mod = MODIFIED_PROP.get(obj)
-        if mod is None:
-            raise FatalError(f"hubspot: object {obj!r} is not supported")
-        walk = self._walk(obj, mod, since, overlap)
-        if obj != "deals":
-            yield from (Page(recs) for recs in walk)
+        if obj not in STREAMS:
+            raise FatalError(f"hubspot: object {obj!r} is not supported", system=SYSTEM)
+        stream = self._stream(obj)
+        walk = self._walk(stream, since, overlap)
+        size = stream.enrich_batch
+        if not size:
+            yield from (Page(stream.enrich(self._read_call, recs)) for recs in walk)
             return
-        # Deals need their contacts, and one association batch read takes up to ASSOC_BATCH
-        # deals: search pages (200) are buffered and yielded ASSOC_BATCH deals at a time.
-        # Nothing is lost if the caller stops early: the cursor only moves with what was
-        # yielded (the max of a page's records), so the buffered rest is read again.
+        # Search pages are buffered and enriched ``size`` records at a time. Nothing is lost
+        # if the caller stops early: the cursor only moves with what was yielded (the max of
+        # a page's records), so the buffered rest is read again.
         buf: list[RawRecord] = []
         for recs in walk:
             buf.extend(recs)
-            while len(buf) >= ASSOC_BATCH:
-                yield self._page(obj, sorted(buf[:ASSOC_BATCH], key=_order))
-                buf = buf[ASSOC_BATCH:]
+            while len(buf) >= size:
+                yield Page(stream.enrich(self._read_call, sorted(buf[:size], key=_order)))
+                buf = buf[size:]
         if buf:
-            yield self._page(obj, sorted(buf, key=_order))
+            yield Page(stream.enrich(self._read_call, sorted(buf, key=_order)))
 
-    def _walk(self, obj: str, mod: str, since: Cursor | None,
+    def _walk(self, stream: HubSpotStream, since: Cursor | None,
               overlap: timedelta) -> Iterator[list[RawRecord]]:
         """The records modified at or after ``since - overlap``, a search page at a time,
         ascending, each record once (restarts at the 10k cap skip what was yielded)."""
-        props = self._props(obj)
+        obj, mod, props = stream.name, stream.replication_key, list(stream.properties)
         lo = 0 if since is None else max(0, _ms(since.modified_at - overlap))
         boundary_ts: int | None = None  # the timestamp of the last yielded record
         boundary_ids: set[str] = set()  # ids already yielded at boundary_ts
@@ -339,18 +455,19 @@ class HubSpotConnector:
                 continue
             # A full 10k window shares one timestamp: walk it by id, then go past it.
             log.info("hubspot search cap on one timestamp: walking by id", object=obj, ts_ms=lo)
-            yield from self._walk_timestamp(obj, lo, props, mod, fresh)
+            yield from self._walk_timestamp(stream, lo, props, fresh)
             lo += 1
 
-    def _walk_timestamp(self, obj: str, ts: int, props: list[str], mod: str,
+    def _walk_timestamp(self, stream: HubSpotStream, ts: int, props: list[str],
                         fresh: Callable[[list[RawRecord]], list[RawRecord]]
                         ) -> Iterator[list[RawRecord]]:
+        key = stream.primary_key
         last_id = 0
         while True:
-            filters = [{"propertyName": mod, "operator": "EQ", "value": str(ts)},
-                       {"propertyName": "hs_object_id", "operator": "GT", "value": str(last_id)}]
+            filters = [{"propertyName": stream.replication_key, "operator": "EQ", "value": str(ts)},
+                       {"propertyName": key, "operator": "GT", "value": str(last_id)}]
             capped = False
-            for results, at_cap in self._pages(obj, filters, "hs_object_id", props):
+            for results, at_cap in self._pages(stream.name, filters, key, props):
                 recs = fresh(results)
                 if recs:
                     yield recs
@@ -362,47 +479,17 @@ class HubSpotConnector:
 
     def _pages(self, obj: str, filters: list[dict[str, Any]], sort: str,
                props: list[str]) -> Iterator[tuple[list[RawRecord], bool]]:
-        """Search pages: (results, stopped_at_cap). Refuses a repeated or backwards ``after``."""
-        after = 0
-        while True:
-            resp = self._search(obj, filters, sort, after, props)
+        """Search pages: (results, stopped_at_cap), paged by a :class:`SearchPaginator`."""
+        pager = SearchPaginator(f"{obj}.search", self._page_size, self.search_cap)
+        while not pager.done:
+            resp = self._search(obj, filters, sort, pager.after, props)
             results = [self._record(obj, o) for o in resp.get("results") or []]
-            nxt = ((resp.get("paging") or {}).get("next") or {}).get("after")
-            if nxt is None or not results:
-                yield results, False
-                return
-            try:
-                nxt_i = int(nxt)
-            except ValueError:
-                raise FatalError(f"hubspot {obj}.search: non-numeric after {nxt!r}") from None
-            if nxt_i <= after:
-                raise FatalError(f"hubspot {obj}.search: paging loop (after {nxt!r} repeated)")
-            if nxt_i + self._page_size > self.search_cap:
-                yield results, True
-                return
-            yield results, False
-            after = nxt_i
-
-    def _page(self, obj: str, recs: list[RawRecord]) -> Page:
-        if obj == "deals":
-            links = self._contact_ids([r.id for r in recs])
-            recs = [RawRecord(r.system, r.object, r.id, r.modified_at,
-                              {**r.fields, "_contact_ids": links.get(r.id, [])}) for r in recs]
-        return Page(recs)
-
-    def _contact_ids(self, deal_ids: list[str]) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        for i in range(0, len(deal_ids), ASSOC_BATCH):
-            body = {"inputs": [{"id": d} for d in deal_ids[i:i + ASSOC_BATCH]]}
-            resp = self._read_call("associations.batch_read", "assoc.batch", "get_page",
-                                   "deals", "contacts", body)
-            for r in resp.get("results") or []:
-                to = (str(t["toObjectId"]) for t in r.get("to") or [])
-                out[str(r["from"]["id"])] = sorted(to, key=int)
-        return out
+            pager.advance(resp, bool(results))
+            yield results, pager.capped
 
     def fetch(self, obj: str, ids: Sequence[str]) -> list[RawRecord]:
-        props = self._props(obj)
+        stream = self._stream(obj)
+        props = list(stream.properties)
         out: list[RawRecord] = []
         uniq = list(dict.fromkeys(ids))
         for i in range(0, len(uniq), BATCH):
@@ -410,29 +497,30 @@ class HubSpotConnector:
                     "propertiesWithHistory": []}
             resp = self._read_call(f"{obj}.batch_read", f"{obj}.batch", "read", body)
             out.extend(self._record(obj, o) for o in resp.get("results") or [])
-        if obj == "deals" and out:
-            return self._page(obj, out).records
-        return out
+        return stream.enrich(self._read_call, out) if out else out
 
     def find_by_email(self, obj: str, emails: Sequence[str]) -> list[RawRecord]:
-        if obj != "contacts":
+        email = STREAMS[obj].email_property if obj in STREAMS else None
+        if email is None:
             return []
-        props = self._props(obj)
+        stream = self._stream(obj)
+        props = list(stream.properties)
         wanted = list(dict.fromkeys(e.strip().lower() for e in emails if e and e.strip()))
         out: dict[str, RawRecord] = {}
         for i in range(0, len(wanted), IN_VALUES):
             chunk = wanted[i : i + IN_VALUES]
-            filters = [{"propertyName": "email", "operator": "IN", "values": chunk}]
-            for results, capped in self._pages(obj, filters, "hs_object_id", props):
+            filters = [{"propertyName": email, "operator": "IN", "values": chunk}]
+            for results, capped in self._pages(obj, filters, stream.primary_key, props):
                 if capped:
-                    raise FatalError("hubspot contacts.search: over 10,000 matches for emails")
+                    raise FatalError(f"hubspot {obj}.search: over 10,000 matches for emails",
+                                     system=SYSTEM)
                 for rec in results:
                     out[rec.id] = rec
         return list(out.values())
 
     # ------------------------------------------------------------------ writes
     def write(self, obj: str, updates: Sequence[FieldUpdate]) -> list[WriteResult]:
-        self._props(obj)
+        stream = self._stream(obj)
         results: dict[str, WriteResult] = {}
         clears = [(u.key, u.record_id, dict.fromkeys(u.clear_first, "")) for u in updates
                   if u.clear_first]
@@ -461,7 +549,8 @@ class HubSpotConnector:
                     stored[k] = stored[r.key]
         for r in self._batch_update(obj, retry_alone, stored):
             results[r.key] = r
-        self._verify_lifecycle(obj, updates, results, stored)
+        if stream.checks_lifecycle:
+            self._verify_lifecycle(obj, updates, results, stored)
         return [results[u.key] for u in updates]
 
     def _batch_update(self, obj: str, items: list[tuple[str, str, dict[str, str]]],
@@ -512,7 +601,7 @@ class HubSpotConnector:
         backwards moves (``clear_first``: clear, then set, in two requests), which are
         verified by reading, not trusted."""
         check = [u for u in updates if results[u.key].ok and u.fields.get("lifecyclestage")]
-        if obj != "contacts" or not check:
+        if not check:
             return
         got: dict[str, Any] = {}
         reread: list[FieldUpdate] = []
@@ -544,7 +633,7 @@ class HubSpotConnector:
     def create(self, obj: str, creates: Sequence[RecordCreate]) -> list[WriteResult]:
         """Batch creates. A create whose answer was lost (timeout, dropped connection) is
         NOT retried here (it may have been applied): its result is a retriable failure."""
-        self._props(obj)
+        self._stream(obj)
         results: dict[str, WriteResult] = {}
         for i in range(0, len(creates), BATCH):
             self._create_chunk(obj, list(creates[i:i + BATCH]), results)
@@ -586,26 +675,15 @@ class HubSpotConnector:
     # ------------------------------------------------------------------ metadata
     def allowed_values(self) -> dict[tuple[str, str], list[str]]:
         out: dict[tuple[str, str], list[str]] = {}
-        for obj in self._properties:
+        for obj in self._streams:
             resp = self._read_call("properties", "properties", "get_all", obj)
             for p in resp.get("results") or []:
                 if p.get("type") == "enumeration" and p.get("options"):
                     opts = sorted((o for o in p["options"] if not o.get("hidden")),
                                   key=lambda o: o.get("displayOrder") or 0)
                     out[(obj, p["name"])] = [o["value"] for o in opts]
-        if "deals" in self._properties:
-            resp = self._read_call("pipelines", "pipelines", "get_all", "deals")
-            stages: list[str] = []
-            pipelines: list[str] = []
-            for pl in sorted(resp.get("results") or [], key=lambda p: p.get("displayOrder") or 0):
-                if pl.get("archived"):
-                    continue
-                pipelines.append(pl["id"])
-                for st in sorted(pl.get("stages") or [], key=lambda s: s.get("displayOrder") or 0):
-                    if not st.get("archived") and st["id"] not in stages:
-                        stages.append(st["id"])
-            out[("deals", "dealstage")] = stages
-            out[("deals", "pipeline")] = pipelines
+        for stream in self._streams.values():
+            out.update(stream.allowed_values(self._read_call))
         return out
 
     def close(self) -> None:

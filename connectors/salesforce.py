@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import requests
 import structlog
@@ -29,7 +29,9 @@ from simple_salesforce.exceptions import (
     SalesforceRefusedRequest,
 )
 
-from connectors._retry import RetryPolicy, retrying
+from connectors._errors import NotRetried, call, lost_answer, may_be_applied
+from connectors._retry import RetryPolicy
+from syncd import catalogue
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
 from syncd.model import ApiUsage, Cursor, FieldUpdate, Page, RawRecord, RecordCreate, WriteResult
 
@@ -37,20 +39,13 @@ log = structlog.get_logger()
 
 T = TypeVar("T")
 
+SYSTEM = "salesforce"
 COLLECTION_LIMIT = 200  # sObject Collections: records per call
 IN_CHUNK = 200  # values per SOQL IN (...) clause, keeps the GET URL well under 16k characters
 RETRIABLE_RECORD_CODES = frozenset(
     {"UNABLE_TO_LOCK_ROW", "SERVER_UNAVAILABLE", "REQUEST_RUNNING_TOO_LONG"}
 )
 _TRANSPORT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
-
-
-class _NotRetried(Exception):
-    """A transport failure on a non-idempotent call: raised as RetriableError, not retried."""
-
-    def __init__(self, error: RetriableError) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 def soql_literal(value: str) -> str:
@@ -63,10 +58,85 @@ def soql_datetime(dt: datetime) -> str:
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class SalesforceConnector:
-    """The :class:`~connectors.base.Connector` for Salesforce."""
+# ---------------------------------------------------------------------- streams
+class SObjectStream:
+    """One sObject type, in the spirit of singer-sdk's ``Stream``.
 
-    system = "salesforce"
+    ``name`` picks the catalogue row, which gives the primary key and the
+    replication key; an instance holds the fields the mappings need (plus both
+    keys) and writes the SOQL of its pulls and look-ups.
+    """
+
+    name: ClassVar[str]
+    primary_key: ClassVar[str]
+    replication_key: ClassVar[str]
+    email_field: ClassVar[str] = "Email"
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        row = catalogue.get(SYSTEM, cls.name)
+        cls.primary_key, cls.replication_key = row.key, row.cursor
+
+    def __init__(self, fields: Sequence[str]) -> None:
+        self.fields = _with_keys(fields, (self.primary_key, self.replication_key))
+
+    def _select(self) -> str:
+        return f"SELECT {', '.join(self.fields)} FROM {self.name}"
+
+    def changes(self, since: Cursor | None, overlap: timedelta) -> str:
+        """Records modified at or after ``since - overlap``, in (cursor, id) order."""
+        rk = self.replication_key
+        where = "" if since is None else f" WHERE {rk} >= {soql_datetime(since.modified_at - overlap)}"
+        return f"{self._select()}{where} ORDER BY {rk}, {self.primary_key}"
+
+    def where_in(self, field: str, values: Sequence[str]) -> str:
+        return f"{self._select()} WHERE {field} IN ({', '.join(soql_literal(v) for v in values)})"
+
+
+class Lead(SObjectStream):
+    name = "Lead"
+
+
+class Contact(SObjectStream):
+    name = "Contact"
+
+
+class Opportunity(SObjectStream):
+    name = "Opportunity"
+
+
+class Task(SObjectStream):
+    name = "Task"
+
+
+STREAMS: dict[str, type[SObjectStream]] = {s.name: s for s in (Lead, Contact, Opportunity, Task)}
+
+
+class QueryLocatorPaginator:
+    """Paging of one SOQL query by ``nextRecordsUrl``; refuses a repeated locator."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def next_url(self, result: dict[str, Any]) -> str | None:
+        """The locator of the next batch, None after the last one."""
+        if result.get("done", True):
+            return None
+        url = result.get("nextRecordsUrl")
+        if not url:
+            raise FatalError("salesforce: query answered done=false without nextRecordsUrl",
+                             system=SYSTEM)
+        if url in self.seen:
+            raise FatalError(f"salesforce: query locator repeated ({url}); refusing to loop",
+                             system=SYSTEM)
+        self.seen.add(url)
+        return str(url)
+
+
+class SalesforceConnector:
+    """The :class:`~connectors.base.Connector` for Salesforce: one :class:`SObjectStream` per object."""
+
+    system = SYSTEM
 
     def __init__(
         self,
@@ -78,6 +148,9 @@ class SalesforceConnector:
         retry: RetryPolicy,
         timeout: float = 30.0,
     ) -> None:
+        unknown = set(fields) - set(STREAMS)
+        if unknown:
+            raise FatalError(f"salesforce: unsupported objects {sorted(unknown)}", system=SYSTEM)
         self._session = requests.Session()
         self._session.verify = ca_bundle if ca_bundle else True
         # REQUESTS_CA_BUNDLE / proxies from the environment would override verify (crm-api.md §3)
@@ -85,27 +158,22 @@ class SalesforceConnector:
         self._sf = Salesforce(
             instance_url=instance_url, session_id=session_id, session=self._session
         )
-        self._fields = {obj: _with_keys(fs) for obj, fs in fields.items()}
+        self._streams = {obj: STREAMS[obj](fs) for obj, fs in fields.items()}
         self._retry = retry
         self._timeout = timeout
         self.usage = ApiUsage()
 
     # ------------------------------------------------------------------ Connector
     def objects(self) -> Sequence[str]:
-        return list(self._fields)
+        return list(self._streams)
 
     def iter_changes(self, obj: str, since: Cursor | None, *, overlap: timedelta) -> Iterator[Page]:
-        where = ""
-        if since is not None:
-            where = f" WHERE SystemModstamp >= {soql_datetime(since.modified_at - overlap)}"
-        soql = (
-            f"SELECT {', '.join(self._select(obj))} FROM {obj}{where} ORDER BY SystemModstamp, Id"
-        )
+        stream = self._stream(obj)
         pages = records = 0
-        for batch in self._query_pages(soql):
+        for batch in self._query_pages(stream.changes(since, overlap)):
             pages += 1
             records += len(batch)
-            yield Page([self._record(obj, r) for r in batch])
+            yield Page([self._record(stream, r) for r in batch])
         log.info(
             "salesforce.pulled",
             object=obj,
@@ -115,24 +183,11 @@ class SalesforceConnector:
         )
 
     def fetch(self, obj: str, ids: Sequence[str]) -> list[RawRecord]:
-        out: list[RawRecord] = []
-        for chunk in _chunks(list(dict.fromkeys(ids)), IN_CHUNK):
-            in_list = ", ".join(soql_literal(i) for i in chunk)
-            soql = f"SELECT {', '.join(self._select(obj))} FROM {obj} WHERE Id IN ({in_list})"
-            for batch in self._query_pages(soql):
-                out.extend(self._record(obj, r) for r in batch)
-        return out
+        return self._query_in(obj, lambda s: s.primary_key, list(dict.fromkeys(ids)))
 
     def find_by_email(self, obj: str, emails: Sequence[str]) -> list[RawRecord]:
         """Salesforce compares strings case-insensitively, so normalised emails match as stored."""
-        wanted = list(dict.fromkeys(e for e in emails if e))
-        out: list[RawRecord] = []
-        for chunk in _chunks(wanted, IN_CHUNK):
-            in_list = ", ".join(soql_literal(e) for e in chunk)
-            soql = f"SELECT {', '.join(self._select(obj))} FROM {obj} WHERE Email IN ({in_list})"
-            for batch in self._query_pages(soql):
-                out.extend(self._record(obj, r) for r in batch)
-        return out
+        return self._query_in(obj, lambda s: s.email_field, list(dict.fromkeys(e for e in emails if e)))
 
     def write(self, obj: str, updates: Sequence[FieldUpdate]) -> list[WriteResult]:
         """sObject Collections PATCH, 200 per call, ``allOrNone: false``.
@@ -181,9 +236,9 @@ class SalesforceConnector:
 
     def allowed_values(self) -> dict[tuple[str, str], list[str]]:
         out: dict[tuple[str, str], list[str]] = {}
-        for obj, names in self._fields.items():
+        for obj, stream in self._streams.items():
             desc = self._call("describe", self._sf.restful, f"sobjects/{obj}/describe")
-            wanted = set(names)
+            wanted = set(stream.fields)
             for f in (desc or {}).get("fields", []):
                 if f.get("name") in wanted and f.get("type") in ("picklist", "multipicklist"):
                     out[(obj, f["name"])] = [
@@ -195,38 +250,44 @@ class SalesforceConnector:
         self._session.close()
 
     # ------------------------------------------------------------------ internals
-    def _select(self, obj: str) -> list[str]:
+    def _stream(self, obj: str) -> SObjectStream:
         try:
-            return self._fields[obj]
+            return self._streams[obj]
         except KeyError:
             raise FatalError(
                 f"salesforce: object {obj!r} is not configured "
-                f"(configured: {', '.join(self._fields)})"
+                f"(configured: {', '.join(self._streams)})",
+                system=SYSTEM,
             ) from None
 
+    def _query_in(self, obj: str, field: Callable[[SObjectStream], str],
+                  values: list[str]) -> list[RawRecord]:
+        """Records of ``obj`` whose ``field`` is one of ``values``, IN_CHUNK values per query."""
+        out: list[RawRecord] = []
+        for chunk in _chunks(values, IN_CHUNK):
+            stream = self._stream(obj)
+            for batch in self._query_pages(stream.where_in(field(stream), chunk)):
+                out.extend(self._record(stream, r) for r in batch)
+        return out
+
     def _query_pages(self, soql: str) -> Iterator[list[dict[str, Any]]]:
-        """One SOQL query, batch by batch through query locators; refuses a repeated locator."""
+        """One SOQL query, batch by batch through query locators (:class:`QueryLocatorPaginator`)."""
         result = self._call("query", self._sf.query, soql)
-        seen: set[str] = set()
+        pager = QueryLocatorPaginator()
         while True:
             yield list(result.get("records", []))
-            if result.get("done", True):
+            url = pager.next_url(result)
+            if url is None:
                 return
-            url = result.get("nextRecordsUrl")
-            if not url:
-                raise FatalError("salesforce: query answered done=false without nextRecordsUrl")
-            if url in seen:
-                raise FatalError(f"salesforce: query locator repeated ({url}); refusing to loop")
-            seen.add(url)
             result = self._call("query_more", self._sf.query_more, url, identifier_is_url=True)
 
-    def _record(self, obj: str, r: dict[str, Any]) -> RawRecord:
+    def _record(self, stream: SObjectStream, r: dict[str, Any]) -> RawRecord:
         fields = {k: v for k, v in r.items() if k != "attributes"}
         return RawRecord(
             system=self.system,
-            object=obj,
-            id=str(r["Id"]),
-            modified_at=_parse_datetime(str(r["SystemModstamp"])),
+            object=stream.name,
+            id=str(r[stream.primary_key]),
+            modified_at=_parse_datetime(str(r[stream.replication_key])),
             fields=fields,
         )
 
@@ -240,24 +301,19 @@ class SalesforceConnector:
             try:
                 value = fn(*args, timeout=self._timeout, **kw)
             except _TRANSPORT as e:
-                err = RetriableError(f"salesforce {endpoint}: {type(e).__name__}: {e}")
-                if not idempotent:
-                    raise _NotRetried(err) from e
-                raise err from e
+                err = RetriableError(f"salesforce {endpoint}: {type(e).__name__}: {e}", system=SYSTEM)
+                raise lost_answer(err, idempotent=idempotent) from e
             except SalesforceError as e:
                 failure = self._translate(endpoint, e)
                 # A 5xx answer to a create does not say whether it was applied: report it
                 # rather than send it again here (the outbox's resend looks the email up).
-                if not idempotent and isinstance(failure, RetriableError) and (failure.status or 0) >= 500:
-                    raise _NotRetried(failure) from e
+                if may_be_applied(failure, idempotent=idempotent):
+                    raise NotRetried(failure) from e
                 raise failure from e
             self._note_usage()
             return value
 
-        try:
-            return retrying(self._retry, log_name=f"salesforce.{endpoint}")(attempt)
-        except _NotRetried as e:
-            raise e.error from e.__cause__
+        return call(self._retry, f"salesforce.{endpoint}", attempt)
 
     def _note_usage(self) -> None:
         usage = self._sf.api_usage.get("api-usage")
@@ -269,9 +325,10 @@ class SalesforceConnector:
         code, message = _error_of(e)
         line = f"salesforce {endpoint}: HTTP {e.status} {code}: {message}"
         if isinstance(e, SalesforceExpiredSession):
-            return AuthError(line + " (renew the session id; direct session auth cannot re-login)")
+            return AuthError(line + " (renew the session id; direct session auth cannot re-login)",
+                             system=SYSTEM)
         if code == "REQUEST_LIMIT_EXCEEDED":
-            self.usage.rate_limited[endpoint] = self.usage.rate_limited.get(endpoint, 0) + 1
+            self.usage.limited(endpoint)
             used = self.usage.reported_used
             limit = self.usage.reported_limit
             seen = f"; last reported usage {used}/{limit}" if used is not None else ""
@@ -279,21 +336,22 @@ class SalesforceConnector:
                 "salesforce daily API request limit exhausted (REQUEST_LIMIT_EXCEEDED"
                 + seen
                 + "). Salesforce sends no Retry-After; calls free up as the rolling 24-hour "
-                "window moves or when the org's limit is raised."
+                "window moves or when the org's limit is raised.",
+                system=SYSTEM,
             )
         if isinstance(e, SalesforceGeneralError) and e.status == 429:
-            return RateLimited(line, status=e.status, body=str(e.content))
+            return RateLimited(line, status=e.status, body=str(e.content), system=SYSTEM)
         if isinstance(e, SalesforceGeneralError) and e.status >= 500:
-            return RetriableError(line, status=e.status, body=str(e.content))
+            return RetriableError(line, status=e.status, body=str(e.content), system=SYSTEM)
         if isinstance(e, SalesforceRefusedRequest):
-            return FatalError(line)
-        return FatalError(line)
+            return FatalError(line, system=SYSTEM)
+        return FatalError(line, system=SYSTEM)
 
 
 # ---------------------------------------------------------------------- helpers
-def _with_keys(fields: Sequence[str]) -> list[str]:
-    """The configured fields plus Id and SystemModstamp (needed for cursors), no duplicates."""
-    out = ["Id", "SystemModstamp"]
+def _with_keys(fields: Sequence[str], keys: Sequence[str]) -> list[str]:
+    """The keys (Id, SystemModstamp: needed for cursors), then the configured fields, no duplicates."""
+    out = list(keys)
     for f in fields:
         if f.lower() not in {o.lower() for o in out}:
             out.append(f)
@@ -322,7 +380,8 @@ def _error_of(e: SalesforceError) -> tuple[str, str]:
 def _results(keys: list[str], ids: list[str | None], saves: Any) -> list[WriteResult]:
     if not isinstance(saves, list) or len(saves) != len(keys):
         got = len(saves) if isinstance(saves, list) else type(saves).__name__
-        raise FatalError(f"salesforce collections: expected {len(keys)} SaveResults, got {got}")
+        raise FatalError(f"salesforce collections: expected {len(keys)} SaveResults, got {got}",
+                         system=SYSTEM)
     out: list[WriteResult] = []
     for key, rid, save in zip(keys, ids, saves, strict=True):
         if save.get("success"):

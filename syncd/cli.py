@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 import structlog
 
-from syncd import logs
+from syncd import catalogue, logs
 from syncd.config import Config, config_path, load_config
 from syncd.errors import AuthError, BudgetExhausted, ConfigError, MappingError, SyncError
 
@@ -216,7 +216,7 @@ Port = click.IntRange(min=0, max=65535)
 
 @main.command()
 @click.option("--once", is_flag=True, required=True, help="Run exactly one cycle (the service is `syncd run`).")
-@click.option("--object", "group", type=click.Choice(["contacts", "deals"]), default=None)
+@click.option("--object", "group", type=click.Choice(catalogue.GROUPS), default=None)
 @click.option("--dry-run", is_flag=True, help="Print the planned writes; change nothing.")
 @pass_ctx
 def sync(c: Ctx, once: bool, group: str | None, dry_run: bool) -> None:
@@ -415,7 +415,7 @@ def mappings_impact(c: Ctx, rev_from: str, rev_to: str | None, samples: int, as_
 # -- resync / run / demo / sandbox ----------------------------------------------------------------
 
 @main.command()
-@click.option("--object", "group", type=click.Choice(["contacts", "deals"]), default=None)
+@click.option("--object", "group", type=click.Choice(catalogue.GROUPS), default=None)
 @click.option("--since", type=click.DateTime(), default=None, help="Re-pull everything modified since DATE.")
 @click.option("--full", is_flag=True, help="Re-pull everything.")
 @click.option("--email", default=None, help="Resync one person by email.")

@@ -88,7 +88,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _env_name(v: str | None) -> str | None:
-    if v is not None and not _ENV_NAME.fullmatch(v):
+    if v and not _ENV_NAME.fullmatch(v):  # "" (or none): no variable, e.g. when a secret file is named
         # never echo the value: a common slip is pasting the secret itself here
         raise ValueError("is not an environment variable name (letters, digits, _): it names the "
                          "variable that holds the credential, never the credential itself")

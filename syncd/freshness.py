@@ -11,11 +11,11 @@ object that holds it back.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from syncd.model import OBJECT_GROUPS, SYSTEMS
+from syncd import catalogue
 from syncd.store.rows import PullStateRow
 
 ObjectKey = tuple[str, str]  # (system, object)
@@ -31,16 +31,15 @@ def objects_read_by(kind: str) -> list[ObjectKey]:
     A person's decision reads its person records in both CRMs, the connection attempts
     pointing at them and the deals they are on (an open or won deal moves the stage), so it
     needs every object; a deal's reads the deal objects of both CRMs."""
-    groups = list(OBJECT_GROUPS) if kind == "person" else ["deals"]
-    return [(system, obj) for g in groups for system in SYSTEMS for obj in OBJECT_GROUPS[g][system]]
+    objs = catalogue.OBJECTS if kind == "person" else catalogue.objects(kind="deal")
+    return [(o.system, o.name) for o in objs]
 
 
 def bounds(intervals_s: Mapping[str, float] | None = None,
            freshness_intervals: float = DEFAULT_FRESHNESS_INTERVALS) -> dict[ObjectKey, timedelta]:
     """The freshness bound of each object: ``freshness_intervals`` × its group's interval."""
     iv = {**DEFAULT_INTERVALS_S, **(intervals_s or {})}
-    return {(system, obj): timedelta(seconds=freshness_intervals * iv[g])
-            for g, by_system in OBJECT_GROUPS.items() for system, objs in by_system.items() for obj in objs}
+    return {(o.system, o.name): timedelta(seconds=freshness_intervals * iv[o.group]) for o in catalogue.OBJECTS}
 
 
 def human_age(delta: timedelta) -> str:
@@ -77,12 +76,22 @@ class Picture:
                     f"{human_age(bound)} freshness bound{why}")
         return None
 
+    def linkable_kinds(self) -> list[str]:
+        """Which kinds of records may be linked: people once every person object of both CRMs
+        finished a first full pull into this store, deals (and connection attempts) once every
+        object did. Until then those records are recorded but not linked: linking one CRM's
+        records alone would make one-sided people and deals that the other side's records,
+        arriving later, could not all rejoin."""
+        def done(keys: Sequence[ObjectKey]) -> bool:
+            return all((st := self.states.get(k)) is not None and st.first_complete_at is not None for k in keys)
+
+        if not done([(o.system, o.name) for o in catalogue.objects(kind="person")]):
+            return []
+        return list(catalogue.KINDS) if done(objects_read_by("person")) else ["person"]
+
     def first_pulls_done(self) -> bool:
-        """Every object finished a first full pull into this store. Until then records are
-        recorded but not linked: linking one CRM's records alone would make one-sided people
-        and deals that the other side's records, arriving later, could not all rejoin."""
-        return all((st := self.states.get(k)) is not None and st.first_complete_at is not None
-                   for k in objects_read_by("person"))
+        """Every object finished a first full pull into this store."""
+        return len(self.linkable_kinds()) == len(catalogue.KINDS)
 
     def blockers(self, kind: str) -> list[str]:
         """One line per object that keeps entities of ``kind`` from being decided."""

@@ -20,7 +20,7 @@ import json
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,24 +29,25 @@ from typing import IO, Any
 
 import structlog
 
-from syncd import rules
-from syncd.engine import (  # the engine's own choice of a person's records
-    conflicted_emails,
-    person_view,
-    pick_record,
-    rule_context,
-)
+from syncd import catalogue, rules
 from syncd.errors import MappingError, RecordError
-from syncd.linking import person_objects
+from syncd.linking import person_objects, references
 from syncd.logs import mask_email
 from syncd.mapping import Mappings, load_mappings
 from syncd.model import CanonicalRecord, RawRecord, utcnow
 from syncd.sla import SLA, load_sla
-from syncd.store import RecordRow, Store, Tx
+from syncd.store import OutboxRow, RecordRow, Store, Tx
+from syncd.views import (  # what the rules see, built exactly as the engine builds it
+    conflicted_emails,
+    deal_view,
+    pending_overlay,
+    person_view,
+    rule_context,
+)
 
 log = structlog.get_logger()
 
-UNITS = {"person": "people", "deal": "deals", "attempt": "tasks"}
+UNITS = {k: spec.unit for k, spec in catalogue.KINDS.items()}
 SYSTEM_LABEL = {"hubspot": "HubSpot", "salesforce": "Salesforce"}
 WORKING_TREE = "working tree"
 UNMAPPED = "(unmapped)"
@@ -236,9 +237,8 @@ class _Diff:
             return
         if row.kind == "deal" and row.entity_id:
             self.deals.add(row.entity_id)
-        v = row.canonical.get("values", {})  # the links as the engine made them
-        refs = v.get("contact_ids") if row.kind == "deal" else [v.get("who_id")]
-        self.person_keys.update((row.system, obj, str(x)) for x in (refs or []) if x
+        # the links as the engine made them
+        self.person_keys.update((row.system, obj, x) for x in (references(row) or []) if x
                                 for obj in person_objects(row.system))
 
 
@@ -258,73 +258,78 @@ def _people_touched(tx: Tx, diff: _Diff) -> set[str]:
     return diff.people | {r.entity_id for r in found.values() if r.entity_id}
 
 
-def _view(tx: Tx, m: Mappings, entity: str, rows: list[RecordRow],
-          memory: Mapping[str, Any] | None, conflicts: frozenset[str] = frozenset()) -> rules.PersonView | None:
-    """The engine's person view, with every record re-mapped under ``m`` (None: unmappable)."""
+def _remap(m: Mappings, pending: Sequence[OutboxRow]) -> Callable[[RecordRow], CanonicalRecord | None]:
+    """A record mapped afresh under ``m`` (None: unmappable), with syncd's own pending writes
+    overlaid as the engine overlays them (a value an outbox row is about to change is not news)."""
     def remap(row: RecordRow) -> CanonicalRecord | None:
         c = _map(m, _raw_of(row))
-        return None if isinstance(c, str) else c
+        return None if isinstance(c, str) else pending_overlay(c, pending)
 
-    return person_view(entity, rows, memory, tx.referrers, remap, conflicts)
+    return remap
 
 
-def _deal_view(m: Mappings, entity: str, rows: list[RecordRow],
-               memory: Mapping[str, Any] | None) -> rules.DealView | None:
+def _view(tx: Tx, m: Mappings, entity: str, rows: list[RecordRow], memory: Mapping[str, Any] | None,
+          conflicts: frozenset[str] = frozenset(),
+          pending: Sequence[OutboxRow] = ()) -> rules.PersonView | None:
+    """The engine's person view, with every record re-mapped under ``m`` (None: unmappable)."""
+    return person_view(entity, rows, memory, tx.referrers, _remap(m, pending), conflicts)
+
+
+def _deal_view(m: Mappings, entity: str, rows: list[RecordRow], memory: Mapping[str, Any] | None,
+               pending: Sequence[OutboxRow] = ()) -> rules.DealView | None:
     """The engine's deal view, re-mapped under ``m`` (None: no deal or unmappable)."""
-    deals = [r for r in rows if r.kind == "deal"]
-    if not deals:
-        return None
-    mapped: dict[str, CanonicalRecord | None] = {}
-    for system, row in (("hubspot", pick_record(deals, "hubspot", ("deals",))),
-                        ("salesforce", pick_record(deals, "salesforce", ("Opportunity",)))):
-        c = _map(m, _raw_of(row)) if row is not None else None
-        if isinstance(c, str):
-            return None
-        mapped[system] = c
-    return rules.DealView(
-        entity_id=entity, hubspot=mapped["hubspot"], salesforce=mapped["salesforce"],
-        memory=rules.Memory.from_json(json.dumps(memory)) if memory else rules.Memory())
+    return deal_view(entity, rows, memory, _remap(m, pending))
+
+
+@dataclass
+class _Tally:
+    """Decisions by (rule, action) under one side's files, with samples; and how many writes
+    that side's mappings could not express."""
+
+    side: Side
+    limit: int
+    out: dict[tuple[str, str], _Bucket] = field(default_factory=dict)
+    unwritable: int = 0
+
+    def count(self, entity: str, decisions: Sequence[rules.Decision], email: str | None) -> None:
+        for d in decisions:
+            if d.action != "event" and d.system and d.object:
+                try:
+                    self.side.mappings.to_raw(d.system, d.object, d.changes)
+                except RecordError:
+                    self.unwritable += 1
+            b = self.out.setdefault((d.rule, d.event or d.action), _Bucket({
+                "rule": d.rule, "action": d.event or d.action, "example": d.reason}))
+            b.add({"entity_id": entity, "record_id": d.record_id,
+                   "email": mask_email(email) if email else None}, self.limit)
 
 
 def _decide(tx: Tx, side: Side, people: Sequence[str], deals: Sequence[str], now: datetime,
             limit: int) -> tuple[dict[tuple[str, str], _Bucket], int]:
     """Decisions by (rule, action) for these people and deals under one side's files; and
-    how many writes that side's mappings could not express."""
+    how many writes that side's mappings could not express. The views are the engine's."""
     ctx = rule_context(side.mappings, side.sla)
-    out: dict[tuple[str, str], _Bucket] = {}
-    unwritable = 0
-
-    def count(entity: str, decisions: Sequence[rules.Decision], email: str | None) -> None:
-        nonlocal unwritable
-        for d in decisions:
-            if d.action != "event" and d.system and d.object:
-                try:
-                    side.mappings.to_raw(d.system, d.object, d.changes)
-                except RecordError:
-                    unwritable += 1
-            b = out.setdefault((d.rule, d.event or d.action), _Bucket({
-                "rule": d.rule, "action": d.event or d.action, "example": d.reason}))
-            b.add({"entity_id": entity, "record_id": d.record_id,
-                   "email": mask_email(email) if email else None}, limit)
-
+    tally = _Tally(side, limit)
     conflicts = conflicted_emails(tx)
     for kind, entities in (("person", people), ("deal", deals)):
         for i in range(0, len(entities), 500):
             chunk = list(entities[i:i + 500])
             by_entity = tx.records_by_entity(chunk)
             memories = tx.get_memory(chunk)
+            pending = tx.open_writes(chunk)
             for entity in chunk:
                 rows = by_entity.get(entity, [])
                 if kind == "person":
-                    view = _view(tx, side.mappings, entity, rows, memories.get(entity), conflicts)
+                    view = _view(tx, side.mappings, entity, rows, memories.get(entity), conflicts,
+                                 pending.get(entity, ()))
                     if view is not None:
                         email = next((r.email_norm for r in rows if r.email_norm), None)
-                        count(entity, rules.decide_person(view, ctx, now).decisions, email)
-                else:
-                    dview = _deal_view(side.mappings, entity, rows, memories.get(entity))
-                    if dview is not None:
-                        count(entity, rules.decide_deal(dview, ctx, now).decisions, None)
-    return out, unwritable
+                        tally.count(entity, rules.decide_person(view, ctx, now).decisions, email)
+                    continue
+                dview = _deal_view(side.mappings, entity, rows, memories.get(entity), pending.get(entity, ()))
+                if dview is not None:
+                    tally.count(entity, rules.decide_deal(dview, ctx, now).decisions, None)
+    return tally.out, tally.unwritable
 
 
 # --------------------------------------------------------------------------- entry points
@@ -348,7 +353,7 @@ def impact(store: Store, mappings_dir: Path | str, rev_from: str = "HEAD",
         with store.tx(readonly=True) as tx:
             for row in tx.iter_records():
                 diff.record(row)
-                if sla_changed and row.entity_id and row.kind in ("person", "deal"):
+                if sla_changed and row.entity_id and row.kind in catalogue.ENTITY_KINDS:
                     (diff.people if row.kind == "person" else diff.deals).add(row.entity_id)
             people = sorted(_people_touched(tx, diff))
             deals = sorted(diff.deals)

@@ -10,17 +10,47 @@ name on the same person.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any, Protocol
 
 import structlog
 
-from syncd.store import RecordRow, Tx
+from syncd import catalogue
+from syncd.store import RecordRow
 
 log = structlog.get_logger()
 
 Key = tuple[str, str, str]  # (system, object, id)
+
+
+class EntityWrites(Protocol):
+    """Making entities and linking records to them: the store's ``Tx``, or a :class:`_Links` buffer."""
+
+    def new_entity(self, kind: str) -> str: ...
+
+    def set_entity(self, keys: Iterable[Key], entity_id: str | None) -> None: ...
+
+
+class LinkStore(EntityWrites, Protocol):
+    """What linking needs of the store (a ``syncd.store.Tx`` is one)."""
+
+    def get_records(self, keys: Iterable[Key], *, with_raw: bool = True) -> dict[Key, RecordRow]: ...
+
+    def records_by_email(self, emails: Iterable[str], *, with_raw: bool = True) -> dict[str, list[RecordRow]]: ...
+
+    def entity_ids(self, keys: Iterable[Key]) -> dict[Key, str | None]: ...
+
+    def record_keys_by_entity(self, entity_ids: Iterable[str]) -> dict[str, list[Key]]: ...
+
+    def deals_of_people(self, system: str, person_ids: Iterable[str], *,
+                        with_raw: bool = True) -> list[RecordRow]: ...
+
+    def add_link_conflict(self, email_norm: str, candidates: Sequence[Any]) -> int: ...
+
+    def add_entities(self, entities: Mapping[str, str]) -> None: ...
+
+    def set_entities(self, links: Mapping[Key, str | None]) -> None: ...
 
 
 @dataclass
@@ -41,17 +71,61 @@ def _values(row: RecordRow) -> Mapping[str, Any]:
     return row.canonical.get("values") or {}  # read-only: no copy
 
 
-def link_people(tx: Tx, rows: Iterable[RecordRow], stats: LinkStats) -> None:
+def _converts_to(row: RecordRow) -> str | None:
+    """The object this record's type becomes when converted (a Lead: Contact), per the catalogue."""
+    obj = catalogue.find(row.system, row.object)
+    return obj.converts_to if obj is not None else None
+
+
+def link_people(tx: LinkStore, rows: Iterable[RecordRow], stats: LinkStats) -> None:
     """Give every person record an entity; records already linked keep theirs."""
     rows = [r for r in rows if r.kind == "person"]
-    # Lead conversion first: the Contact a Lead became is the same person.
+    _link_conversions(tx, rows, stats)  # first: the Contact a Lead became is the same person
+    unlinked = [r for r in rows if not r.entity_id]
+    emails = sorted({r.email_norm for r in unlinked if r.email_norm})
+    by_email = tx.records_by_email(emails, with_raw=False) if emails else {}
+    # The stored entity of every unlinked row, read once; links made below are tracked in
+    # memory instead of re-reading each row (one query per row made linking the hot spot).
+    stored = tx.entity_ids([_key(r) for r in unlinked]) if unlinked else {}
+    links = _Links()
+    for row in unlinked:
+        fresh_entity = links.assigned.get(_key(row))
+        if fresh_entity is None:
+            fresh_entity = stored.get(_key(row))
+        if fresh_entity:  # linked meanwhile (conversion, earlier row)
+            stats.touched_people.add(fresh_entity)
+            continue
+        matched = _match_by_email(tx, links, row, by_email.get(row.email_norm or "", []), stats)
+        if matched is None:
+            entity = _ensure_entity(links, row, stats)
+        else:
+            entity = matched
+            links.set_entity([_key(row)], entity)
+            stats.linked += 1
+        stats.touched_people.add(entity)
+        # keep the in-memory candidate list current for later rows of this batch
+        if row.email_norm:
+            by_email.setdefault(row.email_norm, [])
+            by_email[row.email_norm] = [r for r in by_email[row.email_norm] if _key(r) != _key(row)]
+            by_email[row.email_norm].append(_with_entity(row, entity))
+    links.flush(tx)
+    for row in rows:
+        if row.entity_id:
+            stats.touched_people.add(row.entity_id)
+
+
+def _link_conversions(tx: LinkStore, rows: list[RecordRow], stats: LinkStats) -> None:
+    """A converted Lead and the Contact it became are one person (one entity)."""
     conversions: list[tuple[RecordRow, Key]] = []
     for row in rows:
         v = _values(row)
         cid = v.get("converted_contact_id")
-        if row.object == "Lead" and v.get("is_converted") and cid:
-            conversions.append((row, ("salesforce", "Contact", str(cid))))
-    contacts = tx.get_records([k for _, k in conversions], with_raw=False) if conversions else {}
+        target = _converts_to(row)
+        if target and v.get("is_converted") and cid:
+            conversions.append((row, (row.system, target, str(cid))))
+    if not conversions:
+        return
+    contacts = tx.get_records([k for _, k in conversions], with_raw=False)
     # A converted Lead seen for the first time may belong to a person already linked on the
     # other side (its HubSpot contact was pulled earlier, e.g. while Salesforce was down): it
     # joins that person rather than starting a new one that would never meet it again.
@@ -67,50 +141,15 @@ def link_people(tx: Tx, rows: Iterable[RecordRow], stats: LinkStats) -> None:
             tx.set_entity([contact_key], entity)
             contacts[contact_key] = _with_entity(contact, entity)
             stats.touched_people.add(entity)
-    unlinked = [r for r in rows if not r.entity_id]
-    emails = sorted({r.email_norm for r in unlinked if r.email_norm})
-    by_email = tx.records_by_email(emails, with_raw=False) if emails else {}
-    # The stored entity of every unlinked row, read once; links made below are tracked in
-    # memory instead of re-reading each row (one query per row made linking the hot spot).
-    stored = tx.entity_ids([_key(r) for r in unlinked]) if unlinked else {}
-    tracker = _TrackingTx(tx)
-    ttx = cast(Tx, tracker)  # a Tx by delegation
-    for row in unlinked:
-        fresh_entity = tracker.assigned.get(_key(row))
-        if fresh_entity is None:
-            fresh_entity = stored.get(_key(row))
-        if fresh_entity:  # linked meanwhile (conversion, earlier row)
-            stats.touched_people.add(fresh_entity)
-            continue
-        matched = _match_by_email(ttx, row, by_email.get(row.email_norm or "", []), stats)
-        if matched is None:
-            entity = _ensure_entity(ttx, row, stats)
-        else:
-            entity = matched
-            ttx.set_entity([_key(row)], entity)
-            stats.linked += 1
-        stats.touched_people.add(entity)
-        # keep the in-memory candidate list current for later rows of this batch
-        if row.email_norm:
-            by_email.setdefault(row.email_norm, [])
-            by_email[row.email_norm] = [r for r in by_email[row.email_norm] if _key(r) != _key(row)]
-            by_email[row.email_norm].append(_with_entity(row, entity))
-    tracker.flush()
-    for row in rows:
-        if row.entity_id:
-            stats.touched_people.add(row.entity_id)
 
 
-class _TrackingTx:
-    """A ``Tx`` that holds back the entities and links made through it and writes them in
-    bulk at :meth:`flush` (one executemany each instead of a statement per record), while
-    remembering them (``assigned``) for the rest of the batch. Everything else is delegated.
+class _Links:
+    """Entities and links made during one batch, held back and written in bulk by :meth:`flush`
+    (one executemany each instead of a statement per record), and remembered (``assigned``)
+    for the rest of the batch. Reads go to the store, which does not see them until the flush:
+    callers consult ``assigned`` first."""
 
-    Reads through it do not see the held-back links: callers consult ``assigned`` first.
-    """
-
-    def __init__(self, tx: Tx) -> None:
-        self.tx = tx
+    def __init__(self) -> None:
         self.assigned: dict[Key, str | None] = {}
         self.created: dict[str, str] = {}
 
@@ -123,16 +162,14 @@ class _TrackingTx:
         for k in keys:
             self.assigned[k] = entity_id
 
-    def flush(self) -> None:
-        self.tx.add_entities(self.created)
-        self.tx.set_entities(self.assigned)
+    def flush(self, tx: LinkStore) -> None:
+        tx.add_entities(self.created)
+        tx.set_entities(self.assigned)
         self.created = {}
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.tx, name)
 
-
-def _match_by_email(tx: Tx, row: RecordRow, candidates: list[RecordRow], stats: LinkStats) -> str | None:
+def _match_by_email(tx: LinkStore, links: EntityWrites, row: RecordRow, candidates: list[RecordRow],
+                    stats: LinkStats) -> str | None:
     """The entity of the one person in the other system with this email; None when there is
     none, or when there are two (a conflict: reported, not merged)."""
     if not row.email_norm:
@@ -146,14 +183,15 @@ def _match_by_email(tx: Tx, row: RecordRow, candidates: list[RecordRow], stats: 
         _conflict(tx, row, [*others, *twins], stats)
         return None
     # A Lead and the Contact it was converted to are one person, not two candidates.
-    contact_ids = {c.id for c in others if c.object == "Contact"}
+    by_key: dict[Key, RecordRow] = {}
+    for c in others:
+        by_key.setdefault(_key(c), c)
     groups: dict[str, list[RecordRow]] = {}
     for c in others:
         cid = _values(c).get("converted_contact_id")
-        if c.object == "Lead" and cid and str(cid) in contact_ids:
-            anchor = next(x for x in others if x.object == "Contact" and x.id == str(cid))
-        else:
-            anchor = c
+        target = _converts_to(c)
+        converted = by_key.get((c.system, target, str(cid))) if target and cid else None
+        anchor = converted if converted is not None else c
         gid = anchor.entity_id or c.entity_id or f"unlinked:{anchor.object}:{anchor.id}"
         groups.setdefault(gid, []).append(c)
     if not groups:
@@ -163,13 +201,13 @@ def _match_by_email(tx: Tx, row: RecordRow, candidates: list[RecordRow], stats: 
         return None
     ((gid, members),) = groups.items()
     if gid.startswith("unlinked:"):
-        entity = tx.new_entity("person")
+        entity = links.new_entity("person")
         stats.new_entities += 1
-        tx.set_entity([_key(m) for m in members], entity)
+        links.set_entity([_key(m) for m in members], entity)
         return entity
     unlinked = [_key(m) for m in members if m.entity_id != gid]
     if unlinked:
-        tx.set_entity(unlinked, gid)
+        links.set_entity(unlinked, gid)
     return gid
 
 
@@ -179,7 +217,7 @@ def _peer_entity(row: RecordRow, candidates: list[RecordRow]) -> str | None:
     return entities.pop() if len(entities) == 1 else None
 
 
-def _conflict(tx: Tx, row: RecordRow, candidates: list[RecordRow], stats: LinkStats) -> None:
+def _conflict(tx: LinkStore, row: RecordRow, candidates: list[RecordRow], stats: LinkStats) -> None:
     """Report (once per email and cycle) that ``row`` has more than one possible match."""
     email = row.email_norm or ""
     tx.add_link_conflict(email, sorted(f"{c.system}:{c.object}:{c.id}" for c in [*candidates, row]))
@@ -193,13 +231,13 @@ def _conflict(tx: Tx, row: RecordRow, candidates: list[RecordRow], stats: LinkSt
 def _converted_pair(a: RecordRow, b: RecordRow) -> bool:
     """A Lead and the Contact it was converted to (the same person)."""
     for lead, contact in ((a, b), (b, a)):
-        if lead.object == "Lead" and contact.object == "Contact" and \
+        if _converts_to(lead) == contact.object and \
                 str(_values(lead).get("converted_contact_id") or "") == contact.id:
             return True
     return False
 
 
-def _ensure_entity(tx: Tx, row: RecordRow, stats: LinkStats) -> str:
+def _ensure_entity(tx: EntityWrites, row: RecordRow, stats: LinkStats) -> str:
     if row.entity_id:
         return row.entity_id
     entity = tx.new_entity(row.kind)
@@ -212,19 +250,18 @@ def _with_entity(row: RecordRow, entity: str) -> RecordRow:
     return replace(row, entity_id=entity)
 
 
-def link_deals(tx: Tx, rows: Iterable[RecordRow], stats: LinkStats) -> None:
+def link_deals(tx: LinkStore, rows: Iterable[RecordRow], stats: LinkStats) -> None:
     """Deals ↔ Opportunities: stored link, else same normalised name on the same person."""
     deals = [r for r in rows if r.kind == "deal"]
-    tracker = _TrackingTx(tx)
-    ttx = cast(Tx, tracker)  # a Tx by delegation
+    links = _Links()
     seen = _DealNeighbourhood(tx, [r for r in deals if r.entity_id is None])
     for row in deals:
         entity = row.entity_id
         if entity is None:
-            entity = _match_deal(row, seen, tracker.assigned) or _ensure_entity(ttx, row, stats)
-            ttx.set_entity([_key(row)], entity)
+            entity = _match_deal(row, seen, links.assigned) or _ensure_entity(links, row, stats)
+            links.set_entity([_key(row)], entity)
         stats.touched_deals.add(entity)
-    tracker.flush()
+    links.flush(tx)
 
 
 class _DealNeighbourhood:
@@ -232,7 +269,7 @@ class _DealNeighbourhood:
     entities of the person records their contact ids name, those entities' record keys in
     both systems, and the deals pointing at those persons."""
 
-    def __init__(self, tx: Tx, deals: list[RecordRow]) -> None:
+    def __init__(self, tx: LinkStore, deals: list[RecordRow]) -> None:
         keys = {(r.system, obj, str(cid)) for r in deals
                 for obj in person_objects(r.system)
                 for cid in (_values(r).get("contact_ids") or [])}
@@ -240,7 +277,7 @@ class _DealNeighbourhood:
         entities = sorted({e for e in self.person_entity.values() if e})
         self.keys_of = tx.record_keys_by_entity(entities) if entities else {}
         self.deals_of: dict[tuple[str, str], list[RecordRow]] = {}
-        for system in ("hubspot", "salesforce"):
+        for system in catalogue.SYSTEMS:
             ids = {k[2] for ks in self.keys_of.values() for k in ks if k[0] == system}
             if not ids:
                 continue
@@ -250,9 +287,22 @@ class _DealNeighbourhood:
                         self.deals_of.setdefault((system, cid), []).append(deal)
 
 
+def references(row: RecordRow) -> list[str] | None:
+    """The same-system person ids a record names (a deal's contact ids, a task's WhoId), read
+    from its kind's ``refs_field`` in the catalogue; None for a kind that names none."""
+    spec = catalogue.kind_spec(row.kind)
+    if spec is None or spec.refs_field is None:
+        return None
+    v = _values(row).get(spec.refs_field)
+    if isinstance(v, list | tuple):
+        return [str(x) for x in v]
+    return [str(v)] if v else []
+
+
 def person_objects(system: str) -> tuple[str, ...]:
-    """The person objects a deal's contact ids (or a task's WhoId) can name in ``system``."""
-    return ("contacts",) if system == "hubspot" else ("Contact", "Lead")
+    """The person objects a deal's contact ids (or a task's WhoId) can name in ``system``
+    (the catalogue's ``refs``)."""
+    return catalogue.person_objects(system)
 
 
 def _match_deal(row: RecordRow, seen: _DealNeighbourhood, assigned: dict[Key, str | None]) -> str | None:
@@ -266,7 +316,7 @@ def _match_deal(row: RecordRow, seen: _DealNeighbourhood, assigned: dict[Key, st
     persons = {e for e in found if e}
     if not persons:
         return None
-    other = "salesforce" if row.system == "hubspot" else "hubspot"
+    other = next(s for s in catalogue.SYSTEMS if s != row.system)
     # each person's records in key order, persons ordered by their first record
     groups = sorted((seen.keys_of[e] for e in persons if e in seen.keys_of), key=lambda ks: ks[0])
     for keys in groups:

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from syncd import catalogue
 from syncd._toml import Locator, Problem, Severity, pydantic_problems, try_load_toml
 from syncd.errors import MappingError, RecordError
 from syncd.model import CanonicalRecord, RawRecord, RecordKind, normalise_email
@@ -82,56 +83,35 @@ class Attempts(_Model):
 
 
 class ObjectMap(_Model):
-    kind: Literal["person", "deal", "attempt"]
+    kind: RecordKind
     fields: dict[str, str] = Field(default_factory=dict)
     terms: dict[str, TermMap] = Field(default_factory=dict)
     bofu_conversion: BofuConversion | None = None
     attempts: Attempts | None = None
 
 
-class HubSpotFile(_Model):
-    contacts: ObjectMap
-    deals: ObjectMap
+def _system_file(system: str) -> type[_Model]:
+    """The schema of one CRM's mapping file: one required table per catalogue object of that
+    system, in catalogue order (hubspot.toml: ``contacts``, ``deals``; salesforce.toml:
+    ``Lead``, ``Contact``, ``Opportunity``, ``Task``), each an :class:`ObjectMap`."""
+    tables: dict[str, Any] = {name: (ObjectMap, ...) for name in catalogue.names(system)}
+    return pydantic.create_model(f"{system.capitalize()}File", __base__=_Model,
+                                 __module__=__name__, **tables)
 
 
-class SalesforceFile(_Model):
-    Lead: ObjectMap
-    Contact: ObjectMap
-    Opportunity: ObjectMap
-    Task: ObjectMap
-
-
-SYSTEM_FILES: dict[str, type[_Model]] = {"hubspot": HubSpotFile, "salesforce": SalesforceFile}
+SYSTEM_FILES: dict[str, type[_Model]] = {s: _system_file(s) for s in catalogue.SYSTEMS}
 TERMS_FILE = "terms.toml"
 # Files in the mappings folder that other modules own (validated there, not here).
 OTHER_FILES = ("sla.toml",)
 KNOWN_FILES = (TERMS_FILE, *(f"{s}.toml" for s in SYSTEM_FILES), *OTHER_FILES)
 
-EXPECTED_KIND: dict[tuple[str, str], RecordKind] = {
-    ("hubspot", "contacts"): "person",
-    ("hubspot", "deals"): "deal",
-    ("salesforce", "Lead"): "person",
-    ("salesforce", "Contact"): "person",
-    ("salesforce", "Opportunity"): "deal",
-    ("salesforce", "Task"): "attempt",
-}
+EXPECTED_KIND: dict[tuple[str, str], RecordKind] = {(o.system, o.name): o.kind for o in catalogue.OBJECTS}
 
 # Canonical value fields and term fields per kind (see syncd.model.CanonicalRecord).
-VALUE_FIELDS: dict[str, frozenset[str]] = {
-    "person": frozenset({
-        "email", "first_name", "last_name", "company", "lead_source", "score",
-        "return_reason", "is_converted", "converted_contact_id", "converted_opportunity_id",
-        "qualification_reason",
-    }),
-    "deal": frozenset({"name", "amount", "close_date", "contact_ids", "pipeline"}),
-    "attempt": frozenset({"who_id", "type", "status", "at"}),
-}
-TERM_FIELDS: dict[str, frozenset[str]] = {
-    "person": frozenset({"lifecycle", "lead_status", "lead_type"}),
-    "deal": frozenset({"deal_stage"}),
-    "attempt": frozenset(),
-}
+VALUE_FIELDS: dict[str, frozenset[str]] = {k: spec.values for k, spec in catalogue.KINDS.items()}
+TERM_FIELDS: dict[str, frozenset[str]] = {k: spec.terms for k, spec in catalogue.KINDS.items()}
 GLOSSARY_KINDS = ("lifecycle", "lead_status", "deal_stage", "lead_type")
+_ATTEMPT_OBJECTS = ", ".join(o.name for o in catalogue.objects(kind="attempt"))
 
 
 # --------------------------------------------------------------------------- files -> problems
@@ -208,7 +188,7 @@ def system_problems(
             add((obj, "bofu_conversion"), "bofu_conversion only applies to person records",
                 "unknown-field")
         if om.attempts is not None and om.kind != "attempt":
-            add((obj, "attempts"), "attempts only applies to attempt records (Task)",
+            add((obj, "attempts"), f"attempts only applies to attempt records ({_ATTEMPT_OBJECTS})",
                 "unknown-field")
         if om.kind == "attempt" and om.attempts is None:
             add((obj,), f"{obj} needs an [{obj}.attempts] table naming the attempt types",

@@ -9,18 +9,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
-System = Literal["hubspot", "salesforce"]
-SYSTEMS: tuple[System, ...] = ("hubspot", "salesforce")
+from syncd import catalogue
 
-# Object names are the CRM's own: HubSpot "contacts", "deals";
-# Salesforce "Lead", "Contact", "Opportunity", "Task".
-# The CLI's --object groups them:
-OBJECT_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
-    "contacts": {"hubspot": ("contacts",), "salesforce": ("Lead", "Contact", "Task")},
-    "deals": {"hubspot": ("deals",), "salesforce": ("Opportunity",)},
-}
+System = catalogue.System
+SYSTEMS: tuple[System, ...] = catalogue.SYSTEMS
+
+# Object names are the CRM's own (see syncd.catalogue). The CLI's --object groups them:
+# group -> system -> objects, read from the catalogue.
+OBJECT_GROUPS: dict[str, dict[str, tuple[str, ...]]] = catalogue.object_groups()
 
 
 def utcnow() -> datetime:
@@ -115,12 +113,16 @@ class ApiUsage:
     def count(self, endpoint: str) -> None:
         self.calls[endpoint] = self.calls.get(endpoint, 0) + 1
 
+    def limited(self, endpoint: str) -> None:
+        """The CRM refused a call to ``endpoint`` for its rate or daily limit."""
+        self.rate_limited[endpoint] = self.rate_limited.get(endpoint, 0) + 1
+
     @property
     def total(self) -> int:
         return sum(self.calls.values())
 
 
-RecordKind = Literal["person", "deal", "attempt"]
+RecordKind = catalogue.RecordKind
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from syncd import freshness
+from syncd import catalogue, freshness
 from syncd.config import Config
 from syncd.engine import CycleStats, Engine
 from syncd.errors import ConfigError, RetriableError, SyncError
@@ -39,11 +39,6 @@ log = structlog.get_logger()
 
 LEASE_TTL_S = 30.0  # a dead holder's lease lapses after this; holders renew every TTL/3
 LEASE_WAIT_S = 120.0  # how long a resync waits for a group's running cycle to finish
-PERSON_OBJECTS: dict[str, tuple[str, ...]] = {
-    "hubspot": ("contacts",),
-    "salesforce": ("Lead", "Contact"),
-}
-SF_ID_PREFIX = {"00Q": "Lead", "003": "Contact", "006": "Opportunity", "00T": "Task"}
 
 
 # -- the request ----------------------------------------------------------------------------------
@@ -424,7 +419,7 @@ def _fetch_targets(
     if req.email is not None:
         email = normalise_email(req.email) or ""
         for system, conn in engine.connectors.items():
-            for obj in PERSON_OBJECTS.get(system, ()):
+            for obj in catalogue.names(system, kind="person"):
                 found = conn.find_by_email(obj, [email])
                 if found:
                     out.append((system, obj, found))
@@ -434,11 +429,8 @@ def _fetch_targets(
     target = engine.connectors.get(system)
     if target is None:
         return out
-    objs = (
-        [SF_ID_PREFIX[rid[:3]]]
-        if system == "salesforce" and rid[:3] in SF_ID_PREFIX
-        else [o for g in req.groups for o in OBJECT_GROUPS[g][system]]
-    )
+    named = catalogue.by_id(system, rid)  # a Salesforce id names its object by its prefix
+    objs = [named.name] if named is not None else [o for g in req.groups for o in OBJECT_GROUPS[g][system]]
     for obj in objs:
         found = target.fetch(obj, [rid])
         if found:

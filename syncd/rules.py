@@ -16,6 +16,20 @@ Rule ids:
   R8-handoff          an MQL unknown to Salesforce is created there (and the reverse)
   R9-followup-sla     an MQL handed to sales with no attempt within the window
 
+:func:`decide_person` runs :data:`PERSON_STEPS`, small named steps over one
+:class:`PersonPlan`, in the spirit of structlog's processors:
+
+  returns            R2/R5; a return runs :data:`RETURN_STEPS` and ends the chain
+  stage candidates   R1/R4/R6: the stages the person could reach
+  re-hand-off guard  R3: drops (or lets through) promotions of a returned person
+  apply the target   the furthest candidate is written where a system is behind
+  ownership          R7
+  hand-off           R8
+  follow-up          R9
+
+The first rule to plan a field wins, so the order of the steps is the rules'
+precedence; a new SLA rule is a new step in the place it should take.
+
 Values conventions (see :class:`syncd.model.CanonicalRecord`):
   * an *unknown* term is one the CRM holds with a value no mapping names: the
     term is None and the record lists unmapped values. It never causes a write,
@@ -28,7 +42,7 @@ Values conventions (see :class:`syncd.model.CanonicalRecord`):
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal, NamedTuple
@@ -403,170 +417,335 @@ class _Candidate(NamedTuple):
     source: str | None = None  # the system holding it (rule 1)
 
 
-def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
-    """All person rules (R1-R9) for one linked person. Pure."""
-    sla = ctx.sla
-    t = sla.terms
-    mem = view.memory
-    plan = _Plan(view, ctx)
-    present = [s for s in (HUBSPOT, SALESFORCE) if view.record(s) is not None]
-    stage = {s: value_of(view.record(s), "lifecycle", None) for s in present}
-    status = {s: value_of(view.record(s), "lead_status", None) for s in present}
-    score = _score(view, sla)
-    returned_rank = ctx.rank(t.returned_stage)
-    score_rank = ctx.rank(t.score_stage)
-    opp_rank = ctx.rank(t.open_deal_stage)
+class _Return(NamedTuple):
+    """Sales returned the person this cycle (rule 2), or the attempts ran out (rule 5)."""
 
-    # ---- R2 / R5: returns to marketing ------------------------------------------
-    returned_by: str | None = None
-    for s in present:
-        if status[s] == t.returned_status and (
-            _changed(mem, s, "lead_status", status[s])
-            or (_changed(mem, s, "lead_status", status[s]) is None and not mem.guarded)
+    rule: str
+    reason: str
+    by: str | None  # the system holding the returned status (None: rule 5)
+
+
+class PersonPlan(_Plan):
+    """One person's decision in the making: what the steps of :data:`PERSON_STEPS` read and write.
+
+    Set up once from the view: ``present`` (the systems holding a record), ``stage`` and
+    ``status`` (lifecycle and lead status each holds), ``score``. Filled in by the steps, in
+    order: ``returned`` (rule 2/5), ``candidates`` (rules 1/4/6, then filtered by rule 3),
+    ``released`` (rule 3 lifted the guard), ``target`` / ``target_reason`` (the stage applied).
+    ``mem`` is the memory as the steps so far left it; the planned writes and events are the
+    :class:`_Plan` underneath (the first rule to plan a field wins).
+    """
+
+    def __init__(self, view: PersonView, ctx: RuleContext, now: datetime) -> None:
+        super().__init__(view, ctx)
+        self.person = view
+        self.now = now
+        self.mem = view.memory
+        self.present = [s for s in (HUBSPOT, SALESFORCE) if view.record(s) is not None]
+        self.stage: dict[str, str | None] = {s: value_of(view.record(s), "lifecycle", None) for s in self.present}
+        self.status: dict[str, Any] = {s: value_of(view.record(s), "lead_status", None) for s in self.present}
+        self.score = _score(view, ctx.sla)
+        self.returned: _Return | None = None
+        self.candidates: list[_Candidate] = []
+        self.released = False
+        self.target: str | None = None
+        self.target_reason: str | None = None
+        self.on_step: Callable[[Step, PersonPlan], None] | None = None
+
+    def outcome(self) -> Outcome:
+        return Outcome(self.decisions(), replace(self.mem, last_seen=self.end_state()))
+
+
+class Step(NamedTuple):
+    """One named step of the person rules: ``run`` plans writes/events for ``rules`` only.
+
+    ``run`` returns True to end the chain (nothing after it runs), None/False to go on.
+    """
+
+    name: str
+    rules: tuple[str, ...]
+    run: Callable[[PersonPlan], bool | None]
+
+
+def _run(p: PersonPlan, steps: Sequence[Step]) -> bool:
+    """Run ``steps`` in order over ``p``; True when one of them ended the chain."""
+    for step in steps:
+        stop = step.run(p)
+        if p.on_step is not None:
+            p.on_step(step, p)
+        if stop:
+            return True
+    return False
+
+
+# ---- R2 / R5: returns to marketing ----------------------------------------------------------
+
+def _returns(p: PersonPlan) -> bool:
+    """R2 (sales set the returned status) or R5 (N unanswered attempts): when either holds,
+    :data:`RETURN_STEPS` run and the chain ends (nothing is promoted in the cycle of a return)."""
+    p.returned = _returned_by_sales(p) or _attempts_exhausted(p)
+    if p.returned is None:
+        return False
+    _run(p, RETURN_STEPS)
+    return True
+
+
+def _returned_by_sales(p: PersonPlan) -> _Return | None:
+    t, mem = p.ctx.sla.terms, p.mem
+    for s in p.present:
+        if p.status[s] == t.returned_status and (
+            _changed(mem, s, "lead_status", p.status[s])
+            or (_changed(mem, s, "lead_status", p.status[s]) is None and not mem.guarded)
         ):
-            returned_by = s
-            break
-    return_reason: str | None = None
-    return_rule = "R2-returned"
-    if returned_by is not None:
-        rec = view.record(returned_by)
-        given = value_of(rec, "return_reason", None)
-        return_reason = given if isinstance(given, str) and given else f"returned by {returned_by}"
-    elif SALESFORCE in present and not mem.guarded:
-        # R5: N unanswered attempts while sales holds the person
-        sf_rank = ctx.rank(stage.get(SALESFORCE))
-        cur_rank = _prospective_rank(view, ctx, list(stage.values()), score)
-        in_sales = (cur_rank is not None and score_rank is not None and cur_rank >= score_rank
-                    and (opp_rank is None or cur_rank < opp_rank))
-        connected = _resolved_status(view, ctx, mem) in t.connected_statuses
-        since = max([d for d in (mem.returned_at, mem.released_at, mem.handed_off_at) if d],
-                    default=None)
-        attempts = _counting_attempts(view, ctx, since, now)
-        if in_sales and not connected and not is_unknown(view.salesforce, "lead_status") \
-                and len(attempts) >= sla.attempts.count and sf_rank != returned_rank:
-            return_rule = "R5-attempts"
-            return_reason = f"{len(attempts)} unanswered attempts"
+            given = value_of(p.person.record(s), "return_reason", None)
+            return _Return("R2-returned", given if isinstance(given, str) and given else f"returned by {s}", s)
+    return None
 
-    if return_reason is not None:
-        for s in present:
-            plan.set(s, "lead_status", t.returned_status, return_rule,
-                     f"returned – not ready: {return_reason}")
-            cur_rank = ctx.rank(stage[s])
-            if cur_rank is not None and returned_rank is not None and cur_rank > returned_rank:
-                plan.set(s, "lifecycle", t.returned_stage, return_rule,
-                         f"returned – not ready: {return_reason}; back to {t.returned_stage}",
-                         backwards=True)
-            elif cur_rank != returned_rank and (
-                    cur_rank is not None or is_empty(view.record(s), "lifecycle")):
-                plan.set(s, "lifecycle", t.returned_stage, return_rule,
-                         f"returned – not ready: {return_reason}; to {t.returned_stage}")
-        for s in present:  # marketing nurtures with the reason in view, sales keeps its record of it
-            plan.set(s, "return_reason", return_reason, return_rule,
-                     f"returned – not ready: {return_reason}; reason recorded for marketing")
-        plan.event(return_rule, f"returned to marketing for nurture: {return_reason}", "returned",
-                   returned_by or SALESFORCE, {"return_reason": return_reason})
-        mem = _followup(view, ctx, plan, mem, now)  # a breach before the return still counts
-        mem = replace(mem, returned_at=now, return_reason=return_reason, score_at_return=score,
-                      released_at=None, blocked_promotion_at=None, blocked_promotion_why=None)
-        _reverse_handoff(view, ctx, plan, now)
-        return Outcome(plan.decisions(), replace(mem, last_seen=plan.end_state()))
 
-    # ---- R1 / R4 / R6: where the person should be --------------------------------
-    candidates: list[_Candidate] = []
-    for s in present:
-        held = stage[s]
+def _attempts_exhausted(p: PersonPlan) -> _Return | None:
+    """R5: N unanswered attempts while sales holds the person."""
+    view, ctx, mem, t = p.person, p.ctx, p.mem, p.ctx.sla.terms
+    if SALESFORCE not in p.present or mem.guarded:
+        return None
+    score_rank, opp_rank = ctx.rank(t.score_stage), ctx.rank(t.open_deal_stage)
+    sf_rank = ctx.rank(p.stage.get(SALESFORCE))
+    cur_rank = _prospective_rank(view, ctx, list(p.stage.values()), p.score)
+    in_sales = (cur_rank is not None and score_rank is not None and cur_rank >= score_rank
+                and (opp_rank is None or cur_rank < opp_rank))
+    connected = _resolved_status(view, ctx, mem) in t.connected_statuses
+    since = max([d for d in (mem.returned_at, mem.released_at, mem.handed_off_at) if d], default=None)
+    attempts = _counting_attempts(view, ctx, since, p.now)
+    if in_sales and not connected and not is_unknown(view.salesforce, "lead_status") \
+            and len(attempts) >= ctx.sla.attempts.count and sf_rank != ctx.rank(t.returned_stage):
+        return _Return("R5-attempts", f"{len(attempts)} unanswered attempts", None)
+    return None
+
+
+def _plan_return(p: PersonPlan) -> None:
+    """Both systems: the returned status, back to the returned stage, the reason recorded."""
+    assert p.returned is not None
+    t = p.ctx.sla.terms
+    rule, reason = p.returned.rule, p.returned.reason
+    returned_rank = p.ctx.rank(t.returned_stage)
+    for s in p.present:
+        p.set(s, "lead_status", t.returned_status, rule, f"returned – not ready: {reason}")
+        cur_rank = p.ctx.rank(p.stage[s])
+        if cur_rank is not None and returned_rank is not None and cur_rank > returned_rank:
+            p.set(s, "lifecycle", t.returned_stage, rule,
+                  f"returned – not ready: {reason}; back to {t.returned_stage}", backwards=True)
+        elif cur_rank != returned_rank and (
+                cur_rank is not None or is_empty(p.person.record(s), "lifecycle")):
+            p.set(s, "lifecycle", t.returned_stage, rule, f"returned – not ready: {reason}; to {t.returned_stage}")
+    for s in p.present:  # marketing nurtures with the reason in view, sales keeps its record of it
+        p.set(s, "return_reason", reason, rule, f"returned – not ready: {reason}; reason recorded for marketing")
+    p.event(rule, f"returned to marketing for nurture: {reason}", "returned",
+            p.returned.by or SALESFORCE, {"return_reason": reason})
+
+
+def _remember_return(p: PersonPlan) -> None:
+    """The return starts the re-hand-off guard (rule 3); an earlier block or release is forgotten."""
+    assert p.returned is not None
+    p.mem = replace(p.mem, returned_at=p.now, return_reason=p.returned.reason, score_at_return=p.score,
+                    released_at=None, blocked_promotion_at=None, blocked_promotion_why=None)
+
+
+def _reverse_handoff(p: PersonPlan) -> None:
+    """A returned person Salesforce alone holds is created in HubSpot for nurture."""
+    r = p.ctx.sla.reverse_handoff
+    view = p.person
+    sf = view.salesforce
+    if not r.enabled or sf is None or view.hubspot is not None or view.link_conflict:
+        return
+    reason = p.current(SALESFORCE, "return_reason")
+    changes = _travelling(sf, r.fields, {}, {"return_reason": reason if reason is not _UNSET
+                                             else value_of(sf, "return_reason", None)})
+    changes["lifecycle"] = p.ctx.sla.terms.returned_stage
+    changes["lead_status"] = p.ctx.sla.terms.returned_status
+    p.creates.append(Decision(
+        rule="R8-handoff", reason="returned lead unknown to hubspot: created there for nurture",
+        action="create", system=HUBSPOT, object=r.object, changes=changes,
+        key=f"reverse-handoff:{view.entity_id}"))
+
+
+# ---- R1 / R4 / R6: where the person should be -----------------------------------------------
+
+def _stage_candidates(p: PersonPlan) -> None:
+    """The stages rules 1 (held), 4 (score, BOFU conversion) and 6 (deals) would move the person to."""
+    ctx, sla, view = p.ctx, p.ctx.sla, p.person
+    t = sla.terms
+    score_rank = ctx.rank(t.score_stage)
+    for s in p.present:
+        held = p.stage[s]
         if held is not None and ctx.rank(held) is not None:
-            candidates.append(_Candidate(held, "R1-forward-only", f"{s} holds {held}", s))
-    if score is not None and score >= sla.score.threshold and score_rank is not None:
-        candidates.append(_Candidate(t.score_stage, "R4-lead-score",
-                           f"lead score {score} ≥ threshold {sla.score.threshold}"))
+            p.candidates.append(_Candidate(held, "R1-forward-only", f"{s} holds {held}", s))
+    if p.score is not None and p.score >= sla.score.threshold and score_rank is not None:
+        p.candidates.append(_Candidate(t.score_stage, "R4-lead-score",
+                                       f"lead score {p.score} ≥ threshold {sla.score.threshold}"))
     bofu = _bofu_at(view)
     if sla.score.bofu_conversion_is_mql and bofu is not None and score_rank is not None:
-        candidates.append(_Candidate(t.score_stage, "R4-lead-score",
-                           f"bottom-of-funnel conversion at {bofu.isoformat()}"))
+        p.candidates.append(_Candidate(t.score_stage, "R4-lead-score",
+                                       f"bottom-of-funnel conversion at {bofu.isoformat()}"))
     won = [d for d in view.deals if value_of(d, "deal_stage", None) in ctx.closed_won_terms]
     open_ = [d for d in view.deals if (ds := value_of(d, "deal_stage", None)) is not None
              and ds not in ctx.closed_terms]
     if won and ctx.rank(t.won_deal_stage) is not None:
-        candidates.append(_Candidate(t.won_deal_stage, "R6-deals", f"deal {won[0].id} is won"))
-    if open_ and opp_rank is not None:
-        candidates.append(_Candidate(t.open_deal_stage, "R6-deals",
-                                     f"deal {open_[0].id} is open"))
+        p.candidates.append(_Candidate(t.won_deal_stage, "R6-deals", f"deal {won[0].id} is won"))
+    if open_ and ctx.rank(t.open_deal_stage) is not None:
+        p.candidates.append(_Candidate(t.open_deal_stage, "R6-deals", f"deal {open_[0].id} is open"))
 
-    # ---- R3: the re-hand-off guard --------------------------------------------------
-    released = False
-    if mem.guarded and returned_rank is not None:
-        evidence = _evidence(view, ctx, mem, score)
-        allowed: list[_Candidate] = []
-        blocked: list[_Candidate] = []
-        for c in candidates:
-            r = ctx.rank(c.stage)
-            assert r is not None
-            if r <= returned_rank:
-                allowed.append(c)
-            elif c.rule == "R6-deals" and _deal_after_return(view, mem):
-                allowed.append(c)
-                released = True
-            elif c.source == SALESFORCE and _changed(mem, SALESFORCE, "lifecycle", c.stage):
-                allowed.append(c)  # sales moved it forward itself
-                released = True
-            elif evidence is not None:
-                allowed.append(_Candidate(c.stage, "R3-rehandoff-guard",
-                                          f"{c.reason}; new evidence: {evidence}"))
-                released = True
-            else:
-                blocked.append(c)
-        # once the guard is lifted this cycle, every promotion goes through
-        candidates = allowed + blocked if released else allowed
-        if blocked and not released:
-            why = "; ".join(f"{c.stage} ({c.reason})" for c in blocked)
-            if mem.blocked_promotion_at is None:
-                plan.event("R3-rehandoff-guard",
-                           f"promotion blocked after return ({mem.return_reason}) without new "
-                           f"evidence: {why}", "promotion_blocked",
-                           HUBSPOT if HUBSPOT in present else SALESFORCE)
-                mem = replace(mem, blocked_promotion_at=now, blocked_promotion_why=why)
-        if released:
-            mem = replace(mem, released_at=now)
 
-    target = _max_stage(ctx, [c.stage for c in candidates])
-    target_reason: str | None = None
-    target_rank = ctx.rank(target)
-    if target is not None and target_rank is not None:
-        # the rule credited is the first candidate reaching the target that is not R1
-        best = [c for c in candidates if c.stage == target]
-        best.sort(key=lambda c: c.rule == "R1-forward-only")
-        rule, reason = best[0].rule, best[0].reason
-        target_reason = reason
-        for s in present:
-            r = ctx.rank(stage[s])
-            if r is not None and r < target_rank or (
-                    is_empty(view.record(s), "lifecycle")):
-                plan.set(s, "lifecycle", target, rule, f"{reason}: {s} moves to {target}")
-        if released:
-            for s in present:
-                if status[s] == t.returned_status:
-                    plan.set(s, "lead_status", sla.handoff.status, "R3-rehandoff-guard",
-                             "re-handed to sales after new evidence")
+# ---- R3: the re-hand-off guard -----------------------------------------------------------------
 
-    # ---- R7: field ownership / synced fields ----------------------------------------
-    if len(present) == 2:
-        _lifecycle_conflict(view, ctx, plan, mem, stage)
-        for name in sla.sync.fields:
-            _sync_field(view, ctx, plan, mem, name)
+def _rehandoff_guard(p: PersonPlan) -> None:
+    """A returned person is not promoted past the returned stage without new evidence.
 
-    # ---- R8: hand-off ----------------------------------------------------------------
-    mem = _handoff(view, ctx, plan, mem, now, target, target_reason)
-    # a person reaching the score stage in Salesforce through us is handed to sales
-    if SALESFORCE in present and score_rank is not None and target_rank is not None \
+    Promotions pass when a deal changed after the return, when sales moved the stage itself,
+    or with new evidence (then credited to rule 3); once one passes, the guard is lifted and
+    every promotion goes through. Otherwise they are dropped, and the block recorded once.
+    """
+    ctx, mem, view = p.ctx, p.mem, p.person
+    returned_rank = ctx.rank(ctx.sla.terms.returned_stage)
+    if not mem.guarded or returned_rank is None:
+        return
+    evidence = _evidence(view, ctx, mem, p.score)
+    allowed: list[_Candidate] = []
+    blocked: list[_Candidate] = []
+    for c in p.candidates:
+        r = ctx.rank(c.stage)
+        assert r is not None
+        if r <= returned_rank:
+            allowed.append(c)
+        elif c.rule == "R6-deals" and _deal_after_return(view, mem):
+            allowed.append(c)
+            p.released = True
+        elif c.source == SALESFORCE and _changed(mem, SALESFORCE, "lifecycle", c.stage):
+            allowed.append(c)  # sales moved it forward itself
+            p.released = True
+        elif evidence is not None:
+            allowed.append(_Candidate(c.stage, "R3-rehandoff-guard", f"{c.reason}; new evidence: {evidence}"))
+            p.released = True
+        else:
+            blocked.append(c)
+    # once the guard is lifted this cycle, every promotion goes through
+    p.candidates = allowed + blocked if p.released else allowed
+    if blocked and not p.released:
+        why = "; ".join(f"{c.stage} ({c.reason})" for c in blocked)
+        if mem.blocked_promotion_at is None:
+            p.event("R3-rehandoff-guard",
+                    f"promotion blocked after return ({mem.return_reason}) without new "
+                    f"evidence: {why}", "promotion_blocked", HUBSPOT if HUBSPOT in p.present else SALESFORCE)
+            p.mem = replace(p.mem, blocked_promotion_at=p.now, blocked_promotion_why=why)
+    if p.released:
+        p.mem = replace(p.mem, released_at=p.now)
+
+
+def _apply_target(p: PersonPlan) -> None:
+    """Every system behind the furthest candidate (or holding no stage) moves to it.
+
+    The rule credited is the first candidate reaching the target that is not rule 1. A
+    person the guard released also leaves the returned status (rule 3).
+    """
+    ctx, t = p.ctx, p.ctx.sla.terms
+    p.target = _max_stage(ctx, [c.stage for c in p.candidates])
+    target_rank = ctx.rank(p.target)
+    if p.target is None or target_rank is None:
+        return
+    best = [c for c in p.candidates if c.stage == p.target]
+    best.sort(key=lambda c: c.rule == "R1-forward-only")
+    rule, reason = best[0].rule, best[0].reason
+    p.target_reason = reason
+    for s in p.present:
+        r = ctx.rank(p.stage[s])
+        if r is not None and r < target_rank or is_empty(p.person.record(s), "lifecycle"):
+            p.set(s, "lifecycle", p.target, rule, f"{reason}: {s} moves to {p.target}")
+    if p.released:
+        for s in p.present:
+            if p.status[s] == t.returned_status:
+                p.set(s, "lead_status", ctx.sla.handoff.status, "R3-rehandoff-guard",
+                      "re-handed to sales after new evidence")
+
+
+# ---- R7: field ownership / synced fields -------------------------------------------------------
+
+def _ownership(p: PersonPlan) -> None:
+    """Both systems hold the person: lifecycle conflicts reported, the synced fields made equal."""
+    if len(p.present) != 2:
+        return
+    _lifecycle_conflict(p.person, p.ctx, p, p.mem, p.stage)
+    for name in p.ctx.sla.sync.fields:
+        _sync_field(p.person, p.ctx, p, p.mem, name)
+
+
+# ---- R8: hand-off ------------------------------------------------------------------------------
+
+def _handoff(p: PersonPlan) -> None:
+    """An MQL unknown to Salesforce is created there; a person reaching the score stage in
+    Salesforce through us counts as handed to sales. Either starts the follow-up clock (rule 9)."""
+    ctx = p.ctx
+    score_rank = ctx.rank(ctx.sla.terms.score_stage)
+    target_rank = ctx.rank(p.target)
+    _create_in_salesforce(p, score_rank, target_rank)
+    mem = p.mem
+    if SALESFORCE in p.present and score_rank is not None and target_rank is not None \
             and target_rank >= score_rank and (mem.handed_off_at is None or (
                 mem.returned_at is not None and mem.handed_off_at < mem.returned_at)):
-        sf_rank = ctx.rank(stage[SALESFORCE])
-        if sf_rank is None or sf_rank < score_rank or released:
-            mem = replace(mem, handed_off_at=now, first_attempt_at=None, sla_breach_at=None)
-    mem = _followup(view, ctx, plan, mem, now)
-    return Outcome(plan.decisions(), replace(mem, last_seen=plan.end_state()))
+        sf_rank = ctx.rank(p.stage[SALESFORCE])
+        if sf_rank is None or sf_rank < score_rank or p.released:
+            p.mem = replace(mem, handed_off_at=p.now, first_attempt_at=None, sla_breach_at=None)
 
+
+def _create_in_salesforce(p: PersonPlan, score_rank: int | None, target_rank: int | None) -> None:
+    sla = p.ctx.sla
+    h = sla.handoff
+    view = p.person
+    hs = view.hubspot
+    if not h.enabled or hs is None or view.salesforce is not None or score_rank is None \
+            or target_rank is None or target_rank < score_rank or view.link_conflict:
+        return
+    why = p.target_reason or f"lifecycle {p.target} in hubspot"
+    changes = _travelling(hs, h.fields, h.placeholders, {"qualification_reason": why,
+                                                         "score": _score(view, sla)})
+    changes["lifecycle"] = p.target
+    changes["lead_status"] = h.status
+    p.set(HUBSPOT, "lead_status", h.status, "R8-handoff", "handed to sales")
+    p.creates.append(Decision(
+        rule="R8-handoff", reason=f"MQL handed to sales: {why}", action="create",
+        system=SALESFORCE, object=h.object, changes=changes, key=f"handoff:{view.entity_id}"))
+    mem = p.mem
+    if mem.handed_off_at is None or (mem.returned_at and mem.handed_off_at < mem.returned_at):
+        p.mem = replace(mem, handed_off_at=p.now, first_attempt_at=None, sla_breach_at=None)
+
+
+# ---- R9: follow-up SLA ------------------------------------------------------------------------
+
+def _followup(p: PersonPlan) -> None:
+    """An MQL handed to sales with no counting attempt within the window: one breach event."""
+    mem, view, ctx = p.mem, p.person, p.ctx
+    handed = mem.handed_off_at
+    if handed is None or (mem.returned_at is not None and mem.returned_at >= handed):
+        return  # not handed off, or sales already returned it
+    if mem.first_attempt_at is None:
+        first = _first_attempt(view, ctx, handed)
+        if first is not None:
+            mem = replace(mem, first_attempt_at=first)
+    window = timedelta(hours=ctx.sla.followup.window_hours)
+    deadline = handed + window
+    late = mem.first_attempt_at is None and p.now > deadline or (
+        mem.first_attempt_at is not None and mem.first_attempt_at > deadline)
+    if late and mem.sla_breach_at is None:
+        p.event("R9-followup-sla",
+                f"MQL handed to sales at {handed.isoformat()} had no connection "
+                f"attempt within {ctx.sla.followup.window_hours:g} h"
+                + (f" (first at {mem.first_attempt_at.isoformat()})"
+                   if mem.first_attempt_at else ""),
+                "sla_breach", SALESFORCE if view.salesforce else HUBSPOT,
+                {"handed_off_at": handed, "deadline": deadline,
+                 "first_attempt_at": mem.first_attempt_at})
+        mem = replace(mem, sla_breach_at=p.now)
+    p.mem = mem
+
+
+# ---- helpers of the steps ---------------------------------------------------------------------
 
 def _term(rec: CanonicalRecord | None, name: str) -> str | None:
     v = value_of(rec, name, None)
@@ -695,70 +874,46 @@ def _travelling(rec: CanonicalRecord, fields: tuple[str, ...], placeholders: Map
     return out
 
 
-def _handoff(view: PersonView, ctx: RuleContext, plan: _Plan, mem: Memory, now: datetime,
-             target: str | None, target_reason: str | None) -> Memory:
-    sla = ctx.sla
-    h = sla.handoff
-    hs = view.hubspot
-    score_rank = ctx.rank(sla.terms.score_stage)
-    target_rank = ctx.rank(target)
-    if not h.enabled or hs is None or view.salesforce is not None or score_rank is None \
-            or target_rank is None or target_rank < score_rank or view.link_conflict:
-        return mem
-    why = target_reason or f"lifecycle {target} in hubspot"
-    changes = _travelling(hs, h.fields, h.placeholders, {"qualification_reason": why,
-                                                         "score": _score(view, sla)})
-    changes["lifecycle"] = target
-    changes["lead_status"] = h.status
-    plan.set(HUBSPOT, "lead_status", h.status, "R8-handoff", "handed to sales")
-    plan.creates.append(Decision(
-        rule="R8-handoff", reason=f"MQL handed to sales: {why}", action="create",
-        system=SALESFORCE, object=h.object, changes=changes, key=f"handoff:{view.entity_id}"))
-    if mem.handed_off_at is None or (mem.returned_at and mem.handed_off_at < mem.returned_at):
-        mem = replace(mem, handed_off_at=now, first_attempt_at=None, sla_breach_at=None)
-    return mem
+# ---- the chain ---------------------------------------------------------------------------------
+
+#: What a return (rule 2/5) sets off; :func:`_returns` runs these, then the chain ends.
+RETURN_STEPS: tuple[Step, ...] = (
+    Step("plan the return", ("R2-returned", "R5-attempts"), _plan_return),
+    # the episode the return ends: a follow-up breach before the return still counts
+    Step("follow-up", ("R9-followup-sla",), _followup),
+    Step("remember the return", ("R2-returned", "R5-attempts"), _remember_return),
+    Step("reverse hand-off", ("R8-handoff",), _reverse_handoff),
+)
+
+#: The person rules, in order. Each step plans writes/events for its own rules only (the
+#: ownership step also copies a field another rule planned on one side to the other), and
+#: the first rule to plan a field wins, so the order is the precedence: a new SLA rule is a
+#: step placed where it should win or lose against its neighbours.
+PERSON_STEPS: tuple[Step, ...] = (
+    Step("returns", ("R2-returned", "R5-attempts"), _returns),  # a return ends the chain
+    Step("stage candidates", ("R1-forward-only", "R4-lead-score", "R6-deals"), _stage_candidates),
+    Step("re-hand-off guard", ("R3-rehandoff-guard",), _rehandoff_guard),
+    Step("apply the target", ("R1-forward-only", "R4-lead-score", "R6-deals", "R3-rehandoff-guard"),
+         _apply_target),
+    Step("ownership", ("R7-ownership",), _ownership),
+    Step("hand-off", ("R8-handoff",), _handoff),
+    Step("follow-up", ("R9-followup-sla",), _followup),
+)
 
 
-def _reverse_handoff(view: PersonView, ctx: RuleContext, plan: _Plan, now: datetime) -> None:
-    r = ctx.sla.reverse_handoff
-    sf = view.salesforce
-    if not r.enabled or sf is None or view.hubspot is not None or view.link_conflict:
-        return
-    reason = plan.current(SALESFORCE, "return_reason")
-    changes = _travelling(sf, r.fields, {}, {"return_reason": reason if reason is not _UNSET
-                                             else value_of(sf, "return_reason", None)})
-    changes["lifecycle"] = ctx.sla.terms.returned_stage
-    changes["lead_status"] = ctx.sla.terms.returned_status
-    plan.creates.append(Decision(
-        rule="R8-handoff", reason="returned lead unknown to hubspot: created there for nurture",
-        action="create", system=HUBSPOT, object=r.object, changes=changes,
-        key=f"reverse-handoff:{view.entity_id}"))
+def plan_person(view: PersonView, ctx: RuleContext, now: datetime, steps: Sequence[Step] = PERSON_STEPS,
+                on_step: Callable[[Step, PersonPlan], None] | None = None) -> PersonPlan:
+    """Run ``steps`` over a fresh :class:`PersonPlan`; ``on_step`` sees the plan after each step
+    (the steps of a return included). :func:`decide_person` is this with the defaults."""
+    p = PersonPlan(view, ctx, now)
+    p.on_step = on_step
+    _run(p, steps)
+    return p
 
 
-def _followup(view: PersonView, ctx: RuleContext, plan: _Plan, mem: Memory,
-              now: datetime) -> Memory:
-    handed = mem.handed_off_at
-    if handed is None or (mem.returned_at is not None and mem.returned_at >= handed):
-        return mem  # not handed off, or sales already returned it
-    if mem.first_attempt_at is None:
-        first = _first_attempt(view, ctx, handed)
-        if first is not None:
-            mem = replace(mem, first_attempt_at=first)
-    window = timedelta(hours=ctx.sla.followup.window_hours)
-    deadline = handed + window
-    late = mem.first_attempt_at is None and now > deadline or (
-        mem.first_attempt_at is not None and mem.first_attempt_at > deadline)
-    if late and mem.sla_breach_at is None:
-        plan.event("R9-followup-sla",
-                   f"MQL handed to sales at {handed.isoformat()} had no connection "
-                   f"attempt within {ctx.sla.followup.window_hours:g} h"
-                   + (f" (first at {mem.first_attempt_at.isoformat()})"
-                      if mem.first_attempt_at else ""),
-                   "sla_breach", SALESFORCE if view.salesforce else HUBSPOT,
-                   {"handed_off_at": handed, "deadline": deadline,
-                    "first_attempt_at": mem.first_attempt_at})
-        mem = replace(mem, sla_breach_at=now)
-    return mem
+def decide_person(view: PersonView, ctx: RuleContext, now: datetime) -> Outcome:
+    """All person rules (R1-R9) for one linked person: :data:`PERSON_STEPS` in order. Pure."""
+    return plan_person(view, ctx, now).outcome()
 
 
 def decide_deal(view: DealView, ctx: RuleContext, now: datetime) -> Outcome:

@@ -12,13 +12,14 @@ from pathlib import Path
 
 from connectors._retry import RetryPolicy
 from connectors.base import Connector
+from syncd import catalogue
 from syncd.config import Config
 from syncd.engine import Engine
 from syncd.mapping import Mappings, default_mappings_dir, load_mappings
 from syncd.sla import SLA, load_sla
 from syncd.store import Store
 
-PULL_OBJECTS = {"hubspot": ("contacts", "deals"), "salesforce": ("Lead", "Contact", "Opportunity", "Task")}
+PULL_OBJECTS: dict[str, tuple[str, ...]] = {s: catalogue.names(s) for s in catalogue.SYSTEMS}
 
 
 def mappings_dir(cfg: Config) -> Path:

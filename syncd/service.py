@@ -62,6 +62,7 @@ from syncd.resync import (
     run_resync,
 )
 from syncd.runtime import Runtime, build_connectors, load_rules_files, open_runtime
+from syncd.stats import one_line
 
 log = structlog.get_logger()
 
@@ -319,7 +320,7 @@ class Service:
             if gone:
                 log.info("services_forgotten", count=gone, note="stopped beating; dead")
         except Exception as exc:  # noqa: BLE001 - housekeeping never stops the start
-            log.warning("startup_cleanup_failed", error=_one_line(exc))
+            log.warning("startup_cleanup_failed", error=one_line(exc))
 
     def _alive_window_s(self) -> float:
         return max(3 * min(intervals(self.cfg).values()), 10 * BEAT_S)
@@ -381,7 +382,7 @@ class Service:
             with self.rt.store.tx(readonly=True) as tx:
                 states = tx.pull_states()
         except Exception as exc:  # noqa: BLE001 - metrics must not break the service
-            log.warning("metrics_store_read_failed", error=_one_line(exc))
+            log.warning("metrics_store_read_failed", error=one_line(exc))
             return
         sync = self.cfg.sync
         pic = freshness.Picture(states, freshness.bounds(sync.intervals(), sync.freshness_intervals), utcnow())
@@ -415,7 +416,7 @@ class Service:
                 state: str = "done"
                 self._recovered(systems)
             except Exception as exc:  # noqa: BLE001 - a failed resync is reported, never fatal
-                state, result = "failed", {"error": _one_line(exc)}
+                state, result = "failed", {"error": one_line(exc)}
                 self._handle_failure(f"resync #{row.id}", exc, systems)
             finally:
                 self._current = None
@@ -477,16 +478,16 @@ class Service:
             log.warning(
                 "cycle_failed",
                 job=job,
-                error=_one_line(exc),
+                error=one_line(exc),
                 next="the next scheduled run retries",
             )
         elif isinstance(exc, SyncError):
-            log.error("cycle_failed", job=job, error=_one_line(exc))
+            log.error("cycle_failed", job=job, error=one_line(exc))
         else:
             log.error(
                 "cycle_crashed",
                 job=job,
-                error=_one_line(exc),
+                error=one_line(exc),
                 traceback="".join(traceback.format_exception(exc)[-3:]),
             )
 
@@ -512,27 +513,9 @@ class Service:
 
 
 def system_of(exc: BaseException) -> str | None:
-    """Which CRM an error came from: ``exc.system`` if the connector set it, else the
-    innermost frame of the traceback that names a system (a connector's ``self.system``
-    or the engine's ``system`` argument)."""
+    """Which CRM an error came from: the connectors set ``system`` on every error they raise."""
     system = getattr(exc, "system", None)
-    if system in SYSTEMS:
-        return str(system)
-    found: str | None = None
-    for frame, _ in traceback.walk_tb(exc.__traceback__):
-        loc = frame.f_locals
-        cand = getattr(loc.get("self"), "system", None)
-        if cand not in SYSTEMS:
-            cand = loc.get("system")
-        if isinstance(cand, str) and cand in SYSTEMS:
-            found = cand
-    return found
-
-
-def _one_line(exc: BaseException, limit: int = 500) -> str:
-    """``Type: message`` on one line (SQL and tracebacks stay out of the summary field)."""
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first}"[:limit]
+    return str(system) if system in SYSTEMS else None
 
 
 def _flush_std() -> None:

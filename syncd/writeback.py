@@ -1,0 +1,236 @@
+"""Write-back: decisions become outbox rows (planning), and outbox rows are sent to the CRMs
+in batches and marked done, retried or quarantined (flushing).
+
+Outbox rows are marked ``sending`` before the CRM call and ``done`` (with their audit rows)
+after it; a restart resends what was in flight (updates are idempotent; a create that may
+have been sent before looks the record up by email first). A write whose target already
+holds the value never reaches the outbox.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from connectors.base import Connector
+from syncd import rules
+from syncd._json import jsonable
+from syncd.errors import FatalError, RecordError, RetriableError
+from syncd.mapping import Mappings
+from syncd.model import CanonicalRecord, FieldUpdate, RecordCreate, WriteResult
+from syncd.sla import SLA
+from syncd.stats import CycleStats, PlannedWrite
+from syncd.store import OutboxItem, OutboxRow, RecordKey, RecordRow, Tx
+from syncd.views import first_email
+
+log = structlog.get_logger()
+
+
+class WriteBack:
+    """Plans and sends one engine's writes. ``tx`` opens the engine's unit of work (one shared,
+    rolled-back transaction in a dry run); ``should_stop`` is checked between batches."""
+
+    def __init__(self, tx: Callable[[], AbstractContextManager[Tx]], mappings: Mappings, sla: SLA,
+                 connectors: Mapping[str, Connector], *, clock: Callable[[], datetime], dry_run: bool,
+                 write_batch: int, on_write: Callable[[OutboxRow, str | None], None] | None,
+                 should_stop: Callable[[], bool]) -> None:
+        self._tx = tx
+        self.mappings = mappings
+        self.sla = sla
+        self.connectors = connectors
+        self.clock = clock
+        self.dry_run = dry_run
+        self.write_batch = write_batch
+        self.on_write = on_write
+        self.should_stop = should_stop
+
+    def _record_event(self, tx: Tx, entity: str, d: rules.Decision, still_open: bool) -> None:
+        # Each event the rules emit is a new occurrence (their memory emits it once): a second
+        # breach or return is recorded, never swallowed by the open first one.
+        tx.add_event(d.event or d.rule, entity, {"rule": d.rule, "reason": d.reason, **jsonable(dict(d.changes))},
+                     now=self.clock(), dedupe=False, open=still_open)
+        if d.event == "sla_breach":
+            log.warning("sla_event", kind=d.event, rule=d.rule, entity_id=entity, reason=d.reason)
+        else:
+            log.info("rule_event", kind=d.event, rule=d.rule, entity_id=entity)
+
+    def held_values(self, tx: Tx, decisions: Iterable[rules.Decision]) -> dict[RecordKey, RecordRow]:
+        """The stored raw records that ``decisions`` would set fields of: one read for a chunk."""
+        keys = {(d.system, d.object, d.record_id) for d in decisions
+                if d.action == "set" and d.system and d.object and d.record_id}
+        return tx.get_records(sorted(keys)) if keys else {}  # type: ignore[arg-type]
+
+    def plan(self, tx: Tx, entity: str, decisions: Iterable[rules.Decision],
+             current: Sequence[CanonicalRecord], stats: CycleStats,
+             still_open: Mapping[str, bool] | None = None,
+             held: Mapping[RecordKey, RecordRow] | None = None) -> None:
+        """Decisions → outbox rows (writes) or events. No-op writes never reach the outbox: a set
+        whose target already holds the values is skipped (``held``: the stored raw records,
+        prefetched for a chunk by :meth:`held_values`; read here when not given)."""
+        raw_now = {(r.system, r.object, r.id): r for r in current}
+        items: list[OutboxItem] = []
+        for d in decisions:
+            stats.decisions += 1
+            if d.action == "event":
+                stats.events += 1
+                self._record_event(tx, entity, d, (still_open or {}).get(d.event or d.rule, True))
+                continue
+            assert d.system is not None and d.object is not None
+            try:
+                fields = self.mappings.to_raw(d.system, d.object, d.changes)
+            except RecordError as exc:
+                # The mappings cannot express this write: never guess; park it where status shows it.
+                stats.quarantined += 1
+                tx.quarantine_record(d.system, d.object, d.record_id, f"{d.rule}: {exc}",
+                                     raw=jsonable(dict(d.changes)), now=self.clock())
+                log.warning("write_unmappable", system=d.system, object=d.object, record_id=d.record_id,
+                            rule=d.rule, error=str(exc))
+                continue
+            target = raw_now.get((d.system, d.object, d.record_id or ""))
+            if d.action == "set":
+                if not fields:
+                    continue
+                if target is not None and d.record_id is not None:
+                    rk = (d.system, d.object, d.record_id)
+                    row = held.get(rk) if held is not None else tx.get_records([rk]).get(rk)
+                    if row is not None and all(_same(row.raw.get(k), v) for k, v in fields.items()):
+                        stats.skipped += 1
+                        continue
+            clear_first = tuple(self.mappings.clear_first_fields(d.system, d.object, d.changes)) \
+                if d.backwards else ()
+            key = d.key or _idempotency_key(d, fields, target)
+            items.append(OutboxItem(
+                key=key, entity_id=entity, system=d.system, object=d.object, record_id=d.record_id,
+                op="create" if d.action == "create" else "update", fields=jsonable(fields),
+                clear_first=clear_first, email_norm=email_of(current, d),
+                canonical={k: [jsonable(d.before.get(k)), jsonable(v)] for k, v in d.changes.items()},
+                rule=d.rule, reason=d.reason, mapping_rev=self.mappings.revision))
+            if self.dry_run:  # the table --dry-run prints; a real cycle keeps memory flat instead
+                stats.planned.append(PlannedWrite(d.system, d.object, d.record_id, items[-1].op, who(current),
+                                                  {k: (d.before.get(k), v) for k, v in d.changes.items()},
+                                                  d.rule, d.reason))
+        if items:
+            tx.enqueue(items)
+
+    def flush(self, stats: CycleStats, systems: Iterable[str] | None = None) -> None:
+        """Send due outbox rows in CRM-sized batches; mark each done, retried or quarantined.
+        With ``systems``, only to those (the ones that answered this cycle)."""
+        only = set(systems) if systems is not None else None
+        for system, conn in self.connectors.items():
+            if only is not None and system not in only:
+                continue
+            while not self.should_stop():
+                with self._tx() as tx:
+                    due = tx.due(system, None, self.clock(), self.write_batch)
+                    if not due:
+                        break
+                    tx.mark_sending([r.id for r in due])
+                by_obj: dict[tuple[str, str], list[OutboxRow]] = {}
+                for r in due:
+                    by_obj.setdefault((r.object, r.op), []).append(r)
+                for (obj, op), batch in by_obj.items():
+                    self._send(conn, system, obj, op, batch, stats)
+
+    def _send(self, conn: Connector, system: str, obj: str, op: str, batch: list[OutboxRow],
+              stats: CycleStats) -> None:
+        try:
+            if op == "create":
+                results = self._create_idempotent(conn, system, obj, batch)
+            else:
+                results = conn.write(obj, [FieldUpdate(key=str(r.id), record_id=str(r.record_id), fields=r.fields,
+                                                       clear_first=tuple(r.clear_first)) for r in batch])
+        except RetriableError as exc:
+            self._fail_all(batch, f"{type(exc).__name__}: {exc}", stats)
+            return
+        except FatalError:
+            raise  # rows stay 'sending'; due() hands them out again after the fix
+        by_key = {res.key: res for res in results}
+        with self._tx() as tx:
+            for r in batch:
+                res = by_key.get(str(r.id))
+                if res is not None and res.ok:
+                    tx.mark_done(r.id, result_id=res.record_id, now=self.clock())
+                    stats.sent += 1
+                    if self.on_write:
+                        self.on_write(r, res.record_id)
+                else:
+                    err = res.error if res is not None else "no result from the CRM"
+                    attempts = r.attempts + 1
+                    quarantined = tx.mark_failed(r.id, err or "failed", self._backoff(attempts),
+                                                 self.sla.writeback.max_tries, now=self.clock())
+                    stats.failed += 1
+                    log.warning("write_failed", system=system, object=obj, outbox_id=r.id,
+                                record_id=r.record_id, error=err, quarantined=quarantined)
+
+    def _create_idempotent(self, conn: Connector, system: str, obj: str,
+                           batch: list[OutboxRow]) -> list[Any]:
+        """Creates are keyed: a create that may already have reached the CRM (a resend: the
+        row was left ``sending`` by a crash, or an earlier attempt failed, e.g. a timeout
+        after the CRM accepted it) first looks its email up, and a record found there is
+        taken as the result instead of creating a second one. A first send creates
+        directly: nothing of ours can be there yet, and the look-up would cost one read
+        per create batch."""
+        resends = [r for r in batch if r.resend]
+        emails = [e for e in (self.mappings.raw_email(system, obj, r.fields) for r in resends) if e]
+        existing = {}
+        if emails:
+            for rec in conn.find_by_email(obj, emails):
+                e = self.mappings.raw_email(system, obj, rec.fields)
+                if e:
+                    existing[e] = rec.id
+        results: list[WriteResult] = []
+        to_create: list[OutboxRow] = []
+        for r in batch:
+            e = self.mappings.raw_email(system, obj, r.fields) if r.resend else None
+            if e and e in existing:
+                results.append(WriteResult(key=str(r.id), ok=True, record_id=existing[e]))
+            else:
+                to_create.append(r)
+        if to_create:
+            results += conn.create(obj, [RecordCreate(key=str(r.id), fields=r.fields) for r in to_create])
+        return results
+
+    def _fail_all(self, batch: list[OutboxRow], err: str, stats: CycleStats) -> None:
+        with self._tx() as tx:
+            for r in batch:
+                tx.mark_failed(r.id, err, self._backoff(r.attempts + 1), self.sla.writeback.max_tries,
+                               now=self.clock())
+                stats.failed += 1
+        log.warning("write_batch_failed", size=len(batch), error=err)
+
+    def _backoff(self, attempts: int) -> datetime:
+        return self.clock() + timedelta(seconds=min(300.0, 2.0 ** attempts))
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+def email_of(current: Sequence[CanonicalRecord], d: rules.Decision) -> str | None:
+    e = first_email(current) or d.changes.get("email")
+    return e if isinstance(e, str) else None
+
+
+def who(records: Sequence[CanonicalRecord]) -> str:
+    return first_email(records) or (records[0].id if records else "?")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, int | float) or isinstance(b, int | float):
+        try:
+            return float(a) == float(b)
+        except (TypeError, ValueError):
+            return False
+    return str(a) == str(b)
+
+
+def _idempotency_key(d: rules.Decision, fields: Mapping[str, Any], target: CanonicalRecord | None) -> str:
+    gen = target.modified_at.isoformat() if target is not None else ""
+    blob = json.dumps([d.system, d.object, d.record_id, sorted((k, str(v)) for k, v in fields.items()), gen])
+    return f"{d.rule}:{d.system}:{d.record_id}:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
