@@ -171,22 +171,19 @@ def main(ctx: click.Context, config_arg: str | None, log_format: str | None, ver
 # -- argument checks ------------------------------------------------------------------------------
 
 def _rule_ids() -> tuple[str, ...]:
-    """The rule ids syncd.rules declares (its ``RULE_IDS`` if it has one, else its docstring's list)."""
+    """The rule ids syncd.rules declares: its ``RULE_IDS`` if it has one, else the rules its steps
+    (``PERSON_STEPS``, ``RETURN_STEPS``) name, else the list in its docstring."""
     from syncd import rules
 
-    declared = getattr(rules, "RULE_IDS", None)
-    if declared:
-        return tuple(declared)
-    doc = rules.__doc__ or ""
-    section = doc.split("Rule ids:", 1)[1] if "Rule ids:" in doc else ""
-    ids = []
-    for line in section.splitlines():
-        m = re.match(r"\s+(R\d+-[a-z0-9-]+)\s", line + " ")
-        if m:
-            ids.append(m.group(1))
-        elif ids and line.strip() and not line.startswith(" "):
-            break
-    return tuple(ids)
+    declared = tuple(getattr(rules, "RULE_IDS", ()))
+    if not declared:
+        steps = [*getattr(rules, "PERSON_STEPS", ()), *getattr(rules, "RETURN_STEPS", ())]
+        declared = tuple(dict.fromkeys(r for step in steps for r in getattr(step, "rules", ())))
+    if not declared:
+        doc = rules.__doc__ or ""
+        section = doc.split("Rule ids:", 1)[1].split("\n\n", 1)[0] if "Rule ids:" in doc else ""
+        declared = tuple(re.findall(r"^\s+(R\d+-[a-z0-9-]+)\s", section, re.M))
+    return tuple(sorted(declared, key=lambda r: (int(re.sub(r"\D.*", "", r[1:]) or 0), r)))
 
 
 def _known_rule(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
