@@ -1,10 +1,18 @@
-"""The `syncd` command. Exit codes: 0 ok, 1 a failure during work, 2 bad usage/config/mapping files."""
+"""The `syncd` command. Exit codes: 0 ok, 1 a failure during work, 2 bad usage/config/mapping files.
+
+Every failure is one line on stderr, ``syncd: error: …``, never a traceback: syncd's own
+errors say what, where and why; anything else is reported as an internal error with its
+type and message. ``-v`` / ``--debug`` shows the traceback (for bug reports) and debug logs.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -19,24 +27,103 @@ from syncd.errors import AuthError, BudgetExhausted, ConfigError, MappingError, 
 T = TypeVar("T")
 log = structlog.get_logger()
 
+#: set from ``-v`` / ``--debug`` for this invocation (read by the error reporting)
+_DEBUG = {"on": False}
+_QUERY = re.compile(r"((?:https?://[^\s/?'\"]+)?/[^\s?'\"]*)\?[^\s'\";]*=[^\s'\";]*")  # a URL's or path's query
+
+
+def _line(message: str) -> str:
+    """What an error line may show: one line; without --debug no query strings, tokens or emails."""
+    text = logs.one_line(message)
+    return text if _DEBUG["on"] else logs.mask_email(logs.redact(_QUERY.sub(r"\1?…", text)))
+
 
 def _fail(code: int, message: str) -> NoReturn:
-    click.echo(f"syncd: error: {message}", err=True)
+    click.echo(f"syncd: error: {_line(message)}", err=True)
     sys.exit(code)
 
 
+def _traceback(exc: BaseException) -> None:
+    if _DEBUG["on"]:
+        click.echo("".join(traceback.format_exception(exc)).rstrip(), err=True)
+
+
+def _report(exc: BaseException) -> NoReturn:
+    """One line and the contract's exit code for any exception (the traceback only with --debug)."""
+    _traceback(exc)
+    if isinstance(exc, ConfigError | MappingError):
+        _fail(2, str(exc))
+    if isinstance(exc, AuthError):
+        _fail(1, f"authentication failed: {exc}")
+    if isinstance(exc, BudgetExhausted):
+        _fail(1, f"API budget exhausted: {exc}")
+    if isinstance(exc, SyncError):
+        _fail(1, str(exc))
+    if isinstance(exc, KeyboardInterrupt):
+        _fail(130, "interrupted")
+    if type(exc).__module__.split(".")[0] == "sqlalchemy":
+        orig = getattr(exc, "orig", None)
+        _fail(1, f"state store{_store_shown()}: {logs.exception_line(orig if orig is not None else exc)}")
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        _fail(1, f"{exc.strerror}{where}")
+    hint = "" if _DEBUG["on"] else " (run with --debug for the traceback)"
+    _fail(1, f"internal error: {logs.exception_line(exc)}{hint}")
+
+
+def _store_shown() -> str:
+    """`` sqlite:///…`` (password hidden) when this command has loaded its config, else ``""``."""
+    ctx = click.get_current_context(silent=True)
+    c = ctx.find_object(Ctx) if ctx is not None else None
+    if c is None or c._config is None:
+        return ""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return " " + make_url(c._config.state_url()).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only decoration of an error line
+        return ""
+
+
 def guarded(fn: Callable[[], T]) -> T:
-    """Run ``fn``; turn syncd errors into one clear line and the contract's exit code."""
+    """Run ``fn``; turn every exception into one clear line and the contract's exit code.
+
+    2: bad config, mapping files or usage; 1: a failure during work (and any unexpected
+    error, reported as ``internal error: Type: message``); 130: interrupted. Click's own
+    exceptions (usage errors, ``--help``) and ``sys.exit`` pass through.
+    """
     try:
         return fn()
-    except (ConfigError, MappingError) as exc:
-        _fail(2, str(exc))
-    except AuthError as exc:
-        _fail(1, f"authentication failed: {exc}")
-    except BudgetExhausted as exc:
-        _fail(1, f"API budget exhausted: {exc}")
-    except SyncError as exc:
-        _fail(1, str(exc))
+    except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort,
+            SystemExit, BrokenPipeError):
+        raise
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the one place every failure becomes a line
+        _report(exc)
+
+
+class _Syncd(click.Group):
+    """The top-level group: usage errors, too, are one line (exit 2), and nothing escapes as a traceback."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        _DEBUG["on"] = False
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `syncd` alone (click ≥ 8.2): the help, as click does
+                exc.show()
+                sys.exit(exc.exit_code)
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            _fail(exc.exit_code, f"{exc.format_message()}{where}")
+        except click.ClickException as exc:
+            _fail(exc.exit_code, exc.format_message())
+        except click.exceptions.Abort as exc:
+            _report(exc.__cause__ if isinstance(exc.__cause__, KeyboardInterrupt) else KeyboardInterrupt())
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - never a traceback, even from set-up
+            _report(exc)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 class Ctx:
@@ -45,33 +132,81 @@ class Ctx:
         self.log_format = log_format
         self.verbose = verbose
         self._config: Config | None = None
+        self._with_credentials = False
 
-    def config(self) -> Config:
-        if self._config is None:
-            self._config = load_config(config_path(self.config_arg))
+    def config(self, *, credentials: bool = True) -> Config:
+        """The config, validated. ``credentials=False``: a command that calls no API (the secret
+        files are not checked: an operator's shell may rightly be unable to read them)."""
+        if self._config is None or (credentials and not self._with_credentials):
+            self._config = load_config(config_path(self.config_arg), credentials=credentials)
+            self._with_credentials = credentials
             self.setup_logging(self._config)
         return self._config
 
     def setup_logging(self, cfg: Config | None) -> None:
         level = "debug" if self.verbose else (cfg.logging.level if cfg else "info")
         fmt = self.log_format or (cfg.logging.format if cfg else "auto")
-        logs.configure(level=level, fmt=fmt, show_emails=bool(cfg and cfg.logging.show_emails))
+        logs.configure(level=level, fmt=fmt, show_emails=bool(cfg and cfg.logging.show_emails),
+                       tracebacks=self.verbose or level == "debug", capture_stdlib=True)
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Syncd, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_arg", metavar="FILE", default=None,
               help="Config file (default ./syncd.toml, or $SYNCD_CONFIG).")
 @click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default=None)
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("-v", "--verbose", "--debug", "verbose", is_flag=True,
+              help="Debug logging, and the Python traceback of an error (for bug reports).")
 @click.version_option(package_name="syncd")
 @click.pass_context
 def main(ctx: click.Context, config_arg: str | None, log_format: str | None, verbose: bool) -> None:
     """syncd keeps HubSpot and Salesforce aligned on one sales & marketing glossary."""
+    _DEBUG["on"] = verbose
     ctx.obj = Ctx(config_arg, log_format, verbose)
     ctx.obj.setup_logging(None)
+
+
+# -- argument checks ------------------------------------------------------------------------------
+
+def _rule_ids() -> tuple[str, ...]:
+    """The rule ids syncd.rules declares: its ``RULE_IDS`` if it has one, else the rules its steps
+    (``PERSON_STEPS``, ``RETURN_STEPS``) name, else the list in its docstring."""
+    from syncd import rules
+
+    declared = tuple(getattr(rules, "RULE_IDS", ()))
+    if not declared:
+        steps = [*getattr(rules, "PERSON_STEPS", ()), *getattr(rules, "RETURN_STEPS", ())]
+        declared = tuple(dict.fromkeys(r for step in steps for r in getattr(step, "rules", ())))
+    if not declared:
+        doc = rules.__doc__ or ""
+        section = doc.split("Rule ids:", 1)[1].split("\n\n", 1)[0] if "Rule ids:" in doc else ""
+        declared = tuple(re.findall(r"^\s+(R\d+-[a-z0-9-]+)\s", section, re.M))
+    return tuple(sorted(declared, key=lambda r: (int(re.sub(r"\D.*", "", r[1:]) or 0), r)))
+
+
+def _known_rule(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """``--rule R2-returned`` (or just ``R2``): a rule id syncd.rules declares."""
+    if value is None:
+        return None
+    known = _rule_ids()
+    if not known or value in known:
+        return value
+    by_number = [r for r in known if r.split("-", 1)[0].lower() == value.strip().lower()]
+    if len(by_number) == 1:
+        return by_number[0]
+    raise click.BadParameter(f"unknown rule id {value!r} (known: {', '.join(known)})")
+
+
+def _finite_positive(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
+    if not math.isfinite(value) or value <= 0:
+        raise click.BadParameter(f"{value} is not a positive number")
+    return value
+
+
+Count = click.IntRange(min=0)
+Port = click.IntRange(min=0, max=65535)
 
 
 # -- sync -----------------------------------------------------------------------------------------
@@ -129,7 +264,7 @@ def status(c: Ctx, as_json: bool) -> None:
     from syncd.store import Store
 
     def go() -> None:
-        cfg = c.config()
+        cfg = c.config(credentials=False)
         store = Store.open(cfg.state_url())
         try:
             data = status_data(store, datetime.now(UTC),
@@ -147,11 +282,11 @@ def status(c: Ctx, as_json: bool) -> None:
 @main.command()
 @click.option("--email", default=None, help="A person's email (matched normalised).")
 @click.option("--id", "record_id", default=None, help="A record id (either system).")
-@click.option("--rule", default=None)
+@click.option("--rule", default=None, callback=_known_rule, help="A rule id, e.g. R2-returned (or R2).")
 @click.option("--system", type=click.Choice(["hubspot", "salesforce"]), default=None)
 @click.option("--since", type=click.DateTime(), default=None)
 @click.option("--until", type=click.DateTime(), default=None)
-@click.option("--limit", type=int, default=200, show_default=True,
+@click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True,
               help="Show the most recent N writes.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
@@ -162,8 +297,11 @@ def audit(c: Ctx, email: str | None, record_id: str | None, rule: str | None, sy
     from syncd.report import print_audit
     from syncd.store import Store
 
+    if since is not None and until is not None and since.replace(tzinfo=None) >= until.replace(tzinfo=None):
+        raise click.BadParameter(f"--since {since} is not before --until {until}", param_hint="'--since'")
+
     def go() -> None:
-        cfg = c.config()
+        cfg = c.config(credentials=False)
         store = Store.open(cfg.state_url())
         try:
             with store.tx() as tx:
@@ -209,18 +347,22 @@ def mappings_check(c: Ctx, directory: Path | None, live: bool, fmt: str) -> None
     from syncd.mapping_check import check_directory, compare_live, exit_code, format_problems
 
     def go() -> int:
+        # the config is read when it names the folder, when --live needs it, or when it is given
+        use_config = live or c.config_arg is not None or (directory is None and config_path(None).exists())
+        cfg = c.config(credentials=live) if use_config else None
         d = directory
         if d is None:
+            from syncd.mapping import default_mappings_dir
             from syncd.runtime import mappings_dir
 
-            d = mappings_dir(c.config()) if (c.config_arg or config_path(None).exists()) else None
-            if d is None:
-                from syncd.mapping import default_mappings_dir
-
-                d = default_mappings_dir()
+            d = mappings_dir(cfg) if cfg is not None else default_mappings_dir()
         if not d.is_dir():
             _fail(2, f"{d}: not a readable directory")
         problems = check_directory(d)
+        if cfg is not None and cfg.mappings.sla == "defaults":  # the built-in SLA is asked for
+            from syncd.sla import SLA_MISSING
+
+            problems = [p for p in problems if p.code != SLA_MISSING]
         if live and not any(p.severity == "error" for p in problems):
             from syncd.mapping import load_mappings
             from syncd.runtime import build_connectors
@@ -243,7 +385,7 @@ def mappings_check(c: Ctx, directory: Path | None, live: bool, fmt: str) -> None
 @mappings.command("impact")
 @click.option("--from", "rev_from", default="HEAD", show_default=True, help="Git revision of the old mappings.")
 @click.option("--to", "rev_to", default=None, help="Git revision of the new mappings (default: working tree).")
-@click.option("--samples", type=int, default=3, show_default=True)
+@click.option("--samples", type=Count, default=3, show_default=True, help="Example records per change.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def mappings_impact(c: Ctx, rev_from: str, rev_to: str | None, samples: int, as_json: bool) -> None:
@@ -253,7 +395,7 @@ def mappings_impact(c: Ctx, rev_from: str, rev_to: str | None, samples: int, as_
     from syncd.store import Store
 
     def go() -> None:
-        cfg = c.config()
+        cfg = c.config(credentials=False)
         store = Store.open(cfg.state_url())
         try:
             result = impact(store, mappings_dir(cfg), rev_from, rev_to, samples=samples)
@@ -303,11 +445,12 @@ def run(c: Ctx) -> None:
 
 
 @main.command()
-@click.option("--people", type=int, default=200, show_default=True)
-@click.option("--deals", type=int, default=60, show_default=True)
+@click.option("--people", type=Count, default=200, show_default=True)
+@click.option("--deals", type=Count, default=60, show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--keep-running", is_flag=True, help="Leave the sandbox and the service up to explore.")
-@click.option("--speed", type=float, default=1.0, show_default=True, help="Story speed factor.")
+@click.option("--speed", type=float, default=1.0, show_default=True, callback=_finite_positive,
+              help="Story speed factor (> 0; 10 plays it ten times faster).")
 @pass_ctx
 def demo(c: Ctx, people: int, deals: int, seed: int, keep_running: bool, speed: float) -> None:
     """Sandbox CRMs on loopback, seeded; the real daemon runs against them and tells what it did."""
@@ -324,16 +467,17 @@ def sandbox() -> None:
 
 @sandbox.command("serve")
 @click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--people", type=int, default=1000, show_default=True)
-@click.option("--deals", type=int, default=None, help="Default: a fifth of --people.")
-@click.option("--hubspot-port", type=int, default=0)
-@click.option("--salesforce-port", type=int, default=0)
-@click.option("--dir", "directory", type=click.Path(path_type=Path), default=None,
+@click.option("--people", type=Count, default=1000, show_default=True)
+@click.option("--deals", type=Count, default=None, help="Default: a fifth of --people.")
+@click.option("--hubspot-port", type=Port, default=0, help="Default: any free port.")
+@click.option("--salesforce-port", type=Port, default=0, help="Default: any free port.")
+@click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Where to write the CA bundle and a ready-to-use syncd.toml (default: a temp dir).")
 def sandbox_serve(seed: int, people: int, deals: int | None, hubspot_port: int, salesforce_port: int,
                   directory: Path | None) -> None:
     """Serve seeded simulators until Ctrl-C; prints URLs, token/session and CA path."""
     from syncd.sandbox import serve_forever
+
 
     sys.exit(guarded(lambda: serve_forever(seed=seed, people=people, deals=deals, hubspot_port=hubspot_port,
                                            salesforce_port=salesforce_port, directory=directory)))

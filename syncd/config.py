@@ -1,28 +1,187 @@
 """The deployment config: TOML, validated up front into frozen objects.
 
-Unknown keys, wrong types and missing values are errors that name the file, the
-key and what is wrong (exit 2). Secrets never live in the config: it names the
-environment variable or the secret file that holds them.
+Every problem is found at load and reported at once, on one line (``; `` between
+problems), each naming the file, the line and the key: unknown keys, wrong types,
+missing required keys, URLs without a scheme or host, ports out of range, a state
+URL that does not parse, files named in the config that are not there or cannot be
+read (the mapping folder is the mapping loader's to check: it names what is missing).
+Secrets never live in the config: it names the environment variable or the secret
+file that holds them.
 """
 
 from __future__ import annotations
 
+import codecs
+import difflib
 import os
+import re
+import ssl
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+)
 
+from syncd._toml import locate
 from syncd.errors import ConfigError
+from syncd.logs import one_line
 
 DEFAULT_CONFIG = "syncd.toml"
 CONFIG_ENV = "SYNCD_CONFIG"
+EXAMPLE = "config.example.toml"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+
+# -- field checks -----------------------------------------------------------------------------------
+# They raise ValueError; pydantic collects every one of them, so all problems are reported at once.
+# File checks need to know where relative paths start: the loader passes it as validation context
+# ({"base_dir": Path, "credentials": bool}); without a context (a Config built in code) they are skipped.
+
+_USERINFO = re.compile(r"(://[^/@\s]*?:)[^/@\s]*@")
+
+
+def _shown(url: str) -> str:
+    """A URL as an error may show it: any password replaced by ***."""
+    return _USERINFO.sub(r"\1***@", url)
+
+
+def _http_url(v: str) -> str:
+    if not v.strip():
+        raise ValueError("is empty (expected https://HOST)")
+    if v != v.strip() or any(c.isspace() for c in v):
+        raise ValueError(f"{_shown(v)!r} contains spaces")
+    try:
+        u = urlsplit(v)
+        port = u.port
+    except ValueError as exc:  # a bad port or a broken [IPv6] literal
+        why = str(exc).lower()
+        why = ("the port is not a number" if "cast to integer" in why else
+               "the port is out of range (1-65535)" if "out of range" in why else why)
+        raise ValueError(f"{_shown(v)!r} does not parse: {why}") from None
+    if u.scheme not in ("https", "http"):
+        what = f"scheme {u.scheme!r}" if u.scheme and "//" in v else "no scheme"
+        raise ValueError(f"{_shown(v)!r} has {what} (expected https://HOST or http://HOST)")
+    if not u.hostname:
+        raise ValueError(f"{_shown(v)!r} has no host (expected {u.scheme}://HOST)")
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"{_shown(v)!r}: port {port} is out of range (1-65535)")
+    if u.query or u.fragment:
+        raise ValueError(f"{_shown(v)!r} must not carry a query or a fragment")
+    return v
+
+
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_name(v: str | None) -> str | None:
+    if v and not _ENV_NAME.fullmatch(v):  # "" (or none): no variable, e.g. when a secret file is named
+        # never echo the value: a common slip is pasting the secret itself here
+        raise ValueError("is not an environment variable name (letters, digits, _): it names the "
+                         "variable that holds the credential, never the credential itself")
+    return v
+
+
+EnvName = Annotated[str | None, AfterValidator(_env_name)]
+
+
+def _resolved(p: Path, info: ValidationInfo) -> Path | None:
+    ctx = info.context if isinstance(info.context, dict) else None
+    if ctx is None or "base_dir" not in ctx:
+        return None
+    return p if p.is_absolute() else Path(ctx["base_dir"]) / p
+
+
+def _open_check(path: Path) -> None:
+    """Raise ValueError naming ``path`` unless it is a regular file this process can read."""
+    try:
+        if not path.exists():
+            raise ValueError(f"{path}: no such file")
+        if not path.is_file():
+            raise ValueError(f"{path}: not a regular file")
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _ca_bundle(p: Path | None, info: ValidationInfo) -> Path | None:
+    path = _resolved(p, info) if p is not None else None
+    if path is None:
+        return p
+    try:
+        _open_check(path)
+        ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError:
+        raise ValueError(f"{path}: not a PEM CA bundle (no certificate could be read from it)") from None
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    return p
+
+
+def _secret_file(p: Path | None, info: ValidationInfo) -> Path | None:
+    path = _resolved(p, info) if p is not None else None
+    if path is None or not (info.context or {}).get("credentials", True):
+        return p  # commands that call no API do not need (and may not be able to read) the secrets
+    _open_check(path)
+    try:
+        empty = path.stat().st_size == 0
+    except OSError:  # gone between the two checks: reading it later names it again
+        empty = False
+    if empty:
+        raise ValueError(f"{path}: the secret file is empty")
+    return p
+
+
+CaBundle = Annotated[Path | None, AfterValidator(_ca_bundle)]
+SecretFile = Annotated[Path | None, AfterValidator(_secret_file)]
+
+_STATE_DRIVERS = ("sqlite", "postgresql", "postgresql+psycopg", "postgres")
+_STATE_FORMS = "sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
+
+
+def _state_url(v: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if v.startswith("sqlite:") and not v.startswith("sqlite://"):
+        raise ValueError(f"{v!r} does not parse: an SQLite URL has three slashes, "
+                         "sqlite:///relative/path.db or sqlite:////absolute/path.db")
+    try:
+        u = make_url(v)
+        port = u.port
+    except (ArgumentError, ValueError) as exc:
+        why = "the port is not a number" if isinstance(exc, ValueError) and "int()" in str(exc) else "not a URL"
+        raise ValueError(f"{_shown(v)!r} does not parse: {why} (expected {_STATE_FORMS})") from None
+    shown = _shown(v)
+    if u.drivername not in _STATE_DRIVERS:
+        raise ValueError(f"{shown!r}: unsupported database {u.drivername!r} (expected {_STATE_FORMS})")
+    if u.drivername == "sqlite":
+        if u.host:
+            raise ValueError(f"{shown!r}: an SQLite URL has no host; three slashes, then the path "
+                             "(sqlite:///relative/path.db or sqlite:////absolute/path.db)")
+    elif port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"{shown!r}: port {port} is out of range (1-65535)")
+    return v
+
+
+StateUrl = Annotated[str, AfterValidator(_state_url)]
+
+
+# -- the sections ------------------------------------------------------------------------------------
 
 class _Credential(_Section):
     """Where a secret comes from: an environment variable, or a file (e.g. a systemd credential)."""
@@ -32,8 +191,9 @@ class _Credential(_Section):
             path = file if file.is_absolute() else base / file
             try:
                 value = path.read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"{system}: cannot read secret file {path}: {exc.strerror}") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                why = getattr(exc, "strerror", None) or "not UTF-8 text"
+                raise ConfigError(f"{system}: cannot read secret file {path}: {why}") from None
             if not value:
                 raise ConfigError(f"{system}: secret file {path} is empty")
             return SecretStr(value)
@@ -49,10 +209,10 @@ PositiveSeconds = Annotated[float, Field(gt=0)]
 
 
 class HubSpotConfig(_Credential):
-    base_url: str = "https://api.hubapi.com"
-    token_env: str | None = "SYNCD_HUBSPOT_TOKEN"
-    token_file: Path | None = None
-    ca_bundle: Path | None = None
+    base_url: HttpUrl  # required: no silent production default
+    token_env: EnvName = "SYNCD_HUBSPOT_TOKEN"
+    token_file: SecretFile = None
+    ca_bundle: CaBundle = None
     timeout_s: PositiveSeconds = 30.0
     daily_budget: Annotated[int, Field(gt=0)] = 250_000
 
@@ -61,10 +221,10 @@ class HubSpotConfig(_Credential):
 
 
 class SalesforceConfig(_Credential):
-    instance_url: str = "https://login.salesforce.com"
-    session_env: str | None = "SYNCD_SALESFORCE_SESSION"
-    session_file: Path | None = None
-    ca_bundle: Path | None = None
+    instance_url: HttpUrl  # required: your org's My Domain URL, never a guessed login host
+    session_env: EnvName = "SYNCD_SALESFORCE_SESSION"
+    session_file: SecretFile = None
+    ca_bundle: CaBundle = None
     timeout_s: PositiveSeconds = 30.0
     daily_budget: Annotated[int, Field(gt=0)] = 15_000
 
@@ -73,18 +233,13 @@ class SalesforceConfig(_Credential):
 
 
 class StateConfig(_Section):
-    url: str = "sqlite:///syncd.db"
-
-    @field_validator("url")
-    @classmethod
-    def _known_backend(cls, v: str) -> str:
-        if not v.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
-            raise ValueError("must be sqlite:///PATH or postgresql://…")
-        return v
+    url: StateUrl = "sqlite:///syncd.db"
 
 
 class MappingsConfig(_Section):
     dir: Path | None = None  # default: the mappings/ shipped with syncd
+    # "file": the folder's sla.toml, which must exist; "defaults": the built-in SLA when it has none
+    sla: Literal["file", "defaults"] = "file"
 
 
 class SyncConfig(_Section):
@@ -115,8 +270,8 @@ class LoggingConfig(_Section):
 
 
 class Config(_Section):
-    hubspot: HubSpotConfig = HubSpotConfig()
-    salesforce: SalesforceConfig = SalesforceConfig()
+    hubspot: HubSpotConfig
+    salesforce: SalesforceConfig
     state: StateConfig = StateConfig()
     mappings: MappingsConfig = MappingsConfig()
     sync: SyncConfig = SyncConfig()
@@ -136,56 +291,142 @@ class Config(_Section):
         return url
 
 
+# -- loading -----------------------------------------------------------------------------------------
+
 def config_path(explicit: str | None) -> Path:
     return Path(explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
 
 
-def load_config(path: Path) -> Config:
-    """Read and validate ``path``; every problem is reported at once, one per line."""
+def load_config(path: Path, *, credentials: bool = True) -> Config:
+    """Read and validate ``path``; every problem is reported at once, on one line.
+
+    ``credentials=False`` (commands that call no API: status, audit, impact) skips the checks of
+    the secret files, which an operator's shell may rightly be unable to read.
+    """
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found (use --config or {CONFIG_ENV}; "
-                          "see config.example.toml)") from None
+                          f"see {EXAMPLE})") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    text = _decode(path, raw)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    if "base_dir" in data:
-        raise ConfigError(f"{path}: base_dir: unknown key")
-    return parse_config(data, source=str(path), base_dir=path.resolve().parent, text=text)
+        raise ConfigError(_toml_error(path, exc)) from None
+    except (ValueError, RecursionError) as exc:  # tomllib's own edge cases, e.g. huge nesting
+        raise ConfigError(f"{path}: invalid TOML: {one_line(str(exc)) or type(exc).__name__}") from None
+    return parse_config(data, source=str(path), base_dir=path.resolve().parent, text=text,
+                        credentials=credentials)
 
 
-def parse_config(data: dict[str, object], *, source: str, base_dir: Path, text: str = "") -> Config:
+def _decode(path: Path, raw: bytes) -> str:
+    """UTF-8 text; a UTF-8 BOM (as some editors write) is accepted and dropped."""
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise ConfigError(f"{path}: the file is UTF-16 text; save it as UTF-8")
     try:
-        return Config.model_validate({**data, "base_dir": base_dir})
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = skip + exc.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text: byte 0x{raw[offset]:02x} at offset {offset}; "
+                          "save the file as UTF-8") from None
+
+
+def _toml_error(path: Path, exc: tomllib.TOMLDecodeError) -> str:
+    return f"{path}: invalid TOML: {one_line(str(exc))}"  # tomllib says "(at line N, column M)"
+
+
+def parse_config(data: dict[str, Any], *, source: str, base_dir: Path, text: str = "",
+                 credentials: bool = True) -> Config:
+    """Validate parsed TOML; raise one ConfigError naming every problem (``; `` between them)."""
+    problems: list[str] = []
+    data = dict(data)
+    if "base_dir" in data:
+        data.pop("base_dir")
+        problems.append(f"{source}: base_dir: unknown key")
+    try:
+        cfg = Config.model_validate({**data, "base_dir": base_dir},
+                                    context={"base_dir": base_dir, "credentials": credentials})
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"])
-            line = _line_of(text, err["loc"])
-            where = f"{source}:{line}" if line else source
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"{where}: {key}: {msg}")
-        raise ConfigError("\n".join(lines)) from None
+        problems = _problems(exc, source, text) + problems
+    else:
+        if not problems:
+            return cfg
+    raise ConfigError("; ".join(problems))
 
 
-def _line_of(text: str, loc: tuple[object, ...]) -> int | None:
-    """Best-effort line of ``[section]`` / ``key =`` for a validation error."""
-    if not text or not loc:
-        return None
-    section, key = str(loc[0]), str(loc[-1]) if len(loc) > 1 else None
-    in_section = False
-    section_line = None
-    for n, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if line.startswith("["):
-            in_section = line.strip("[] ") == section
-            if in_section:
-                section_line = n
-            continue
-        if key and in_section and line.split("=", 1)[0].strip() == key:
-            return n
-    return section_line
+def _problems(exc: ValidationError, source: str, text: str) -> list[str]:
+    locator = locate(text) if text else None
+
+    def where(loc: tuple[Any, ...]) -> str:
+        if locator is not None:
+            for n in range(len(loc), 0, -1):
+                pos = locator.exact(tuple(loc[:n]))
+                if pos is not None:
+                    return f"{source}:{pos[0]}"
+        return source
+
+    missing: list[str] = []
+    out: list[str] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        if err["type"] == "missing":
+            missing += _required_keys(loc)
+        else:
+            out.append(f"{where(loc)}: {_key(loc)}: {one_line(_message(err))}")
+    if missing:
+        out.insert(0, f"{source}: missing required key{'s' if len(missing) > 1 else ''}: "
+                      f"{', '.join(missing)} (see {EXAMPLE})")
+    return out
+
+
+def _message(err: Any) -> str:
+    """What an operator reads for one pydantic error (``err`` is its ErrorDetails)."""
+    kind, loc = err["type"], tuple(err["loc"])
+    if kind == "extra_forbidden":
+        return "unknown key" + _did_you_mean(loc)
+    if kind == "value_error":
+        return str(err.get("ctx", {}).get("error", err["msg"]))
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        key = _key(loc)
+        return f"must be a table ([{key}] or {key} = {{ … }})"
+    if kind == "path_type":
+        return "must be a path (a string)"
+    return str(err["msg"])
+
+
+def _key(loc: tuple[Any, ...]) -> str:
+    key = ".".join(str(p) for p in loc)
+    key = one_line(key)
+    return key if len(key) <= 80 else key[:77] + "..."
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field is not None else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _required_keys(loc: tuple[Any, ...]) -> list[str]:
+    """A missing key, or for a missing section the keys in it that are required."""
+    sub = _model_at(loc)
+    if sub is None:
+        return [_key(loc)]
+    return [_key((*loc, name)) for name, f in sub.model_fields.items() if f.is_required()] or [_key(loc)]
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    model = _model_at(loc[:-1])
+    if model is None:
+        return ""
+    known = [n for n in model.model_fields if n != "base_dir"]
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""

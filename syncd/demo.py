@@ -8,6 +8,7 @@ and what syncd changed, where and why, from syncd's own audit trail.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from syncd.errors import SyncError
+from syncd.errors import ConfigError, SyncError
 from syncd.logs import mask_email
 from syncd.report import print_status, status_data
 from syncd.sandbox import Sandbox
@@ -104,6 +105,12 @@ class _Narrator:
 
 def run_demo(*, people: int = 200, deals: int = 60, seed_value: int | None = None, seed: int = 1,
              keep_running: bool = False, speed: float = 1.0, console: Console | None = None) -> int:
+    problems = [f"--{name} must not be negative, not {n}" for name, n in (("people", people), ("deals", deals))
+                if n < 0]
+    if not (math.isfinite(speed) and speed > 0):
+        problems.append(f"--speed must be a positive number, not {speed}")
+    if problems:  # before anything starts
+        raise ConfigError("demo: " + "; ".join(problems))
     console = console or Console()
     # The narrative is the output; the demo's own log lines (story steps) would only interleave with it.
     from syncd import logs
@@ -133,12 +140,13 @@ def _demo(console: Console, sb: Sandbox, workdir: Path, people: int, deals: int,
     log_file = (workdir / "service.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "syncd", "--config", str(cfg), "run"],
                             stdout=log_file, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+    service_log = workdir / "service.log"
     store = Store.open(state_url)
     narrator = _Narrator(console, summary)
     since = datetime.now(UTC)
     try:
         # 1. the first cycles reconcile the seeded data
-        _wait_first_cycles(store, proc, timeout=60)
+        _wait_first_cycles(store, proc, service_log, timeout=60)
         rows = _audit_since(store, since)
         narrator.writes(rows, detail_all=False)
         console.print(f"{narrator.stamp()} [green]syncd[/green]     first cycles done: "
@@ -151,7 +159,7 @@ def _demo(console: Console, sb: Sandbox, workdir: Path, people: int, deals: int,
         thread = story.play(sb.hubspot, sb.salesforce, summary, speed=speed, stop=stop)
         try:
             while thread.is_alive():
-                _check_alive(proc)
+                _check_alive(proc, service_log)
                 narrator.writes(_audit_since(store, since), detail_all=False)
                 thread.join(timeout=0.5)
         finally:
@@ -159,7 +167,7 @@ def _demo(console: Console, sb: Sandbox, workdir: Path, people: int, deals: int,
         # 3. let syncd catch up with the last step
         deadline = time.monotonic() + 4 * DEALS_INTERVAL_S
         while time.monotonic() < deadline:
-            _check_alive(proc)
+            _check_alive(proc, service_log)
             narrator.writes(_audit_since(store, since), detail_all=False)
             time.sleep(0.5)
         if keep_running:
@@ -188,21 +196,21 @@ def _demo(console: Console, sb: Sandbox, workdir: Path, people: int, deals: int,
         log_file.close()
 
 
-def _check_alive(proc: subprocess.Popen[bytes]) -> None:
+def _check_alive(proc: subprocess.Popen[bytes], service_log: Path) -> None:
     if proc.poll() is not None:
-        raise SyncError(f"the service exited early with code {proc.returncode}; see its log")
+        raise SyncError(f"the service exited early with code {proc.returncode}; see its log, {service_log}")
 
 
-def _wait_first_cycles(store: Store, proc: subprocess.Popen[bytes], timeout: float) -> None:
+def _wait_first_cycles(store: Store, proc: subprocess.Popen[bytes], service_log: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        _check_alive(proc)
+        _check_alive(proc, service_log)
         with store.tx() as tx:
             jobs = {r.job for r in tx.last_runs(limit=50) if r.status == "ok"}
         if any("contacts" in j for j in jobs) and any("deals" in j for j in jobs):
             return
         time.sleep(0.3)
-    raise SyncError("the service did not complete a cycle within a minute; see its log")
+    raise SyncError(f"the service did not complete a cycle within {timeout:.0f} s; see its log, {service_log}")
 
 
 def _audit_since(store: Store, since: datetime) -> list[AuditRow]:

@@ -3,11 +3,16 @@
 Every number and term the rules in :mod:`syncd.rules` use lives here, typed and
 frozen. :func:`load_sla` fails closed with ``MappingError("file:line:col: …")``;
 :func:`sla_problems` reports every problem at once (for ``syncd mappings check``).
+
+The mapping folder is complete or refused: a folder without ``sla.toml`` is an
+error, unless the config asks for the built-in SLA (``[mappings] sla = "defaults"``,
+passed here as ``defaults=True``).
 """
 
 from __future__ import annotations
 
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -188,29 +193,59 @@ def _semantic_problems(path: Path, sla: SLA, loc: Locator, directory: Path) -> l
     return out
 
 
-def sla_problems(directory: Path) -> list[Problem]:
-    """Every problem in ``directory/sla.toml``: schema, ranges, ownership, unknown terms."""
-    path = Path(directory) / SLA_FILE
-    if not path.exists():
-        return []  # the defaults apply
-    problems = problems_for(path, SLA)
-    if problems:
-        return problems
-    sla, loc = parse_file(path, SLA)
-    return _semantic_problems(path, sla, loc, Path(directory))
+#: :attr:`Problem.code` of a folder without sla.toml (``syncd mappings check`` drops it when the
+#: config says ``[mappings] sla = "defaults"``)
+SLA_MISSING = "sla-missing"
 
 
-def load_sla(directory: Path) -> SLA:
-    """The SLA in ``directory/sla.toml`` (defaults when the file is absent).
+def _missing(path: Path) -> Problem:
+    return Problem(str(path), 1, 1,
+                   f"missing: the mapping folder has no {SLA_FILE} (add one, e.g. a copy of the shipped "
+                   f"mappings/{SLA_FILE}, or set [mappings] sla = \"defaults\" in the config to use "
+                   "the built-in SLA)", code=SLA_MISSING)
 
-    Raises MappingError("file:line:col: message") on the first error.
+
+def _flat(text: str) -> str:
+    """A key or value quoted in a message may hold line breaks: a problem is one line."""
+    return text if text.isprintable() else " ".join(text.split())  # every line break is whitespace
+
+
+def _one_line(p: Problem) -> Problem:
+    return p if p.message.isprintable() else replace(p, message=_flat(p.message))
+
+
+def sla_problems(directory: Path, *, defaults: bool = False) -> list[Problem]:
+    """Every problem in ``directory/sla.toml``: schema, ranges, ownership, unknown terms.
+
+    A missing file is a problem unless ``defaults`` (then the built-in SLA applies).
     """
     path = Path(directory) / SLA_FILE
     if not path.exists():
-        return SLA()
-    sla, loc = parse_file(path, SLA)
+        return [] if defaults else [_missing(path)]
+    problems = problems_for(path, SLA)
+    if not problems:
+        sla, loc = parse_file(path, SLA)
+        problems = _semantic_problems(path, sla, loc, Path(directory))
+    return [_one_line(p) for p in problems]
+
+
+def load_sla(directory: Path, *, defaults: bool = False) -> SLA:
+    """The SLA in ``directory/sla.toml``; the built-in SLA when the file is absent and ``defaults``.
+
+    Raises MappingError("file:line:col: message") on the first error, and for a missing file
+    unless ``defaults`` (the config's ``[mappings] sla = "defaults"``).
+    """
+    path = Path(directory) / SLA_FILE
+    if not path.exists():
+        if defaults:
+            return SLA()
+        raise MappingError(str(_missing(path)))
+    try:
+        sla, loc = parse_file(path, SLA)
+    except MappingError as exc:
+        raise MappingError(_flat(str(exc))) from None
     errors = [p for p in _semantic_problems(path, sla, loc, Path(directory))
               if p.severity == "error"]
     if errors:
-        raise MappingError(str(errors[0]))
+        raise MappingError(str(_one_line(errors[0])))
     return sla

@@ -150,15 +150,66 @@ class Sandbox:
         return counts
 
 
+_PORT_FLAGS = ("--hubspot-port", "--salesforce-port")
+
+
+def _check_serve_args(*, people: int, deals: int | None, hubspot_port: int, salesforce_port: int,
+                      directory: Path | None) -> None:
+    """Bad arguments of ``sandbox serve`` as one ConfigError (exit 2), before anything starts."""
+    from syncd.errors import ConfigError
+
+    ports = dict(zip(_PORT_FLAGS, (hubspot_port, salesforce_port), strict=True))
+    counts = {"--people": people, "--deals": 0 if deals is None else deals}
+    problems = [f"{flag} must not be negative, not {n}" for flag, n in counts.items() if n < 0]
+    problems += [f"{flag} must be a port, 0-65535 (0: any free port), not {port}"
+                 for flag, port in ports.items() if not 0 <= port <= 65535]
+    if hubspot_port and hubspot_port == salesforce_port:
+        problems.append(f"--hubspot-port and --salesforce-port are both {hubspot_port}; they need two ports")
+    if problems:
+        raise ConfigError("sandbox serve: " + "; ".join(problems))
+    for flag, port in ports.items():
+        why = _cannot_listen(port) if port else None
+        if why:
+            raise ConfigError(f"sandbox serve {flag} {port}: cannot listen on 127.0.0.1:{port}: {why}")
+    if directory is not None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"sandbox serve --dir {directory}: cannot create it: {exc.strerror or exc}") from None
+
+
+def _cannot_listen(port: int) -> str | None:
+    """Why 127.0.0.1:``port`` cannot be listened on (in use, not allowed), or None."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the simulators' servers do
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            return (exc.strerror or str(exc)).lower()
+    return None
+
+
 def serve_forever(*, seed: int, people: int, deals: int | None, hubspot_port: int, salesforce_port: int,
                   directory: Path | None) -> int:
-    """``syncd sandbox serve``: seeded simulators until Ctrl-C / SIGTERM."""
+    """``syncd sandbox serve``: seeded simulators until Ctrl-C / SIGTERM.
+
+    Bad arguments, a port already in use and an unusable ``--dir`` are ConfigError (exit 2):
+    the fix is the operator's (another port, another folder), and nothing was started.
+    """
     import click
 
+    from syncd.errors import ConfigError
     from syncd.sandbox.seed import SeedSpec
     from syncd.sandbox.seed import seed as seed_apps
 
-    sb = Sandbox(directory, hubspot_port=hubspot_port, salesforce_port=salesforce_port).start()
+    _check_serve_args(people=people, deals=deals, hubspot_port=hubspot_port, salesforce_port=salesforce_port,
+                      directory=directory)
+    try:
+        sb = Sandbox(directory, hubspot_port=hubspot_port, salesforce_port=salesforce_port).start()
+    except OSError as exc:  # lost a race for a port since the check, or the folder is not writable
+        raise ConfigError(f"sandbox serve: cannot start the simulators: {exc.strerror or exc}") from None
     try:
         summary: Any = seed_apps(sb.hubspot, sb.salesforce,
                                  SeedSpec(seed=seed, people=people, deals=deals if deals is not None else people // 5))

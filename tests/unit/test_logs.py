@@ -116,10 +116,6 @@ def test_the_console_renderer_is_scrubbed_as_well() -> None:
     assert EMAIL not in text and TOKEN not in text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: the scrubber runs before format_exc_info, so a logged traceback keeps the "
-    "exception's raw text (emails, Bearer tokens); fix in syncd/logs.py by scrubbing the rendered "
-    "'exception' field (or moving scrubber after format_exc_info), then drop this marker"))
 def test_a_logged_exception_is_scrubbed(emit: Callable[..., list[dict[str, Any]]]) -> None:
     try:
         raise RuntimeError(f"update of {EMAIL} refused for Bearer {TOKEN}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from syncd.errors import MappingError
-from syncd.sla import SLA, load_sla, sla_problems
+from syncd.sla import SLA, SLA_MISSING, load_sla, sla_problems
 
 MAPPINGS = Path(__file__).resolve().parents[2] / "mappings"
 
@@ -49,9 +49,14 @@ def test_the_shipped_file_is_the_documented_defaults() -> None:
     assert sla.owner_of("deal_stage") == "salesforce"
 
 
-def test_a_missing_file_means_the_defaults(tmp_path: Path) -> None:
-    assert load_sla(tmp_path) == SLA()
-    assert sla_problems(tmp_path) == []
+def test_a_missing_file_is_refused_unless_the_defaults_are_asked_for(tmp_path: Path) -> None:
+    with pytest.raises(MappingError, match=r"sla\.toml:1:1: missing: .*sla = \"defaults\""):
+        load_sla(tmp_path)
+    (p,) = sla_problems(tmp_path)
+    assert p.code == SLA_MISSING and p.file == str(tmp_path / "sla.toml")
+    # [mappings] sla = "defaults" in the config: the built-in SLA
+    assert load_sla(tmp_path, defaults=True) == SLA()
+    assert sla_problems(tmp_path, defaults=True) == []
 
 
 def test_the_model_is_frozen() -> None:
