@@ -256,7 +256,7 @@ def make_engine(
     ``unavailable`` names the systems left out on purpose (backed off) and why."""
     conns = {s: c for s, c in rt.connectors.items() if systems is None or s in systems}
     sync = rt.config.sync
-    return ObservedEngine(
+    engine = ObservedEngine(
         rt.store,
         rt.mappings,
         rt.sla,
@@ -270,6 +270,9 @@ def make_engine(
         owner=owner,
         dry_run=dry_run,
     )
+    engine.writeback.retry_base_s = sync.write_retry_base_s
+    engine.writeback.retry_cap_s = sync.write_retry_cap_s
+    return engine
 
 
 def cycle_leases(group: str | None) -> list[str]:
