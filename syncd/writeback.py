@@ -143,12 +143,14 @@ class WriteBack:
         for system, conn in self.connectors.items():
             if only is not None and system not in only:
                 continue
+            tried: set[int] = set()  # each row is sent at most once per flush, however short its backoff
             while not self.should_stop():
                 with self._tx() as tx:
-                    due = tx.due(system, None, self.clock(), self.write_batch)
+                    due = [r for r in tx.due(system, None, self.clock(), self.write_batch) if r.id not in tried]
                     if not due:
                         break
                     tx.mark_sending([r.id for r in due])
+                tried.update(r.id for r in due)
                 by_obj: dict[tuple[str, str], list[OutboxRow]] = {}
                 for r in due:
                     by_obj.setdefault((r.object, r.op), []).append(r)
