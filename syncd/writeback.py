@@ -54,6 +54,14 @@ class WriteBack:
         # ``retry_base_s`` up to ``retry_cap_s``, jittered (make_engine sets them from config).
         self.retry_base_s = 2.0
         self.retry_cap_s = 300.0
+        # Fencing (set by syncd.resync where the leases are held): ``may_send`` is asked right
+        # before each CRM call; False (the lease was lost) stops this flush at once, dropping
+        # the batch in hand (its rows stay ``sending``: the new holder looks first and finishes
+        # them). ``fence`` (lease, owner, token) guards marking rows done.
+        self.may_send: Callable[[], bool] = lambda: True
+        self.fence: tuple[str, str, int] | None = None
+        self.call_timeout_s = 30.0
+        self.fenced = False
 
     def _record_event(self, tx: Tx, entity: str, d: rules.Decision, still_open: bool) -> None:
         # Each event the rules emit is a new occurrence (their memory emits it once): a second
@@ -145,24 +153,35 @@ class WriteBack:
                 continue
             tried: set[int] = set()  # each row is sent at most once per flush, however short its backoff
             while not self.should_stop():
+                if not self._may_send():  # outside the transaction: the check is a store write of its own
+                    return
                 with self._tx() as tx:
                     due = [r for r in tx.due(system, None, self.clock(), self.write_batch) if r.id not in tried]
                     if not due:
                         break
-                    tx.mark_sending([r.id for r in due])
+                    tx.mark_sending([r.id for r in due], fence=self.fence[2] if self.fence else None)
                 tried.update(r.id for r in due)
                 by_obj: dict[tuple[str, str], list[OutboxRow]] = {}
                 for r in due:
                     by_obj.setdefault((r.object, r.op), []).append(r)
                 for (obj, op), batch in by_obj.items():
+                    if not self._may_send():
+                        return
                     self._send(conn, system, obj, op, batch, stats)
+
+    def _may_send(self) -> bool:
+        if self.fenced or not self.may_send():
+            self.fenced = True
+            log.error("writes_fenced", note="the lease is lost: nothing more is sent by this process")
+            return False
+        return True
 
     def _send(self, conn: Connector, system: str, obj: str, op: str, batch: list[OutboxRow],
               stats: CycleStats) -> None:
         try:
             if op == "update" and any(r.state == "sending" for r in batch):
                 batch = self._look_first(conn, system, obj, batch, stats)
-                if not batch:
+                if not batch or not self._may_send():
                     return
             if op == "create":
                 results = self._create_idempotent(conn, system, obj, batch)
@@ -179,7 +198,9 @@ class WriteBack:
             for r in batch:
                 res = by_key.get(str(r.id))
                 if res is not None and res.ok:
-                    tx.mark_done(r.id, result_id=res.record_id, now=self.clock())
+                    if not tx.mark_done(r.id, result_id=res.record_id, now=self.clock(), fence=self.fence):
+                        log.warning("write_done_fenced", outbox_id=r.id, note="another process holds the lease now")
+                        continue
                     stats.sent += 1
                     if self.on_write:
                         self.on_write(r, res.record_id)
@@ -223,7 +244,7 @@ class WriteBack:
                 now = held.get(str(r.record_id))
                 verdict = _compare(r, now)
                 if verdict == "applied":
-                    if tx.mark_done(r.id, result_id=r.record_id, now=self.clock()):
+                    if tx.mark_done(r.id, result_id=r.record_id, now=self.clock(), fence=self.fence):
                         stats.sent += 1
                         if self.on_write:
                             self.on_write(r, r.record_id)

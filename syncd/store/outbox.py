@@ -88,24 +88,31 @@ class OutboxTx(TxBase):
                 out[m["id"]] = _outbox(m)
         return out
 
-    def mark_sending(self, ids: Iterable[int]) -> None:
-        """About to send: counts one attempt. Commit this before sending."""
+    def mark_sending(self, ids: Iterable[int], fence: int | None = None) -> None:
+        """About to send: counts one attempt (``fence``: the lease token it is sent under).
+        Commit this before sending."""
         t = s.outbox
         for chunk in _chunks(sorted(set(ids))):
             self.conn.execute(sa.update(t).where(t.c.id.in_(chunk), t.c.state.in_(OUTBOX_OPEN))
-                              .values(state="sending", attempts=t.c.attempts + 1))
+                              .values(state="sending", attempts=t.c.attempts + 1, fence=fence))
 
     def mark_done(self, id: int, result_id: str | None = None,
-                  now: datetime | None = None) -> bool:
+                  now: datetime | None = None, fence: tuple[str, str, int] | None = None) -> bool:
         """The CRM accepted the write: state done + one audit row per canonical field.
 
         Exactly once: returns False (and writes nothing) when the entry was not
-        pending/sending (already done, skipped or quarantined).
+        pending/sending (already done, skipped or quarantined), or, with ``fence`` (lease
+        name, owner, token), when that acquisition of the lease is no longer the latest
+        (another process took the work over; it looks first and finishes the row).
         """
         t = s.outbox
         now = now or utcnow()
+        where = [t.c.id == id, t.c.state.in_(OUTBOX_OPEN)]
+        if fence is not None:
+            le = s.leases
+            where.append(sa.exists().where(le.c.name == fence[0], le.c.owner == fence[1], le.c.token == fence[2]))
         done = self.conn.execute(
-            sa.update(t).where(t.c.id == id, t.c.state.in_(OUTBOX_OPEN))
+            sa.update(t).where(*where)
             .values(state="done", done_at=now, result_id=result_id, last_error=None)
             .returning(*t.c)
         ).mappings().first()
