@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -183,6 +184,14 @@ class _BadRequest(Exception):
         self.message = message
 
 
+class _Conflict(_BadRequest):
+    """A 409 CONFLICT: for a create, the record exists already (HubSpot names its id)."""
+
+    def existing_id(self) -> str | None:
+        m = re.search(r"Existing ID:\s*(\d+)", self.message)
+        return m.group(1) if m else None
+
+
 def _transport(endpoint: str, e: BaseException, idempotent: bool) -> Exception:
     err = RetriableError(f"hubspot {endpoint}: transport: {type(e).__name__}", system=SYSTEM)
     return lost_answer(err, idempotent=idempotent)
@@ -342,6 +351,8 @@ class HubSpotConnector:
                                  retry_after=_retry_after(headers), body=msg, system=SYSTEM)
         if status == 400:
             raise _BadRequest(f"{status} {msg}")
+        if status == 409:
+            raise _Conflict(f"{status} {msg}")
         raise FatalError(f"hubspot {endpoint}: {status} {msg}", system=SYSTEM)
 
     def _read_budget(self, headers: Any) -> None:
@@ -646,6 +657,21 @@ class HubSpotConnector:
         try:
             resp = self._call(f"{obj}.batch_create", f"{obj}.batch", "create", body,
                               idempotent=False)
+        except _Conflict as e:
+            # One contact per email: the create is already there (an earlier send whose answer
+            # was lost, or a record made meanwhile). Applied, with the id HubSpot names; a batch
+            # is refused as a whole, so halve it to find which input it was.
+            existing = e.existing_id()
+            if len(chunk) == 1:
+                results[chunk[0].key] = (WriteResult(chunk[0].key, True, existing) if existing
+                                         else WriteResult(chunk[0].key, False, None, e.message))
+                if existing:
+                    log.info("hubspot create already applied", object=obj, record_id=existing)
+                return
+            half = len(chunk) // 2
+            self._create_chunk(obj, chunk[:half], results)
+            self._create_chunk(obj, chunk[half:], results)
+            return
         except _BadRequest as e:
             if len(chunk) == 1:
                 results[chunk[0].key] = WriteResult(chunk[0].key, False, None, e.message)

@@ -253,6 +253,10 @@ class SyncConfig(_Section):
     # Never act on half a picture: an entity is decided only when every object it reads pulled
     # successfully within this many intervals of its group (and finished a first full pull).
     freshness_intervals: Annotated[float, Field(ge=1, le=1000)] = 2.0
+    # A write that failed transiently (5xx, timeout) is sent again after a jittered wait that
+    # doubles from write_retry_base_s up to write_retry_cap_s; it is never given up.
+    write_retry_base_s: PositiveSeconds = 2.0
+    write_retry_cap_s: PositiveSeconds = 300.0
 
     def intervals(self) -> dict[str, float]:
         return {"contacts": self.contacts_interval_s, "deals": self.deals_interval_s}

@@ -125,6 +125,13 @@ class ServiceMetrics:
         self.unmapped_values = Gauge(
             "syncd_unmapped_values", "Distinct CRM values no mapping names.", ["system"], registry=r
         )
+        self.failing_after = 5  # sends: a write failing this often is alerted on (the service sets max_tries)
+        self.failing_writes = Gauge(
+            "syncd_outbox_failing_writes",
+            "Writes that failed transiently at least max_tries sends and are still retried (alert on > 0).",
+            ["system"],
+            registry=r,
+        )
         self.sla_breaches = Gauge("syncd_sla_breaches_open", "Open SLA breach events.", registry=r)
         self.picture_held = Gauge(
             "syncd_picture_incomplete",
@@ -217,11 +224,14 @@ class ServiceMetrics:
 
         with store.tx() as tx:
             depth = {s: tx.outbox_depth(s) for s in SYSTEMS}
+            failing = {s: tx.count_failing_writes(self.failing_after, s) for s in SYSTEMS}
             quarantine = tx.open_quarantine()
             unmapped = tx.unmapped_values()
             breaches = len(tx.open_events("sla_breach"))
         for name, n in depth.items():
             self.outbox_depth.labels(name).set(n)
+        for name, n in failing.items():
+            self.failing_writes.labels(name).set(n)
         q: dict[tuple[str, str], int] = {(s, k): 0 for s in SYSTEMS for k in ("record", "write")}
         for row in quarantine:
             q[(row.system, row.kind)] = q.get((row.system, row.kind), 0) + 1

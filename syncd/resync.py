@@ -39,6 +39,7 @@ log = structlog.get_logger()
 
 LEASE_TTL_S = 30.0  # a dead holder's lease lapses after this; holders renew every TTL/3
 LEASE_WAIT_S = 120.0  # how long a resync waits for a group's running cycle to finish
+LEASE_MARGIN_S = 5.0  # a CRM call is sent only while the lease lasts its timeout plus this
 
 
 # -- the request ----------------------------------------------------------------------------------
@@ -143,6 +144,7 @@ class LeaseKeeper:
         self.owner = owner
         self.ttl_s = ttl_s
         self._held: set[str] = set()
+        self._tokens: dict[str, int] = {}  # lease -> the fencing token of our acquisition
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew_loop, name="syncd-leases", daemon=True)
@@ -150,10 +152,36 @@ class LeaseKeeper:
 
     def try_acquire(self, name: str) -> bool:
         with self.store.tx() as tx:
-            ok = tx.acquire_lease(name, self.owner, self.ttl_s, utcnow())
-        if ok:
+            token = tx.acquire_lease_token(name, self.owner, self.ttl_s, utcnow())
+        if token is not None:
             with self._lock:
                 self._held.add(name)
+                self._tokens[name] = token
+        return token is not None
+
+    def fence(self, name: str) -> tuple[str, str, int] | None:
+        """(lease, owner, token) of our acquisition of ``name``, for guarded store writes."""
+        with self._lock:
+            token = self._tokens.get(name) if name in self._held else None
+        return (name, self.owner, token) if token is not None else None
+
+    def confirm(self, names: Sequence[str], for_s: float) -> bool:
+        """Right before a CRM call: do we still hold every one of ``names`` (this acquisition,
+        unexpired)? Each is extended to last ``for_s`` more (the call's timeout). False: the
+        lease was lost (we stalled past its TTL and another process took it): stop sending."""
+        with self._lock:
+            mine = {n: self._tokens.get(n) for n in names if n in self._held}
+        if len(mine) != len(names) or any(t is None for t in mine.values()):
+            return False
+        try:
+            with self.store.tx() as tx:
+                now = utcnow()
+                ok = all(tx.confirm_lease(n, self.owner, int(t or 0), now, for_s) for n, t in mine.items())
+        except Exception as exc:  # noqa: BLE001 - the store away: we cannot prove we hold it, so we do not send
+            log.warning("lease_confirm_failed", error=str(exc))
+            return False
+        if not ok:
+            log.error("lease_lost", leases=list(names), note="stopped sending; the new holder resends, looking first")
         return ok
 
     def release(self, name: str) -> None:
@@ -205,7 +233,7 @@ class LeaseKeeper:
             for name in held:
                 try:
                     with self.store.tx() as tx:
-                        ok = tx.renew_lease(name, self.owner, self.ttl_s, utcnow())
+                        ok = tx.renew_lease(name, self.owner, self.ttl_s, utcnow(), self._tokens.get(name))
                     if not ok:
                         log.warning("lease_lost", lease=name)
                 except Exception as exc:  # noqa: BLE001 - the store may be briefly away; retry next tick
@@ -256,7 +284,7 @@ def make_engine(
     ``unavailable`` names the systems left out on purpose (backed off) and why."""
     conns = {s: c for s, c in rt.connectors.items() if systems is None or s in systems}
     sync = rt.config.sync
-    return ObservedEngine(
+    engine = ObservedEngine(
         rt.store,
         rt.mappings,
         rt.sla,
@@ -270,6 +298,10 @@ def make_engine(
         owner=owner,
         dry_run=dry_run,
     )
+    engine.writeback.call_timeout_s = max(rt.config.hubspot.timeout_s, rt.config.salesforce.timeout_s)
+    engine.writeback.retry_base_s = sync.write_retry_base_s
+    engine.writeback.retry_cap_s = sync.write_retry_cap_s
+    return engine
 
 
 def cycle_leases(group: str | None) -> list[str]:
@@ -288,10 +320,20 @@ def run_cycle(
     """The one way a cycle runs (the service's jobs and ``syncd sync --once``): holding the
     group's ``cycle:<group>`` lease and the decide lease, so nothing decides beside another
     daemon. None when the leases could not be had within ``wait_s``."""
-    with keeper.holding(cycle_leases(group), wait_s=wait_s, should_stop=should_stop) as got:
+    leases = cycle_leases(group)
+    with keeper.holding(leases, wait_s=wait_s, should_stop=should_stop) as got:
         if not got:
             return None
+        fence_writes(engine, keeper, leases)
         return engine.cycle(group)
+
+
+def fence_writes(engine: Engine, keeper: LeaseKeeper, leases: Sequence[str]) -> None:
+    """Fencing: the engine's writer confirms, right before each CRM call, that this process
+    still holds ``leases`` for the call's timeout, and marks writes done only under its token."""
+    wb = engine.writeback
+    wb.may_send = lambda: keeper.confirm(leases, wb.call_timeout_s + LEASE_MARGIN_S)
+    wb.fence = keeper.fence(DECIDE_LEASE)
 
 
 def interrupt_dead_runs(store: Store, owner: str, *, fresh_s: float) -> int:
@@ -333,6 +375,7 @@ def run_resync(
                 f"resync: another daemon kept {', '.join(leases)} busy "
                 f"for {LEASE_WAIT_S:.0f}s; try again"
             )
+        fence_writes(engine, keeper, leases)
         return _run(rt, req, engine)
 
 

@@ -96,6 +96,7 @@ class Service:
                 "salesforce": cfg.salesforce.daily_budget,
             },
         )
+        self.metrics.failing_after = self.rt.sla.writeback.max_tries
         self.keeper = LeaseKeeper(self.rt.store, self.owner)
         self.backoff: dict[str, tuple[datetime, str]] = {}  # system -> (retry at, why)
         self.stopping = threading.Event()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
@@ -49,6 +50,18 @@ class WriteBack:
         self.write_batch = write_batch
         self.on_write = on_write
         self.should_stop = should_stop
+        # How long a transiently failing write waits before its next send: doubling from
+        # ``retry_base_s`` up to ``retry_cap_s``, jittered (make_engine sets them from config).
+        self.retry_base_s = 2.0
+        self.retry_cap_s = 300.0
+        # Fencing (set by syncd.resync where the leases are held): ``may_send`` is asked right
+        # before each CRM call; False (the lease was lost) stops this flush at once, dropping
+        # the batch in hand (its rows stay ``sending``: the new holder looks first and finishes
+        # them). ``fence`` (lease, owner, token) guards marking rows done.
+        self.may_send: Callable[[], bool] = lambda: True
+        self.fence: tuple[str, str, int] | None = None
+        self.call_timeout_s = 30.0
+        self.fenced = False
 
     def _record_event(self, tx: Tx, entity: str, d: rules.Decision, still_open: bool) -> None:
         # Each event the rules emit is a new occurrence (their memory emits it once): a second
@@ -93,15 +106,14 @@ class WriteBack:
                             rule=d.rule, error=str(exc))
                 continue
             target = raw_now.get((d.system, d.object, d.record_id or ""))
+            basis: dict[str, Any] | None = None
             if d.action == "set":
                 if not fields:
                     continue
-                if target is not None and d.record_id is not None:
-                    rk = (d.system, d.object, d.record_id)
-                    row = held.get(rk) if held is not None else tx.get_records([rk]).get(rk)
-                    if row is not None and all(_same(row.raw.get(k), v) for k, v in fields.items()):
-                        stats.skipped += 1
-                        continue
+                noop, basis = self._basis(tx, d, fields, target, held)
+                if noop:
+                    stats.skipped += 1
+                    continue
             clear_first = tuple(self.mappings.clear_first_fields(d.system, d.object, d.changes)) \
                 if d.backwards else ()
             key = d.key or _idempotency_key(d, fields, target)
@@ -110,13 +122,27 @@ class WriteBack:
                 op="create" if d.action == "create" else "update", fields=jsonable(fields),
                 clear_first=clear_first, email_norm=email_of(current, d),
                 canonical={k: [jsonable(d.before.get(k)), jsonable(v)] for k, v in d.changes.items()},
-                rule=d.rule, reason=d.reason, mapping_rev=self.mappings.revision))
+                rule=d.rule, reason=d.reason, mapping_rev=self.mappings.revision, basis=basis))
             if self.dry_run:  # the table --dry-run prints; a real cycle keeps memory flat instead
                 stats.planned.append(PlannedWrite(d.system, d.object, d.record_id, items[-1].op, who(current),
                                                   {k: (d.before.get(k), v) for k, v in d.changes.items()},
                                                   d.rule, d.reason))
         if items:
             tx.enqueue(items)
+
+    def _basis(self, tx: Tx, d: rules.Decision, fields: Mapping[str, Any], target: CanonicalRecord | None,
+               held: Mapping[RecordKey, RecordRow] | None) -> tuple[bool, dict[str, Any] | None]:
+        """(the target already holds every value: a no-op, the held raw values of ``fields``:
+        what a resend compares the CRM with first; None when the store has no copy)."""
+        if target is None or d.record_id is None or d.system is None or d.object is None:
+            return False, None
+        rk = (d.system, d.object, d.record_id)
+        row = held.get(rk) if held is not None else tx.get_records([rk]).get(rk)
+        if row is None:
+            return False, None
+        if all(_same(row.raw.get(k), v) for k, v in fields.items()):
+            return True, None
+        return False, jsonable({k: row.raw.get(k) for k in fields})
 
     def flush(self, stats: CycleStats, systems: Iterable[str] | None = None) -> None:
         """Send due outbox rows in CRM-sized batches; mark each done, retried or quarantined.
@@ -125,21 +151,38 @@ class WriteBack:
         for system, conn in self.connectors.items():
             if only is not None and system not in only:
                 continue
+            tried: set[int] = set()  # each row is sent at most once per flush, however short its backoff
             while not self.should_stop():
+                if not self._may_send():  # outside the transaction: the check is a store write of its own
+                    return
                 with self._tx() as tx:
-                    due = tx.due(system, None, self.clock(), self.write_batch)
+                    due = [r for r in tx.due(system, None, self.clock(), self.write_batch) if r.id not in tried]
                     if not due:
                         break
-                    tx.mark_sending([r.id for r in due])
+                    tx.mark_sending([r.id for r in due], fence=self.fence[2] if self.fence else None)
+                tried.update(r.id for r in due)
                 by_obj: dict[tuple[str, str], list[OutboxRow]] = {}
                 for r in due:
                     by_obj.setdefault((r.object, r.op), []).append(r)
                 for (obj, op), batch in by_obj.items():
+                    if not self._may_send():
+                        return
                     self._send(conn, system, obj, op, batch, stats)
+
+    def _may_send(self) -> bool:
+        if self.fenced or not self.may_send():
+            self.fenced = True
+            log.error("writes_fenced", note="the lease is lost: nothing more is sent by this process")
+            return False
+        return True
 
     def _send(self, conn: Connector, system: str, obj: str, op: str, batch: list[OutboxRow],
               stats: CycleStats) -> None:
         try:
+            if op == "update" and any(r.state == "sending" for r in batch):
+                batch = self._look_first(conn, system, obj, batch, stats)
+                if not batch or not self._may_send():
+                    return
             if op == "create":
                 results = self._create_idempotent(conn, system, obj, batch)
             else:
@@ -155,18 +198,72 @@ class WriteBack:
             for r in batch:
                 res = by_key.get(str(r.id))
                 if res is not None and res.ok:
-                    tx.mark_done(r.id, result_id=res.record_id, now=self.clock())
+                    if not tx.mark_done(r.id, result_id=res.record_id, now=self.clock(), fence=self.fence):
+                        log.warning("write_done_fenced", outbox_id=r.id, note="another process holds the lease now")
+                        continue
                     stats.sent += 1
                     if self.on_write:
                         self.on_write(r, res.record_id)
+                    continue
+                err = (res.error if res is not None else None) or "UNKNOWN: no result from the CRM"
+                retriable = res.retriable if res is not None else True
+                self._failed(tx, r, err, retriable, stats)
+
+    def _failed(self, tx: Tx, r: OutboxRow, err: str, retriable: bool, stats: CycleStats) -> None:
+        """One write failed: a transient failure is sent again later, however often it failed
+        (alerted on once it failed ``max_tries`` sends); a permanent one is quarantined now."""
+        attempts = r.attempts + 1  # ``r`` as due() read it; mark_sending counted this send
+        quarantined = tx.mark_failed(r.id, err, self._backoff(attempts), retriable=retriable, now=self.clock())
+        stats.failed += 1
+        if quarantined:
+            log.warning("write_quarantined", system=r.system, object=r.object, outbox_id=r.id,
+                        record_id=r.record_id, error=err, next="the person is decided again")
+        elif attempts >= self.sla.writeback.max_tries:
+            log.error("write_failing", system=r.system, object=r.object, outbox_id=r.id,
+                      record_id=r.record_id, attempts=attempts, error=err,
+                      next="retried until the CRM takes it (transient failure)")
+        else:
+            log.warning("write_failed", system=r.system, object=r.object, outbox_id=r.id,
+                        record_id=r.record_id, attempts=attempts, error=err, next="retried")
+
+    def _look_first(self, conn: Connector, system: str, obj: str, batch: list[OutboxRow],
+                    stats: CycleStats) -> list[OutboxRow]:
+        """Updates found ``sending`` (a crash or a lease takeover after they were handed out)
+        are never resent blindly: the targets are read again (one fetch for the batch) and each
+        compared with the basis its decision was made on. The CRM already holds the intended
+        values → done; it changed since the basis (someone edited the record after the
+        decision) → superseded (audited, the person decided again); else → resent.
+        Returns the rows still to send."""
+        stale = [r for r in batch if r.state == "sending" and r.record_id]
+        ids = list(dict.fromkeys(str(r.record_id) for r in stale))
+        held = {rec.id: rec.fields for rec in conn.fetch(obj, ids)} if ids else {}
+        stale_ids = {r.id for r in stale}
+        resend = [r for r in batch if r.id not in stale_ids]
+        with self._tx() as tx:
+            for r in stale:
+                now = held.get(str(r.record_id))
+                verdict = _compare(r, now)
+                if verdict == "applied":
+                    if tx.mark_done(r.id, result_id=r.record_id, now=self.clock(), fence=self.fence):
+                        stats.sent += 1
+                        if self.on_write:
+                            self.on_write(r, r.record_id)
+                    log.info("resend_found_applied", system=system, object=obj, outbox_id=r.id,
+                             record_id=r.record_id)
+                elif verdict == "changed":
+                    assert now is not None
+                    changed = {k: [(r.basis or {}).get(k), now.get(k)] for k in r.fields
+                               if not _same((r.basis or {}).get(k), now.get(k))}
+                    why = (f"not resent: {system} changed "
+                           + ", ".join(f"{k} {b!r} -> {a!r}" for k, (b, a) in sorted(changed.items()))
+                           + " since the decision; decided again on what is there now")
+                    tx.mark_superseded(r.id, why, now=self.clock())
+                    stats.skipped += 1
+                    log.warning("write_superseded", system=system, object=obj, outbox_id=r.id,
+                                record_id=r.record_id, rule=r.rule, fields=sorted(changed))
                 else:
-                    err = res.error if res is not None else "no result from the CRM"
-                    attempts = r.attempts + 1
-                    quarantined = tx.mark_failed(r.id, err or "failed", self._backoff(attempts),
-                                                 self.sla.writeback.max_tries, now=self.clock())
-                    stats.failed += 1
-                    log.warning("write_failed", system=system, object=obj, outbox_id=r.id,
-                                record_id=r.record_id, error=err, quarantined=quarantined)
+                    resend.append(r)
+        return sorted(resend, key=lambda r: r.id)
 
     def _create_idempotent(self, conn: Connector, system: str, obj: str,
                            batch: list[OutboxRow]) -> list[Any]:
@@ -197,15 +294,15 @@ class WriteBack:
         return results
 
     def _fail_all(self, batch: list[OutboxRow], err: str, stats: CycleStats) -> None:
+        """The whole batch failed transiently (5xx, timeout, connection): all retried later."""
         with self._tx() as tx:
             for r in batch:
-                tx.mark_failed(r.id, err, self._backoff(r.attempts + 1), self.sla.writeback.max_tries,
-                               now=self.clock())
-                stats.failed += 1
+                self._failed(tx, r, err, True, stats)
         log.warning("write_batch_failed", size=len(batch), error=err)
 
     def _backoff(self, attempts: int) -> datetime:
-        return self.clock() + timedelta(seconds=min(300.0, 2.0 ** attempts))
+        ceiling = min(self.retry_cap_s, self.retry_base_s * 2.0 ** (min(attempts, 40) - 1))
+        return self.clock() + timedelta(seconds=random.uniform(ceiling / 2, ceiling))  # jitter: no lockstep
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -228,6 +325,26 @@ def _same(a: Any, b: Any) -> bool:
         except (TypeError, ValueError):
             return False
     return str(a) == str(b)
+
+
+def _compare(r: OutboxRow, now: Mapping[str, Any] | None) -> str:
+    """A resent update against what the CRM holds ``now``: ``applied`` (every written field
+    holds its value), ``changed`` (a field differs from the decision's basis: someone else
+    wrote it since), or ``unknown`` (resend: nothing says it was overtaken). A field cleared
+    on purpose first (``clear_first``) may be found cleared: that is our own half-done write."""
+    if now is None or any(k not in now for k in r.fields):
+        return "unknown"
+    if all(_same(now.get(k), v) for k, v in r.fields.items()):
+        return "applied"
+    if r.basis is None:
+        return "unknown"
+    for k in r.fields:
+        held = now.get(k)
+        if k in r.clear_first and held in (None, ""):
+            continue
+        if k in r.basis and not _same(held, r.basis.get(k)) and not _same(held, r.fields[k]):
+            return "changed"
+    return "unknown"
 
 
 def _idempotency_key(d: rules.Decision, fields: Mapping[str, Any], target: CanonicalRecord | None) -> str:

@@ -20,6 +20,10 @@ unknown or the docs are silent:
   applies nothing (what the live API does for invalid property values); unknown
   ids and injected ``partial`` faults give 207 with per-record errors.
 - String search operators (EQ, NEQ, IN, NOT_IN) compare case-insensitively.
+- An API create of a contact whose email another contact has is refused: 409 CONFLICT,
+  ``"Contact already exists. Existing ID: <id>"`` (a batch create as a whole). The
+  ground-truth :meth:`add` may still make duplicates (to stage link conflicts).
+- :meth:`lose_answers` makes an endpoint apply requests and answer 504 (a lost answer).
 - Properties written as ``""`` are stored and returned as ``null``.
 - The 10-second burst limit is reported in headers but only enforced when
   ``enforce_burst=True``; the daily budget is always enforced (429 DAILY).
@@ -291,6 +295,14 @@ class HubSpotApp:
         self._next_id = {"contacts": 101, "deals": 9001}
         self._assoc: dict[str, dict[str, set[str]]] = {"contacts": {}, "deals": {}}
         self._burst: deque[float] = deque()
+        # endpoint -> how many more requests are applied and then answered 504 (lost answers)
+        self._lose: dict[str, int] = {}
+
+    def lose_answers(self, endpoint: str, count: int = 1) -> None:
+        """The next ``count`` requests to ``endpoint`` are applied, then answered 504 (a gateway
+        timeout after the CRM did the work: the client cannot tell it was applied)."""
+        with self._lock:
+            self._lose[endpoint] = self._lose.get(endpoint, 0) + count
 
     # ------------------------------------------------------------------ ground truth
     def add(
@@ -398,6 +410,9 @@ class HubSpotApp:
         try:
             with self._lock:
                 resp = handler(req, faults, endpoint, *args)
+                if self._lose.get(endpoint):
+                    self._lose[endpoint] -= 1
+                    resp = Response(504, _error_body("The gateway timed out", "GATEWAY_TIMEOUT"))
         except ApiError as e:
             resp = e.response
         if not endpoint.endswith(".search"):
@@ -697,8 +712,27 @@ class HubSpotApp:
         st.sorted_ids.clear()
         return Response(204)
 
+    def _refuse_duplicate_emails(self, t: str, inputs: list[Mapping[str, Any]]) -> None:
+        """HubSpot keeps one contact per email: an API create of an email a contact already has
+        (or that two inputs share) is refused as a whole, 409 CONFLICT naming the existing id."""
+        if t != "contacts":
+            return
+        held = {str(r.props.get("email") or "").strip().lower(): rid
+                for rid, r in self._stores[t].records.items() if not r.archived and r.props.get("email")}
+        seen: set[str] = set()
+        for inp in inputs:
+            email = str((inp.get("properties") or {}).get("email") or "").strip().lower()
+            if not email:
+                continue
+            if email in held:
+                raise ApiError(409, f"Contact already exists. Existing ID: {held[email]}", "CONFLICT")
+            if email in seen:
+                raise ApiError(400, f"Duplicate email {email!r} in one batch", "VALIDATION_ERROR")
+            seen.add(email)
+
     def _h_create(self, req: Request, _f: FaultPlan, endpoint: str, t: str) -> Response:
         props = (req.json() or {}).get("properties") or {}
+        self._refuse_duplicate_emails(t, [{"properties": props}])
         at = self._clock()
         rid = self._create(t, props, at)
         self._log(endpoint, t, rid, props, at)
@@ -755,6 +789,7 @@ class HubSpotApp:
         started = iso(self._clock())
         for inp in inputs:
             self._validate(t, inp.get("properties") or {})
+        self._refuse_duplicate_emails(t, inputs)
         # A create has no id yet: partial faults match its objectWriteTraceId, else its
         # position in the batch ("0", "1", ...).
         keys = [str(inp.get("objectWriteTraceId") or i) for i, inp in enumerate(inputs)]

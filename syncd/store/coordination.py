@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,6 +19,8 @@ from syncd.store.rows import (
     HeartbeatRow,
     ResyncRow,
 )
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # a released lease's expiry: before any ``now``
 
 
 class CoordinationTx(TxBase):
@@ -112,29 +114,52 @@ class CoordinationTx(TxBase):
     # ------------------------------------------------------------------- leases
 
     def acquire_lease(self, name: str, owner: str, ttl_s: float, now: datetime) -> bool:
-        """Take (or extend) the lease if it is free, expired or already ours. Atomic:
-        one row per name, taken with one INSERT … ON CONFLICT DO UPDATE … WHERE.
-        Commit right away (own short ``tx()``) so others see it."""
+        """Take (or extend) the lease if it is free, expired or already ours (see
+        :meth:`acquire_lease_token`)."""
+        return self.acquire_lease_token(name, owner, ttl_s, now) is not None
+
+    def acquire_lease_token(self, name: str, owner: str, ttl_s: float, now: datetime) -> int | None:
+        """Take the lease if it is free, expired or already ours; returns its fencing token
+        (one more than the previous acquisition's: lease rows are never deleted, so tokens only
+        grow), None when someone else holds it. Atomic: one INSERT … ON CONFLICT DO UPDATE …
+        WHERE. Commit right away (own short ``tx()``) so others see it."""
         t = s.leases
         ins = self._insert(t)
-        stmt = ins.values(name=name, owner=owner,
+        stmt = ins.values(name=name, owner=owner, token=1,
                           expires_at=now + timedelta(seconds=ttl_s)).on_conflict_do_update(
             index_elements=[t.c.name],
-            set_={"owner": ins.excluded.owner, "expires_at": ins.excluded.expires_at},
+            set_={"owner": ins.excluded.owner, "expires_at": ins.excluded.expires_at, "token": t.c.token + 1},
             where=sa.or_(t.c.owner == ins.excluded.owner, t.c.expires_at <= now),
-        ).returning(t.c.name)
-        return self.conn.execute(stmt).first() is not None
+        ).returning(t.c.token)
+        token = self.conn.execute(stmt).scalar()
+        return int(token) if token is not None else None
 
-    def renew_lease(self, name: str, owner: str, ttl_s: float, now: datetime) -> bool:
-        """Extend a lease we still hold (even if it lapsed and nobody took it)."""
+    def renew_lease(self, name: str, owner: str, ttl_s: float, now: datetime,
+                    token: int | None = None) -> bool:
+        """Extend a lease we still hold (even if it lapsed and nobody took it); with ``token``,
+        only the acquisition that got it."""
         t = s.leases
-        return bool(self.conn.execute(sa.update(t).where(t.c.name == name, t.c.owner == owner)
-                                      .values(expires_at=now + timedelta(seconds=ttl_s))).rowcount)
+        q = sa.update(t).where(t.c.name == name, t.c.owner == owner)
+        if token is not None:
+            q = q.where(t.c.token == token)
+        return bool(self.conn.execute(q.values(expires_at=now + timedelta(seconds=ttl_s))).rowcount)
+
+    def confirm_lease(self, name: str, owner: str, token: int, now: datetime, for_s: float) -> bool:
+        """Fencing, right before a CRM call: True when this acquisition (``owner`` + ``token``)
+        still holds the lease, unexpired; it is then extended to last at least ``for_s`` more
+        (the call's timeout), so nobody can take it over while the call may still land."""
+        t = s.leases
+        until = now + timedelta(seconds=for_s)
+        return bool(self.conn.execute(
+            sa.update(t).where(t.c.name == name, t.c.owner == owner, t.c.token == token, t.c.expires_at > now)
+            .values(expires_at=sa.case((t.c.expires_at < until, until), else_=t.c.expires_at))).rowcount)
 
     def release_lease(self, name: str, owner: str) -> bool:
+        """Give the lease up: it lapses at once (the row and its token stay)."""
         t = s.leases
         return bool(self.conn.execute(
-            sa.delete(t).where(t.c.name == name, t.c.owner == owner)).rowcount)
+            sa.update(t).where(t.c.name == name, t.c.owner == owner, t.c.expires_at > _EPOCH)
+            .values(expires_at=_EPOCH)).rowcount)
 
     def lease_holder(self, name: str, now: datetime) -> str | None:
         """Who holds the lease at ``now`` (None if free or expired)."""

@@ -58,9 +58,44 @@ _V1_RUNS = sa.Table(
 )
 
 
+# ``outbox`` and ``leases`` as version 1 created them (schema 4 added basis, fence and token).
+_V1_OUTBOX = sa.Table(
+    "outbox", _v1_metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("key", sa.String(255), nullable=False, unique=True),
+    sa.Column("entity_id", sa.String(36), nullable=True, index=True),
+    sa.Column("email_norm", sa.String(320), nullable=True),
+    sa.Column("system", sa.String(32), nullable=False),
+    sa.Column("object", sa.String(64), nullable=False),
+    sa.Column("record_id", sa.String(64), nullable=True),
+    sa.Column("op", sa.String(8), nullable=False),
+    sa.Column("fields", schema.JSONType, nullable=False),
+    sa.Column("clear_first", schema.JSONType, nullable=False),
+    sa.Column("canonical", schema.JSONType, nullable=False),
+    sa.Column("rule", sa.String(64), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("mapping_rev", sa.String(64), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("next_attempt_at", schema.UTCDateTime(), nullable=False),
+    sa.Column("created_at", schema.UTCDateTime(), nullable=False),
+    sa.Column("done_at", schema.UTCDateTime(), nullable=True),
+    sa.Column("result_id", sa.String(64), nullable=True),
+    sa.Index("ix_outbox_due", "system", "object", "state", "next_attempt_at"),
+)
+_V1_LEASES = sa.Table(
+    "leases", _v1_metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("owner", sa.String(128), nullable=False),
+    sa.Column("expires_at", schema.UTCDateTime(), nullable=False),
+)
+_V1_FROZEN = {"runs", "outbox", "leases"}
+
+
 def _v1(conn: sa.Connection) -> None:
-    schema.metadata.create_all(conn, tables=[schema.metadata.tables[t] for t in _V1_TABLES if t != "runs"])
-    _v1_metadata.create_all(conn, tables=[_V1_RUNS])
+    schema.metadata.create_all(conn, tables=[schema.metadata.tables[t] for t in _V1_TABLES if t not in _V1_FROZEN])
+    _v1_metadata.create_all(conn, tables=[_V1_RUNS, _V1_OUTBOX, _V1_LEASES])
 
 
 def _v2(conn: sa.Connection) -> None:
@@ -86,10 +121,23 @@ def _v3(conn: sa.Connection) -> None:
         conn.execute(sa.text("ALTER TABLE runs ADD COLUMN owner VARCHAR(128)"))
 
 
+def _v4(conn: sa.Connection) -> None:
+    """Exactly-once effects: each outbox row keeps the basis of its decision (the held raw
+    values of the fields it writes) and the fencing token it was sent under; each lease a
+    fencing token that grows with every acquisition."""
+    json_type = "JSONB" if conn.dialect.name == "postgresql" else "JSON"
+    have = {t: {c["name"] for c in sa.inspect(conn).get_columns(t)} for t in ("outbox", "leases")}
+    for table, column, ddl in (("outbox", "basis", json_type), ("outbox", "fence", "BIGINT"),
+                               ("leases", "token", "BIGINT NOT NULL DEFAULT 0")):
+        if column not in have[table]:
+            conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
+
+
 STEPS: list[Step] = [
     Step(1, "initial schema", _v1),
     Step(2, "work-queue indexes (dirty records, due entities)", _v2),
     Step(3, "pull state per object; run owners", _v3),
+    Step(4, "outbox basis and fence; lease fencing tokens", _v4),
 ]
 
 LATEST = STEPS[-1].version

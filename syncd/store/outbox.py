@@ -60,6 +60,7 @@ class OutboxTx(TxBase):
                 "fields": dict(i.fields), "clear_first": list(i.clear_first),
                 "canonical": {f: list(v) for f, v in i.canonical.items()},
                 "rule": i.rule, "reason": i.reason, "mapping_rev": i.mapping_rev,
+                "basis": dict(i.basis) if i.basis is not None else None,
                 "state": "pending", "attempts": 0, "next_attempt_at": now, "created_at": now,
             })
         stmt = self._insert(t).on_conflict_do_nothing(index_elements=[t.c.key]).returning(t.c.id)
@@ -87,24 +88,31 @@ class OutboxTx(TxBase):
                 out[m["id"]] = _outbox(m)
         return out
 
-    def mark_sending(self, ids: Iterable[int]) -> None:
-        """About to send: counts one attempt. Commit this before sending."""
+    def mark_sending(self, ids: Iterable[int], fence: int | None = None) -> None:
+        """About to send: counts one attempt (``fence``: the lease token it is sent under).
+        Commit this before sending."""
         t = s.outbox
         for chunk in _chunks(sorted(set(ids))):
             self.conn.execute(sa.update(t).where(t.c.id.in_(chunk), t.c.state.in_(OUTBOX_OPEN))
-                              .values(state="sending", attempts=t.c.attempts + 1))
+                              .values(state="sending", attempts=t.c.attempts + 1, fence=fence))
 
     def mark_done(self, id: int, result_id: str | None = None,
-                  now: datetime | None = None) -> bool:
+                  now: datetime | None = None, fence: tuple[str, str, int] | None = None) -> bool:
         """The CRM accepted the write: state done + one audit row per canonical field.
 
         Exactly once: returns False (and writes nothing) when the entry was not
-        pending/sending (already done, skipped or quarantined).
+        pending/sending (already done, skipped or quarantined), or, with ``fence`` (lease
+        name, owner, token), when that acquisition of the lease is no longer the latest
+        (another process took the work over; it looks first and finishes the row).
         """
         t = s.outbox
         now = now or utcnow()
+        where = [t.c.id == id, t.c.state.in_(OUTBOX_OPEN)]
+        if fence is not None:
+            le = s.leases
+            where.append(sa.exists().where(le.c.name == fence[0], le.c.owner == fence[1], le.c.token == fence[2]))
         done = self.conn.execute(
-            sa.update(t).where(t.c.id == id, t.c.state.in_(OUTBOX_OPEN))
+            sa.update(t).where(*where)
             .values(state="done", done_at=now, result_id=result_id, last_error=None)
             .returning(*t.c)
         ).mappings().first()
@@ -125,6 +133,37 @@ class OutboxTx(TxBase):
             self.conn.execute(sa.insert(s.audit), audit_rows)
         return True
 
+    def mark_superseded(self, id: int, why: str, now: datetime | None = None) -> bool:
+        """A resend found its target changed since the decision: the write is cancelled
+        (state ``superseded``, ``why`` in ``last_error``), one audit row per canonical field
+        says so (rule ``superseded``, before → the value it would have written), and its
+        entity is marked due, so the person is decided again on what is true now."""
+        t = s.outbox
+        now = now or utcnow()
+        done = self.conn.execute(
+            sa.update(t).where(t.c.id == id, t.c.state.in_(OUTBOX_OPEN))
+            .values(state="superseded", done_at=now, last_error=why)
+            .returning(*t.c)
+        ).mappings().first()
+        if done is None:
+            return False
+        row = _outbox(done)
+        audit_rows = [
+            {
+                "at": now, "entity_id": row.entity_id, "email_norm": row.email_norm,
+                "system": row.system, "object": row.object, "record_id": row.record_id,
+                "field": field, "before": ba[0], "after": ba[1], "rule": "superseded",
+                "reason": f"{row.rule}: {why}", "mapping_rev": row.mapping_rev, "outbox_id": row.id,
+            }
+            for field, ba in sorted(row.canonical.items())
+        ]
+        if audit_rows:
+            self.conn.execute(sa.insert(s.audit), audit_rows)
+        if row.entity_id is not None:
+            e = s.entities
+            self.conn.execute(sa.update(e).where(e.c.entity_id == row.entity_id).values(due_at=now))
+        return True
+
     def mark_skipped(self, id: int, why: str, now: datetime | None = None) -> bool:
         """Not sent because the target already held the value; no audit row. ``why`` is
         kept in ``last_error``."""
@@ -133,19 +172,24 @@ class OutboxTx(TxBase):
             sa.update(t).where(t.c.id == id, t.c.state.in_(OUTBOX_OPEN))
             .values(state="skipped", done_at=now or utcnow(), last_error=why)).rowcount)
 
-    def mark_failed(self, id: int, error: str, next_attempt_at: datetime,
-                    max_attempts: int, now: datetime | None = None) -> bool:
-        """A send failed: back to pending at ``next_attempt_at``, or quarantined (True)
-        once ``attempts`` reached ``max_attempts``. A failure of an entry not marked
-        sending counts one attempt itself. A quarantined write also gets a
-        ``quarantine`` row (kind ``write``)."""
+    def mark_failed(self, id: int, error: str, next_attempt_at: datetime, *, retriable: bool,
+                    now: datetime | None = None) -> bool:
+        """A send failed. Returns True when the write was quarantined.
+
+        ``retriable`` (a 5xx, a timeout, a dropped connection, a lock): back to ``pending``
+        at ``next_attempt_at``, however often it failed before; it is never quarantined
+        (:meth:`failing_writes` reports the ones that keep failing). Not retriable (the CRM
+        refused this record: not found, deleted, a validation error): quarantined at once
+        with the CRM's reason (a ``quarantine`` row of kind ``write``), and its entity is
+        marked due, so the person is decided again on what is true now. A failure of an
+        entry not marked sending counts one attempt itself."""
         t = s.outbox
         now = now or utcnow()
         row = self.conn.execute(sa.select(t.c.state, t.c.attempts).where(t.c.id == id)).first()
         if row is None or row.state not in OUTBOX_OPEN:
             return False
         attempts = row.attempts + (0 if row.state == "sending" else 1)
-        quarantined = attempts >= max_attempts
+        quarantined = not retriable
         self.conn.execute(sa.update(t).where(t.c.id == id).values(
             state="quarantined" if quarantined else "pending", attempts=attempts,
             last_error=error, next_attempt_at=next_attempt_at))
@@ -155,7 +199,31 @@ class OutboxTx(TxBase):
                 system=o.system, object=o.object, record_id=o.record_id, kind="write",
                 reason=error, raw={"key": o.key, "op": o.op, "fields": o.fields},
                 at=now, attempts=attempts, outbox_id=o.id))
+            if o.entity_id is not None:
+                e = s.entities
+                self.conn.execute(sa.update(e).where(e.c.entity_id == o.entity_id).values(due_at=now))
         return quarantined
+
+    def failing_writes(self, min_attempts: int, system: str | None = None,
+                       limit: int = 100) -> list[OutboxRow]:
+        """Writes still open that failed at least ``min_attempts`` sends (transient failures
+        are retried for ever; these are the ones to alert on), oldest first."""
+        t = s.outbox
+        q = (sa.select(t).where(t.c.state.in_(OUTBOX_OPEN), t.c.attempts >= min_attempts,
+                                t.c.last_error.is_not(None))
+             .order_by(t.c.id).limit(limit))
+        if system is not None:
+            q = q.where(t.c.system == system)
+        return [_outbox(m) for m in self.conn.execute(q).mappings()]
+
+    def count_failing_writes(self, min_attempts: int, system: str | None = None) -> int:
+        """How many writes :meth:`failing_writes` would list (without a limit)."""
+        t = s.outbox
+        q = sa.select(sa.func.count()).select_from(t).where(
+            t.c.state.in_(OUTBOX_OPEN), t.c.attempts >= min_attempts, t.c.last_error.is_not(None))
+        if system is not None:
+            q = q.where(t.c.system == system)
+        return int(self.conn.execute(q).scalar_one())
 
     def open_writes(self, entity_ids: Iterable[str]) -> dict[str, list[OutboxRow]]:
         """Updates not yet done (pending or sending) per entity, in id order: what syncd has

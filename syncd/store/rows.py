@@ -65,6 +65,8 @@ class OutboxItem:
     email_norm: str | None = None
     clear_first: tuple[str, ...] = ()
     canonical: Mapping[str, tuple[Any, Any] | list[Any]] = field(default_factory=dict)
+    # the raw values the target held, as the store knew them, when this was decided (updates)
+    basis: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,8 @@ class OutboxRow:
     created_at: datetime
     done_at: datetime | None
     result_id: str | None
+    basis: dict[str, Any] | None = None  # held raw values of the written fields at decision time
+    fence: int | None = None  # the lease token it was (last) sent under
 
     @property
     def resend(self) -> bool:

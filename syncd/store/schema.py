@@ -158,7 +158,7 @@ outbox = sa.Table(
     sa.Column("rule", sa.String(64), nullable=False),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("mapping_rev", sa.String(64), nullable=False),
-    # pending | sending | done | skipped | quarantined
+    # pending | sending | done | skipped | quarantined | superseded
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("last_error", sa.Text, nullable=True),
@@ -166,6 +166,10 @@ outbox = sa.Table(
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("done_at", UTCDateTime(), nullable=True),
     sa.Column("result_id", sa.String(64), nullable=True),
+    # schema 4: the held raw values of the fields being written, when the decision was made (a
+    # resend compares the CRM with them first), and the lease token the row was sent under
+    sa.Column("basis", JSONType, nullable=True),
+    sa.Column("fence", sa.BigInteger, nullable=True),
     sa.Index("ix_outbox_due", "system", "object", "state", "next_attempt_at"),
 )
 
@@ -239,6 +243,9 @@ leases = sa.Table(
     sa.Column("name", sa.String(128), primary_key=True),
     sa.Column("owner", sa.String(128), nullable=False),
     sa.Column("expires_at", UTCDateTime(), nullable=False),
+    # schema 4: the fencing token, one more at every acquisition (rows are never deleted, so it
+    # only grows); a holder checks it before each CRM call and when it marks writes done
+    sa.Column("token", sa.BigInteger, nullable=False, default=0),
 )
 
 heartbeat = sa.Table(

@@ -544,26 +544,36 @@ def test_mark_skipped_is_not_audited(store: Store) -> None:
         assert tx.query_audit() == [] and tx.outbox_depth() == 0
 
 
-def test_failures_back_off_then_quarantine_and_can_be_requeued(store: Store) -> None:
+def test_transient_failures_back_off_for_ever_permanent_ones_quarantine_at_once(store: Store) -> None:
+    """A retriable failure (5xx, timeout) goes back to pending however often it failed, and is
+    reported by ``failing_writes`` past the threshold; a permanent one is quarantined at once
+    and its person marked due (decided again on what is true now)."""
     with store.tx() as tx:
         tx.enqueue([item("k")], now=T0)
+        tx.add_entities({"e1": "person"}, now=T0)
         (o,) = tx.due("hubspot", None, T0, 10)
         retry_at = T0 + timedelta(minutes=1)
-        for attempt in (1, 2):
+        for attempt in range(1, 8):
             tx.mark_sending([o.id])
-            assert tx.mark_failed(o.id, f"500 try {attempt}", retry_at, max_attempts=3) is False
+            assert tx.mark_failed(o.id, f"503 try {attempt}", retry_at, retriable=True) is False
             assert tx.due("hubspot", None, retry_at - timedelta(seconds=1), 10) == []
             got = tx.due("hubspot", None, retry_at, 10)[0]
             assert (got.state, got.attempts, got.last_error) == ("pending", attempt,
-                                                                 f"500 try {attempt}")
+                                                                 f"503 try {attempt}")
+            assert tx.count_failing_writes(5) == (1 if attempt >= 5 else 0)
+        assert [r.id for r in tx.failing_writes(5)] == [o.id]
+        assert tx.open_quarantine() == [] and tx.outbox_depth() == 1
+        assert tx.due_entities(T0 + timedelta(days=1)) == []
+
         # not marked sending: the failure counts as the attempt itself
-        assert tx.mark_failed(o.id, "INVALID_FIELD", retry_at, max_attempts=3) is True
+        assert tx.mark_failed(o.id, "INVALID_FIELD", retry_at, retriable=False, now=T0) is True
         assert tx.due("hubspot", None, retry_at + timedelta(days=1), 10) == []
-        assert tx.outbox_depth() == 0
+        assert tx.outbox_depth() == 0 and tx.count_failing_writes(1) == 0
         (q,) = tx.open_quarantine()
         assert (q.kind, q.outbox_id, q.reason, q.record_id, q.attempts) == (
-            "write", o.id, "INVALID_FIELD", "r1", 3)
-        assert tx.mark_failed(o.id, "again", retry_at, max_attempts=3) is False
+            "write", o.id, "INVALID_FIELD", "r1", 8)
+        assert tx.due_entities(T0) == ["e1"]  # decided again
+        assert tx.mark_failed(o.id, "again", retry_at, retriable=False) is False
 
         assert tx.requeue_quarantined(system="salesforce") == 0
         assert tx.requeue_quarantined(now=T0) == 1
@@ -581,9 +591,9 @@ def test_due_tells_first_sends_from_resends(store: Store) -> None:
         assert not any(o.resend for o in rows.values())  # never handed out
         tx.mark_sending([rows[k].id for k in ("crashed", "failed", "requeued")])
         # crashed: left sending. failed: a timeout, back to pending. requeued: quarantined
-        # after its last attempt, then requeued by the operator (attempts reset to 0).
-        tx.mark_failed(rows["failed"].id, "timeout", T0, max_attempts=3)
-        assert tx.mark_failed(rows["requeued"].id, "timeout", T0, max_attempts=1) is True
+        # (a permanent error), then requeued by the operator (attempts reset to 0).
+        tx.mark_failed(rows["failed"].id, "timeout", T0, retriable=True)
+        assert tx.mark_failed(rows["requeued"].id, "INVALID_FIELD", T0, retriable=False) is True
         assert tx.requeue_quarantined(now=T0) == 1
         again = {o.key: o for o in tx.due("hubspot", None, retry_at, 10)}
         assert {k: (o.state, o.attempts, o.resend) for k, o in again.items()} == {
