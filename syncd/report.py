@@ -40,8 +40,17 @@ def _iso(t: datetime | None) -> str | None:
     return t.isoformat() if t is not None else None
 
 
+def _failing(tx: Any, min_attempts: int) -> dict[str, Any]:
+    """Writes still failing after ``min_attempts`` sends (transient: retried until they land)."""
+    rows = tx.failing_writes(min_attempts, limit=1)
+    oldest = rows[0] if rows else None
+    return {"count": tx.count_failing_writes(min_attempts),
+            "oldest": {"system": oldest.system, "object": oldest.object, "record_id": oldest.record_id,
+                       "attempts": oldest.attempts, "last_error": oldest.last_error} if oldest else None}
+
+
 def status_data(store: Store, now: datetime,
-                bounds: dict[tuple[str, str], Any] | None = None) -> dict[str, Any]:
+                bounds: dict[tuple[str, str], Any] | None = None, failing_after: int = 5) -> dict[str, Any]:
     """Everything `syncd status` shows, as plain data (also the --json output). ``bounds``:
     the freshness bound per (system, object) of the config in force (default intervals)."""
     with store.tx() as tx:
@@ -103,6 +112,7 @@ def status_data(store: Store, now: datetime,
             "unmapped_values": [{"system": u.system, "object": u.object, "field": u.field, "value": u.value,
                                  "count": u.count} for u in tx.unmapped_values()[:20]],
             "undecided": len(tx.due_entities(now)) if held else 0,
+            "failing_writes": _failing(tx, failing_after),
             "runs": [{"job": r.job, "status": r.status, "started_at": r.started_at.isoformat(),
                       "finished_at": r.finished_at.isoformat() if r.finished_at else None,
                       "stats": r.stats, "error": r.error} for r in runs[:10]],
@@ -161,6 +171,11 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
                   + f"   open SLA breaches: {len(data['sla_breaches'])}"
                   + f"   link conflicts: {data['link_conflicts']}"
                   + f"   blocked re-hand-offs: {data['events_open'].get('promotion_blocked', 0)}")
+    fw = data.get("failing_writes") or {}
+    if fw.get("count"):
+        o = fw["oldest"]
+        console.print(f"writes failing: {fw['count']} (oldest: {o['system']} {o['record_id']}, {o['attempts']} tries, "
+                      f"last error: {mask_email(o['last_error'] or '')}); retried until they land")
     if data.get("api_usage"):
         parts = []
         for system, u in sorted(data["api_usage"].items()):

@@ -28,7 +28,7 @@ def mappings_dir(cfg: Config) -> Path:
 
 def load_rules_files(cfg: Config) -> tuple[Mappings, SLA]:
     d = mappings_dir(cfg)
-    return load_mappings(d), load_sla(d)
+    return load_mappings(d), load_sla(d, defaults=cfg.mappings.sla == "defaults")
 
 
 def build_connectors(cfg: Config, mappings: Mappings) -> dict[str, Connector]:

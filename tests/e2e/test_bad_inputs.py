@@ -492,8 +492,6 @@ def test_debug_shows_the_traceback_of_a_failure(tmp_path: Path) -> None:
     assert p.stderr.splitlines()[-1].startswith("syncd: error: state store")
 
 
-@pytest.mark.xfail(strict=True, reason="runtime.load_rules_files does not pass [mappings] sla to load_sla yet: "
-                   "load_sla(d, defaults=cfg.mappings.sla == 'defaults')")
 def test_sync_uses_the_built_in_sla_when_the_config_asks_for_it(tmp_path: Path) -> None:
     """Past the mapping folder (no sla.toml, sla = "defaults"): the cycle then fails on the
     unreachable peers (exit 1), not on the folder (exit 2)."""
