@@ -234,6 +234,9 @@ class SalesforceConfig(_Credential):
 
 class StateConfig(_Section):
     url: StateUrl = "sqlite:///syncd.db"
+    # SQLite only: "full" syncs every commit to disk (nothing committed is lost on a power cut or a
+    # filesystem forced read-only); "normal" is an explicit opt-in for speed (see docs/benchmarks.md)
+    sqlite_synchronous: Literal["full", "normal"] = "full"
 
 
 class MappingsConfig(_Section):

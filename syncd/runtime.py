@@ -73,5 +73,5 @@ class Runtime:
 def open_runtime(cfg: Config, *, connect: bool = True) -> Runtime:
     mappings, sla = load_rules_files(cfg)
     connectors = build_connectors(cfg, mappings) if connect else {}
-    store = Store.open(cfg.state_url())
+    store = Store.open(cfg.state_url(), sqlite_synchronous=cfg.state.sqlite_synchronous)
     return Runtime(cfg, store, mappings, sla, connectors)

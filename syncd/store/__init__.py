@@ -93,7 +93,7 @@ _JSON: dict[str, Any] = {"json_serializer": _json_dumps, "json_deserializer": _j
 class Store:
     """A handle on one state store. Thread-safe; each ``tx()`` takes its own connection."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, sqlite_synchronous: str = "full") -> None:
         self.url = normalise_url(url)
         u = make_url(self.url)
         self.dialect = "sqlite" if u.drivername == "sqlite" else "postgresql"
@@ -104,18 +104,18 @@ class Store:
             except OSError as e:
                 raise ConfigError(f"[state] url: cannot create {u.database}: {e.strerror}") from e
             self.engine = sa.create_engine(self.url, connect_args={"check_same_thread": False}, **_JSON)
-            _sqlite.configure(self.engine)
+            _sqlite.configure(self.engine, synchronous=sqlite_synchronous)
         else:
             self.engine = sa.create_engine(self.url, pool_pre_ping=True, **_JSON)
 
     @classmethod
-    def open(cls, url: str) -> Store:
+    def open(cls, url: str, *, sqlite_synchronous: str = "full") -> Store:
         """Open the store and bring its schema to this code's version.
 
         Raises ConfigError (bad url, or a store newer than this code:
         StoreVersionError) or FatalError (the database cannot be reached).
         """
-        store = cls(url)
+        store = cls(url, sqlite_synchronous=sqlite_synchronous)
         try:
             with store.engine.begin() as conn:
                 migrations.migrate(conn)

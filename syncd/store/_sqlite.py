@@ -24,8 +24,15 @@ def create_private_file(path: str) -> None:
     os.close(fd)
 
 
-def configure(engine: sa.Engine) -> None:
+SYNCHRONOUS = ("full", "normal")
+
+
+def configure(engine: sa.Engine, *, synchronous: str = "full") -> None:
     """Pragmas on every connection; every transaction is ``BEGIN IMMEDIATE``.
+
+    ``synchronous``: ``full`` (the default) syncs the WAL on every commit, so a committed
+    transaction survives a power cut or a filesystem forced read-only; ``normal`` is faster
+    but may lose the last commits then (an outbox row whose CRM write already happened).
 
     IMMEDIATE takes the write lock up front, so a transaction never fails half-way
     on a read→write upgrade (SQLITE_BUSY_SNAPSHOT), and guarded updates (resync
@@ -33,13 +40,17 @@ def configure(engine: sa.Engine) -> None:
     ``READONLY``) use a plain deferred BEGIN: with WAL they block no writer.
     """
 
+    if synchronous not in SYNCHRONOUS:
+        raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}, not {synchronous!r}")
+    mode = synchronous.upper()
+
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA journal_mode = WAL")
-        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.execute(f"PRAGMA synchronous = {mode}")
         cur.execute("PRAGMA foreign_keys = ON")
         cur.close()
 

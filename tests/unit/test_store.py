@@ -136,7 +136,7 @@ def test_sqlite_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert (journal, sync, fks) == ("wal", 1, 1)  # synchronous 1 = NORMAL
+    assert (journal, sync, fks) == ("wal", 2, 1)  # synchronous 2 = FULL by default (issue 14)
     assert busy and busy > 0
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # persistent

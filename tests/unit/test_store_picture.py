@@ -5,6 +5,9 @@ And the freshness judgement (syncd.freshness) that reads the pull state."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
 
 from syncd import freshness
 from syncd.store import RecordRow, Store
@@ -104,3 +107,17 @@ def test_live_lease_owners_and_pruned_heartbeats(store: Store) -> None:
         assert tx.lease_owners(T0) == {"a"}
         assert tx.prune_heartbeats(T0 - timedelta(minutes=1)) == 1
         assert [h.owner for h in tx.heartbeats()] == ["new"]
+
+
+def test_sqlite_syncs_every_commit_by_default_and_normal_is_an_opt_in(tmp_path: Path) -> None:
+
+    for mode, expected in (("full", 2), ("normal", 1)):  # PRAGMA synchronous: 2 = FULL, 1 = NORMAL
+        kw = {} if mode == "full" else {"sqlite_synchronous": mode}
+        store = Store.open(f"sqlite:///{tmp_path / (mode + '.db')}", **kw)
+        try:
+            with store.engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == expected
+        finally:
+            store.close()
+    with pytest.raises(ValueError, match="synchronous must be one of full, normal"):
+        Store.open(f"sqlite:///{tmp_path / 'x.db'}", sqlite_synchronous="off")
