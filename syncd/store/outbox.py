@@ -119,19 +119,22 @@ class OutboxTx(TxBase):
         if done is None:
             return False
         row = _outbox(done)
+        self._audit(row, now, row.record_id or result_id, row.rule, row.reason)
+        return True
+
+    def _audit(self, row: OutboxRow, now: datetime, record_id: str | None, rule: str, reason: str) -> None:
+        """One audit row per canonical field the outbox row writes (before → after)."""
         audit_rows = [
             {
                 "at": now, "entity_id": row.entity_id, "email_norm": row.email_norm,
-                "system": row.system, "object": row.object,
-                "record_id": row.record_id or result_id, "field": field,
-                "before": ba[0], "after": ba[1], "rule": row.rule, "reason": row.reason,
+                "system": row.system, "object": row.object, "record_id": record_id, "field": field,
+                "before": ba[0], "after": ba[1], "rule": rule, "reason": reason,
                 "mapping_rev": row.mapping_rev, "outbox_id": row.id,
             }
             for field, ba in sorted(row.canonical.items())
         ]
         if audit_rows:
             self.conn.execute(sa.insert(s.audit), audit_rows)
-        return True
 
     def mark_superseded(self, id: int, why: str, now: datetime | None = None) -> bool:
         """A resend found its target changed since the decision: the write is cancelled
@@ -148,17 +151,7 @@ class OutboxTx(TxBase):
         if done is None:
             return False
         row = _outbox(done)
-        audit_rows = [
-            {
-                "at": now, "entity_id": row.entity_id, "email_norm": row.email_norm,
-                "system": row.system, "object": row.object, "record_id": row.record_id,
-                "field": field, "before": ba[0], "after": ba[1], "rule": "superseded",
-                "reason": f"{row.rule}: {why}", "mapping_rev": row.mapping_rev, "outbox_id": row.id,
-            }
-            for field, ba in sorted(row.canonical.items())
-        ]
-        if audit_rows:
-            self.conn.execute(sa.insert(s.audit), audit_rows)
+        self._audit(row, now, row.record_id, "superseded", f"{row.rule}: {why}")
         if row.entity_id is not None:
             e = s.entities
             self.conn.execute(sa.update(e).where(e.c.entity_id == row.entity_id).values(due_at=now))
