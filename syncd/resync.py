@@ -15,6 +15,7 @@ Cycles of one group never run twice at once: the resync holds the same
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import threading
@@ -538,20 +539,48 @@ def _run_inline(cfg: Config, req: ResyncRequest) -> str:
 
     rt = open_runtime(cfg)
     keeper = LeaseKeeper(rt.store, new_owner())
+    engine = make_engine(rt, owner=keeper.owner)
     try:
         interrupt_dead_runs(rt.store, keeper.owner, fresh_s=3 * min(cfg.sync.intervals().values()))
-        if sys.stdout.isatty():
-            result = _with_progress(rt, req, keeper)
-        else:
-            result = run_resync(rt, req, make_engine(rt, owner=keeper.owner), keeper)
+        with _stopped_by_signals(engine) as stopped:
+            if sys.stdout.isatty():
+                result = _with_progress(rt, req, keeper, engine)
+            else:
+                result = run_resync(rt, req, engine, keeper, should_stop=lambda: bool(stopped))
     finally:
-        keeper.close()
+        keeper.close()  # leases released at once, not left to lapse
         rt.close()
     summary = " ".join(f"{k}={v}" for k, v in result.items())
+    if stopped:
+        # What was done is durable (pages, cursors, outbox commit together); the run is recorded
+        # interrupted, and running the resync again picks up from the stored cursors.
+        raise SyncError(f"resync interrupted by {stopped[0]} ({req.describe()}): {summary}; "
+                        "run it again to finish")
     return f"resync done ({req.describe()}): {summary}"
 
 
-def _with_progress(rt: Any, req: ResyncRequest, keeper: LeaseKeeper) -> dict[str, Any]:
+@contextmanager
+def _stopped_by_signals(engine: Engine) -> Iterator[list[str]]:
+    """SIGTERM/SIGINT during an inline resync: finish the current page or batch and stop, as the
+    service does. Yields a list that holds the signal's name once one came."""
+    got: list[str] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        got.append(signal.Signals(signum).name)
+        engine.stop_requested = True
+
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield got
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _with_progress(rt: Any, req: ResyncRequest, keeper: LeaseKeeper, engine: ObservedEngine) -> dict[str, Any]:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     with Progress(
@@ -566,4 +595,5 @@ def _with_progress(rt: Any, req: ResyncRequest, keeper: LeaseKeeper) -> dict[str
         def on_page(system: str, obj: str, n: int) -> None:
             progress.update(task, advance=n, description=f"resync {req.describe()}: {system} {obj}")
 
-        return run_resync(rt, req, make_engine(rt, on_page=on_page, owner=keeper.owner), keeper)
+        engine.on_page = on_page
+        return run_resync(rt, req, engine, keeper, should_stop=lambda: engine.stop_requested)
