@@ -268,6 +268,9 @@ class SyncConfig(_Section):
 class ServiceConfig(_Section):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9464
     shutdown_grace_s: PositiveSeconds = 10.0
+    # This daemon's stable name on this host (default: the config file's path). A restarted daemon
+    # of the same name takes its dead predecessor's leases at once instead of waiting out their TTL.
+    instance_id: Annotated[str, Field(min_length=1, max_length=80)] | None = None
 
 
 class LoggingConfig(_Section):

@@ -128,9 +128,40 @@ class ResyncRequest:
 # -- leases ---------------------------------------------------------------------------------------
 
 
-def new_owner() -> str:
-    """A unique name for this process in leases and heartbeats."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+def new_owner(instance: str | None = None) -> str:
+    """A unique name for this process in leases and heartbeats: ``INSTANCE:PID:RANDOM``, where
+    INSTANCE is this host's name, followed by a stable instance name for a service
+    (:func:`instance_name`)."""
+    where = socket.gethostname() + (f"/{instance}" if instance else "")
+    return f"{where}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def instance_name(cfg: Config, config_file: Any) -> str:
+    """The service's stable name on this host: ``[service] instance_id``, else its config path."""
+    from pathlib import Path
+
+    return cfg.service.instance_id or str(Path(config_file).resolve())
+
+
+def dead_predecessor(holder: str, me: str) -> bool:
+    """Was ``holder`` an earlier process of this very instance on this host, now gone? (Its
+    owner name has our INSTANCE part, and no process with its PID runs here any more.)"""
+    theirs, mine = holder.rsplit(":", 2), me.rsplit(":", 2)
+    if len(theirs) != 3 or len(mine) != 3 or theirs[0] != mine[0] or holder == me:
+        return False
+    try:
+        pid = int(theirs[1])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
 
 
 class LeaseKeeper:
@@ -140,10 +171,13 @@ class LeaseKeeper:
     another daemon takes the work over.
     """
 
-    def __init__(self, store: Store, owner: str, ttl_s: float = LEASE_TTL_S) -> None:
+    def __init__(self, store: Store, owner: str, ttl_s: float = LEASE_TTL_S, *, takeover: bool = False) -> None:
+        """``takeover``: take a lease held by a dead earlier process of this same instance at
+        once (see :func:`dead_predecessor`) rather than waiting ``ttl_s`` for it to lapse."""
         self.store = store
         self.owner = owner
         self.ttl_s = ttl_s
+        self.takeover = takeover
         self._held: set[str] = set()
         self._tokens: dict[str, int] = {}  # lease -> the fencing token of our acquisition
         self._lock = threading.Lock()
@@ -154,6 +188,13 @@ class LeaseKeeper:
     def try_acquire(self, name: str) -> bool:
         with self.store.tx() as tx:
             token = tx.acquire_lease_token(name, self.owner, self.ttl_s, utcnow())
+            if token is None and self.takeover:
+                holder = tx.lease_holder(name, utcnow())
+                if holder is not None and dead_predecessor(holder, self.owner):
+                    token = tx.take_over_lease(name, holder, self.owner, self.ttl_s, utcnow())
+                    if token is not None:
+                        log.info("lease_taken_over", lease=name, previous=holder,
+                                 note="our own predecessor died holding it: no need to wait for it to lapse")
         if token is not None:
             with self._lock:
                 self._held.add(name)
@@ -343,8 +384,8 @@ def interrupt_dead_runs(store: Store, owner: str, *, fresh_s: float) -> int:
     Alive: this process, services that beat within ``fresh_s``, and lease holders."""
     now = utcnow()
     with store.tx() as tx:
-        alive = {owner} | tx.lease_owners(now) | {b.owner for b in tx.heartbeats(
-            seen_since=now - timedelta(seconds=fresh_s))}
+        alive = {owner} | {o for o in tx.lease_owners(now) | {b.owner for b in tx.heartbeats(
+            seen_since=now - timedelta(seconds=fresh_s))} if not dead_predecessor(o, owner)}
         n = tx.interrupt_running(now=now, alive=alive)
     if n:
         log.info("runs_interrupted", count=n, note="left running by a process that stopped")

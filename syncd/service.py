@@ -55,6 +55,7 @@ from syncd.resync import (
     LeaseKeeper,
     ObservedEngine,
     ResyncRequest,
+    instance_name,
     interrupt_dead_runs,
     make_engine,
     new_owner,
@@ -88,7 +89,7 @@ class Service:
         self.config_file = config_file
         self.rt: Runtime = open_runtime(cfg)  # validates config, mapping + SLA files, credentials
         self._pending: Runtime | None = None
-        self.owner = new_owner()
+        self.owner = new_owner(instance_name(cfg, config_file))
         self.metrics = ServiceMetrics(
             intervals(cfg),
             daily_budgets={
@@ -97,7 +98,7 @@ class Service:
             },
         )
         self.metrics.failing_after = self.rt.sla.writeback.max_tries
-        self.keeper = LeaseKeeper(self.rt.store, self.owner)
+        self.keeper = LeaseKeeper(self.rt.store, self.owner, takeover=True)
         self.backoff: dict[str, tuple[datetime, str]] = {}  # system -> (retry at, why)
         self.stopping = threading.Event()
         self._reload = threading.Event()

@@ -134,6 +134,16 @@ class CoordinationTx(TxBase):
         token = self.conn.execute(stmt).scalar()
         return int(token) if token is not None else None
 
+    def take_over_lease(self, name: str, previous: str, owner: str, ttl_s: float, now: datetime) -> int | None:
+        """Take the lease from ``previous`` (a holder known dead) if it still holds it; returns
+        the new fencing token (one more, so anything the dead holder left in flight is fenced)."""
+        t = s.leases
+        token = self.conn.execute(
+            sa.update(t).where(t.c.name == name, t.c.owner == previous)
+            .values(owner=owner, expires_at=now + timedelta(seconds=ttl_s), token=t.c.token + 1)
+            .returning(t.c.token)).scalar()
+        return int(token) if token is not None else None
+
     def renew_lease(self, name: str, owner: str, ttl_s: float, now: datetime,
                     token: int | None = None) -> bool:
         """Extend a lease we still hold (even if it lapsed and nobody took it); with ``token``,

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from syncd.mapping import default_mappings_dir
+from syncd.model import utcnow
+from syncd.resync import LEASE_TTL_S
 from syncd.sandbox import Sandbox
 from syncd.sandbox.seed import STORY_RETURN, STORY_SCORE, STORY_WIN, SeedSpec, SeedSummary, seed
 from syncd.sandbox.story import opportunity_won, returned_not_ready, score_crosses_threshold
@@ -508,3 +511,31 @@ def test_a_resync_left_running_by_a_dead_service_is_marked_failed(
     row = wait_until(state, "the orphaned resync to be closed")
     assert row.state == "failed" and "run the resync again" in row.result["error"]
     assert svc.stop() == 0
+
+
+def test_a_daemon_restarted_after_kill_9_takes_over_its_own_leases_at_once(
+    world: World, start_service: Callable[[], ServiceProc]
+) -> None:
+    first = start_service()
+    first.wait_ok_cycles("contacts", 1)
+    # slow HubSpot answers keep a cycle (and its leases) going long enough to kill it mid-cycle
+    world.sb.hubspot_server.inject("delay", count=1_000, delay=1.0)
+
+    def holding() -> dict[str, str | None]:
+        with world.store() as store, store.tx() as tx:
+            return {n: tx.lease_holder(n, utcnow()) for n in ("cycle:contacts", "cycle:deals", "cycle:decide")}
+
+    held = wait_until(lambda: (h := holding()).get("cycle:decide") and h, "a cycle holding its leases")
+    first.proc.kill()  # kill -9 mid-cycle: nothing released, leases left to lapse (30 s TTL)
+    first.proc.wait(timeout=30)
+    killed_at = utcnow()
+    world.sb.hubspot_server.faults.clear()
+    second = start_service()
+    taken = wait_until(lambda: second.alive() and second.events("lease_taken_over"), "a lease taken over")
+    assert {e["previous"] for e in taken} <= {h for h in held.values() if h}
+    second.wait_ok_cycles("contacts", 1)
+    with world.store() as store, store.tx() as tx:
+        ok = [r for r in tx.last_runs() if r.status == "ok" and r.owner not in held.values()]
+    # the restart worked before the dead process's 30-second leases could have lapsed
+    assert ok and min(r.started_at for r in ok) < killed_at + timedelta(seconds=LEASE_TTL_S)
+    assert second.stop() == 0
