@@ -18,7 +18,7 @@ from datetime import datetime
 
 import structlog
 
-from syncd.linking import _converted_pair, _values
+from syncd.linking import _converted_pair, _converts_to, _values
 from syncd.store import LinkConflictRow, RecordRow, Tx
 
 log = structlog.get_logger()
@@ -65,12 +65,13 @@ def still_conflicts(rows: Sequence[RecordRow]) -> bool:
         twins = [c for c in persons if c.system == row.system and c.key != row.key and not _converted_pair(c, row)]
         if twins:
             return True
-        contact_ids = {c.id for c in others if c.object == "Contact"}
+        # a converted record and the record it became are one person (as linking groups them)
+        keys = {c.key for c in others}
         groups = set()
         for c in others:
-            cid = _values(c).get("converted_contact_id")
-            groups.add(f"Contact:{cid}" if c.object == "Lead" and cid and str(cid) in contact_ids
-                       else f"{c.object}:{c.id}")
+            cid, target = _values(c).get("converted_contact_id"), _converts_to(c)
+            became = (c.system, target, str(cid)) if target and cid else None
+            groups.add(became if became in keys else c.key)
         if len(groups) > 1:
             return True
     return False

@@ -16,6 +16,7 @@ from typing import Any
 
 from syncd import catalogue, rules
 from syncd.linking import person_objects
+from syncd.linking import references as refs_of  # one definition: the catalogue's refs_field
 from syncd.mapping import Mappings
 from syncd.model import SYSTEMS, CanonicalRecord
 from syncd.sla import SLA
@@ -139,17 +140,6 @@ def conflicted_emails(tx: Tx) -> frozenset[str]:
 
 def memory_of(stored: Any) -> rules.Memory:
     return rules.Memory.from_dict(stored)
-
-
-def refs_of(row: RecordRow) -> list[str] | None:
-    """The same-system person ids a deal or connection attempt points at (None for a person)."""
-    spec = catalogue.kind_spec(row.kind)
-    if spec is None or spec.refs_field is None:
-        return None
-    v = row.canonical.get("values", {}).get(spec.refs_field)
-    if isinstance(v, list | tuple):
-        return [str(x) for x in v]
-    return [str(v)] if v else []
 
 
 def people_of_rows(tx: Tx, rows: Sequence[RecordRow]) -> set[str]:
