@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from bench._env import FLOOR, Env, floor_calls, reset_counts, seeded
-from connectors.base import Connector
+from syncd.connectors.base import Connector
 from syncd.engine import CycleStats
 from syncd.model import FieldUpdate, RawRecord, RecordCreate, WriteResult
 

@@ -293,8 +293,8 @@ class Normaliser:
 
 
 def child(args: argparse.Namespace) -> int:
-    import connectors
     import syncd  # from PYTHONPATH: the side's own tree
+    import syncd.connectors as connectors
     from syncd.sandbox import Sandbox
     from syncd.sandbox.seed import SeedSpec, seed
 

@@ -31,10 +31,10 @@ from typing import Any
 
 import structlog
 
-from connectors.base import Connector
 from syncd import catalogue, freshness, rules
 from syncd import conflicts as link_conflicts
 from syncd._json import jsonable
+from syncd.connectors.base import Connector
 from syncd.errors import FatalError, RecordError, RetriableError, SyncError
 from syncd.linking import LinkStats, link_deals, link_people
 from syncd.mapping import Mappings

@@ -21,6 +21,7 @@ import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -291,12 +292,14 @@ def load_mappings(directory: Path | str) -> Mappings:
 
 
 def default_mappings_dir() -> Path:
-    """The repository's mappings/ folder, next to the package.
+    """The default mapping + SLA files shipped inside the package (``syncd/mappings``).
 
-    Uses this module's path: ``syncd.__file__`` is None when the editable install
-    resolves ``syncd`` as a namespace package.
+    Package data, found with ``importlib.resources`` so a plain ``pip install`` carries them.
     """
-    return Path(__file__).resolve().parent.parent / "mappings"
+    ref = resources.files("syncd").joinpath("mappings")
+    if not isinstance(ref, Path):  # a zipped install: not supported, syncd ships as a wheel
+        raise MappingError(f"the default mappings are not on the filesystem ({ref}); install syncd unzipped")
+    return ref
 
 
 # --------------------------------------------------------------------------- revision

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from connectors._retry import RetryPolicy
-from connectors.base import Connector
 from syncd import catalogue
 from syncd.config import Config
+from syncd.connectors._retry import RetryPolicy
+from syncd.connectors.base import Connector
 from syncd.engine import Engine
 from syncd.mapping import Mappings, default_mappings_dir, load_mappings
 from syncd.sla import SLA, load_sla
@@ -32,8 +32,8 @@ def load_rules_files(cfg: Config) -> tuple[Mappings, SLA]:
 
 
 def build_connectors(cfg: Config, mappings: Mappings) -> dict[str, Connector]:
-    from connectors.hubspot import HubSpotConnector
-    from connectors.salesforce import SalesforceConnector
+    from syncd.connectors.hubspot import HubSpotConnector
+    from syncd.connectors.salesforce import SalesforceConnector
 
     retry = RetryPolicy(max_attempts=cfg.sync.retry_max_attempts, cap=cfg.sync.retry_cap_s)
     hs = cfg.hubspot

@@ -19,9 +19,9 @@ from typing import Any
 
 import structlog
 
-from connectors.base import Connector
 from syncd import rules
 from syncd._json import jsonable
+from syncd.connectors.base import Connector
 from syncd.errors import FatalError, RecordError, RetriableError
 from syncd.mapping import Mappings
 from syncd.model import CanonicalRecord, FieldUpdate, RecordCreate, WriteResult

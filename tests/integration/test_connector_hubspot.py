@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from connectors._retry import RetryPolicy
-from connectors.hubspot import HubSpotConnector
+from syncd.connectors._retry import RetryPolicy
+from syncd.connectors.hubspot import HubSpotConnector
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
 from syncd.model import Cursor, FieldUpdate, RawRecord, RecordCreate
 from syncd.sandbox._server import Response, SimServer

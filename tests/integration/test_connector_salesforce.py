@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from conftest_salesforce import SalesforceSandbox
 
-from connectors._retry import RetryPolicy
-from connectors.salesforce import SalesforceConnector
+from syncd.connectors._retry import RetryPolicy
+from syncd.connectors.salesforce import SalesforceConnector
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RetriableError
 from syncd.model import Cursor, FieldUpdate, RawRecord, RecordCreate
 from syncd.sandbox._server import SimServer

@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from connectors import hubspot, salesforce
 from syncd import catalogue, linking, mapping, model, runtime
+from syncd.connectors import hubspot, salesforce
 from syncd.mapping import default_mappings_dir, load_mappings
 from syncd.store import RecordRow
 

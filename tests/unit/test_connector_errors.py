@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from connectors import _errors
-from connectors._retry import RetryPolicy
-from connectors.hubspot import HubSpotConnector, SearchPaginator
-from connectors.salesforce import QueryLocatorPaginator, SalesforceConnector
 from syncd import errors
+from syncd.connectors import _errors
+from syncd.connectors._retry import RetryPolicy
+from syncd.connectors.hubspot import HubSpotConnector, SearchPaginator
+from syncd.connectors.salesforce import QueryLocatorPaginator, SalesforceConnector
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RecordError, RetriableError, SyncError
 from syncd.model import RecordCreate
 from syncd.sandbox._server import SimServer, make_tls
 from syncd.sandbox.hubspot import HubSpotApp
 from syncd.sandbox.salesforce import SalesforceApp
 
-CONNECTORS = Path(__file__).resolve().parents[2] / "connectors"
+CONNECTORS = Path(__file__).resolve().parents[2] / "syncd" / "connectors"
 FAST = RetryPolicy(max_attempts=3, base=0.001, cap=0.01, max_retry_after=0.01)
 ERROR_CLASSES = {n for n in dir(errors) if isinstance(getattr(errors, n), type)
                  and issubclass(getattr(errors, n), SyncError)}

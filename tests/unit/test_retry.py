@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from connectors._retry import RetryPolicy, retrying
+from syncd.connectors._retry import RetryPolicy, retrying
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RecordError, RetriableError
 
 

@@ -10,7 +10,7 @@ import pytest
 from syncd.errors import MappingError
 from syncd.sla import SLA, SLA_MISSING, load_sla, sla_problems
 
-MAPPINGS = Path(__file__).resolve().parents[2] / "mappings"
+MAPPINGS = Path(__file__).resolve().parents[2] / "syncd" / "mappings"
 
 
 def _dir(tmp_path: Path, old: str | None = None, new: str = "", *,

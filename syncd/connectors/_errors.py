@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeGuard, TypeVar
 
-from connectors._retry import RetryPolicy, retrying
+from syncd.connectors._retry import RetryPolicy, retrying
 from syncd.errors import RetriableError
 
 T = TypeVar("T")

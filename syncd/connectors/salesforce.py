@@ -29,9 +29,9 @@ from simple_salesforce.exceptions import (
     SalesforceRefusedRequest,
 )
 
-from connectors._errors import NotRetried, call, lost_answer, may_be_applied
-from connectors._retry import RetryPolicy
 from syncd import catalogue
+from syncd.connectors._errors import NotRetried, call, lost_answer, may_be_applied
+from syncd.connectors._retry import RetryPolicy
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
 from syncd.model import ApiUsage, Cursor, FieldUpdate, Page, RawRecord, RecordCreate, WriteResult
 

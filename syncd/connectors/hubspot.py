@@ -29,9 +29,9 @@ import urllib3
 from hubspot import HubSpot
 from urllib3.util.retry import Retry
 
-from connectors._errors import NotRetried, call, lost_answer, may_be_applied
-from connectors._retry import RetryPolicy
 from syncd import catalogue
+from syncd.connectors._errors import NotRetried, call, lost_answer, may_be_applied
+from syncd.connectors._retry import RetryPolicy
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
 from syncd.model import (
     ApiUsage,
