@@ -49,11 +49,12 @@ from syncd.store.rows import (
     UnmappedRow,
     raw_hash,
 )
+from syncd.store.tombstones import TombstoneRow, TombstonesTx
 
 __all__ = [
     "AuditRow", "EventRow", "HeartbeatRow", "LinkConflictRow", "OutboxItem", "OutboxRow",
     "PullStateRow", "QuarantineRow", "RecordKey", "RecordRow", "ResyncRow", "RunRow", "Store",
-    "StoreVersionError", "Tx", "UnmappedRow", "normalise_url", "raw_hash",
+    "StoreVersionError", "TombstoneRow", "Tx", "UnmappedRow", "normalise_url", "raw_hash",
 ]
 
 log = structlog.get_logger()
@@ -173,7 +174,7 @@ class Store:
         self.close()
 
 
-class Tx(RecordsTx, EntitiesTx, CursorsTx, OutboxTx, CoordinationTx):
+class Tx(RecordsTx, EntitiesTx, CursorsTx, OutboxTx, CoordinationTx, TombstonesTx):
     """The unit of work: every state-store operation, inside one transaction. Each concern
     lives in its own module (records, entities, cursors, outbox, coordination); they share
     one connection, so whatever is done through one ``Tx`` commits together or not at all."""

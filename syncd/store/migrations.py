@@ -133,11 +133,18 @@ def _v4(conn: sa.Connection) -> None:
             conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
 
 
+def _v5(conn: sa.Connection) -> None:
+    """Deleted and merged records are tombstones (never written to, never re-created), and each
+    deletion feed keeps how far it was read."""
+    schema.metadata.create_all(conn, tables=[schema.tombstones, schema.deletion_feeds], checkfirst=True)
+
+
 STEPS: list[Step] = [
     Step(1, "initial schema", _v1),
     Step(2, "work-queue indexes (dirty records, due entities)", _v2),
     Step(3, "pull state per object; run owners", _v3),
     Step(4, "outbox basis and fence; lease fencing tokens", _v4),
+    Step(5, "tombstones of deleted and merged records; deletion feed watermarks", _v5),
 ]
 
 LATEST = STEPS[-1].version
