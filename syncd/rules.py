@@ -188,6 +188,9 @@ class PersonView:
     # An open identity conflict on this person's email (two candidate records in one CRM):
     # no hand-off creates a record for them until RevOps resolves it (it would pick one at random).
     link_conflict: bool = False
+    # Systems where this person's record was deleted (syncd.deletions.blocked_creates): no
+    # hand-off re-creates them there because of the deletion.
+    no_create_in: frozenset[str] = frozenset()
 
     def record(self, system: str) -> CanonicalRecord | None:
         return self.hubspot if system == HUBSPOT else self.salesforce
@@ -554,7 +557,8 @@ def _reverse_handoff(p: PersonPlan) -> None:
     r = p.ctx.sla.reverse_handoff
     view = p.person
     sf = view.salesforce
-    if not r.enabled or sf is None or view.hubspot is not None or view.link_conflict:
+    if not r.enabled or sf is None or view.hubspot is not None or view.link_conflict \
+            or HUBSPOT in view.no_create_in:
         return
     reason = p.current(SALESFORCE, "return_reason")
     changes = _travelling(sf, r.fields, {}, {"return_reason": reason if reason is not _UNSET
@@ -700,7 +704,8 @@ def _create_in_salesforce(p: PersonPlan, score_rank: int | None, target_rank: in
     view = p.person
     hs = view.hubspot
     if not h.enabled or hs is None or view.salesforce is not None or score_rank is None \
-            or target_rank is None or target_rank < score_rank or view.link_conflict:
+            or target_rank is None or target_rank < score_rank or view.link_conflict \
+            or SALESFORCE in view.no_create_in:
         return
     why = p.target_reason or f"lifecycle {p.target} in hubspot"
     changes = _travelling(hs, h.fields, h.placeholders, {"qualification_reason": why,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -36,6 +36,7 @@ from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, Re
 from syncd.model import (
     ApiUsage,
     Cursor,
+    Deletion,
     FieldUpdate,
     Page,
     RawRecord,
@@ -74,6 +75,7 @@ class HubSpotStream:
     replication_key: ClassVar[str]
     refs: ClassVar[tuple[str, ...]]
     email_property: ClassVar[str | None] = None  # find_by_email searches it; None: never found
+    merged_property: ClassVar[str | None] = None  # the survivor's list of merged-away ids
     checks_lifecycle: ClassVar[bool] = False  # HubSpot ignores backwards lifecyclestage writes
     enrich_batch: ClassVar[int] = 0  # 0: pages are yielded as searched
 
@@ -83,8 +85,9 @@ class HubSpotStream:
         cls.primary_key, cls.replication_key, cls.refs = row.key, row.cursor, row.refs
 
     def __init__(self, properties: Sequence[str]) -> None:
+        merged = [self.merged_property] if self.merged_property else []
         self.properties = list(dict.fromkeys(
-            [*dict.fromkeys(properties), self.replication_key, self.primary_key]))
+            [*dict.fromkeys(properties), self.replication_key, self.primary_key, *merged]))
 
     def enrich(self, read: Read, records: list[RawRecord]) -> list[RawRecord]:
         """The records with whatever the search does not return."""
@@ -99,6 +102,7 @@ class Contacts(HubSpotStream):
     name = "contacts"
     email_property = "email"
     checks_lifecycle = True
+    merged_property = "hs_merged_object_ids"
 
 
 class Deals(HubSpotStream):
@@ -291,20 +295,20 @@ class HubSpotConnector:
         return api
 
     def _call(self, endpoint: str, api: str, method: str, *args: Any,
-              idempotent: bool = True) -> Any:
+              idempotent: bool = True, **kw: Any) -> Any:
         """One API call under the retry policy. ``idempotent=False`` (creates): a transport
         failure (timeout, dropped connection) is raised, not retried, because the CRM may
         have applied the request before the answer was lost; the caller decides (the engine
         looks the record up by email before sending it again)."""
         return call(self._retry, f"hubspot.{endpoint}", self._once, endpoint, api, method, *args,
-                    idempotent=idempotent)
+                    idempotent=idempotent, **kw)
 
     def _once(self, endpoint: str, api: str, method: str, *args: Any,
-              idempotent: bool = True) -> Any:
+              idempotent: bool = True, **kw: Any) -> Any:
         self.usage.count(endpoint)
         fn = getattr(self._api(api), f"{method}_with_http_info")
         try:
-            resp = fn(*args, _preload_content=False, _request_timeout=self._timeout)
+            resp = fn(*args, _preload_content=False, _request_timeout=self._timeout, **kw)
             try:
                 raw, headers = resp.data, resp.headers
             finally:
@@ -529,6 +533,99 @@ class HubSpotConnector:
                     out[rec.id] = rec
         return list(out.values())
 
+    # ------------------------------------------------------------------ deletions
+    def deleted(self, obj: str, since: datetime | None) -> tuple[list[Deletion], datetime | None]:
+        """Records of ``obj`` archived at or after ``since`` (all archived ones when None), and
+        the new watermark (the latest ``archivedAt`` seen). HubSpot cannot filter its archive:
+        the list endpoint (``archived=true``, 100 per page, in id order) is read whole and only
+        records archived since the watermark are returned; the caller paces how often (never
+        on every poll: ``[sync] archive_scan_s``)."""
+        stream = self._stream(obj)
+        out: list[Deletion] = []
+        latest = since
+        after: str | None = None
+        while True:
+            resp = self._list_archived(obj, stream, after)
+            for o in resp.get("results") or []:
+                at = _archived_at(o)
+                if at is None or (since is not None and at < since):
+                    continue
+                out.append(Deletion(SYSTEM, obj, str(o["id"]), at, None, "archive"))
+                latest = at if latest is None or at > latest else latest
+            nxt = ((resp.get("paging") or {}).get("next") or {}).get("after")
+            if not nxt or nxt == after:
+                break
+            after = str(nxt)
+        log.info("hubspot.archive_scanned", object=obj, archived=len(out))
+        return out, latest
+
+    def _list_archived(self, obj: str, stream: HubSpotStream, after: str | None) -> Any:
+        try:
+            return self._call(f"{obj}.list_archived", f"{obj}.basic", "get_page", limit=100, after=after,
+                              properties=[stream.primary_key], archived=True)
+        except _BadRequest as e:
+            raise FatalError(f"hubspot {obj}.list_archived: {e.message}", system=SYSTEM) from None
+
+    def dead(self, obj: str, ids: Sequence[str]) -> list[Deletion]:
+        """Which of ``ids`` are gone, and how: merged (a read of the old id answers with the
+        survivor, whose ``hs_merged_object_ids`` names it) or archived (in the recycle bin).
+        Ids still live, or unknown to HubSpot, are left out."""
+        stream = self._stream(obj)
+        wanted = list(dict.fromkeys(ids))
+        out: list[Deletion] = []
+        for i in range(0, len(wanted), BATCH):
+            chunk = wanted[i:i + BATCH]
+            props = [stream.primary_key, *([stream.merged_property] if stream.merged_property else [])]
+            live = self._batch_read(obj, chunk, props, archived=False)
+            for o in live:
+                merged = str((o.get("properties") or {}).get(stream.merged_property or "") or "").split(";")
+                out += [Deletion(SYSTEM, obj, rid, None, str(o["id"]), "re-pull")
+                        for rid in chunk if rid != str(o["id"]) and rid in merged]
+            seen = {d.id for d in out} | {str(o["id"]) for o in live}
+            rest = [rid for rid in chunk if rid not in seen]
+            if rest:
+                out += [Deletion(SYSTEM, obj, str(o["id"]), _archived_at(o), None, "re-pull")
+                        for o in self._batch_read(obj, rest, props, archived=True)]
+        return out
+
+    def merges_in(self, records: Sequence[RawRecord]) -> list[Deletion]:
+        """The ids pulled survivors name as merged into them (``hs_merged_object_ids``)."""
+        out: list[Deletion] = []
+        for r in records:
+            stream = self._streams.get(r.object)
+            prop = stream.merged_property if stream is not None else None
+            for old in str(r.fields.get(prop or "") or "").split(";") if prop else ():
+                if old.strip() and old.strip() != r.id:
+                    out.append(Deletion(SYSTEM, r.object, old.strip(), r.modified_at, r.id, prop or ""))
+        return out
+
+    def delete(self, obj: str, targets: Sequence[tuple[str, str]]) -> list[WriteResult]:
+        """Archive records, (key, id) each (``[deletions] other_side = "propagate"``). One
+        already gone counts as done."""
+        out: list[WriteResult] = []
+        for key, rid in targets:
+            try:
+                self._call(f"{obj}.archive", f"{obj}.basic", "archive", rid)
+            except FatalError as e:
+                if " 404 " not in str(e):
+                    raise
+            except _BadRequest as e:
+                out.append(WriteResult(key, False, rid, e.message))
+                continue
+            except RetriableError as e:
+                out.append(WriteResult(key, False, rid, str(e), retriable=True))
+                continue
+            out.append(WriteResult(key, True, rid))
+        return out
+
+    def _batch_read(self, obj: str, ids: list[str], props: list[str], *, archived: bool) -> list[Any]:
+        body = {"inputs": [{"id": x} for x in ids], "properties": props, "propertiesWithHistory": []}
+        try:
+            resp = self._call(f"{obj}.batch_read", f"{obj}.batch", "read", body, archived=archived)
+        except _BadRequest as e:
+            raise FatalError(f"hubspot {obj}.batch_read: {e.message}", system=SYSTEM) from None
+        return list(resp.get("results") or [])
+
     # ------------------------------------------------------------------ writes
     def write(self, obj: str, updates: Sequence[FieldUpdate]) -> list[WriteResult]:
         stream = self._stream(obj)
@@ -588,10 +685,21 @@ class HubSpotConnector:
         except RetriableError as e:
             return [WriteResult(k, False, rid, str(e), retriable=True) for k, rid, _ in chunk]
         by_id = {str(o["id"]): o.get("properties") or {} for o in resp.get("results") or []}
+        # an input whose record was merged away is applied to the survivor, and the answer
+        # carries the survivor's id: found by the trace id we sent (syncd treats it as the merge)
+        by_trace = {str(o["objectWriteTraceId"]): o for o in resp.get("results") or []
+                    if o.get("objectWriteTraceId")}
         errs = _errors_by_id(resp)
         out = []
         for key, rid, _ in chunk:
-            if rid in errs:
+            survivor = by_trace.get(key)
+            if rid not in by_id and survivor is not None and str(survivor["id"]) != rid:
+                out.append(WriteResult(key, True, str(survivor["id"])))
+                log.info("hubspot write answered by the merge survivor", object=obj, record_id=rid,
+                         survivor_id=str(survivor["id"]))
+                if stored is not None:
+                    stored[key] = survivor.get("properties") or {}
+            elif rid in errs:
                 cat, msg = errs[rid]
                 out.append(WriteResult(key, False, rid, msg, cat not in NOT_RETRIABLE_CATEGORIES))
             elif rid in by_id:
@@ -623,14 +731,15 @@ class HubSpotConnector:
             else:
                 got[u.key] = value
         held: dict[str, Any] = {}
-        ids = list(dict.fromkeys(u.record_id for u in reread))
+        target = {u.key: results[u.key].record_id or u.record_id for u in reread}  # a survivor's id
+        ids = list(dict.fromkeys(target.values()))
         for i in range(0, len(ids), BATCH):
             body = {"inputs": [{"id": x} for x in ids[i:i + BATCH]],
                     "properties": ["lifecyclestage"], "propertiesWithHistory": []}
             resp = self._read_call(f"{obj}.batch_read", f"{obj}.batch", "read", body)
             held.update({str(o["id"]): (o.get("properties") or {}).get("lifecyclestage")
                          for o in resp.get("results") or []})
-        got.update({u.key: held.get(u.record_id) for u in reread})
+        got.update({u.key: held.get(target[u.key]) for u in reread})
         for u in check:
             want = _str(u.fields["lifecyclestage"])
             if got[u.key] != want:
@@ -726,6 +835,14 @@ def _str(v: Any) -> str:
         v = v.astimezone(UTC)
         return v.strftime("%Y-%m-%dT%H:%M:%S.") + f"{v.microsecond // 1000:03d}Z"
     return str(v)
+
+
+def _archived_at(o: Mapping[str, Any]) -> datetime | None:
+    v = o.get("archivedAt")
+    try:
+        return datetime.fromisoformat(str(v)).astimezone(UTC) if v else None
+    except ValueError:
+        return None
 
 
 def _retry_after(headers: Any) -> float | None:

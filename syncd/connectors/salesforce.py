@@ -33,7 +33,7 @@ from syncd import catalogue
 from syncd.connectors._errors import NotRetried, call, lost_answer, may_be_applied
 from syncd.connectors._retry import RetryPolicy
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
-from syncd.model import ApiUsage, Cursor, FieldUpdate, Page, RawRecord, RecordCreate, WriteResult
+from syncd.model import ApiUsage, Cursor, Deletion, FieldUpdate, Page, RawRecord, RecordCreate, WriteResult
 
 log = structlog.get_logger()
 
@@ -42,6 +42,8 @@ T = TypeVar("T")
 SYSTEM = "salesforce"
 COLLECTION_LIMIT = 200  # sObject Collections: records per call
 IN_CHUNK = 200  # values per SOQL IN (...) clause, keeps the GET URL well under 16k characters
+# getDeleted and queryAll reach back this far (the recycle bin; older deletions are gone)
+DELETED_WINDOW = timedelta(days=30)
 RETRIABLE_RECORD_CODES = frozenset(
     {"UNABLE_TO_LOCK_ROW", "SERVER_UNAVAILABLE", "REQUEST_RUNNING_TOO_LONG"}
 )
@@ -71,6 +73,7 @@ class SObjectStream:
     primary_key: ClassVar[str]
     replication_key: ClassVar[str]
     email_field: ClassVar[str] = "Email"
+    merges: ClassVar[bool] = False  # merged records are deleted with MasterRecordId set
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -92,13 +95,30 @@ class SObjectStream:
     def where_in(self, field: str, values: Sequence[str]) -> str:
         return f"{self._select()} WHERE {field} IN ({', '.join(soql_literal(v) for v in values)})"
 
+    def _dead_select(self) -> str:
+        master = ", MasterRecordId" if self.merges else ""
+        return f"SELECT {self.primary_key}, {self.replication_key}{master} FROM {self.name}"
+
+    def deleted_since(self, since: datetime) -> str:
+        """For queryAll: rows deleted (or merged away) at or after ``since``, oldest first."""
+        rk = self.replication_key
+        return (f"{self._dead_select()} WHERE IsDeleted = TRUE AND {rk} >= {soql_datetime(since)} "
+                f"ORDER BY {rk}, {self.primary_key}")
+
+    def dead_in(self, ids: Sequence[str]) -> str:
+        """For queryAll: which of ``ids`` are deleted."""
+        return (f"{self._dead_select()} WHERE IsDeleted = TRUE AND {self.primary_key} IN "
+                f"({', '.join(soql_literal(v) for v in ids)})")
+
 
 class Lead(SObjectStream):
     name = "Lead"
+    merges = True
 
 
 class Contact(SObjectStream):
     name = "Contact"
+    merges = True
 
 
 class Opportunity(SObjectStream):
@@ -234,6 +254,59 @@ class SalesforceConnector:
             results.extend(_results([c.key for c in chunk], [None] * len(chunk), saves))
         return results
 
+    # ------------------------------------------------------------------ deletions
+    def deleted(self, obj: str, since: datetime | None, *,
+                now: datetime | None = None) -> tuple[list[Deletion], datetime | None]:
+        """Rows of ``obj`` deleted (or merged away: ``MasterRecordId``) at or after ``since``,
+        through queryAll with ``IsDeleted = TRUE``, and the new watermark. Salesforce keeps
+        deleted rows DELETED_WINDOW: a watermark older than that (or none: the first read)
+        starts at the window's edge, and a gap is logged (reconcile finds what it hid)."""
+        stream = self._stream(obj)
+        edge = (now or datetime.now(UTC)) - DELETED_WINDOW + timedelta(minutes=1)
+        if since is not None and since < edge:
+            log.warning("salesforce.deleted_window_passed", object=obj, since=since.isoformat(),
+                        note="deletions older than the recycle bin cannot be read; run syncd reconcile")
+        start = edge if since is None or since < edge else since
+        out: list[Deletion] = []
+        latest = since
+        for batch in self._query_pages(stream.deleted_since(start), include_deleted=True):
+            for r in batch:
+                at = _parse_datetime(str(r[stream.replication_key]))
+                out.append(Deletion(SYSTEM, obj, str(r[stream.primary_key]), at,
+                                    r.get("MasterRecordId") or None, "queryAll"))
+                latest = at if latest is None or at > latest else latest
+        log.info("salesforce.deleted_pulled", object=obj, deleted=len(out))
+        return out, latest
+
+    def dead(self, obj: str, ids: Sequence[str]) -> list[Deletion]:
+        """Which of ``ids`` are deleted (or merged away), by queryAll."""
+        stream = self._stream(obj)
+        out: list[Deletion] = []
+        for chunk in _chunks(list(dict.fromkeys(ids)), IN_CHUNK):
+            for batch in self._query_pages(stream.dead_in(chunk), include_deleted=True):
+                out += [Deletion(SYSTEM, obj, str(r[stream.primary_key]),
+                                 _parse_datetime(str(r[stream.replication_key])),
+                                 r.get("MasterRecordId") or None, "re-pull") for r in batch]
+        return out
+
+    def delete(self, obj: str, targets: Sequence[tuple[str, str]]) -> list[WriteResult]:
+        """Delete records, (key, id) each (``[deletions] other_side = "propagate"``). One
+        already deleted counts as done."""
+        self._stream(obj)
+        out: list[WriteResult] = []
+        for key, rid in targets:
+            try:
+                self._call("sobject.delete", self._sf.restful, f"sobjects/{obj}/{rid}", method="DELETE")
+            except FatalError as e:
+                if "ENTITY_IS_DELETED" not in str(e):
+                    out.append(WriteResult(key, False, rid, str(e)))
+                    continue
+            except RetriableError as e:
+                out.append(WriteResult(key, False, rid, str(e), retriable=True))
+                continue
+            out.append(WriteResult(key, True, rid))
+        return out
+
     def allowed_values(self) -> dict[tuple[str, str], list[str]]:
         out: dict[tuple[str, str], list[str]] = {}
         for obj, stream in self._streams.items():
@@ -270,9 +343,13 @@ class SalesforceConnector:
                 out.extend(self._record(stream, r) for r in batch)
         return out
 
-    def _query_pages(self, soql: str) -> Iterator[list[dict[str, Any]]]:
-        """One SOQL query, batch by batch through query locators (:class:`QueryLocatorPaginator`)."""
-        result = self._call("query", self._sf.query, soql)
+    def _query_pages(self, soql: str, *, include_deleted: bool = False) -> Iterator[list[dict[str, Any]]]:
+        """One SOQL query, batch by batch through query locators (:class:`QueryLocatorPaginator`);
+        ``include_deleted``: through queryAll (deleted and merged rows too)."""
+        if include_deleted:
+            result = self._call("queryAll", self._sf.query, soql, include_deleted=True)
+        else:
+            result = self._call("query", self._sf.query, soql)
         pager = QueryLocatorPaginator()
         while True:
             yield list(result.get("records", []))

@@ -492,7 +492,9 @@ class SalesforceApp:
                 return "describe"
             if len(parts) == 2:
                 return "sobject.create" if req.method == "POST" else "describe"
-            return {"GET": "sobject.get", "PATCH": "sobject.update"}.get(req.method, "unknown")
+            return {"GET": "sobject.get", "PATCH": "sobject.update", "DELETE": "sobject.delete"}.get(
+                req.method, "unknown"
+            )
         return "unknown"
 
     def fault_response(self, fault: Fault, req: Request) -> Response:  # noqa: ARG002 - protocol
@@ -603,6 +605,11 @@ class SalesforceApp:
             self._log(
                 sobject, self._rows[sobject][self._canon_id(sobject, parts[2])]["Id"], body, ep
             )
+            return 204, None
+        if ep == "sobject.delete":
+            sobject = self._object(parts[1])
+            self.delete(sobject, parts[2])
+            self._log(sobject, parts[2], {}, ep)
             return 204, None
         if ep == "sobject.create":
             sobject = self._object(parts[1])

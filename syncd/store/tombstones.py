@@ -131,6 +131,23 @@ class TombstonesTx(TxBase):
                 out.extend(_outbox(m) for m in self.conn.execute(q).mappings())
         return out
 
+    def enqueue_deletes(self, targets: Iterable[tuple[str, str, str, str | None]], *, rule: str, reason: str,
+                        mapping_rev: str, key_prefix: str, email_norm: str | None, now: datetime) -> int:
+        """Outbox rows (op ``delete``) deleting these records, (system, object, id, entity):
+        ``[deletions] other_side = "propagate"``. Idempotent by key like every outbox row."""
+        t = s.outbox
+        params: list[dict[str, Any]] = [
+                  {"key": f"{key_prefix}:{system}:{rid}", "entity_id": entity, "email_norm": email_norm,
+                   "system": system, "object": obj, "record_id": rid, "op": "delete", "fields": {},
+                   "clear_first": [], "canonical": {"record": ["live", "deleted"]}, "rule": rule,
+                   "reason": reason, "mapping_rev": mapping_rev, "basis": None, "state": "pending",
+                   "attempts": 0, "next_attempt_at": now, "created_at": now}
+                  for system, obj, rid, entity in targets]
+        if not params:
+            return 0
+        stmt = self._insert(t).on_conflict_do_nothing(index_elements=[t.c.key]).returning(t.c.id)
+        return len(self.conn.execute(stmt, params).all())
+
     def retarget_write(self, outbox_id: int, record_id: str, entity_id: str | None) -> bool:
         """A pending write to a merged-away record goes to its survivor instead."""
         t = s.outbox
