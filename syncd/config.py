@@ -215,6 +215,9 @@ class HubSpotConfig(_Credential):
     ca_bundle: CaBundle = None
     timeout_s: PositiveSeconds = 30.0
     daily_budget: Annotated[int, Field(gt=0)] = 250_000
+    # HubSpot's archive (deleted contacts and deals) cannot be filtered by date: it is listed
+    # whole, so at most this often (it is never scanned on every poll).
+    archive_scan_s: PositiveSeconds = 900.0
 
     def token(self, base: Path) -> SecretStr:
         return self._secret("hubspot", self.token_env, self.token_file, base)

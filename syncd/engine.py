@@ -66,9 +66,6 @@ log = structlog.get_logger()
 
 CHUNK = 500  # entities decided per transaction
 CONFLICT_LOOKUP_S = 3600.0  # how often link conflicts' candidates are looked up in the CRMs
-# How often a deletion feed is read, per system: HubSpot's archive cannot be filtered (a whole
-# list scan), so at most every ARCHIVE_SCAN_S; Salesforce's queryAll is one query: every pull.
-ARCHIVE_SCAN_S = 900.0
 
 
 class _DryRunRollback(Exception):
@@ -107,7 +104,10 @@ class Engine:
         self.writeback = WriteBack(self._tx, mappings, sla, connectors, clock=clock, dry_run=dry_run,
                                    write_batch=write_batch, on_write=on_write,
                                    should_stop=lambda: self.stop_requested)
-        self.feed_interval_s: dict[str, float] = {"hubspot": ARCHIVE_SCAN_S}
+        # How often each system's deletion feed is read (overrides the connector's
+        # ``deletion_scan_s``): HubSpot's archive is a whole list scan ([hubspot] archive_scan_s);
+        # Salesforce's queryAll is one query, read after every pull.
+        self.feed_interval_s: dict[str, float] = {}
         self.writeback.on_dead = self.bury
         self.writeback.on_permanent = self.repull
 
@@ -232,13 +232,14 @@ class Engine:
     def pull_deletions(self, system: str, obj: str, stats: CycleStats) -> None:
         """Read ``system``/``obj``'s deletion feed from its watermark (less the overlap) and
         tombstone what died; HubSpot's archive at most every ``feed_interval_s``."""
-        feed = getattr(self.connectors[system], "deleted", None)
+        conn = self.connectors[system]
+        feed = getattr(conn, "deleted", None)
         if feed is None:
             return
         now = self.clock()
         with self._tx() as tx:
             mark, scanned = tx.deletion_watermark(system, obj)
-        every = self.feed_interval_s.get(system, 0.0)
+        every = self.feed_interval_s.get(system, getattr(conn, "deletion_scan_s", 0.0))
         if scanned is not None and mark is not None and (now - scanned).total_seconds() < every:
             return
         found, latest = feed(obj, mark - self.overlap if mark is not None else None)

@@ -122,6 +122,10 @@ def status_data(store: Store, now: datetime,
                              for e in tx.open_events("sla_breach")],
             "events_open": {k: len(tx.open_events(k)) for k in ("promotion_blocked", "conflict", "returned")},
             "link_conflicts": len(tx.open_link_conflicts()),
+            "tombstones": {"count": tx.count_tombstones(), "recent": [
+                {"system": t.system, "object": t.object, "record_id": t.record_id, "kind": t.kind,
+                 "merged_into": t.merged_into, "source": t.source, "detected_at": t.detected_at.isoformat()}
+                for t in tx.list_tombstones(limit=10)]},
             "resync_queue": [{"id": r.id, "state": r.state, "params": r.params,
                               "requested_at": r.requested_at.isoformat()} for r in tx.resync_queue()],
             "services": [{"owner": h.owner, "pid": h.pid, "seen_at": h.seen_at.isoformat(), **h.info,
@@ -198,6 +202,15 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
             q.add_row(str(row["id"]), row["system"], row["object"], str(row["record_id"]), row["kind"],
                       str(row["attempts"]), mask_email(row["reason"])[:80])
         console.print(q)
+    if data["tombstones"]["count"]:
+        d = Table(title=f"deleted or merged records: {data['tombstones']['count']} (nothing is written to them; "
+                        "latest first)", title_justify="left")
+        for col in ("system", "object", "record", "kind", "seen by", "detected"):
+            d.add_column(col)
+        for row in data["tombstones"]["recent"]:
+            kind = row["kind"] + (f" into {row['merged_into']}" if row["merged_into"] else "")
+            d.add_row(row["system"], row["object"], row["record_id"], kind, row["source"], row["detected_at"][:19])
+        console.print(d)
     if data["sla_breaches"]:
         b = Table(title="open SLA breaches (MQL not followed up in time)", title_justify="left")
         for col in ("entity", "since", "details"):

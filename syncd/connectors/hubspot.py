@@ -255,11 +255,13 @@ class HubSpotConnector:
         retry: RetryPolicy,
         page_size: int = 200,
         timeout: float = 30.0,
+        archive_scan_s: float = 900.0,
     ) -> None:
         unknown = set(properties) - set(STREAMS)
         if unknown:
             raise FatalError(f"hubspot: unsupported objects {sorted(unknown)}", system=SYSTEM)
         self.usage = ApiUsage()
+        self.deletion_scan_s = archive_scan_s  # how often the engine reads the archive (deleted)
         self._streams = {o: STREAMS[o](p) for o, p in properties.items()}
         self._retry = retry
         self._page_size = max(1, min(page_size, 200))
