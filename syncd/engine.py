@@ -240,7 +240,7 @@ class Engine:
         with self._tx() as tx:
             mark, scanned = tx.deletion_watermark(system, obj)
         every = self.feed_interval_s.get(system, getattr(conn, "deletion_scan_s", 0.0))
-        if scanned is not None and mark is not None and (now - scanned).total_seconds() < every:
+        if scanned is not None and (now - scanned).total_seconds() < every:
             return
         found, latest = feed(obj, mark - self.overlap if mark is not None else None)
         with self._tx() as tx:
