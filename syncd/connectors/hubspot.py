@@ -631,14 +631,7 @@ class HubSpotConnector:
     # ------------------------------------------------------------------ writes
     def write(self, obj: str, updates: Sequence[FieldUpdate]) -> list[WriteResult]:
         stream = self._stream(obj)
-        results: dict[str, WriteResult] = {}
-        clears = [(u.key, u.record_id, dict.fromkeys(u.clear_first, "")) for u in updates
-                  if u.clear_first]
-        for r in self._batch_update(obj, clears):
-            if not r.ok:
-                results[r.key] = WriteResult(r.key, False, r.record_id,
-                                             f"clearing {', '.join(_clear_of(updates, r.key))} "
-                                             f"failed: {r.error}", r.retriable)
+        results = self._clear_first(obj, updates)
         main = [(u.key, u.record_id, {k: _str(v) for k, v in u.fields.items()}) for u in updates
                 if u.key not in results]
         stored: dict[str, dict[str, Any]] = {}
@@ -662,6 +655,23 @@ class HubSpotConnector:
         if stream.checks_lifecycle:
             self._verify_lifecycle(obj, updates, results, stored)
         return [results[u.key] for u in updates]
+
+    def _clear_first(self, obj: str, updates: Sequence[FieldUpdate]) -> dict[str, WriteResult]:
+        """Clear the fields of backwards moves (a separate, earlier request). A backwards move is
+        atomic from syncd's side: a clear that failed transiently is sent again at once, and
+        one still failing fails its update (its set is not sent; the outbox retries clear and
+        set together). Returns the failed updates' results."""
+        clears = [(u.key, u.record_id, dict.fromkeys(u.clear_first, "")) for u in updates if u.clear_first]
+        failed = {r.key: r for r in self._batch_update(obj, clears) if not r.ok}
+        again = [c for c in clears if c[0] in failed and failed[c[0]].retriable]
+        for r in self._batch_update(obj, again) if again else ():
+            if r.ok:
+                del failed[r.key]
+            else:
+                failed[r.key] = r
+        return {k: WriteResult(k, False, r.record_id, f"clearing {', '.join(_clear_of(updates, k))} "
+                                                      f"failed: {r.error}", r.retriable)
+                for k, r in failed.items()}
 
     def _batch_update(self, obj: str, items: list[tuple[str, str, dict[str, str]]],
                       stored: dict[str, dict[str, Any]] | None = None) -> list[WriteResult]:

@@ -107,3 +107,20 @@ def test_hubspot_merge_answers_name_the_survivor_and_a_backwards_move_keeps_a_st
                                                  clear_first=("lifecyclestage",))])
     assert res.ok and res.record_id == keep, res
     assert app.get("contacts", keep)["lifecyclestage"] == "lead"
+
+
+def test_a_backwards_move_whose_clear_fails_once_is_sent_whole(hubspot_sandbox: HubSpotSandbox) -> None:
+    conn = _hs(hubspot_sandbox)
+    app = hubspot_sandbox.app
+    rid = app.add("contacts", {"email": "back@example.com", "lifecyclestage": "salesqualifiedlead"})
+    hubspot_sandbox.server.inject("partial", endpoint="contacts.batch_update", ids=[rid])  # the clear fails
+    (res,) = conn.write("contacts", [FieldUpdate("k", rid, {"lifecyclestage": "lead"},
+                                                 clear_first=("lifecyclestage",))])
+    assert res.ok, res
+    assert app.get("contacts", rid)["lifecyclestage"] == "lead"
+    # a clear that keeps failing sends no set: the stage is left as it was, the write retried whole
+    hubspot_sandbox.server.inject("partial", count=2, endpoint="contacts.batch_update", ids=[rid])
+    (res,) = conn.write("contacts", [FieldUpdate("k2", rid, {"lifecyclestage": "subscriber"},
+                                                 clear_first=("lifecyclestage",))])
+    assert not res.ok and res.retriable and "clearing lifecyclestage failed" in (res.error or "")
+    assert app.get("contacts", rid)["lifecyclestage"] == "lead"
