@@ -30,6 +30,7 @@ from hubspot import HubSpot
 from urllib3.util.retry import Retry
 
 from syncd import catalogue
+from syncd.connectors._deletes import delete_each
 from syncd.connectors._errors import NotRetried, call, lost_answer, may_be_applied
 from syncd.connectors._retry import RetryPolicy
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
@@ -604,21 +605,9 @@ class HubSpotConnector:
     def delete(self, obj: str, targets: Sequence[tuple[str, str]]) -> list[WriteResult]:
         """Archive records, (key, id) each (``[deletions] other_side = "propagate"``). One
         already gone counts as done."""
-        out: list[WriteResult] = []
-        for key, rid in targets:
-            try:
-                self._call(f"{obj}.archive", f"{obj}.basic", "archive", rid)
-            except FatalError as e:
-                if " 404 " not in str(e):
-                    raise
-            except _BadRequest as e:
-                out.append(WriteResult(key, False, rid, e.message))
-                continue
-            except RetriableError as e:
-                out.append(WriteResult(key, False, rid, str(e), retriable=True))
-                continue
-            out.append(WriteResult(key, True, rid))
-        return out
+        self._stream(obj)
+        return delete_each(targets, lambda rid: self._call(f"{obj}.archive", f"{obj}.basic", "archive", rid),
+                           refused=(FatalError, _BadRequest), gone=lambda e: " 404 " in e)
 
     def _batch_read(self, obj: str, ids: list[str], props: list[str], *, archived: bool) -> list[Any]:
         body = {"inputs": [{"id": x} for x in ids], "properties": props, "propertiesWithHistory": []}

@@ -30,6 +30,7 @@ from simple_salesforce.exceptions import (
 )
 
 from syncd import catalogue
+from syncd.connectors._deletes import delete_each
 from syncd.connectors._errors import NotRetried, call, lost_answer, may_be_applied
 from syncd.connectors._retry import RetryPolicy
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
@@ -293,19 +294,10 @@ class SalesforceConnector:
         """Delete records, (key, id) each (``[deletions] other_side = "propagate"``). One
         already deleted counts as done."""
         self._stream(obj)
-        out: list[WriteResult] = []
-        for key, rid in targets:
-            try:
-                self._call("sobject.delete", self._sf.restful, f"sobjects/{obj}/{rid}", method="DELETE")
-            except FatalError as e:
-                if "ENTITY_IS_DELETED" not in str(e):
-                    out.append(WriteResult(key, False, rid, str(e)))
-                    continue
-            except RetriableError as e:
-                out.append(WriteResult(key, False, rid, str(e), retriable=True))
-                continue
-            out.append(WriteResult(key, True, rid))
-        return out
+        return delete_each(
+            targets, lambda rid: self._call("sobject.delete", self._sf.restful, f"sobjects/{obj}/{rid}",
+                                            method="DELETE"),
+            refused=(FatalError,), gone=lambda e: "ENTITY_IS_DELETED" in e)
 
     def allowed_values(self) -> dict[tuple[str, str], list[str]]:
         out: dict[tuple[str, str], list[str]] = {}

@@ -182,15 +182,19 @@ def test_an_archived_hubspot_contact_is_tombstoned_and_its_lead_left_alone(e2e: 
     assert_quiet(e2e)
 
 
-def test_propagate_deletes_the_twin_of_an_archived_contact(e2e: E2E) -> None:
+def test_propagate_deletes_the_twin_in_the_other_crm(e2e: E2E) -> None:
     hid, lid = person(e2e, "pia.propagate@example.com", hs_stage="lead", score=10)
-    assert lid is not None and hid is not None
+    hid2, lid2 = person(e2e, "pat.propagate@example.com", hs_stage="lead", score=10)
+    assert lid and hid and lid2 and hid2
     converge(e2e, other_side="propagate")
     e2e.hs.archive("contacts", hid)
+    e2e.sf.delete("Lead", lid2)
     converge(e2e, other_side="propagate")
-    assert lid in e2e.sf.deleted_ids("Lead")
-    assert [a.rule for a in e2e.audit(record_id=lid)][-1:] == ["D1-deleted"]  # its own death seen too
-    assert any(a.rule == "D3-propagate" for a in e2e.audit(record_id=lid))
+    assert lid in e2e.sf.deleted_ids("Lead")  # the archived contact's Lead is deleted
+    assert e2e.hs.get("contacts", hid2) and hid2 not in {c["hs_object_id"] for c in e2e.hs.all("contacts")}
+    for rid in (lid, hid2):  # audited as sent, then seen dead like any deletion
+        assert [a.rule for a in e2e.audit(record_id=rid) if a.field == "record"] == ["D3-propagate", "D1-deleted"]
+    assert_quiet(e2e)
 
 
 # -- merges ---------------------------------------------------------------------------------------
