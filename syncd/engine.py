@@ -260,7 +260,10 @@ class Engine:
             if d.merged_into:
                 survivors.setdefault((d.system, d.object), []).append(d.merged_into)
         for (system, obj), ids in survivors.items():
-            self.ingest(system, obj, self.connectors[system].fetch(obj, ids), stats, advance_cursor=False)
+            try:
+                self.ingest(system, obj, self.connectors[system].fetch(obj, ids), stats, advance_cursor=False)
+            except (RetriableError, FatalError) as exc:  # the next pull reads them: it is only sooner
+                log.warning("survivor_read_failed", system=system, object=obj, error=one_line(exc))
         with self._tx() as tx:
             self._bury(tx, found, stats)
 
