@@ -10,9 +10,11 @@ twin handed off when the rules call for it.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from syncd.engine import CycleStats, Engine
+from syncd.report import status_data
 from syncd.sla import Deletions
 from syncd.store import TombstoneRow
 
@@ -108,6 +110,8 @@ def test_a_deleted_lead_is_tombstoned_unlinked_audited_and_never_recreated(e2e: 
     assert (tomb.kind, tomb.source, tomb.entity_id) == ("deleted", "queryAll", entity)
     assert not stored(e2e, "salesforce", "Lead", lid)
     assert rules_of(e2e, lid) == [("D1-deleted", "live", "deleted")]
+    reported = status_data(e2e.rt.store, datetime.now(UTC))["tombstones"]  # mark and report
+    assert reported["count"] == 1 and reported["recent"][0]["record_id"] == lid
     seen = e2e.sf.id_requests[lid]
 
     # Marketing keeps working the contact: nothing is written to the dead Lead, and the person
