@@ -46,6 +46,7 @@ class ObjectDiff:
     store: int = 0  # ids in the store (records + quarantined)
     missing: list[str] = field(default_factory=list)  # in the CRM, not in the store
     extra: list[str] = field(default_factory=list)  # in the store, not in the CRM
+    newer: int = 0  # not in the store, but modified after its last pull: the next cycle pulls them
     calls: int = 0
 
     def gap(self, samples: int, source: str, now: datetime) -> dict[str, Any] | None:
@@ -70,16 +71,21 @@ def _store_ids(store: Any, system: str, obj: str) -> set[str]:
 
 def diff_ids(store: Any, conn: Any, system: str, obj: str) -> ObjectDiff:
     """The CRM's ids of ``obj``, page by page, against the store's (memory: one set of the
-    store's ids; each CRM page is checked off it)."""
+    store's ids; each CRM page is checked off it). A record absent from the store but modified
+    after the stored cursor is not missing: it is not pulled yet (``newer``)."""
     d = ObjectDiff(system, obj)
+    with store.tx(readonly=True) as tx:
+        cursor = tx.get_cursor(system, obj)
     held = _store_ids(store, system, obj)
     d.store = len(held)
     before = conn.usage.total
     for page in conn.iter_ids(obj):
         d.crm += len(page)
-        for rid in page:
+        for rid, modified_at in page:
             if rid in held:
                 held.discard(rid)
+            elif cursor is not None and modified_at > cursor.modified_at:
+                d.newer += 1
             else:
                 d.missing.append(rid)
     d.extra = sorted(held)
@@ -260,8 +266,8 @@ def repair(rt: Any, diffs: Sequence[ObjectDiff]) -> dict[str, Any]:
 
 def _diff_json(d: ObjectDiff, samples: int) -> dict[str, Any]:
     return {"system": d.system, "object": d.object, "crm": d.crm, "store": d.store, "calls": d.calls,
-            "missing": len(d.missing), "extra": len(d.extra), "missing_ids": d.missing[:1000],
-            "extra_ids": d.extra[:1000], "sample_missing": sorted(d.missing)[:samples],
+            "missing": len(d.missing), "extra": len(d.extra), "not_yet_pulled": d.newer,
+            "missing_ids": d.missing[:1000], "extra_ids": d.extra[:1000], "sample_missing": sorted(d.missing)[:samples],
             "sample_extra": d.extra[:samples]}
 
 
@@ -270,11 +276,12 @@ def _print(diffs: Sequence[ObjectDiff], samples: int, repaired: dict[str, Any] |
     from rich.table import Table
 
     t = Table(title="reconcile: CRM ids vs the store", title_justify="left")
-    for col in ("system", "object", "crm", "store", "missing", "extra", "calls", "sample missing", "sample extra"):
-        t.add_column(col, justify="right" if col in ("crm", "store", "missing", "extra", "calls") else "left")
+    numbers = ("crm", "store", "missing", "extra", "not yet pulled", "calls")
+    for col in ("system", "object", *numbers, "sample missing", "sample extra"):
+        t.add_column(col, justify="right" if col in numbers else "left")
     for d in diffs:
         t.add_row(d.system, d.object, f"{d.crm:,}", f"{d.store:,}", f"{len(d.missing):,}", f"{len(d.extra):,}",
-                  str(d.calls), ", ".join(sorted(d.missing)[:samples]), ", ".join(d.extra[:samples]))
+                  f"{d.newer:,}", str(d.calls), ", ".join(sorted(d.missing)[:samples]), ", ".join(d.extra[:samples]))
     console = Console(soft_wrap=False, width=200)
     console.print(t)
     if repaired is not None:

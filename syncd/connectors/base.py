@@ -49,8 +49,8 @@ class Connector(Protocol):
         given (one cheap call: HubSpot search ``total``, SOQL ``COUNT()``)."""
         ...
 
-    def iter_ids(self, obj: str) -> Iterator[list[str]]:
-        """Every id of ``obj``, page by page (for ``syncd reconcile``)."""
+    def iter_ids(self, obj: str) -> Iterator[list[tuple[str, datetime]]]:
+        """Every (id, modified_at) of ``obj``, page by page (for ``syncd reconcile``)."""
         ...
 
     def pull_calls(self, obj: str, records: int) -> int:

@@ -543,22 +543,22 @@ class HubSpotConnector:
         resp = self._read_call(f"{obj}.search", f"{obj}.search", "do_search", body)
         return int(resp.get("total") or 0)
 
-    def iter_ids(self, obj: str) -> Iterator[list[str]]:
-        """Every id of ``obj``, ascending, a page (up to 200) at a time: a search sorted by id
-        with ``id > last`` per page, so the 10,000-result cap is never reached."""
+    def iter_ids(self, obj: str) -> Iterator[list[tuple[str, datetime]]]:
+        """Every (id, modified_at) of ``obj``, ascending by id, a page (up to 200) at a time: a
+        search sorted by id with ``id > last`` per page, so the 10,000-result cap is never reached."""
         stream = self._stream(obj)
         key, last = stream.primary_key, 0
         while True:
             body = {"filterGroups": [{"filters": [
                         {"propertyName": key, "operator": "GT", "value": str(last)}]}],
                     "sorts": [{"propertyName": key, "direction": "ASCENDING"}],
-                    "properties": [key], "limit": self._page_size, "after": "0"}
+                    "properties": [key, stream.replication_key], "limit": self._page_size, "after": "0"}
             resp = self._read_call(f"{obj}.search", f"{obj}.search", "do_search", body)
-            ids = [str(o["id"]) for o in resp.get("results") or []]
-            if ids:
-                yield ids
-                last = max(last, *(int(i) for i in ids))
-            if len(ids) < self._page_size or not (resp.get("paging") or {}).get("next"):
+            page = [(r.id, r.modified_at) for r in (self._record(obj, o) for o in resp.get("results") or [])]
+            if page:
+                yield page
+                last = max(last, *(int(i) for i, _ in page))
+            if len(page) < self._page_size or not (resp.get("paging") or {}).get("next"):
                 return
 
     def pull_calls(self, obj: str, records: int) -> int:

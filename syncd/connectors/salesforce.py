@@ -260,13 +260,13 @@ class SalesforceConnector:
         result = self._call("query", self._sf.query, f"SELECT COUNT() FROM {obj}{where}")
         return int(result.get("totalSize") or 0)
 
-    def iter_ids(self, obj: str) -> Iterator[list[str]]:
-        """Every id of ``obj`` in id order, a query batch (2,000) at a time."""
+    def iter_ids(self, obj: str) -> Iterator[list[tuple[str, datetime]]]:
+        """Every (id, modified_at) of ``obj`` in id order, a query batch (2,000) at a time."""
         stream = self._stream(obj)
-        soql = f"SELECT {stream.primary_key} FROM {obj} ORDER BY {stream.primary_key}"
-        for batch in self._query_pages(soql):
+        key, rk = stream.primary_key, stream.replication_key
+        for batch in self._query_pages(f"SELECT {key}, {rk} FROM {obj} ORDER BY {key}"):
             if batch:
-                yield [str(r[stream.primary_key]) for r in batch]
+                yield [(str(r[key]), _parse_datetime(str(r[rk]))) for r in batch]
 
     def pull_calls(self, obj: str, records: int) -> int:
         """The calls a pull of ``records`` records of ``obj`` makes: one query, then a
