@@ -563,13 +563,14 @@ class HubSpotConnector:
 
     def pull_calls(self, obj: str, records: int) -> int:
         """The calls a pull of ``records`` records of ``obj`` makes (for ``resync --plan``):
-        search pages of ``page_size``, one restart per 10,000-result window, and the
-        association reads of streams that enrich pages."""
+        search pages of ``page_size`` (a restart per 10,000-result window re-reads one record),
+        and the association reads of streams that enrich pages."""
         stream = self._stream(obj)
-        windows = max(1, -(-records // self.search_cap))  # a restart re-reads its boundary record
-        pages = max(1, -(-(records + windows - 1) // self._page_size))
+        per_window = self._page_size * max(1, self.search_cap // self._page_size)  # full pages, then a restart
+        windows = max(1, -(-records // per_window))
+        pages = max(1, -(-(records + windows - 1) // self._page_size))  # a restart re-reads its boundary
         enrich = -(-records // stream.enrich_batch) if stream.enrich_batch and records else 0
-        return pages + windows - 1 + enrich
+        return pages + enrich
 
     def fetch_calls(self, obj: str, records: int) -> int:
         """The calls :meth:`fetch` of ``records`` ids makes (batch reads of 100, + enrichment)."""
