@@ -153,6 +153,12 @@ def check_resync(cfg: Config, req: Any, *, show: bool, force: bool) -> None:
     rt = open_runtime(cfg)
     try:
         plan = estimate(rt, groups=req.groups, full=req.full, since=req.since, what=req.describe())
+    except SyncError as exc:  # a CRM that cannot even count: no plan, so no start without --force
+        if not force or show:
+            hint = "" if show else " (--force starts it anyway)"
+            raise SyncError(f"resync: cannot estimate its cost: {exc}{hint}") from exc
+        log.warning("resync_plan_failed", error=str(exc), note="--force: starting without a plan")
+        return
     finally:
         rt.close()
     log.info("resync_plan", request=req.describe(), calls={s: plan.calls(s) for s in plan.systems},

@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 
 from syncd.config import Config
-from syncd.errors import FatalError, RetriableError, SyncError
+from syncd.errors import RetriableError, SyncError
 from syncd.model import OBJECT_GROUPS, utcnow
 from syncd.plan import would_exceed
 from syncd.stats import CycleStats, one_line
@@ -169,10 +169,10 @@ class CountCheck:
         try:
             gaps = count_check(rt, pairs)
             found = self._describe(rt, pairs, gaps)
-        except (RetriableError, FatalError) as exc:
+            record_gaps(rt.store, found)
+        except Exception as exc:  # noqa: BLE001 - a check that cannot run never fails the service
             log.warning("reconcile_count_failed", group=group, error=one_line(exc), next="the next check")
             return None
-        record_gaps(rt.store, found)
         if self.metrics is not None:
             for (system, obj), gap in found.items():
                 self.metrics.set_gap(system, obj, gap["missing"] if gap else 0)
