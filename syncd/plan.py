@@ -109,6 +109,8 @@ def estimate(rt: Any, *, groups: list[str] | None = None, full: bool = False,
                                   len(tx.quarantined_record_ids(system, obj)))
                   for g in groups or list(OBJECT_GROUPS) for system in rt.connectors
                   for obj in OBJECT_GROUPS[g][system]}
+    if not full and since is None and all(st is None for st, _ in starts.values()):
+        plan.what = "first backfill (nothing pulled yet)"
     for (system, obj), (start, quarantined) in starts.items():
         conn = rt.connectors[system]
         records = conn.count(obj, since=start)
