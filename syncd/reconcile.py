@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -108,16 +108,25 @@ class CountGap:
         return self.crm - self.store
 
 
+SKEW = timedelta(seconds=1)  # the store side counts this much later (the CRMs' own fields may differ by ms)
+
+
 def count_check(rt: Any, pairs: Sequence[tuple[str, str]]) -> list[CountGap]:
-    """Per (system, object) with a cursor: the CRM's count up to the cursor vs the store's."""
+    """Per (system, object) with a cursor: the CRM's count of records modified up to ``until``
+    (the cursor less the overlap window: everything up to it was surely pulled) against the
+    store's records modified up to then (plus its quarantined ones). The CRM's count can only
+    be lower for other reasons (a record modified since: the store's older copy still counts),
+    so a higher one is a gap."""
     gaps = []
+    overlap = timedelta(seconds=rt.config.sync.overlap_s)
     for system, obj in pairs:
         with rt.store.tx(readonly=True) as tx:
             cursor = tx.get_cursor(system, obj)
-            held = tx.count_records(system, obj) + len(tx.quarantined_record_ids(system, obj))
-        if cursor is None:
-            continue  # never pulled: nothing to compare yet
-        crm = rt.connectors[system].count(obj, until=cursor.modified_at)
+            if cursor is None:
+                continue  # never pulled: nothing to compare yet
+            until = cursor.modified_at - overlap
+            held = tx.count_records_until(system, obj, until + SKEW) + len(tx.quarantined_record_ids(system, obj))
+        crm = rt.connectors[system].count(obj, until=until)
         if crm > held:
             gaps.append(CountGap(system, obj, crm, held))
     return gaps

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -31,6 +32,13 @@ class ReconcileTx(TxBase):
             if len(ids) < batch:
                 return
             last = ids[-1]
+
+    def count_records_until(self, system: str, object: str, until: datetime) -> int:
+        """Records of one object whose stored copy was modified at or before ``until``."""
+        t = s.records
+        q = sa.select(sa.func.count()).select_from(t).where(
+            t.c.system == system, t.c.object == object, t.c.modified_at <= until)
+        return int(self.conn.execute(q).scalar_one())
 
     def quarantined_record_ids(self, system: str, object: str) -> set[str]:
         """Ids of records of one object that are quarantined (not in ``records``: they did not map)."""

@@ -5,10 +5,12 @@ those ids (as the sandbox's request log shows)."""
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from syncd import reconcile
 from syncd.metrics import ServiceMetrics
+from syncd.model import utcnow
 from syncd.report import status_data
 from syncd.resync import make_engine
 from syncd.sandbox._server import Request
@@ -25,11 +27,13 @@ def _seeded(e2e: E2E) -> None:
 
 
 def _plant_gap(e2e: E2E, n_hubspot: int = 3, n_salesforce: int = 2) -> dict[tuple[str, str], set[str]]:
-    """Delete some HubSpot contacts and Salesforce Leads from the store (not from the CRMs)."""
+    """Delete some HubSpot contacts and Salesforce Leads from the store (not from the CRMs), of
+    those not modified lately (a cycle's overlap re-read would bring back the others by itself)."""
     planted: dict[tuple[str, str], set[str]] = {}
+    day_ago = utcnow() - timedelta(days=1)
     with e2e.rt.store.tx() as tx:
         for system, obj, n in (("hubspot", "contacts", n_hubspot), ("salesforce", "Lead", n_salesforce)):
-            ids = sorted(r.id for r in tx.iter_records(system, obj))[5:5 + n]
+            ids = sorted(r.id for r in tx.iter_records(system, obj) if r.modified_at < day_ago)[5:5 + n]
             planted[(system, obj)] = set(ids)
             keys: list[RecordKey] = [(system, obj, i) for i in ids]
             tx.forget_records(keys)
