@@ -1,5 +1,6 @@
-"""Pruning while a cycle runs: the prune's batches commit between the cycle's pages, the cycle
-completes as usual, old audit rows go and the cycle's own new audit rows stay."""
+"""Pruning while a cycle runs (SQLite and PostgreSQL): the prune's batches commit between the
+cycle's pages, the cycle completes as usual, old audit rows go and the cycle's own new audit rows
+stay."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import threading
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+import pytest
 import sqlalchemy as sa
 
 from syncd import retention
@@ -21,6 +23,12 @@ if TYPE_CHECKING:
 
 OLD_ROWS = 6000
 DEADLINE_S = 120.0  # generous: only a hang fails the test
+
+
+@pytest.fixture
+def state_url(store_url: str) -> str:
+    """The e2e store on each backend (tests/conftest.py's ``store_url``), not only SQLite."""
+    return store_url
 
 
 def test_prune_in_batches_while_a_cycle_runs(e2e: E2E) -> None:
