@@ -8,6 +8,8 @@ import json
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
 from syncd import reconcile
 from syncd.metrics import ServiceMetrics
 from syncd.model import utcnow
@@ -19,6 +21,12 @@ from syncd.store.rows import RecordKey
 
 if TYPE_CHECKING:
     from conftest import E2E
+
+
+@pytest.fixture
+def state_url(store_url: str) -> str:
+    """The e2e store on each backend (tests/conftest.py's ``store_url``), not only SQLite."""
+    return store_url
 
 
 def _seeded(e2e: E2E) -> None:
