@@ -204,10 +204,13 @@ class CountCheck:
             conn = rt.connectors[g.system]
             cost = conn.pull_calls(g.object, g.crm)
             affordable = cost <= DIFF_MAX_CALLS and would_exceed(g.system, cost, rt.config, conn.usage) is None
-            d = diff_ids(rt.store, conn, g.system, g.object) if affordable else None
-            found[(g.system, g.object)] = (d.gap(samples, "count check + id diff", now) if d is not None else None) or {
-                "source": "count check", "at": now.isoformat(), "missing": g.missing, "extra": 0,
-                "crm": g.crm, "store": g.store, "sample_missing": [], "sample_extra": []}
+            if affordable:  # the id diff is exact: it decides (ids changed since the pull are not missing)
+                found[(g.system, g.object)] = diff_ids(rt.store, conn, g.system, g.object).gap(
+                    samples, "count check + id diff", now)
+            else:
+                found[(g.system, g.object)] = {
+                    "source": "count check", "at": now.isoformat(), "missing": g.missing, "extra": 0,
+                    "crm": g.crm, "store": g.store, "sample_missing": [], "sample_extra": []}
         return found
 
 
