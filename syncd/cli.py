@@ -418,15 +418,23 @@ def mappings_impact(c: Ctx, rev_from: str, rev_to: str | None, samples: int, as_
 @click.option("--email", default=None, help="Resync one person by email.")
 @click.option("--id", "record", default=None, metavar="SYSTEM:ID", help="Resync one record, e.g. salesforce:00Q…")
 @click.option("--inline", is_flag=True, help="Run here in the foreground even if a service is running.")
+@click.option("--plan", "show_plan", is_flag=True, help="Print its cost in API calls per system; resync nothing.")
+@click.option("--force", is_flag=True, help="Start even if the plan would cross the daily API cap.")
 @pass_ctx
 def resync(c: Ctx, group: str | None, since: datetime | None, full: bool, email: str | None,
-           record: str | None, inline: bool) -> None:
+           record: str | None, inline: bool, show_plan: bool, force: bool) -> None:
     """A manual resync. Queued for a running service on the same store, else run inline."""
     from syncd.resync import ResyncRequest, request_resync
 
     def go() -> None:
         req = ResyncRequest(group=group, since=_utc(since), full=full, email=email, record=record)
         req.validate()
+        if show_plan or full or since is not None:  # a pull of everything or of a period: cost it first
+            from syncd.plan import check_resync
+
+            check_resync(c.config(), req, show=show_plan, force=force)
+            if show_plan:
+                return
         click.echo(request_resync(c.config(), req, inline=inline))
 
     guarded(go)
@@ -481,6 +489,33 @@ def sandbox_serve(seed: int, people: int, deals: int | None, hubspot_port: int, 
 
     sys.exit(guarded(lambda: serve_forever(seed=seed, people=people, deals=deals, hubspot_port=hubspot_port,
                                            salesforce_port=salesforce_port, directory=directory)))
+
+
+# -- reconcile / prune (issue 16: nothing silently missed; retention) ----------------------------
+
+@main.command("reconcile")
+@click.option("--object", "group", type=click.Choice(catalogue.GROUPS), default=None)
+@click.option("--repair", is_flag=True, help="Fetch exactly the missing records and decide them again.")
+@click.option("--force", is_flag=True, help="Run even if the id listing would cross the daily API cap.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def reconcile_cmd(c: Ctx, group: str | None, repair: bool, force: bool, as_json: bool) -> None:
+    """Diff the CRMs' id sets with the store, page by page: missing and extra ids (exit 1 on a gap
+    left unrepaired)."""
+    from syncd.reconcile import run_cli
+
+    guarded(lambda: run_cli(c.config(), group=group, do_repair=repair, as_json=as_json, force=force))
+
+
+@main.command("prune")
+@click.option("--dry-run", is_flag=True, help="Count what would go; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def prune_cmd(c: Ctx, dry_run: bool, as_json: bool) -> None:
+    """Delete finished rows older than [retention] keeps them (small batches, short transactions)."""
+    from syncd.retention import run_cli
+
+    guarded(lambda: run_cli(c.config(credentials=False), dry_run=dry_run, as_json_out=as_json))
 
 
 if __name__ == "__main__":  # pragma: no cover

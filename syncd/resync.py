@@ -481,8 +481,15 @@ def _retry_quarantined_records(
 
 
 def _resync_records(engine: ObservedEngine, req: ResyncRequest, stats: CycleStats) -> int:
+    return resync_fetched(engine, _fetch_targets(engine, req), stats)
+
+
+def resync_fetched(engine: Engine, fetched: Sequence[tuple[str, str, Sequence[RawRecord]]],
+                   stats: CycleStats) -> int:
+    """Store records fetched by id ((system, object, records) batches; cursors untouched), then
+    re-decide their people/deals and flush the outbox. Returns how many records were stored."""
     keys: list[tuple[str, str, str]] = []
-    for system, obj, records in _fetch_targets(engine, req):
+    for system, obj, records in fetched:
         engine.ingest(system, obj, records, stats, advance_cursor=False)
         keys += [(system, obj, r.id) for r in records]
     if not keys:

@@ -616,6 +616,60 @@ class HubSpotConnector:
         except _BadRequest as e:
             raise FatalError(f"hubspot {obj}.batch_read: {e.message}", system=SYSTEM) from None
         return list(resp.get("results") or [])
+    # ------------------------------------------------------------------ counts and ids
+    def count(self, obj: str, *, since: datetime | None = None,
+              until: datetime | None = None) -> int:
+        """How many records of ``obj`` the CRM holds (modified in ``[since, until]`` when
+        given): one search call with ``limit`` 1, read from its ``total``."""
+        stream = self._stream(obj)
+        mod = stream.replication_key
+        filters = [{"propertyName": mod, "operator": op, "value": str(_ms(at))}
+                   for op, at in (("GTE", since), ("LTE", until)) if at is not None]
+        body = {"filterGroups": [{"filters": filters}] if filters else [],
+                "properties": [stream.primary_key], "limit": 1, "after": "0"}
+        resp = self._read_call(f"{obj}.search", f"{obj}.search", "do_search", body)
+        return int(resp.get("total") or 0)
+
+    def iter_ids(self, obj: str) -> Iterator[list[tuple[str, datetime]]]:
+        """Every (id, modified_at) of ``obj``, ascending by id, a page (up to 200) at a time: a
+        search sorted by id with ``id > last`` per page, so the 10,000-result cap is never reached."""
+        stream = self._stream(obj)
+        key, last = stream.primary_key, 0
+        while True:
+            body = {"filterGroups": [{"filters": [
+                        {"propertyName": key, "operator": "GT", "value": str(last)}]}],
+                    "sorts": [{"propertyName": key, "direction": "ASCENDING"}],
+                    "properties": [key, stream.replication_key], "limit": self._page_size, "after": "0"}
+            resp = self._read_call(f"{obj}.search", f"{obj}.search", "do_search", body)
+            page = [(r.id, r.modified_at) for r in (self._record(obj, o) for o in resp.get("results") or [])]
+            if page:
+                yield page
+                last = max(last, *(int(i) for i, _ in page))
+            if len(page) < self._page_size or not (resp.get("paging") or {}).get("next"):
+                return
+
+    def pull_calls(self, obj: str, records: int) -> int:
+        """The calls a pull of ``records`` records of ``obj`` makes (for ``resync --plan``):
+        search pages of ``page_size`` (a restart per 10,000-result window re-reads one record),
+        and the association reads of streams that enrich pages."""
+        stream = self._stream(obj)
+        per_window = self._page_size * max(1, self.search_cap // self._page_size)  # full pages, then a restart
+        windows = max(1, -(-records // per_window))
+        pages = max(1, -(-(records + windows - 1) // self._page_size))  # a restart re-reads its boundary
+        enrich = -(-records // stream.enrich_batch) if stream.enrich_batch and records else 0
+        return pages + enrich
+
+    def fetch_calls(self, obj: str, records: int) -> int:
+        """The calls :meth:`fetch` of ``records`` ids makes (batch reads of 100, + enrichment)."""
+        stream = self._stream(obj)
+        reads = -(-records // BATCH)
+        enrich = -(-records // stream.enrich_batch) if stream.enrich_batch and records else 0
+        return reads + enrich
+
+    def write_calls(self, obj: str, writes: int) -> int:
+        """The calls sending ``writes`` updates makes, at least (batch updates of 100)."""
+        self._stream(obj)
+        return -(-writes // BATCH)
 
     # ------------------------------------------------------------------ writes
     def write(self, obj: str, updates: Sequence[FieldUpdate]) -> list[WriteResult]:

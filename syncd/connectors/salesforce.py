@@ -45,6 +45,7 @@ COLLECTION_LIMIT = 200  # sObject Collections: records per call
 IN_CHUNK = 200  # values per SOQL IN (...) clause, keeps the GET URL well under 16k characters
 # getDeleted and queryAll reach back this far (the recycle bin; older deletions are gone)
 DELETED_WINDOW = timedelta(days=30)
+QUERY_BATCH = 2000  # records per query batch: Salesforce's default (syncd sends no batchSize option)
 RETRIABLE_RECORD_CODES = frozenset(
     {"UNABLE_TO_LOCK_ROW", "SERVER_UNAVAILABLE", "REQUEST_RUNNING_TOO_LONG"}
 )
@@ -310,6 +311,43 @@ class SalesforceConnector:
                         p["value"] for p in f.get("picklistValues", []) if p.get("active", True)
                     ]
         return out
+
+    # ------------------------------------------------------------------ counts and ids
+    def count(self, obj: str, *, since: datetime | None = None,
+              until: datetime | None = None) -> int:
+        """How many records of ``obj`` there are (modified in ``[since, until]`` when given):
+        one ``SELECT COUNT()`` query, read from its ``totalSize``."""
+        stream = self._stream(obj)
+        rk = stream.replication_key
+        conds = [f"{rk} {op} {soql_datetime(at)}"
+                 for op, at in ((">=", since), ("<=", until)) if at is not None]
+        where = f" WHERE {' AND '.join(conds)}" if conds else ""
+        result = self._call("query", self._sf.query, f"SELECT COUNT() FROM {obj}{where}")
+        return int(result.get("totalSize") or 0)
+
+    def iter_ids(self, obj: str) -> Iterator[list[tuple[str, datetime]]]:
+        """Every (id, modified_at) of ``obj`` in id order, a query batch (2,000) at a time."""
+        stream = self._stream(obj)
+        key, rk = stream.primary_key, stream.replication_key
+        for batch in self._query_pages(f"SELECT {key}, {rk} FROM {obj} ORDER BY {key}"):
+            if batch:
+                yield [(str(r[key]), _parse_datetime(str(r[rk]))) for r in batch]
+
+    def pull_calls(self, obj: str, records: int) -> int:
+        """The calls a pull of ``records`` records of ``obj`` makes: one query, then a
+        ``query_more`` per further batch of :data:`QUERY_BATCH`."""
+        self._stream(obj)
+        return max(1, -(-records // QUERY_BATCH))
+
+    def fetch_calls(self, obj: str, records: int) -> int:
+        """The calls :meth:`fetch` of ``records`` ids makes (one query per IN_CHUNK ids)."""
+        self._stream(obj)
+        return -(-records // IN_CHUNK)
+
+    def write_calls(self, obj: str, writes: int) -> int:
+        """The calls sending ``writes`` updates makes (sObject Collections of 200)."""
+        self._stream(obj)
+        return -(-writes // COLLECTION_LIMIT)
 
     def close(self) -> None:
         self._session.close()

@@ -988,6 +988,8 @@ class SalesforceApp:
                 matched.sort(key=_sort_key_for(name), reverse=desc)
         if q.limit is not None:
             matched = matched[: q.limit]
+        if q.count:
+            return {"totalSize": len(matched), "done": True, "records": []}
         names = [specs[f.lower()].name for f in q.fields]
         records = [self._project(sobject, r, names) for r in matched]
         return self._page(records, batch, 0)

@@ -32,7 +32,9 @@ from syncd.store.cursors import CursorsTx
 from syncd.store.entities import EntitiesTx
 from syncd.store.migrations import StoreVersionError
 from syncd.store.outbox import OutboxTx
+from syncd.store.reconcile import ReconcileTx
 from syncd.store.records import RecordsTx
+from syncd.store.retention import RetentionTx
 from syncd.store.rows import (
     AuditRow,
     EventRow,
@@ -174,7 +176,7 @@ class Store:
         self.close()
 
 
-class Tx(RecordsTx, EntitiesTx, CursorsTx, OutboxTx, CoordinationTx, TombstonesTx):
+class Tx(RecordsTx, EntitiesTx, CursorsTx, OutboxTx, CoordinationTx, TombstonesTx, ReconcileTx, RetentionTx):
     """The unit of work: every state-store operation, inside one transaction. Each concern
     lives in its own module (records, entities, cursors, outbox, coordination); they share
     one connection, so whatever is done through one ``Tx`` commits together or not at all."""
