@@ -190,8 +190,10 @@ def _known_rule(_ctx: click.Context, _param: click.Parameter, value: str | None)
     """``--rule R2-returned`` (or just ``R2``): a rule id syncd.rules declares."""
     if value is None:
         return None
+    from syncd.store.review import OPERATOR_RULE
+
     known = _rule_ids()
-    if not known or value in known:
+    if not known or value in known or value == OPERATOR_RULE:  # operator: the review loop's resolutions
         return value
     by_number = [r for r in known if r.split("-", 1)[0].lower() == value.strip().lower()]
     if len(by_number) == 1:
@@ -481,6 +483,18 @@ def sandbox_serve(seed: int, people: int, deals: int | None, hubspot_port: int, 
 
     sys.exit(guarded(lambda: serve_forever(seed=seed, people=people, deals=deals, hubspot_port=hubspot_port,
                                            salesforce_port=salesforce_port, directory=directory)))
+
+
+# -- review loop: conflicts, quarantine, unmapped, blocked (syncd/review.py) ----------------------
+
+def _register_review() -> None:
+    from syncd.review import commands
+
+    for cmd in commands():
+        main.add_command(cmd)
+
+
+_register_review()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,6 +33,7 @@ from syncd.store.entities import EntitiesTx
 from syncd.store.migrations import StoreVersionError
 from syncd.store.outbox import OutboxTx
 from syncd.store.records import RecordsTx
+from syncd.store.review import ReviewTx
 from syncd.store.rows import (
     AuditRow,
     EventRow,
@@ -173,9 +174,9 @@ class Store:
         self.close()
 
 
-class Tx(RecordsTx, EntitiesTx, CursorsTx, OutboxTx, CoordinationTx):
+class Tx(RecordsTx, EntitiesTx, CursorsTx, OutboxTx, CoordinationTx, ReviewTx):
     """The unit of work: every state-store operation, inside one transaction. Each concern
-    lives in its own module (records, entities, cursors, outbox, coordination); they share
+    lives in its own module (records, entities, cursors, outbox, coordination, review); they share
     one connection, so whatever is done through one ``Tx`` commits together or not at all."""
 
 
