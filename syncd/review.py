@@ -588,9 +588,9 @@ def _quarantine_group() -> click.Group:
             with _store(obj, readonly=False) as tx:
                 r, target = retry_write(tx, entry_id, operator(by))
             if target is not None:
-                from syncd.resync import ResyncRequest, request_resync
+                from syncd.resync import ResyncRequest, resync_outcome
 
-                r["changed"]["resync_outcome"] = request_resync(obj.config(), ResyncRequest(record=target),
+                r["changed"]["resync_outcome"] = resync_outcome(obj.config(), ResyncRequest(record=target),
                                                                 inline=False)
             _emit({"resolution": r}, as_json, _say_resolution)
 
