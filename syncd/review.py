@@ -17,6 +17,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import sys
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -477,7 +478,8 @@ def _text_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
         t.add_column(h, overflow="fold")
     for row in rows:
         t.add_row(*("—" if v is None else str(v) for v in row))
-    Console().print(t)
+    # off a terminal, the full width of a wide table rather than 80 columns (ids never split)
+    Console(soft_wrap=False, width=None if sys.stdout.isatty() else 240).print(t)
 
 
 def _conflicts_text(data: dict[str, Any]) -> None:
