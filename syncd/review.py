@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -38,6 +38,7 @@ __all__ = ["commands"]
 
 Key = tuple[str, str, str]
 NEXT = "the next cycle decides"
+_Held = TypeVar("_Held", "LinkConflictRow", "QuarantineRow")
 
 
 class UsageProblem(ConfigError):
@@ -91,13 +92,17 @@ def conflict_data(tx: Tx, c: LinkConflictRow) -> dict[str, Any]:
             "candidates": [candidate_data(k, rows.get(k)) for k in keys]}
 
 
+def _unresolved(row: _Held | None, what: str, id_: int, command: str) -> _Held:
+    """``row`` if it exists and is still open; else one line saying why not (exit 2)."""
+    if row is None:
+        raise UsageProblem(f"no {what} #{id_} (see 'syncd {command}')")
+    if row.resolved_at is not None:
+        raise UsageProblem(f"{what} #{id_} was already resolved at {iso(row.resolved_at)}")
+    return row
+
+
 def _conflict(tx: Tx, id_: int) -> LinkConflictRow:
-    c = tx.link_conflict(id_)
-    if c is None:
-        raise UsageProblem(f"no link conflict #{id_} (see 'syncd conflicts')")
-    if c.resolved_at is not None:
-        raise UsageProblem(f"link conflict #{id_} was already resolved at {iso(c.resolved_at)}")
-    return c
+    return _unresolved(tx.link_conflict(id_), "link conflict", id_, "conflicts")
 
 
 def _picked(keys: Sequence[Key], pick: str) -> Key:
@@ -202,12 +207,7 @@ def quarantine_data(tx: Tx, q: QuarantineRow) -> dict[str, Any]:
 
 
 def _entry(tx: Tx, id_: int) -> QuarantineRow:
-    q = tx.quarantine_entry(id_)
-    if q is None:
-        raise UsageProblem(f"no quarantine entry #{id_} (see 'syncd quarantine')")
-    if q.resolved_at is not None:
-        raise UsageProblem(f"quarantine entry #{id_} was already resolved at {iso(q.resolved_at)}")
-    return q
+    return _unresolved(tx.quarantine_entry(id_), "quarantine entry", id_, "quarantine")
 
 
 def _audit_quarantine(tx: Tx, q: QuarantineRow, action: str, by: str, reason: str) -> int:
@@ -482,10 +482,16 @@ def _text_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
     Console(soft_wrap=False, width=None if sys.stdout.isatty() else 240).print(t)
 
 
-def _conflicts_text(data: dict[str, Any]) -> None:
-    items = data.get("conflicts") or ([data["conflict"]] if "conflict" in data else [])
+def _items(data: dict[str, Any], many: str, one: str, none: str) -> list[dict[str, Any]]:
+    """The listed items (``data[many]``), or the one shown (``data[one]``); says ``none`` if there are none."""
+    items: list[dict[str, Any]] = data.get(many) or ([data[one]] if one in data else [])
     if not items:
-        click.echo("no open link conflicts")
+        click.echo(none)
+    return items
+
+
+def _conflicts_text(data: dict[str, Any]) -> None:
+    items = _items(data, "conflicts", "conflict", "no open link conflicts")
     for c in items:
         rows = [[f, *(cand[f] for cand in c["candidates"])]
                 for f in ("key", "name", "company", "lifecycle", "lead_status", "converted", "entity_id",
@@ -497,9 +503,8 @@ def _conflicts_text(data: dict[str, Any]) -> None:
 
 
 def _quarantine_text(data: dict[str, Any]) -> None:
-    items = data.get("quarantine") or ([data["entry"]] if "entry" in data else [])
+    items = _items(data, "quarantine", "entry", "quarantine is empty")
     if not items:
-        click.echo("quarantine is empty")
         return
     _text_table("quarantine (bad records and refused writes)", ["id", "system", "object", "record", "kind",
                                                                "tries", "at", "reason"],
@@ -513,9 +518,8 @@ def _quarantine_text(data: dict[str, Any]) -> None:
 
 
 def _unmapped_text(data: dict[str, Any]) -> None:
-    items = data.get("unmapped") or ([data["value"]] if "value" in data else [])
+    items = _items(data, "unmapped", "value", "no unmapped CRM values")
     if not items:
-        click.echo("no unmapped CRM values")
         return
     _text_table("unmapped CRM values (read as unknown, never guessed)",
                 ["key", "seen", "last seen", "samples", "where to map it"],
@@ -535,9 +539,8 @@ def _unmapped_text(data: dict[str, Any]) -> None:
 
 
 def _blocked_text(data: dict[str, Any]) -> None:
-    items = data.get("blocked") or ([data["person"]] if "person" in data else [])
+    items = _items(data, "blocked", "person", "no blocked re-hand-offs")
     if not items:
-        click.echo("no blocked re-hand-offs")
         return
     _text_table("blocked re-hand-offs (returned to marketing, promotion held until new evidence)",
                 ["id", "person", "records", "returned", "blocked since", "why", "release"],
