@@ -129,6 +129,7 @@ def test_a_conflict_resolved_by_pick_makes_the_next_cycle_hand_off(e2e: E2E) -> 
     assert e2e.sf.get("Lead", l2)["Lifecycle_Stage__c"] == "Lead"
     assert len(leads_with_email(e2e, email)) == 2
     assert memory_of(e2e, "salesforce", "Lead", l1).handed_off_at is not None
+    assert as_json(e2e, "conflicts")["conflicts"] == []  # the link holds: the conflict is not found again
     (row,) = [r for r in operator_rows(e2e) if r["field"] == "link"]
     assert row["after"]["by"] == "alice" and f"salesforce:Lead:{l1}" in row["after"]["linked"]
     assert row["email_norm"] == email and row["record_id"] == l1
@@ -204,6 +205,27 @@ def test_a_dismissed_write_is_never_sent_even_by_a_resync(e2e: E2E, monkeypatch:
     out = as_json(e2e, "resync", "--inline")
     assert out["queued"] is False and out["result"]["requeued_writes"] == 0
     assert e2e.hs.get("contacts", hid)["lifecyclestage"] == "marketingqualifiedlead"
+
+
+def test_a_quarantined_record_retried_is_fetched_again_and_leaves_quarantine(
+        e2e: E2E, monkeypatch: pytest.MonkeyPatch) -> None:
+    # an admin turned the score property into free text: a record syncd cannot read arrives
+    score = hubspot_sim.CATALOGUE["contacts"]["hubspotscore"]
+    monkeypatch.setitem(hubspot_sim.CATALOGUE["contacts"], "hubspotscore", replace(score, type="string"))
+    hid = e2e.hs.add("contacts", {"email": "bad.score@example.com", "firstname": "Bad", "lastname": "Score",
+                                  "lifecyclestage": "lead", "hubspotscore": "lots"})
+    syncd(e2e, "sync", "--once")
+    (entry,) = as_json(e2e, "quarantine")["quarantine"]
+    assert (entry["kind"], entry["record_id"], entry["outbox_id"], entry["write"]) == ("record", hid, None, None)
+    assert "hubspotscore" in entry["reason"]
+    e2e.hs.modify("contacts", hid, {"hubspotscore": "20"})  # fixed in the CRM
+    done = as_json(e2e, "quarantine retry", str(entry["id"]))["resolution"]
+    assert done["changed"]["resync"] == f"hubspot:{hid}"
+    outcome = done["changed"]["resync_outcome"]
+    assert outcome["queued"] is False and outcome["result"]["retried_records"] == 1  # no service: run here
+    assert as_json(e2e, "quarantine")["quarantine"] == []
+    (row,) = operator_rows(e2e)
+    assert (row["field"], row["record_id"], row["after"]) == ("quarantine", hid, {"action": "retry", "by": "alice"})
 
 
 # -- unmapped -------------------------------------------------------------------------------------
