@@ -528,6 +528,9 @@ def _unmapped_text(data: dict[str, Any]) -> None:
                   (f"{u['file']}:{u['line']} [{u['section']}]" if u["file"] else "no mapping table")]
                  for u in items])
     for u in items:
+        if u["deliberate"] and "value" in data:
+            click.echo(f"{u['key']}: listed in `unmapped` in {u['file']} on purpose (read as unknown); "
+                       "to map it, take it out of that list and add it to a term's values")
         if u["deliberate"] or not u["choices"]:
             continue
         fix = data.get("fix")

@@ -51,21 +51,13 @@ class ReviewTx(TxBase):
         return bool(self.conn.execute(sa.delete(t).where(t.c.system == system, t.c.object == object,
                                                          t.c.field == field, t.c.value == value)).rowcount)
 
-    def sample_records(self, system: str, object: str, field: str, value: str,
-                       limit: int = 3, scan: int = 20_000) -> list[str]:
-        """Ids of up to ``limit`` stored records whose raw ``field`` holds ``value`` (newest
-        first, looking at the ``scan`` most recently modified records of that object)."""
+    def sample_records(self, system: str, object: str, field: str, value: str, limit: int = 3) -> list[str]:
+        """Ids of up to ``limit`` stored records whose raw ``field`` holds ``value``, newest first."""
         t = s.records
-        q = (sa.select(t.c.id, t.c.raw).where(t.c.system == system, t.c.object == object)
-             .order_by(t.c.modified_at.desc(), t.c.id).limit(scan))
-        out: list[str] = []
-        for rid, raw in self.conn.execute(q):
-            v = (raw or {}).get(field)
-            if v is not None and str(v) == value:
-                out.append(str(rid))
-                if len(out) >= limit:
-                    break
-        return out
+        q = (sa.select(t.c.id).where(t.c.system == system, t.c.object == object,
+                                     t.c.raw[field].as_string() == value)
+             .order_by(t.c.modified_at.desc(), t.c.id).limit(limit))
+        return [str(r) for r in self.conn.execute(q).scalars()]
 
     def event(self, id: int) -> EventRow | None:
         t = s.sla_events

@@ -346,6 +346,19 @@ def test_json_of_the_reports_and_work_commands_matches_the_documented_schema(e2e
         as_json(e2e, name)
 
 
+def test_a_partial_cycle_prints_its_json_then_exits_1(e2e: E2E) -> None:
+    with e2e.config.open("a") as f:
+        f.write("\n[sync]\nretry_cap_s = 0.2\nretry_max_attempts = 2\n")
+    e2e.hs.add("contacts", {"email": "half.seen@example.com", "firstname": "Half", "lastname": "Seen",
+                            "lifecyclestage": "lead", "hubspotscore": "90"})
+    e2e.sb.salesforce_server.inject("server_error", count=1000)  # Salesforce is down
+    p = syncd(e2e, "sync", "--once", "--json", code=1)
+    out = documented("sync", p.stdout)
+    assert out["status"] == "partial" and "salesforce" in out["reason"] and "503" in out["reason"]
+    assert out["summary"]["sent"] == 0  # nothing decided on half a picture
+    assert "partial cycle" in p.stderr
+
+
 def test_every_command_with_json_is_documented() -> None:
     """Each command's --json has a schema in docs/json.md, and each schema is valid JSON Schema."""
     from click import Group
