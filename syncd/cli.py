@@ -491,14 +491,16 @@ def sandbox() -> None:
 @click.option("--salesforce-port", type=Port, default=0, help="Default: any free port.")
 @click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Where to write the CA bundle and a ready-to-use syncd.toml (default: a temp dir).")
+@click.option("--json", "as_json", is_flag=True, help="Print the URLs, credentials and paths as JSON (docs/json.md).")
 def sandbox_serve(seed: int, people: int, deals: int | None, hubspot_port: int, salesforce_port: int,
-                  directory: Path | None) -> None:
+                  directory: Path | None, as_json: bool) -> None:
     """Serve seeded simulators until Ctrl-C; prints URLs, token/session and CA path."""
     from syncd.sandbox import serve_forever
 
 
     sys.exit(guarded(lambda: serve_forever(seed=seed, people=people, deals=deals, hubspot_port=hubspot_port,
-                                           salesforce_port=salesforce_port, directory=directory)))
+                                           salesforce_port=salesforce_port, directory=directory,
+                                           as_json=as_json)))
 
 
 # -- review loop: conflicts, quarantine, unmapped, blocked (syncd/review.py) ----------------------

@@ -10,8 +10,11 @@ import json
 import os
 import re
 import shutil
+import signal
+import ssl
 import subprocess
 import sys
+import urllib.request
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
@@ -357,6 +360,31 @@ def test_a_partial_cycle_prints_its_json_then_exits_1(e2e: E2E) -> None:
     assert out["status"] == "partial" and "salesforce" in out["reason"] and "503" in out["reason"]
     assert out["summary"]["sent"] == 0  # nothing decided on half a picture
     assert "partial cycle" in p.stderr
+
+
+def test_sandbox_serve_json_tells_where_and_how_then_serves_until_sigterm(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "syncd", "sandbox", "serve", "--people", "20", "--dir",
+                             str(tmp_path / "sb"), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for ln in proc.stdout:  # one indented document; its last line is the closing brace
+            lines.append(ln)
+            if ln.rstrip("\n") == "}":
+                break
+        doc = documented("sandbox serve", "".join(lines))
+        assert doc["seeded"]["hubspot.contacts"] == 20 and Path(doc["config"]).is_file()
+        ctx = ssl.create_default_context(cafile=doc["ca_bundle"])
+        req = urllib.request.Request(f"{doc['hubspot']['url']}/crm/v3/objects/contacts?limit=1",
+                                     headers={"Authorization": f"Bearer {doc['hubspot']['token']}"})
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), urllib.request.ProxyHandler({}))
+        with opener.open(req, timeout=30) as r:
+            assert r.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0
 
 
 def test_every_command_with_json_is_documented() -> None:
