@@ -35,6 +35,7 @@ from syncd.store.outbox import OutboxTx
 from syncd.store.reconcile import ReconcileTx
 from syncd.store.records import RecordsTx
 from syncd.store.retention import RetentionTx
+from syncd.store.review import ReviewTx
 from syncd.store.rows import (
     AuditRow,
     EventRow,
@@ -176,10 +177,12 @@ class Store:
         self.close()
 
 
-class Tx(RecordsTx, EntitiesTx, CursorsTx, OutboxTx, CoordinationTx, TombstonesTx, ReconcileTx, RetentionTx):
+class Tx(RecordsTx, EntitiesTx, CursorsTx, OutboxTx, CoordinationTx, TombstonesTx, ReconcileTx, RetentionTx,
+         ReviewTx):
     """The unit of work: every state-store operation, inside one transaction. Each concern
-    lives in its own module (records, entities, cursors, outbox, coordination); they share
-    one connection, so whatever is done through one ``Tx`` commits together or not at all."""
+    lives in its own module (records, entities, cursors, outbox, coordination, tombstones,
+    reconcile, retention, review); they share one connection, so whatever is done through one
+    ``Tx`` commits together or not at all."""
 
 
 def _first_line(e: BaseException | None) -> str:

@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from _docs_json import documented
 
 from syncd import reconcile
 from syncd.metrics import ServiceMetrics
@@ -134,7 +135,7 @@ def test_reconcile_cli_exits_1_on_a_gap_and_reports_json(e2e: E2E) -> None:
 
     assert r.returncode == 1, r.stderr
     assert "2 records missing from the store" in r.stderr and "--repair" in r.stderr
-    out: dict[str, Any] = json.loads(r.stdout)
+    out: dict[str, Any] = documented("reconcile", r.stdout)
     got = {(o["system"], o["object"]): set(o["missing_ids"]) for o in out["objects"] if o["missing"]}
     assert got == planted
     r = e2e.syncd("reconcile", "--object", "contacts", "--repair")
