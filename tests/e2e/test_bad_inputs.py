@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import certifi
 import pytest
 
 from syncd.mapping import default_mappings_dir
@@ -39,10 +40,12 @@ class W:
     ca: str = ""
     closed: int = 9  # a port nothing listens on
     busy: int = 0  # a port something listens on
+    mute: int = 0  # a port that accepts connections and never answers
+    other_ca: str = field(default_factory=certifi.where)  # a valid CA bundle that did not sign the sandbox
 
     def fmt(self, s: str) -> str:
         return s.format(tmp=self.tmp, hs=self.hs_url, sf=self.sf_url, ca=self.ca, closed=self.closed,
-                        busy=self.busy)
+                        busy=self.busy, mute=self.mute, other_ca=self.other_ca)
 
 
 Sections = dict[str, dict[str, str | None]]
@@ -358,6 +361,35 @@ PEERS = [
       config=with_({}, live=True), env={SESSION_ENV: "wrong-session-5e2a"}, hides=("wrong-session-5e2a",)),
     C("peer-mappings-check-live-closed", ("mappings", "check", "--live"), 1, ("hubspot",), live=True,
       config=with_({"hubspot": {"base_url": '"https://127.0.0.1:{closed}"'}}, live=True)),
+    # each names the system, host:port and the cause, never a vendor class name or the request URL
+    C("peer-hubspot-refused-names-host-and-cause", SYNC, 1,
+      ("hubspot contacts.search: 127.0.0.1:{closed}: connection refused",), live=True,
+      config=with_({"hubspot": {"base_url": '"https://127.0.0.1:{closed}"'}}, live=True),
+      hides=("MaxRetryError", "RetriableError", "NewConnectionError")),
+    C("peer-salesforce-refused-names-host-and-cause", SYNC, 1,
+      ("salesforce query: 127.0.0.1:{closed}: connection refused",), live=True,
+      config=with_({"salesforce": {"instance_url": '"https://127.0.0.1:{closed}"'}}, live=True),
+      hides=("SELECT", "/services/data", "ConnectionError", "HTTPSConnectionPool", "RetriableError")),
+    C("peer-hubspot-dns-failure", SYNC, 1, ("hubspot contacts.search: crm.syncd-test.invalid:443: DNS lookup",),
+      live=True, config=with_({"hubspot": {"base_url": '"https://crm.syncd-test.invalid"'}}, live=True),
+      hides=("NameResolutionError", "MaxRetryError")),
+    C("peer-salesforce-dns-failure", SYNC, 1, ("salesforce query: org.syncd-test.invalid:8443: DNS lookup",),
+      live=True, config=with_({"salesforce": {"instance_url": '"https://org.syncd-test.invalid:8443"'}}, live=True),
+      hides=("SELECT", "ConnectionError")),
+    C("peer-hubspot-wrong-ca", SYNC, 1,
+      ("hubspot contacts.search: 127.0.0.1:", "TLS certificate verify failed", "CA bundle {other_ca}"), live=True,
+      config=with_({"hubspot": {"ca_bundle": '"{other_ca}"'}}, live=True), hides=("SSLError",)),
+    C("peer-salesforce-wrong-ca", SYNC, 1,
+      ("salesforce query: 127.0.0.1:", "TLS certificate verify failed", "CA bundle {other_ca}"), live=True,
+      config=with_({"salesforce": {"ca_bundle": '"{other_ca}"'}}, live=True), hides=("SSLError", "SELECT")),
+    C("peer-hubspot-never-answers", SYNC, 1,
+      ("hubspot contacts.search: 127.0.0.1:{mute}: timeout after 1 s",), live=True,
+      config=with_({"hubspot": {"base_url": '"https://127.0.0.1:{mute}"', "timeout_s": "1"}}, live=True),
+      hides=("ReadTimeoutError", "MaxRetryError")),
+    C("peer-salesforce-never-answers", SYNC, 1,
+      ("salesforce query: 127.0.0.1:{mute}: timeout after 1 s",), live=True,
+      config=with_({"salesforce": {"instance_url": '"https://127.0.0.1:{mute}"', "timeout_s": "1"}}, live=True),
+      hides=("ReadTimeout", "SELECT")),
 ]
 
 CASES = CONFIG + URLS + SECRETS + STORE + MAPPINGS + ARGS + PEERS
@@ -376,6 +408,15 @@ def busy_port() -> Iterator[int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
+        yield int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def mute_port() -> Iterator[int]:
+    """A port whose listener never accepts: the kernel completes the TCP handshake, nothing answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
         yield int(s.getsockname()[1])
 
 
@@ -431,9 +472,9 @@ def test_bad_input_is_one_line_and_the_documented_exit_code(case: Case, tmp_path
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.live], ids=lambda c: c.id)
 def test_unreachable_or_unwilling_peer_is_one_line_exit_1(case: Case, tmp_path: Path, live: Sandbox,
-                                                         busy_port: int) -> None:
+                                                         busy_port: int, mute_port: int) -> None:
     w = W(tmp_path, hs_url=live.hubspot_url, sf_url=live.salesforce_url, ca=str(live.ca_path),
-          closed=_free_port(), busy=busy_port)
+          closed=_free_port(), busy=busy_port, mute=mute_port)
     if case.setup is not None:
         case.setup(w)
     assert_one_line(w, case, run(w, case))
