@@ -265,10 +265,34 @@ STORE = [
       config=with_({"state": {"url": '"sqlite:///:memory:"'}})),
     C("store-not-a-url", ("status",), 2, ("state.url", "does not parse"),
       config=with_({"state": {"url": '"syncd.db"'}})),
-    C("store-corrupt-sqlite-file", ("status",), 1, ("state store", "{tmp}/state.db", "not a database"),
+    C("store-corrupt-sqlite-file", ("status",), 2,
+      ("state store {tmp}/state.db: not a usable SQLite database", "file is not a database", "backup"),
       config=with_({}), setup=write("state.db", bytes(range(256)) * 64)),
+    C("store-corrupt-sqlite-file-sync", SYNC, 2, ("state store {tmp}/state.db: not a usable SQLite database",),
+      config=with_({}), setup=write("state.db", bytes(range(256)) * 64), hides=("cannot create",)),
+    C("store-path-is-a-directory", SYNC, 2, ("[state] url", "{tmp}/state.db is a directory"),
+      config=with_({}), setup=mkdir("state.db")),
+    C("store-directory-missing-sync", SYNC, 2, ("cannot create {tmp}/gone/state.db", "{tmp}/gone does not exist"),
+      config=with_({"state": {"url": '"sqlite:///{tmp}/gone/state.db"'}})),
+    C("store-directory-missing-status", ("status",), 2, ("{tmp}/gone does not exist",),
+      config=with_({"state": {"url": '"sqlite:///{tmp}/gone/state.db"'}})),
+    C("store-parent-is-a-file", ("run",), 2, ("cannot create {tmp}/afile/state.db", "{tmp}/afile is not a directory"),
+      config=with_({"state": {"url": '"sqlite:///{tmp}/afile/state.db"'}}), setup=write("afile", "x\n")),
+    C("store-not-created-yet-status", ("status",), 2,
+      ("the state store {tmp}/state.db does not exist yet", "run `syncd migrate` or start the service"),
+      config=with_({})),
+    C("store-not-created-yet-audit", ("audit",), 2, ("{tmp}/state.db does not exist yet", "syncd migrate"),
+      config=with_({})),
+    C("store-not-created-yet-impact", ("mappings", "impact"), 2, ("{tmp}/state.db does not exist yet",),
+      config=with_({})),
+    C("store-corrupt-migrate", ("migrate",), 2, ("{tmp}/state.db: not a usable SQLite database",),
+      config=with_({}), setup=write("state.db", b"SQLite format 3\x00" + bytes(4080))),
     C("store-postgres-unreachable", ("status",), 1, ("state store", "unreachable"),
       config=with_({"state": {"url": '"postgresql://syncd@127.0.0.1:{closed}/syncd"'}})),
+    C("store-postgres-unreachable-sync", SYNC, 1, ("state store postgresql+psycopg://syncd:***@127.0.0.1:{closed}",
+                                                   "unreachable"),
+      config=with_({"state": {"url": f'"postgresql://syncd:{PG_PASSWORD}@127.0.0.1:{{closed}}/syncd"'}}),
+      hides=(PG_PASSWORD,)),
 ]
 
 # -- mapping and SLA files ---------------------------------------------------------------------------
@@ -500,9 +524,10 @@ def test_status_needs_no_secret_file(tmp_path: Path) -> None:
     w = W(tmp_path)
     cfg = config(w, {"hubspot": {"token_file": '"/run/credentials/syncd.service/hubspot-token"'}})
     (tmp_path / "syncd.toml").write_text(cfg)
-    p = subprocess.run([SYNCD, "--config", "syncd.toml", "status"], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=TIMEOUT)
-    assert p.returncode == 0, p.stdout + p.stderr
+    for command in ("migrate", "status"):
+        p = subprocess.run([SYNCD, "--config", "syncd.toml", command], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=TIMEOUT)
+        assert p.returncode == 0, p.stdout + p.stderr
     p = subprocess.run([SYNCD, "--config", "syncd.toml", "sync", "--once"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=TIMEOUT)
     assert p.returncode == 2 and "hubspot.token_file" in p.stderr, p.stderr
@@ -528,7 +553,7 @@ def test_debug_shows_the_traceback_of_a_failure(tmp_path: Path) -> None:
     (tmp_path / "syncd.toml").write_text(config(w))
     p = subprocess.run([SYNCD, "--debug", "--config", "syncd.toml", "status"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=TIMEOUT)
-    assert p.returncode == 1
+    assert p.returncode == 2
     assert "Traceback (most recent call last)" in p.stderr
     assert p.stderr.splitlines()[-1].startswith("syncd: error: state store")
 
@@ -543,3 +568,37 @@ def test_sync_uses_the_built_in_sla_when_the_config_asks_for_it(tmp_path: Path) 
                            "hubspot": {"base_url": '"https://127.0.0.1:{closed}"'},
                            "salesforce": {"instance_url": '"https://127.0.0.1:{closed}"'}}))
     assert_one_line(w, case, run(w, case))
+
+
+@pytest.fixture
+def unwritable_store(tmp_path: Path) -> Iterator[W]:
+    """A config and an existing store file that cannot be opened for writing right now (as on a
+    disk remounted read-only): chmod for a user, the immutable attribute for root."""
+    w = W(tmp_path)
+    (tmp_path / "syncd.toml").write_text(config(w))
+    assert run(w, C("migrate", ("migrate",), 0, ())).returncode == 0
+    path = tmp_path / "state.db"
+    root = os.geteuid() == 0
+    if root:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("root without chattr +i: cannot make a file unwritable here")
+    else:
+        path.chmod(0o444)
+    try:
+        yield w
+    finally:
+        if root:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(0o600)
+
+
+def test_a_store_there_but_not_openable_now_is_exit_1_so_systemd_retries(unwritable_store: W) -> None:
+    """Exit 1, a failure during work (deploy/syncd.service's RestartPreventExitStatus=2 would stop
+    the service for good on exit 2); the line names the file and says why, never "cannot create"."""
+    w = unwritable_store
+    for args in (SYNC, ("run",), ("migrate",)):
+        case = C("store-unwritable", args, 1, ("state store {tmp}/state.db: cannot open it for writing now",),
+                 hides=("cannot create",))
+        assert_one_line(w, case, run(w, case))
+    p = run(w, C("status", ("status",), 0, ()))  # the read-only commands still read it
+    assert p.returncode == 0, p.stderr

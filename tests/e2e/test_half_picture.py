@@ -84,6 +84,7 @@ class World:
 def _world(tmp: Path) -> Iterator[World]:
     with Sandbox(tmp / "sandbox") as sb:
         summary = seed(sb.hubspot, sb.salesforce, SPEC)
+        (tmp / "state").mkdir()
         state_url = f"sqlite:///{tmp / 'state' / 'syncd.db'}"
         cfg = sb.write_config(tmp / "syncd.toml", state_url=state_url, extra=EXTRA)
         yield World(sb, tmp, cfg, {**os.environ, **sb.env()}, state_url, summary)
