@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import sqlalchemy as sa
+
 from syncd.errors import SyncError
 
 
@@ -73,6 +75,9 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     first = (str(exc).strip().splitlines() or [""])[0]
     if isinstance(exc, SyncError) and first:
         return first[:limit]
+    if isinstance(exc, sa.exc.SQLAlchemyError):  # the driver's own words, never the SQL or its parameters
+        orig = getattr(exc, "orig", None) or exc
+        return f"state store: {(str(orig).strip().splitlines() or [type(orig).__name__])[0]}"[:limit]
     return f"{type(exc).__name__}: {first}"[:limit]
 
 
