@@ -398,7 +398,8 @@ def mappings_impact(c: Ctx, rev_from: str, rev_to: str | None, samples: int, as_
         cfg = c.config(credentials=False)
         store = open_store_readonly(cfg.state_url())
         try:
-            result = impact(store, mappings_dir(cfg), rev_from, rev_to, samples=samples)
+            result = impact(store, mappings_dir(cfg), rev_from, rev_to, samples=samples,
+                            sla_defaults=cfg.mappings.sla == "defaults")
         finally:
             store.close()
         if as_json:

@@ -307,7 +307,7 @@ MAPPINGS = [
       config=with_(MAPPINGS_M), setup=mappings(lambda d: (d / "sla.toml").unlink())),
     C("sla-invalid-toml", SYNC, 2, ("sla.toml:", "invalid TOML"),
       config=with_(MAPPINGS_M), setup=mappings(replace_in("sla.toml", "threshold = 50", "threshold = = 50"))),
-    C("sla-unknown-key", SYNC, 2, ("sla.toml:", "thresold"),
+    C("sla-unknown-key", SYNC, 2, ("sla.toml:", "thresold", "unknown key", "did you mean 'threshold'"),
       config=with_(MAPPINGS_M), setup=mappings(replace_in("sla.toml", "threshold = 50", "thresold = 50"))),
     C("sla-unknown-term", SYNC, 2, ("sla.toml:", "'marketing_qualified'"),
       config=with_(MAPPINGS_M),
@@ -325,6 +325,8 @@ MAPPINGS = [
     C("mapping-not-utf8", SYNC, 2, ("terms.toml", "not UTF-8"),
       config=with_(MAPPINGS_M),
       setup=mappings(lambda d: (d / "terms.toml").write_bytes(b"\xff" + (d / "terms.toml").read_bytes()))),
+    C("mapping-terms-empty", SYNC, 2, ("terms.toml:1:1", "the file is empty", "lifecycle"),
+      config=with_(MAPPINGS_M), setup=mappings(lambda d: (d / "terms.toml").write_text(""))),
     C("mapping-terms-missing", SYNC, 2, ("terms.toml",),
       config=with_(MAPPINGS_M), setup=mappings(lambda d: (d / "terms.toml").unlink())),
     C("mappings-check-dir-missing", ("mappings", "check", "{tmp}/no-such-dir"), 2, ("no-such-dir",)),
@@ -515,6 +517,14 @@ def test_a_utf8_bom_is_accepted(tmp_path: Path) -> None:
     (tmp_path / "syncd.toml").write_bytes(b"\xef\xbb\xbf" + config(w).encode())
     p = subprocess.run([SYNCD, "--config", str(tmp_path / "syncd.toml"), "mappings", "check"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_a_utf8_bom_in_a_mapping_file_is_accepted(tmp_path: Path) -> None:
+    w = W(tmp_path)
+    mappings(lambda d: (d / "hubspot.toml").write_bytes(b"\xef\xbb\xbf" + (d / "hubspot.toml").read_bytes()))(w)
+    p = subprocess.run([SYNCD, "mappings", "check", str(tmp_path / "m")], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=TIMEOUT)
     assert p.returncode == 0, p.stdout + p.stderr
 
 

@@ -29,14 +29,16 @@ HINT = "run `syncd migrate` or start the service"
 READ_ONLY = (("status",), ("status", "--json"), ("audit",), ("mappings", "impact"))
 
 
-def _config(tmp: Path, state_url: str) -> Path:
+def _config(tmp: Path, state_url: str, *, sla: str = "file") -> Path:
     cfg = tmp / "syncd.toml"
     cfg.write_text(
         '[hubspot]\nbase_url = "https://127.0.0.1:9"\ntoken_env = "SYNCD_HUBSPOT_TOKEN"\n'
         '[salesforce]\ninstance_url = "https://127.0.0.1:9"\nsession_env = "SYNCD_SALESFORCE_SESSION"\n'
-        f'[state]\nurl = "{state_url}"\n[mappings]\ndir = "m"\n[logging]\nlevel = "error"\n')
+        f'[state]\nurl = "{state_url}"\n[mappings]\ndir = "m"\nsla = "{sla}"\n[logging]\nlevel = "error"\n')
     # a mapping folder in git, so that `mappings impact` (HEAD against the working tree) runs
     shutil.copytree(default_mappings_dir(), tmp / "m")
+    if sla == "defaults":
+        (tmp / "m" / "sla.toml").unlink()
     git = ["git", "-C", str(tmp / "m"), "-c", "user.name=t", "-c", "user.email=t@example.com"]
     for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "mappings"]):
         subprocess.run([*git, *args], check=True, capture_output=True, timeout=TIMEOUT)
@@ -202,3 +204,16 @@ def test_postgres_an_empty_database_is_refused_and_left_empty(tmp_path: Path, st
             assert sa.inspect(conn).get_table_names() == []
     finally:
         engine.dispose()
+
+
+def test_impact_uses_the_built_in_sla_when_the_config_asks_for_it(tmp_path: Path) -> None:
+    """A mapping folder without sla.toml and ``[mappings] sla = "defaults"``: impact runs on the
+    built-in SLA, as the service does; without that setting the folder is refused (exit 2)."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    Store.open(url).close()
+    cfg = _config(tmp_path, url, sla="defaults")
+    p = syncd(cfg, "mappings", "impact")
+    assert p.returncode == 0, p.stdout + p.stderr
+    cfg.write_text(cfg.read_text().replace('sla = "defaults"', 'sla = "file"'))
+    line = refused(syncd(cfg, "mappings", "impact"))
+    assert "sla.toml" in line, line
