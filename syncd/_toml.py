@@ -311,6 +311,7 @@ def _read(path: Path) -> tuple[dict[str, Any], Locator] | Problem:
         line = data.count(b"\n", 0, e.start) + 1
         col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
         return Problem(str(path), line, col, "invalid TOML: not UTF-8 text", code="toml")
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark (some Windows editors add one)
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -344,21 +345,42 @@ def _loc_text(loc: KeyPath) -> str:
 
 
 def pydantic_problems(
-    path: Path | str, err: pydantic.ValidationError, locator: Locator
+    path: Path | str, err: pydantic.ValidationError, locator: Locator,
+    model: type[pydantic.BaseModel] | None = None,
 ) -> list[Problem]:
-    """One Problem per pydantic error, positioned by its ``loc``."""
+    """One Problem per pydantic error, positioned by its ``loc``. An empty file is one problem
+    that says so (not one per missing key). ``model``: the validated class, for suggesting the
+    key an unknown one may be a misspelling of."""
+    errors = err.errors(include_url=False)
+    if errors and all(e["type"] == "missing" and len(e["loc"]) == 1 and e["input"] == {} for e in errors):
+        keys = ", ".join(str(e["loc"][0]) for e in errors)
+        return [Problem(str(path), 1, 1, f"the file is empty: it must define {keys}", code="schema")]
     out: list[Problem] = []
-    for e in err.errors(include_url=False):
+    for e in errors:
         loc = tuple(p for p in e["loc"] if isinstance(p, str | int))
         # pydantic adds "[key]" for dict-key errors and class names for unions: skip those
         loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith("[")))
         line, col = locator.find(loc)
         where = _loc_text(loc)
-        msg = e["msg"]
+        msg = "unknown key" + _did_you_mean(model, loc) if e["type"] == "extra_forbidden" else e["msg"]
         out.append(
             Problem(str(path), line, col, f"{where}: {msg}" if where else msg, code="schema")
         )
     return out
+
+
+def _did_you_mean(model: type[pydantic.BaseModel] | None, loc: KeyPath) -> str:
+    """`` (did you mean 'threshold'?)`` when ``loc``'s last key is close to a known one."""
+    import difflib
+
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model is not None else None
+        sub = field.annotation if field is not None else None
+        model = sub if isinstance(sub, type) and issubclass(sub, pydantic.BaseModel) else None
+    if model is None or not loc:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def problems_for(path: Path | str, model_cls: type[pydantic.BaseModel]) -> list[Problem]:
@@ -370,7 +392,7 @@ def problems_for(path: Path | str, model_cls: type[pydantic.BaseModel]) -> list[
     try:
         model_cls.model_validate(doc)
     except pydantic.ValidationError as e:
-        return pydantic_problems(path, e, locator)
+        return pydantic_problems(path, e, locator, model_cls)
     return []
 
 
@@ -380,7 +402,7 @@ def parse_file(path: Path | str, model_cls: type[M]) -> tuple[M, Locator]:
     try:
         return model_cls.model_validate(doc), locator
     except pydantic.ValidationError as e:
-        raise MappingError(str(pydantic_problems(path, e, locator)[0])) from None
+        raise MappingError(str(pydantic_problems(path, e, locator, model_cls)[0])) from None
 
 
 def validate_file(path: Path | str, model_cls: type[M]) -> M:

@@ -269,11 +269,11 @@ def status(c: Ctx, as_json: bool) -> None:
     from syncd import freshness
     from syncd._json import dumps
     from syncd.report import print_status, status_data
-    from syncd.store import Store
+    from syncd.store import open_store_readonly
 
     def go() -> None:
         cfg = c.config(credentials=False)
-        store = Store.open(cfg.state_url())
+        store = open_store_readonly(cfg.state_url())
         try:
             data = status_data(store, datetime.now(UTC),
                                bounds=freshness.bounds(cfg.sync.intervals(), cfg.sync.freshness_intervals))
@@ -304,16 +304,16 @@ def audit(c: Ctx, email: str | None, record_id: str | None, rule: str | None, sy
     from syncd._json import dumps
     from syncd.model import normalise_email
     from syncd.report import print_audit
-    from syncd.store import Store
+    from syncd.store import open_store_readonly
 
     if since is not None and until is not None and since.replace(tzinfo=None) >= until.replace(tzinfo=None):
         raise click.BadParameter(f"--since {since} is not before --until {until}", param_hint="'--since'")
 
     def go() -> None:
         cfg = c.config(credentials=False)
-        store = Store.open(cfg.state_url())
+        store = open_store_readonly(cfg.state_url())
         try:
-            with store.tx() as tx:
+            with store.tx(readonly=True) as tx:
                 rows = tx.query_audit(email=normalise_email(email), record_id=record_id, rule=rule,
                                       system=system, since=_utc(since), until=_utc(until),
                                       limit=limit, newest=True)
@@ -404,13 +404,14 @@ def mappings_impact(c: Ctx, rev_from: str, rev_to: str | None, samples: int, as_
     from syncd._json import dumps
     from syncd.impact import impact, print_impact
     from syncd.runtime import mappings_dir
-    from syncd.store import Store
+    from syncd.store import open_store_readonly
 
     def go() -> None:
         cfg = c.config(credentials=False)
-        store = Store.open(cfg.state_url())
+        store = open_store_readonly(cfg.state_url())
         try:
-            result = impact(store, mappings_dir(cfg), rev_from, rev_to, samples=samples)
+            result = impact(store, mappings_dir(cfg), rev_from, rev_to, samples=samples,
+                            sla_defaults=cfg.mappings.sla == "defaults")
         finally:
             store.close()
         if as_json:
@@ -548,6 +549,17 @@ def prune_cmd(c: Ctx, dry_run: bool, as_json: bool) -> None:
     from syncd.retention import run_cli
 
     guarded(lambda: run_cli(c.config(credentials=False), dry_run=dry_run, as_json_out=as_json))
+
+
+# -- migrate --------------------------------------------------------------------------------------
+
+@main.command()
+@pass_ctx
+def migrate(c: Ctx) -> None:
+    """Bring the state store's schema to this version (the service and sync do it on start)."""
+    from syncd.migrate import run_migrate
+
+    guarded(lambda: click.echo(run_migrate(c.config(credentials=False))))
 
 
 if __name__ == "__main__":  # pragma: no cover

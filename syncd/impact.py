@@ -83,22 +83,23 @@ class Side:
     sla: SLA
 
 
-def _load(directory: Path, label: str) -> tuple[Mappings, SLA]:
+def _load(directory: Path, label: str, *, sla_defaults: bool = False) -> tuple[Mappings, SLA]:
+    """``sla_defaults``: the config's ``[mappings] sla = "defaults"`` (no sla.toml: the built-in SLA)."""
     try:
-        return load_mappings(directory), load_sla(directory)
+        return load_mappings(directory), load_sla(directory, defaults=sla_defaults)
     except MappingError as exc:
         # Point at the revision, not at our temporary checkout.
         raise MappingError(str(exc).replace(str(directory), label)) from None
 
 
 @contextmanager
-def checkout(mappings_dir: Path, rev: str | None) -> Iterator[Side]:
+def checkout(mappings_dir: Path, rev: str | None, *, sla_defaults: bool = False) -> Iterator[Side]:
     """The mapping folder at ``rev`` (None: the working tree), loaded and validated."""
     d = Path(mappings_dir).resolve()
     if not d.is_dir():
         raise MappingError(f"{d}:1:1: mappings directory not found")
     if rev is None:
-        m, sla = _load(d, str(d))
+        m, sla = _load(d, str(d), sla_defaults=sla_defaults)
         yield Side(WORKING_TREE, m.revision, m, sla)
         return
     if not rev or rev.startswith("-"):
@@ -126,7 +127,7 @@ def checkout(mappings_dir: Path, rev: str | None) -> Iterator[Side]:
             if r.returncode != 0:
                 continue  # a sub-folder (ls-tree is not recursive): not a mapping file
             (out / base).write_bytes(r.stdout)
-        m, sla = _load(out, f"{rev}:{prefix}".rstrip("/"))
+        m, sla = _load(out, f"{rev}:{prefix}".rstrip("/"), sla_defaults=sla_defaults)
         yield Side(rev, commit, m, sla)
 
 
@@ -337,16 +338,18 @@ def _decide(tx: Tx, side: Side, people: Sequence[str], deals: Sequence[str], now
 
 def impact(store: Store, mappings_dir: Path | str, rev_from: str = "HEAD",
            rev_to: str | None = None, *, samples: int = 3,
-           now: datetime | None = None) -> dict[str, Any]:
+           now: datetime | None = None, sla_defaults: bool = False) -> dict[str, Any]:
     """Re-map every stored record under the mappings at ``rev_from`` and ``rev_to``.
 
     ``rev_to`` None compares with the working tree. Pure: no writes, no API calls.
+    ``sla_defaults``: a side without sla.toml uses the built-in SLA (``[mappings] sla = "defaults"``).
     Raises MappingError (exit 2) for a bad revision or an invalid mapping folder.
     Returns a JSON-ready dict (see :func:`print_impact` and the README for its shape).
     """
     now = now or utcnow()
     samples = max(0, samples)
-    with checkout(Path(mappings_dir), rev_from) as old, checkout(Path(mappings_dir), rev_to) as new:
+    with (checkout(Path(mappings_dir), rev_from, sla_defaults=sla_defaults) as old,
+          checkout(Path(mappings_dir), rev_to, sla_defaults=sla_defaults) as new):
         diff = _Diff(old.mappings, new.mappings, samples)
         # An SLA change (thresholds, timers, ownership) can move anyone: decide everyone.
         sla_changed = old.sla != new.sla

@@ -46,7 +46,7 @@ def check_directory(directory: Path) -> list[Problem]:
             problems.append(Problem(str(d / "sla.toml"), 1, 1,
                                     f"the SLA check failed: {type(e).__name__}: {e}",
                                     code="sla-check-failed"))
-    return sorted(problems, key=lambda p: (p.file, p.line, p.col))
+    return sorted(dict.fromkeys(problems), key=lambda p: (p.file, p.line, p.col))  # each problem once
 
 
 def compare_live(

@@ -34,6 +34,7 @@ from syncd.config import Config
 from syncd.engine import CycleStats, Engine
 from syncd.errors import ConfigError, RetriableError, SyncError
 from syncd.model import OBJECT_GROUPS, SYSTEMS, Cursor, RawRecord, normalise_email, utcnow
+from syncd.stats import one_line
 from syncd.store import Store
 
 log = structlog.get_logger()
@@ -220,7 +221,7 @@ class LeaseKeeper:
                 now = utcnow()
                 ok = all(tx.confirm_lease(n, self.owner, int(t or 0), now, for_s) for n, t in mine.items())
         except Exception as exc:  # noqa: BLE001 - the store away: we cannot prove we hold it, so we do not send
-            log.warning("lease_confirm_failed", error=str(exc))
+            log.warning("lease_confirm_failed", error=one_line(exc))
             return False
         if not ok:
             log.error("lease_lost", leases=list(names), note="stopped sending; the new holder resends, looking first")
@@ -266,7 +267,7 @@ class LeaseKeeper:
                 with self.store.tx() as tx:
                     tx.release_lease(name, self.owner)
             except Exception as exc:  # noqa: BLE001 - best effort: the lease lapses anyway
-                log.warning("lease_release_failed", lease=name, error=str(exc))
+                log.warning("lease_release_failed", lease=name, error=one_line(exc))
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
@@ -279,7 +280,7 @@ class LeaseKeeper:
                     if not ok:
                         log.warning("lease_lost", lease=name)
                 except Exception as exc:  # noqa: BLE001 - the store may be briefly away; retry next tick
-                    log.warning("lease_renew_failed", lease=name, error=str(exc))
+                    log.warning("lease_renew_failed", lease=name, error=one_line(exc))
 
 
 # -- an engine that reports progress --------------------------------------------------------------

@@ -35,6 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import sqlalchemy as sa
 import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -247,7 +248,7 @@ class Service:
             with self.rt.store.tx() as tx:
                 tx.remove_heartbeat(self.owner)
         except Exception as exc:  # noqa: BLE001 - closing up; the heartbeat just goes stale
-            log.warning("service_close_failed", error=str(exc))
+            log.warning("service_close_failed", error=one_line(exc))
 
     def close(self) -> None:
         if self.server is not None:
@@ -323,7 +324,7 @@ class Service:
                     pid=os.getpid(),
                 )
         except Exception as exc:  # noqa: BLE001 - the store may be briefly away; beat again soon
-            log.warning("heartbeat_failed", error=str(exc))
+            log.warning("heartbeat_failed", error=one_line(exc))
 
     def _clean_up_after_the_dead(self) -> None:
         """At start: runs left ``running`` by a crashed process are marked interrupted, and
@@ -345,9 +346,12 @@ class Service:
         with self._work_lock:
             if self.stopping.is_set():
                 return
-            self._swap_runtime()
-            systems = self._available_systems()
-            self._run_cycle(group, systems)
+            try:
+                self._swap_runtime()
+                systems = self._available_systems()
+                self._run_cycle(group, systems)
+            except Exception as exc:  # noqa: BLE001 - nothing escapes a job into APScheduler's log
+                self._handle_failure(f"cycle:{group}", exc, [])
 
     def _run_cycle(self, group: str, systems: list[str]) -> None:
         # Backed-off systems are not pulled, but the cycle still runs: the other side is
@@ -416,7 +420,7 @@ class Service:
                     self._fail_orphaned_resyncs(tx)
                     row = tx.claim_resync(self.owner)
             except Exception as exc:  # noqa: BLE001 - store briefly away: poll again
-                log.warning("resync_poll_failed", error=str(exc))
+                log.warning("resync_poll_failed", error=one_line(exc))
                 return
             if row is None:
                 return
@@ -492,6 +496,9 @@ class Service:
                 self.backoff[system] = (utcnow() + timedelta(seconds=delay), why)
                 self.metrics.set_blocked(system, why)
                 log.error("system_backed_off", job=job, system=system, error=why, retry_in_s=delay)
+        elif isinstance(exc, sa.exc.SQLAlchemyError):  # the store away or failing: the next run retries
+            error = one_line(exc).replace("state store", f"state store {self.rt.store.where}", 1)
+            log.warning("cycle_failed", job=job, error=error, next="the next scheduled run retries")
         elif isinstance(exc, RetriableError | OSError):
             log.warning(
                 "cycle_failed",
@@ -527,7 +534,7 @@ class Service:
         try:
             self.metrics.observe_store(self.rt.store)
         except Exception as exc:  # noqa: BLE001 - metrics must not break the service
-            log.warning("metrics_store_read_failed", error=str(exc))
+            log.warning("metrics_store_read_failed", error=one_line(exc))
 
 
 def system_of(exc: BaseException) -> str | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import sqlalchemy as sa
+
 from syncd.errors import SyncError
 
 
@@ -53,7 +55,7 @@ class CycleStats:
         """One line: which systems failed and why, and what that held back."""
         if not self.partial:
             return None
-        parts = [f"{system}: {one_line(exc)}" for system, exc in sorted(self.pull_failures.items())]
+        parts = [_named(system, one_line(exc)) for system, exc in sorted(self.pull_failures.items())]
         parts += [h for h in self.held if not any(h.startswith(f"{s} ") for s in self.pull_failures)]
         if self.undecided:
             parts.append(f"{self.undecided} due people/deals wait for a complete picture")
@@ -72,6 +74,17 @@ class CycleStats:
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
-    """``Type: first line`` of an error, for run rows, log lines and status."""
+    """The first line of an error, for run rows, log lines and status: syncd's own errors say
+    what, where and why themselves; anything else is prefixed with its type."""
     first = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, SyncError) and first:
+        return first[:limit]
+    if isinstance(exc, sa.exc.SQLAlchemyError):  # the driver's own words, never the SQL or its parameters
+        orig = getattr(exc, "orig", None) or exc
+        return f"state store: {(str(orig).strip().splitlines() or [type(orig).__name__])[0]}"[:limit]
     return f"{type(exc).__name__}: {first}"[:limit]
+
+
+def _named(system: str, line: str) -> str:
+    """``line``, prefixed with ``system`` unless it already starts with its name."""
+    return line if line.startswith(f"{system} ") else f"{system}: {line}"

@@ -58,6 +58,7 @@ def _pg_url_or_skip() -> str:
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A URL of an empty state store of each backend."""
     if request.param == "sqlite":
+        (tmp_path / "state").mkdir(exist_ok=True)
         yield f"sqlite:///{tmp_path / 'state' / 'syncd.db'}"
         return
     base = _pg_url_or_skip()

@@ -16,6 +16,7 @@ import structlog
 import tenacity
 
 from syncd.errors import RetriableError
+from syncd.logs import one_line, redact
 
 log = structlog.get_logger()
 
@@ -58,7 +59,7 @@ def retrying(policy: RetryPolicy, *, log_name: str) -> tenacity.Retrying:
             attempt=state.attempt_number,
             max_attempts=policy.max_attempts,
             wait_s=round(state.upcoming_sleep, 3),
-            error=type(exc).__name__ if exc is not None else None,
+            error=redact(one_line(str(exc))) if exc is not None else None,  # emails: masked when rendered
             status=getattr(exc, "status", None),
         )
 

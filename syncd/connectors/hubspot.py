@@ -31,7 +31,7 @@ from urllib3.util.retry import Retry
 
 from syncd import catalogue
 from syncd.connectors._deletes import delete_each
-from syncd.connectors._errors import NotRetried, call, lost_answer, may_be_applied
+from syncd.connectors._errors import NotRetried, Peer, call, may_be_applied
 from syncd.connectors._retry import RetryPolicy
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
 from syncd.model import (
@@ -197,11 +197,6 @@ class _Conflict(_BadRequest):
         return m.group(1) if m else None
 
 
-def _transport(endpoint: str, e: BaseException, idempotent: bool) -> Exception:
-    err = RetriableError(f"hubspot {endpoint}: transport: {type(e).__name__}", system=SYSTEM)
-    return lost_answer(err, idempotent=idempotent)
-
-
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -267,6 +262,7 @@ class HubSpotConnector:
         self._retry = retry
         self._page_size = max(1, min(page_size, 200))
         self._timeout = timeout
+        self._peer = Peer(SYSTEM, base_url, ca_bundle, timeout)
         kw: dict[str, Any] = {"access_token": token, "host": base_url.rstrip("/"),
                               "retry": Retry(total=0, raise_on_status=False,
                                              respect_retry_after_header=False)}
@@ -316,13 +312,8 @@ class HubSpotConnector:
                 raw, headers = resp.data, resp.headers
             finally:
                 resp.release_conn()
-        except urllib3.exceptions.HTTPError as e:
-            reason = getattr(e, "reason", None)
-            if isinstance(reason, urllib3.exceptions.SSLError):
-                raise FatalError(f"hubspot {endpoint}: TLS failure: {reason}", system=SYSTEM) from None
-            raise _transport(endpoint, e, idempotent) from None
-        except OSError as e:
-            raise _transport(endpoint, e, idempotent) from None
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise self._peer.transport_error(endpoint, e, idempotent=idempotent) from None
         except Exception as e:
             status = getattr(e, "status", None)
             if not isinstance(status, int):

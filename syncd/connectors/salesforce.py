@@ -31,7 +31,7 @@ from simple_salesforce.exceptions import (
 
 from syncd import catalogue
 from syncd.connectors._deletes import delete_each
-from syncd.connectors._errors import NotRetried, call, lost_answer, may_be_applied
+from syncd.connectors._errors import NotRetried, Peer, call, may_be_applied
 from syncd.connectors._retry import RetryPolicy
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
 from syncd.model import ApiUsage, Cursor, Deletion, FieldUpdate, Page, RawRecord, RecordCreate, WriteResult
@@ -183,6 +183,7 @@ class SalesforceConnector:
         self._streams = {obj: STREAMS[obj](fs) for obj, fs in fields.items()}
         self._retry = retry
         self._timeout = timeout
+        self._peer = Peer(SYSTEM, instance_url, ca_bundle, timeout)
         self.usage = ApiUsage()
 
     # ------------------------------------------------------------------ Connector
@@ -408,8 +409,7 @@ class SalesforceConnector:
             try:
                 value = fn(*args, timeout=self._timeout, **kw)
             except _TRANSPORT as e:
-                err = RetriableError(f"salesforce {endpoint}: {type(e).__name__}: {e}", system=SYSTEM)
-                raise lost_answer(err, idempotent=idempotent) from e
+                raise self._peer.transport_error(endpoint, e, idempotent=idempotent) from None
             except SalesforceError as e:
                 failure = self._translate(endpoint, e)
                 # A 5xx answer to a create does not say whether it was applied: report it

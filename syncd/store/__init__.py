@@ -1,6 +1,7 @@
 """The state store: syncd's only state, on SQLAlchemy Core (SQLite or PostgreSQL).
 
     store = Store.open("sqlite:///var/syncd.db")      # runs migrations
+    store = open_store_readonly(url)                   # status, audit…: never writes
     with store.tx() as tx:                             # one transaction
         changed = tx.upsert_records(rows)
         tx.enqueue(items)
@@ -24,9 +25,10 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import make_url
 
-from syncd.errors import ConfigError, FatalError
-from syncd.store import _sqlite, migrations
+from syncd.errors import ConfigError
+from syncd.store import _open, _sqlite, migrations
 from syncd.store import schema as s
+from syncd.store._open import CorruptStore, StoreNeedsMigration
 from syncd.store.coordination import CoordinationTx
 from syncd.store.cursors import CursorsTx
 from syncd.store.entities import EntitiesTx
@@ -55,9 +57,10 @@ from syncd.store.rows import (
 from syncd.store.tombstones import TombstoneRow, TombstonesTx
 
 __all__ = [
-    "AuditRow", "EventRow", "HeartbeatRow", "LinkConflictRow", "OutboxItem", "OutboxRow",
+    "AuditRow", "CorruptStore", "EventRow", "HeartbeatRow", "LinkConflictRow", "OutboxItem", "OutboxRow",
     "PullStateRow", "QuarantineRow", "RecordKey", "RecordRow", "ResyncRow", "RunRow", "Store",
-    "StoreVersionError", "TombstoneRow", "Tx", "UnmappedRow", "normalise_url", "raw_hash",
+    "StoreNeedsMigration", "StoreVersionError", "TombstoneRow", "Tx", "UnmappedRow", "normalise_url",
+    "open_store_readonly", "raw_hash",
 ]
 
 log = structlog.get_logger()
@@ -95,42 +98,63 @@ _JSON: dict[str, Any] = {"json_serializer": _json_dumps, "json_deserializer": _j
 
 
 class Store:
-    """A handle on one state store. Thread-safe; each ``tx()`` takes its own connection."""
+    """A handle on one state store. Thread-safe; each ``tx()`` takes its own connection.
 
-    def __init__(self, url: str, *, sqlite_synchronous: str = "full") -> None:
+    ``readonly=True`` (see :func:`open_store_readonly`): every transaction is read-only and
+    nothing is ever written, not even a missing SQLite file."""
+
+    def __init__(self, url: str, *, sqlite_synchronous: str = "full", readonly: bool = False) -> None:
         self.url = normalise_url(url)
+        self.readonly = readonly
+        self.migrated_from: int | None = None  # the schema version Store.open found, when it migrated
         u = make_url(self.url)
         self.dialect = "sqlite" if u.drivername == "sqlite" else "postgresql"
-        if self.dialect == "sqlite":
-            assert u.database is not None
-            try:
-                _sqlite.create_private_file(u.database)
-            except OSError as e:
-                raise ConfigError(f"[state] url: cannot create {u.database}: {e.strerror}") from e
+        self.sqlite_path = u.database if self.dialect == "sqlite" else None
+        if self.sqlite_path is not None and readonly:
+            uri = _open.sqlite_readonly_uri(self.sqlite_path)
+            self.engine = _open.readonly_engine(uri, **_JSON)
+            _sqlite.configure_readonly(self.engine)
+        elif self.sqlite_path is not None:
+            _open.check_sqlite_for_writing(self.sqlite_path)
             self.engine = sa.create_engine(self.url, connect_args={"check_same_thread": False}, **_JSON)
             _sqlite.configure(self.engine, synchronous=sqlite_synchronous)
         else:
-            self.engine = sa.create_engine(self.url, pool_pre_ping=True, **_JSON)
+            args = {"options": _pg_readonly_options(u)} if readonly else {}
+            self.engine = sa.create_engine(self.url, pool_pre_ping=True, connect_args=args, **_JSON)
+
+    @property
+    def where(self) -> str:
+        """The store for an error line: the SQLite file, or the URL without its password."""
+        return self.sqlite_path or make_url(self.url).render_as_string(hide_password=True)
 
     @classmethod
     def open(cls, url: str, *, sqlite_synchronous: str = "full") -> Store:
-        """Open the store and bring its schema to this code's version.
+        """Open the store and bring its schema to this code's version (the service, ``sync``,
+        ``resync``, ``syncd migrate``).
 
-        Raises ConfigError (bad url, or a store newer than this code:
-        StoreVersionError) or FatalError (the database cannot be reached).
+        Raises ConfigError (exit 2: bad url, missing directory, corrupt SQLite file, or a store
+        newer than this code: StoreVersionError) or FatalError (exit 1: the store exists but
+        cannot be opened or reached now).
         """
         store = cls(url, sqlite_synchronous=sqlite_synchronous)
-        try:
-            with store.engine.begin() as conn:
-                migrations.migrate(conn)
-        except sa.exc.OperationalError as e:
-            store.close()
-            where = make_url(store.url).render_as_string(hide_password=True)
-            raise FatalError(f"state store {where} unreachable: {_first_line(e.orig)}") from e
-        except BaseException:
-            store.close()
-            raise
+        with store._first_connection(), store.engine.begin() as conn:
+            before = migrations.current_version(conn)
+            if migrations.migrate(conn) != before:
+                store.migrated_from = before
         return store
+
+    @contextmanager
+    def _first_connection(self) -> Iterator[None]:
+        """The store's first use: a database error becomes one clear line; the store is closed
+        on any failure."""
+        try:
+            yield
+        except sa.exc.DBAPIError as e:
+            self.close()
+            raise _open.open_error(e, where=self.where, sqlite_path=self.sqlite_path) from e
+        except BaseException:
+            self.close()
+            raise
 
     def analyze(self) -> None:
         """Refresh the query planner's statistics (``ANALYZE``).
@@ -158,6 +182,7 @@ class Store:
         the write lock, so the daemon keeps writing meanwhile. PostgreSQL refuses
         writes in it.
         """
+        readonly = readonly or self.readonly
         with self.engine.connect() as conn:
             if readonly:
                 conn.execution_options(**{_sqlite.READONLY: True})
@@ -177,6 +202,31 @@ class Store:
         self.close()
 
 
+def _pg_readonly_options(u: sa.URL) -> str:
+    """libpq ``options`` of the URL (a search_path, say) plus read-only transactions by default."""
+    given = u.query.get("options", "")
+    given = " ".join(given) if isinstance(given, tuple) else given
+    return f"{given} -c default_transaction_read_only=on".strip()
+
+
+def open_store_readonly(url: str) -> Store:
+    """Open the store for a read-only command (status, audit, ``mappings impact``, ``auth
+    check``): nothing is written, and a store that needs migrating (or does not exist yet) is
+    refused with one line, "run `syncd migrate` or start the service" (exit 2). A store newer
+    than this code is refused too (StoreVersionError). Other errors as :meth:`Store.open`."""
+    store = Store(url, readonly=True)
+    with store._first_connection():
+        with store.engine.connect() as conn, conn.begin():
+            version = migrations.current_version(conn)
+        if version > migrations.LATEST:
+            raise StoreVersionError(
+                f"the state store {store.where} is at schema version {version} but this syncd knows only "
+                f"up to {migrations.LATEST}: upgrade syncd (a newer release wrote this store)")
+        if version < migrations.LATEST:
+            raise _open.needs_migration(store.where, version, migrations.LATEST)
+    return store
+
+
 class Tx(RecordsTx, EntitiesTx, CursorsTx, OutboxTx, CoordinationTx, TombstonesTx, ReconcileTx, RetentionTx,
          ReviewTx):
     """The unit of work: every state-store operation, inside one transaction. Each concern
@@ -184,7 +234,3 @@ class Tx(RecordsTx, EntitiesTx, CursorsTx, OutboxTx, CoordinationTx, TombstonesT
     reconcile, retention, review); they share one connection, so whatever is done through one
     ``Tx`` commits together or not at all."""
 
-
-def _first_line(e: BaseException | None) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__

@@ -1,27 +1,14 @@
-"""SQLite specifics: the file is created 0600, WAL, pragmas, IMMEDIATE transactions."""
+"""SQLite specifics: WAL, pragmas, IMMEDIATE transactions; read-only connections (the file is
+created 0600 by :mod:`syncd.store._open`)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
 BUSY_TIMEOUT_MS = 30_000
 READONLY = "syncd_readonly"  # connection execution option: a deferred (reading) BEGIN
-
-
-def create_private_file(path: str) -> None:
-    """Create the database file with mode 0600 before SQLite does (it would honour umask).
-
-    An existing file keeps its mode. SQLite gives its -wal/-shm files the mode of
-    the database file.
-    """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o600)
-    os.close(fd)
 
 
 SYNCHRONOUS = ("full", "normal")
@@ -58,3 +45,20 @@ def configure(engine: sa.Engine, *, synchronous: str = "full") -> None:
     def _on_begin(conn: sa.Connection) -> None:
         readonly = conn.get_execution_options().get(READONLY, False)
         conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+
+def configure_readonly(engine: sa.Engine) -> None:
+    """Read-only connections: no pragma that writes (journal mode), ``query_only`` on, and a
+    plain deferred ``BEGIN`` (it blocks no writer)."""
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA query_only = ON")
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN")

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import certifi
 import pytest
 
 from syncd.mapping import default_mappings_dir
@@ -39,10 +40,12 @@ class W:
     ca: str = ""
     closed: int = 9  # a port nothing listens on
     busy: int = 0  # a port something listens on
+    mute: int = 0  # a port that accepts connections and never answers
+    other_ca: str = field(default_factory=certifi.where)  # a valid CA bundle that did not sign the sandbox
 
     def fmt(self, s: str) -> str:
         return s.format(tmp=self.tmp, hs=self.hs_url, sf=self.sf_url, ca=self.ca, closed=self.closed,
-                        busy=self.busy)
+                        busy=self.busy, mute=self.mute, other_ca=self.other_ca)
 
 
 Sections = dict[str, dict[str, str | None]]
@@ -262,10 +265,34 @@ STORE = [
       config=with_({"state": {"url": '"sqlite:///:memory:"'}})),
     C("store-not-a-url", ("status",), 2, ("state.url", "does not parse"),
       config=with_({"state": {"url": '"syncd.db"'}})),
-    C("store-corrupt-sqlite-file", ("status",), 1, ("state store", "{tmp}/state.db", "not a database"),
+    C("store-corrupt-sqlite-file", ("status",), 2,
+      ("state store {tmp}/state.db: not a usable SQLite database", "file is not a database", "backup"),
       config=with_({}), setup=write("state.db", bytes(range(256)) * 64)),
+    C("store-corrupt-sqlite-file-sync", SYNC, 2, ("state store {tmp}/state.db: not a usable SQLite database",),
+      config=with_({}), setup=write("state.db", bytes(range(256)) * 64), hides=("cannot create",)),
+    C("store-path-is-a-directory", SYNC, 2, ("[state] url", "{tmp}/state.db is a directory"),
+      config=with_({}), setup=mkdir("state.db")),
+    C("store-directory-missing-sync", SYNC, 2, ("cannot create {tmp}/gone/state.db", "{tmp}/gone does not exist"),
+      config=with_({"state": {"url": '"sqlite:///{tmp}/gone/state.db"'}})),
+    C("store-directory-missing-status", ("status",), 2, ("{tmp}/gone does not exist",),
+      config=with_({"state": {"url": '"sqlite:///{tmp}/gone/state.db"'}})),
+    C("store-parent-is-a-file", ("run",), 2, ("cannot create {tmp}/afile/state.db", "{tmp}/afile is not a directory"),
+      config=with_({"state": {"url": '"sqlite:///{tmp}/afile/state.db"'}}), setup=write("afile", "x\n")),
+    C("store-not-created-yet-status", ("status",), 2,
+      ("the state store {tmp}/state.db does not exist yet", "run `syncd migrate` or start the service"),
+      config=with_({})),
+    C("store-not-created-yet-audit", ("audit",), 2, ("{tmp}/state.db does not exist yet", "syncd migrate"),
+      config=with_({})),
+    C("store-not-created-yet-impact", ("mappings", "impact"), 2, ("{tmp}/state.db does not exist yet",),
+      config=with_({})),
+    C("store-corrupt-migrate", ("migrate",), 2, ("{tmp}/state.db: not a usable SQLite database",),
+      config=with_({}), setup=write("state.db", b"SQLite format 3\x00" + bytes(4080))),
     C("store-postgres-unreachable", ("status",), 1, ("state store", "unreachable"),
       config=with_({"state": {"url": '"postgresql://syncd@127.0.0.1:{closed}/syncd"'}})),
+    C("store-postgres-unreachable-sync", SYNC, 1, ("state store postgresql+psycopg://syncd:***@127.0.0.1:{closed}",
+                                                   "unreachable"),
+      config=with_({"state": {"url": f'"postgresql://syncd:{PG_PASSWORD}@127.0.0.1:{{closed}}/syncd"'}}),
+      hides=(PG_PASSWORD,)),
 ]
 
 # -- mapping and SLA files ---------------------------------------------------------------------------
@@ -280,7 +307,7 @@ MAPPINGS = [
       config=with_(MAPPINGS_M), setup=mappings(lambda d: (d / "sla.toml").unlink())),
     C("sla-invalid-toml", SYNC, 2, ("sla.toml:", "invalid TOML"),
       config=with_(MAPPINGS_M), setup=mappings(replace_in("sla.toml", "threshold = 50", "threshold = = 50"))),
-    C("sla-unknown-key", SYNC, 2, ("sla.toml:", "thresold"),
+    C("sla-unknown-key", SYNC, 2, ("sla.toml:", "thresold", "unknown key", "did you mean 'threshold'"),
       config=with_(MAPPINGS_M), setup=mappings(replace_in("sla.toml", "threshold = 50", "thresold = 50"))),
     C("sla-unknown-term", SYNC, 2, ("sla.toml:", "'marketing_qualified'"),
       config=with_(MAPPINGS_M),
@@ -298,6 +325,8 @@ MAPPINGS = [
     C("mapping-not-utf8", SYNC, 2, ("terms.toml", "not UTF-8"),
       config=with_(MAPPINGS_M),
       setup=mappings(lambda d: (d / "terms.toml").write_bytes(b"\xff" + (d / "terms.toml").read_bytes()))),
+    C("mapping-terms-empty", SYNC, 2, ("terms.toml:1:1", "the file is empty", "lifecycle"),
+      config=with_(MAPPINGS_M), setup=mappings(lambda d: (d / "terms.toml").write_text(""))),
     C("mapping-terms-missing", SYNC, 2, ("terms.toml",),
       config=with_(MAPPINGS_M), setup=mappings(lambda d: (d / "terms.toml").unlink())),
     C("mappings-check-dir-missing", ("mappings", "check", "{tmp}/no-such-dir"), 2, ("no-such-dir",)),
@@ -358,6 +387,35 @@ PEERS = [
       config=with_({}, live=True), env={SESSION_ENV: "wrong-session-5e2a"}, hides=("wrong-session-5e2a",)),
     C("peer-mappings-check-live-closed", ("mappings", "check", "--live"), 1, ("hubspot",), live=True,
       config=with_({"hubspot": {"base_url": '"https://127.0.0.1:{closed}"'}}, live=True)),
+    # each names the system, host:port and the cause, never a vendor class name or the request URL
+    C("peer-hubspot-refused-names-host-and-cause", SYNC, 1,
+      ("hubspot contacts.search: 127.0.0.1:{closed}: connection refused",), live=True,
+      config=with_({"hubspot": {"base_url": '"https://127.0.0.1:{closed}"'}}, live=True),
+      hides=("MaxRetryError", "RetriableError", "NewConnectionError")),
+    C("peer-salesforce-refused-names-host-and-cause", SYNC, 1,
+      ("salesforce query: 127.0.0.1:{closed}: connection refused",), live=True,
+      config=with_({"salesforce": {"instance_url": '"https://127.0.0.1:{closed}"'}}, live=True),
+      hides=("SELECT", "/services/data", "ConnectionError", "HTTPSConnectionPool", "RetriableError")),
+    C("peer-hubspot-dns-failure", SYNC, 1, ("hubspot contacts.search: crm.syncd-test.invalid:443: DNS lookup",),
+      live=True, config=with_({"hubspot": {"base_url": '"https://crm.syncd-test.invalid"'}}, live=True),
+      hides=("NameResolutionError", "MaxRetryError")),
+    C("peer-salesforce-dns-failure", SYNC, 1, ("salesforce query: org.syncd-test.invalid:8443: DNS lookup",),
+      live=True, config=with_({"salesforce": {"instance_url": '"https://org.syncd-test.invalid:8443"'}}, live=True),
+      hides=("SELECT", "ConnectionError")),
+    C("peer-hubspot-wrong-ca", SYNC, 1,
+      ("hubspot contacts.search: 127.0.0.1:", "TLS certificate verify failed", "CA bundle {other_ca}"), live=True,
+      config=with_({"hubspot": {"ca_bundle": '"{other_ca}"'}}, live=True), hides=("SSLError",)),
+    C("peer-salesforce-wrong-ca", SYNC, 1,
+      ("salesforce query: 127.0.0.1:", "TLS certificate verify failed", "CA bundle {other_ca}"), live=True,
+      config=with_({"salesforce": {"ca_bundle": '"{other_ca}"'}}, live=True), hides=("SSLError", "SELECT")),
+    C("peer-hubspot-never-answers", SYNC, 1,
+      ("hubspot contacts.search: 127.0.0.1:{mute}: timeout after 1 s",), live=True,
+      config=with_({"hubspot": {"base_url": '"https://127.0.0.1:{mute}"', "timeout_s": "1"}}, live=True),
+      hides=("ReadTimeoutError", "MaxRetryError")),
+    C("peer-salesforce-never-answers", SYNC, 1,
+      ("salesforce query: 127.0.0.1:{mute}: timeout after 1 s",), live=True,
+      config=with_({"salesforce": {"instance_url": '"https://127.0.0.1:{mute}"', "timeout_s": "1"}}, live=True),
+      hides=("ReadTimeout", "SELECT")),
 ]
 
 CASES = CONFIG + URLS + SECRETS + STORE + MAPPINGS + ARGS + PEERS
@@ -376,6 +434,15 @@ def busy_port() -> Iterator[int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
+        yield int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def mute_port() -> Iterator[int]:
+    """A port whose listener never accepts: the kernel completes the TCP handshake, nothing answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
         yield int(s.getsockname()[1])
 
 
@@ -431,9 +498,9 @@ def test_bad_input_is_one_line_and_the_documented_exit_code(case: Case, tmp_path
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.live], ids=lambda c: c.id)
 def test_unreachable_or_unwilling_peer_is_one_line_exit_1(case: Case, tmp_path: Path, live: Sandbox,
-                                                         busy_port: int) -> None:
+                                                         busy_port: int, mute_port: int) -> None:
     w = W(tmp_path, hs_url=live.hubspot_url, sf_url=live.salesforce_url, ca=str(live.ca_path),
-          closed=_free_port(), busy=busy_port)
+          closed=_free_port(), busy=busy_port, mute=mute_port)
     if case.setup is not None:
         case.setup(w)
     assert_one_line(w, case, run(w, case))
@@ -453,15 +520,24 @@ def test_a_utf8_bom_is_accepted(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
 
 
+def test_a_utf8_bom_in_a_mapping_file_is_accepted(tmp_path: Path) -> None:
+    w = W(tmp_path)
+    mappings(lambda d: (d / "hubspot.toml").write_bytes(b"\xef\xbb\xbf" + (d / "hubspot.toml").read_bytes()))(w)
+    p = subprocess.run([SYNCD, "mappings", "check", str(tmp_path / "m")], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
 def test_status_needs_no_secret_file(tmp_path: Path) -> None:
     """An operator's shell may not read the service's credentials (systemd LoadCredential):
     commands that call no API do not check them; one that does names the file."""
     w = W(tmp_path)
     cfg = config(w, {"hubspot": {"token_file": '"/run/credentials/syncd.service/hubspot-token"'}})
     (tmp_path / "syncd.toml").write_text(cfg)
-    p = subprocess.run([SYNCD, "--config", "syncd.toml", "status"], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=TIMEOUT)
-    assert p.returncode == 0, p.stdout + p.stderr
+    for command in ("migrate", "status"):
+        p = subprocess.run([SYNCD, "--config", "syncd.toml", command], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=TIMEOUT)
+        assert p.returncode == 0, p.stdout + p.stderr
     p = subprocess.run([SYNCD, "--config", "syncd.toml", "sync", "--once"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=TIMEOUT)
     assert p.returncode == 2 and "hubspot.token_file" in p.stderr, p.stderr
@@ -487,7 +563,7 @@ def test_debug_shows_the_traceback_of_a_failure(tmp_path: Path) -> None:
     (tmp_path / "syncd.toml").write_text(config(w))
     p = subprocess.run([SYNCD, "--debug", "--config", "syncd.toml", "status"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=TIMEOUT)
-    assert p.returncode == 1
+    assert p.returncode == 2
     assert "Traceback (most recent call last)" in p.stderr
     assert p.stderr.splitlines()[-1].startswith("syncd: error: state store")
 
@@ -502,3 +578,37 @@ def test_sync_uses_the_built_in_sla_when_the_config_asks_for_it(tmp_path: Path) 
                            "hubspot": {"base_url": '"https://127.0.0.1:{closed}"'},
                            "salesforce": {"instance_url": '"https://127.0.0.1:{closed}"'}}))
     assert_one_line(w, case, run(w, case))
+
+
+@pytest.fixture
+def unwritable_store(tmp_path: Path) -> Iterator[W]:
+    """A config and an existing store file that cannot be opened for writing right now (as on a
+    disk remounted read-only): chmod for a user, the immutable attribute for root."""
+    w = W(tmp_path)
+    (tmp_path / "syncd.toml").write_text(config(w))
+    assert run(w, C("migrate", ("migrate",), 0, ())).returncode == 0
+    path = tmp_path / "state.db"
+    root = os.geteuid() == 0
+    if root:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("root without chattr +i: cannot make a file unwritable here")
+    else:
+        path.chmod(0o444)
+    try:
+        yield w
+    finally:
+        if root:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(0o600)
+
+
+def test_a_store_there_but_not_openable_now_is_exit_1_so_systemd_retries(unwritable_store: W) -> None:
+    """Exit 1, a failure during work (deploy/syncd.service's RestartPreventExitStatus=2 would stop
+    the service for good on exit 2); the line names the file and says why, never "cannot create"."""
+    w = unwritable_store
+    for args in (SYNC, ("run",), ("migrate",)):
+        case = C("store-unwritable", args, 1, ("state store {tmp}/state.db: cannot open it for writing now",),
+                 hides=("cannot create",))
+        assert_one_line(w, case, run(w, case))
+    p = run(w, C("status", ("status",), 0, ()))  # the read-only commands still read it
+    assert p.returncode == 0, p.stderr

@@ -105,6 +105,7 @@ def world(tmp_path: Path) -> Iterator[World]:
         summary = seed(
             sb.hubspot, sb.salesforce, SeedSpec(seed=5, people=60, deals=12, duplicates=1)
         )
+        (tmp_path / "state").mkdir()
         cfg = sb.write_config(
             tmp_path / "syncd.toml",
             state_url=f"sqlite:///{tmp_path / 'state' / 'syncd.db'}",

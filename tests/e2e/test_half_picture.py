@@ -84,6 +84,7 @@ class World:
 def _world(tmp: Path) -> Iterator[World]:
     with Sandbox(tmp / "sandbox") as sb:
         summary = seed(sb.hubspot, sb.salesforce, SPEC)
+        (tmp / "state").mkdir()
         state_url = f"sqlite:///{tmp / 'state' / 'syncd.db'}"
         cfg = sb.write_config(tmp / "syncd.toml", state_url=state_url, extra=EXTRA)
         yield World(sb, tmp, cfg, {**os.environ, **sb.env()}, state_url, summary)
@@ -347,9 +348,10 @@ def test_status_and_healthz_say_which_system_since_when_and_why(world: World) ->
     data = json.loads(world.syncd("status", "--json").stdout)
     assert data["picture"]["complete"] is False
     held = data["picture"]["held"]
-    assert any(h.startswith("salesforce Lead: first full pull not finished: AuthError") for h in held), held
+    why = "salesforce Lead: first full pull not finished: salesforce query: HTTP 401"
+    assert any(h.startswith(why) for h in held), held
     sf = data["systems"]["salesforce"]
-    assert sf["last_complete_pull"] is None and sf["failing_since"] is not None and "AuthError" in sf["error"]
+    assert sf["last_complete_pull"] is None and sf["failing_since"] is not None and "INVALID_SESSION_ID" in sf["error"]
     assert data["systems"]["hubspot"]["last_complete_pull"] is not None  # the other side was pulled
     assert data["runs"][0]["status"] == "partial" and "salesforce" in data["runs"][0]["error"]
     text = world.syncd("status").stdout

@@ -158,6 +158,7 @@ def world(tmp_path: Path) -> Iterator[World]:
         mdir = tmp_path / "mappings"
         shutil.copytree(default_mappings_dir(), mdir)
         port = free_port()
+        (tmp_path / "state").mkdir()
         state_url = f"sqlite:///{tmp_path / 'state' / 'syncd.db'}"
         extra = (
             f"\n[sync]\ncontacts_interval_s = {CONTACTS_S}\ndeals_interval_s = {DEALS_S}\n"

@@ -7,12 +7,17 @@ here mocks a client library.
 from __future__ import annotations
 
 import ast
+import io
+import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import certifi
 import pytest
+import structlog
 
-from syncd import errors
+from syncd import errors, logs
 from syncd.connectors import _errors
 from syncd.connectors._retry import RetryPolicy
 from syncd.connectors.hubspot import HubSpotConnector, SearchPaginator
@@ -189,3 +194,73 @@ def test_salesforce_errors_say_salesforce(salesforce_server: tuple[SimServer, st
     with pytest.raises(RetriableError) as transport:
         conn.fetch("Lead", ["00Q1"])
     assert [e.value.system for e in (auth, spent, unconfigured, transport)] == ["salesforce"] * 4
+
+
+# ------------------------------------------------------------------------------ transport failures
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_peer_address_is_host_and_port_with_the_schemes_default() -> None:
+    assert _errors.Peer("hubspot", "https://api.hubapi.com", None, 5).address == "api.hubapi.com:443"
+    assert _errors.Peer("hubspot", "http://127.0.0.1/x", None, 5).address == "127.0.0.1:80"
+    assert _errors.Peer("salesforce", "https://[::1]:8443", None, 5).address == "[::1]:8443"
+
+
+def test_a_salesforce_transport_failure_names_host_and_cause_never_the_query_or_its_emails() -> None:
+    """A closed port under a query that carries emails (find_by_email: the SOQL is in the URL)."""
+    port = _closed_port()
+    conn = SalesforceConnector(f"https://127.0.0.1:{port}", "s", ca_bundle=None, fields={"Lead": ["Email"]},
+                               retry=FAST, timeout=5)
+    out = io.StringIO()
+    saved = structlog.get_config()
+    logs.configure(level="warning", fmt="json", stream=out)
+    try:
+        with pytest.raises(RetriableError) as ei:
+            conn.find_by_email("Lead", ["jane.doe@example.com", "o'brien+x@example.org"])
+    finally:
+        structlog.configure(**saved)
+    msg = str(ei.value)
+    assert msg == f"salesforce query: 127.0.0.1:{port}: connection refused (nothing listens there)"
+    retries = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["event"] for r in retries] == ["retrying", "retrying"]
+    assert all(r["error"] == msg for r in retries)
+    for text in (msg, out.getvalue()):
+        for leak in ("SELECT", "jane", "%40", "ConnectionError", "HTTPSConnectionPool", "RetriableError"):
+            assert leak not in text
+
+
+def test_a_hubspot_transport_failure_names_host_and_cause() -> None:
+    port = _closed_port()
+    conn = HubSpotConnector(f"https://127.0.0.1:{port}", "t", ca_bundle=None, properties={"contacts": ["email"]},
+                            retry=FAST, timeout=5)
+    with pytest.raises(RetriableError) as ei:
+        conn.find_by_email("contacts", ["jane.doe@example.com"])
+    assert str(ei.value) == f"hubspot contacts.search: 127.0.0.1:{port}: connection refused (nothing listens there)"
+
+
+def test_a_create_whose_connection_was_refused_is_raised_unretried_with_the_same_words() -> None:
+    port = _closed_port()
+    conn = SalesforceConnector(f"https://127.0.0.1:{port}", "s", ca_bundle=None, fields={"Lead": ["Email"]},
+                               retry=FAST, timeout=5)
+    with pytest.raises(RetriableError, match=rf"salesforce collections.create: 127.0.0.1:{port}: connection refused"):
+        conn.create("Lead", [RecordCreate("k1", {"Email": "a@example.com"})])
+    assert conn.usage.calls["collections.create"] == 1  # not sent again: it may have been applied
+
+
+def test_a_certificate_the_ca_bundle_did_not_sign_is_fatal_and_names_the_bundle(
+        hubspot_server: tuple[SimServer, str], salesforce_server: tuple[SimServer, str]) -> None:
+    other = certifi.where()
+    hs, _ = hubspot_server
+    with pytest.raises(FatalError) as h:
+        _hubspot(hs, other).fetch("contacts", ["1"])
+    sf, _ = salesforce_server
+    with pytest.raises(FatalError) as s:
+        _salesforce(sf, other).fetch("Lead", ["00Q1"])
+    for e, system in ((h, "hubspot"), (s, "salesforce")):
+        assert str(e.value).startswith(f"{system} ")
+        assert "TLS certificate verify failed" in str(e.value) and f"CA bundle {other}" in str(e.value)
+        assert "127.0.0.1:" in str(e.value) and e.value.system == system

@@ -28,6 +28,7 @@ LEASE = "cycle:contacts"
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
+    (tmp_path / "state").mkdir()
     s = Store.open(f"sqlite:///{tmp_path / 'state' / 'syncd.db'}")
     yield s
     s.close()

@@ -19,6 +19,7 @@ T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
+    (tmp_path / "state").mkdir()
     s = Store.open(f"sqlite:///{tmp_path / 'state' / 'syncd.db'}")
     yield s
     s.close()

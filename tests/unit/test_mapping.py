@@ -374,7 +374,7 @@ def test_validate_file_first_error_and_all_problems(tmp_path: Path) -> None:
         "unable to parse string as an integer"
     problems = problems_for(p, _Doc)
     assert [(q.line, q.col) for q in problems] == [(3, 1), (6, 1)]
-    assert str(problems[1]).startswith(f"{p}:6:1: items[1].extra: Extra inputs")
+    assert str(problems[1]).startswith(f"{p}:6:1: items[1].extra: unknown key")
     p.write_text('title = "t"\n')
     assert validate_file(p, _Doc).title == "t"
     assert problems_for(p, _Doc) == []

@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 from syncd.connectors._retry import RetryPolicy, retrying
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RecordError, RetriableError
+from syncd.logs import scrubber
 
 
 def recorded(policy: RetryPolicy, name: str = "test.op") -> tuple[tenacity.Retrying, list[float]]:
@@ -147,21 +148,25 @@ def test_waits_are_jittered_so_clients_do_not_retry_in_lockstep() -> None:
 
 # ------------------------------------------------------------------ what is logged
 
-def test_every_retry_is_logged_with_the_operation_the_wait_and_the_status_not_the_message() -> None:
+def test_every_retry_is_logged_with_the_operation_the_wait_the_status_and_what_failed() -> None:
+    """The error's own words (what, where, why), never its class name; a token never, an email
+    masked when the line is rendered (the scrubber, which honours show_emails)."""
     r, sleeps = recorded(RetryPolicy(max_attempts=3), name="hubspot.contacts.search")
     secret = "Bearer pat-na1-0123456789 for jane@example.com"
-    call, _ = failing(RateLimited(secret, status=429, retry_after=2), RetriableError(secret, status=503))
+    call, _ = failing(RateLimited(f"429 {secret}", status=429, retry_after=2),
+                      RetriableError("hubspot contacts.search: 127.0.0.1:9: connection refused", status=503))
     with capture_logs() as logs:
         assert r(call) == "ok"
     retries = [e for e in logs if e["event"] == "retrying"]
     assert [(e["operation"], e["attempt"], e["max_attempts"], e["error"], e["status"]) for e in retries] == [
-        ("hubspot.contacts.search", 1, 3, "RateLimited", 429),
-        ("hubspot.contacts.search", 2, 3, "RetriableError", 503),
+        ("hubspot.contacts.search", 1, 3, "429 Bearer *** for jane@example.com", 429),
+        ("hubspot.contacts.search", 2, 3, "hubspot contacts.search: 127.0.0.1:9: connection refused", 503),
     ]
     assert [e["log_level"] for e in retries] == ["warning", "warning"]
     assert retries[0]["wait_s"] == 2.0 == sleeps[0]
     assert retries[1]["wait_s"] == round(sleeps[1], 3)
-    assert all(secret not in repr(e) for e in logs)
+    assert all("pat-na1" not in repr(e) for e in logs)
+    assert scrubber(False)(None, "warning", dict(retries[0]))["error"] == "429 Bearer *** for j***@example.com"
 
 
 def test_a_first_try_success_logs_nothing_and_sleeps_never() -> None:

@@ -123,6 +123,7 @@ def test_taking_the_next_batch_of_either_queue_never_sorts_the_whole_queue(tmp_p
 
 def test_sqlite_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
     path = tmp_path / "new" / "state.db"
+    path.parent.mkdir()
     old = os.umask(0o022)
     try:
         store = Store.open(f"sqlite:///{path}")
