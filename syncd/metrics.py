@@ -133,6 +133,10 @@ class ServiceMetrics:
             registry=r,
         )
         self.sla_breaches = Gauge("syncd_sla_breaches_open", "Open SLA breach events.", registry=r)
+        self.tombstones = Gauge(
+            "syncd_tombstones", "Records found deleted or merged away (nothing is written to them).",
+            ["system"], registry=r,
+        )
         self.picture_held = Gauge(
             "syncd_picture_incomplete",
             "1 while decisions that need this system are held: its pulls are incomplete or stale.",
@@ -234,6 +238,7 @@ class ServiceMetrics:
             quarantine = tx.open_quarantine()
             unmapped = tx.unmapped_values()
             breaches = len(tx.open_events("sla_breach"))
+            dead = {s: tx.count_tombstones(s) for s in SYSTEMS}
         for name, n in depth.items():
             self.outbox_depth.labels(name).set(n)
         for name, n in failing.items():
@@ -249,6 +254,8 @@ class ServiceMetrics:
         for sys_name, n in u.items():
             self.unmapped_values.labels(sys_name).set(n)
         self.sla_breaches.set(breaches)
+        for name, n in dead.items():
+            self.tombstones.labels(name).set(n)
 
     def set_gap(self, system: str, obj: str, missing: int) -> None:
         """The records of ``system``/``obj`` the last reconciliation found missing from the store."""

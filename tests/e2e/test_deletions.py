@@ -299,3 +299,24 @@ def test_a_restored_contact_and_an_undeleted_lead_are_linked_again(e2e: E2E) -> 
     converge(e2e)
     assert e2e.hs.get("contacts", hid)["lifecyclestage"] == "salesqualifiedlead"
     assert_quiet(e2e)
+
+
+def test_a_write_to_a_contact_archived_meanwhile_is_quarantined_then_tombstoned(e2e: E2E) -> None:
+    hid, lid = person(e2e, "quin.quick@example.com", hs_stage="lead", score=10)
+    assert lid and hid
+    converge(e2e)
+    e2e.sf.modify("Lead", lid, {"Lifecycle_Stage__c": "SQL"})  # HubSpot is to follow
+    e2e.decide_only()
+    e2e.hs.archive("contacts", hid)  # archived before the write is sent, long before a scan
+    stats = CycleStats()
+    engine(e2e).flush(stats)
+    assert stats.failed == 1 and stats.dead == 1
+    with e2e.rt.store.tx() as tx:
+        (q,) = tx.open_quarantine("hubspot")
+        assert (q.record_id, q.attempts) == (hid, 1) and q.reason.startswith("OBJECT_NOT_FOUND")
+    tomb = tombstones(e2e)[hid]
+    assert (tomb.kind, tomb.source) == ("deleted", "re-pull")
+    seen = e2e.hs.id_requests[hid]
+    converge(e2e)
+    assert e2e.hs.id_requests[hid] == seen
+    assert_quiet(e2e)

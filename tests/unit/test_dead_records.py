@@ -17,6 +17,7 @@ import pytest
 
 from syncd.engine import CycleStats, Engine
 from syncd.mapping import default_mappings_dir, load_mappings
+from syncd.metrics import ServiceMetrics
 from syncd.model import ApiUsage, Deletion, FieldUpdate, RawRecord, RecordCreate, WriteResult
 from syncd.sla import load_sla
 from syncd.store import Store
@@ -129,6 +130,9 @@ def test_a_write_refused_because_the_record_died_tombstones_it(store: Store) -> 
         assert (tomb.record_id, tomb.kind, tomb.source) == (LEAD, "deleted", "re-pull")
         assert not tx.get_records([("salesforce", "Lead", LEAD)])
         assert [a.rule for a in tx.query_audit(record_id=LEAD)] == ["D1-deleted"]
+    metrics = ServiceMetrics({"contacts": 30.0, "deals": 60.0})
+    metrics.observe_store(store)
+    assert 'syncd_tombstones{system="salesforce"} 1.0' in metrics.render().decode()
     # decided again on what is true now: the Lead is gone, the person is not re-created
     stats = CycleStats()
     eng.link_and_decide(stats)
