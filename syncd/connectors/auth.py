@@ -318,9 +318,10 @@ def _check_private_key(pem: str, where: str) -> None:
     try:
         key = load_pem_private_key(pem.encode(), password=None)
     except (ValueError, TypeError):
-        raise ConfigError(f"salesforce: {where}: not an unencrypted PEM private key") from None
+        raise ConfigError(f"salesforce: {where}: not an unencrypted PEM private key", system="salesforce") from None
     if not isinstance(key, rsa.RSAPrivateKey):
-        raise ConfigError(f"salesforce: {where}: the JWT bearer flow needs an RSA key (RS256)")
+        raise ConfigError(f"salesforce: {where}: the JWT bearer flow needs an RSA key (RS256)",
+                          system="salesforce")
 
 
 def salesforce_provider(sf: SalesforceConfig, base: Path) -> TokenProvider:

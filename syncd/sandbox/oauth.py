@@ -75,13 +75,19 @@ class _Tokens:
         self.lifetime_s = lifetime_s
         self._clock = clock
         self._expiry: dict[str, float] = {}
-        self.issued = 0
+        self.history: list[tuple[float, float]] = []  # (issued at, expires at) of every token, in order
 
     def issue(self, prefix: str) -> str:
         tok = f"{prefix}{secrets.token_urlsafe(24)}"
-        self._expiry[tok] = self._clock() + self.lifetime_s
-        self.issued += 1
+        now = self._clock()
+        self._expiry[tok] = now + self.lifetime_s
+        self.history.append((now, now + self.lifetime_s))
         return tok
+
+    def expire_all(self) -> None:
+        """Every token issued so far is dead from now on (answers the expired-token error)."""
+        now = self._clock()
+        self._expiry = {t: min(at, now) for t, at in self._expiry.items()}
 
     def state(self, tok: str) -> str:
         """``valid``, ``expired`` (issued here, dead now) or ``unknown``."""
@@ -93,8 +99,6 @@ class _Tokens:
     def expired_for(self, tok: str) -> float:
         return max(0.0, self._clock() - self._expiry.get(tok, self._clock()))
 
-    def revoke_all(self) -> None:
-        self._expiry.clear()
 
 
 class SalesforceOAuth:
@@ -136,6 +140,16 @@ class SalesforceOAuth:
     def revoke_refresh_tokens(self) -> None:
         with self._lock:
             self.refresh_tokens.clear()
+
+    def expire_tokens(self) -> None:
+        """Every access token issued so far expires now."""
+        with self._lock:
+            self.tokens.expire_all()
+
+    def issue_history(self) -> list[tuple[float, float]]:
+        """(issued at, expires at), monotonic seconds, of every access token issued, in order."""
+        with self._lock:
+            return list(self.tokens.history)
 
     def valid(self, token: str) -> bool:
         with self._lock:
@@ -275,6 +289,16 @@ class HubSpotOAuth:
     def revoke_refresh_tokens(self) -> None:
         with self._lock:
             self.refresh_tokens.clear()
+
+    def expire_tokens(self) -> None:
+        """Every access token issued so far expires now."""
+        with self._lock:
+            self.tokens.expire_all()
+
+    def issue_history(self) -> list[tuple[float, float]]:
+        """(issued at, expires at), monotonic seconds, of every access token issued, in order."""
+        with self._lock:
+            return list(self.tokens.history)
 
     def refusal(self, token: str) -> Response | None:
         """None when ``token`` is one this endpoint issued and it is alive; the 401 otherwise
