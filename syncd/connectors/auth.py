@@ -222,11 +222,11 @@ class RefreshGrant(_Grant):
                  timeout: float) -> None:
         super().__init__(system, method, token_url, session=session, timeout=timeout,
                          secrets=lambda: [refresh.value, client_secret or ""])
-        self._client_id, self._client_secret = client_id, client_secret
+        self.client_id, self._client_secret = client_id, client_secret
         self.refresh = refresh
 
     def fetch(self) -> Token:
-        form = {"grant_type": "refresh_token", "client_id": self._client_id,
+        form = {"grant_type": "refresh_token", "client_id": self.client_id,
                 "refresh_token": self.refresh.value}
         if self._client_secret:
             form["client_secret"] = self._client_secret
@@ -234,8 +234,11 @@ class RefreshGrant(_Grant):
         new = body.get("refresh_token")
         if isinstance(new, str) and new and new != self.refresh.value:
             self.refresh.replace(new)
-            log.info("auth.refresh_token_rotated", system=self.system,
-                     persisted=str(self.refresh.path) if self.refresh.path else None)
+            if self.refresh.path is not None:
+                log.info("auth.rotated", system=self.system, persisted_to=str(self.refresh.path))
+            else:
+                log.warning("auth.rotated", system=self.system, persisted_to=None,
+                            note="set refresh_token_file: the rotated refresh token is lost on restart")
         return self._token(body)
 
 

@@ -84,6 +84,9 @@ class _Tokens:
         self.history.append((now, now + self.lifetime_s))
         return tok
 
+    def values(self) -> list[str]:
+        return list(self._expiry)
+
     def expire_all(self) -> None:
         """Every token issued so far is dead from now on (answers the expired-token error)."""
         now = self._clock()
@@ -118,6 +121,7 @@ class SalesforceOAuth:
         self.org_id = "00D5g000004SYNCD"
         self.user_id = "0055g00000SYNCDAAA"
         self.requests: Counter[str] = Counter()  # grant type -> token requests answered
+        self.seen: list[str] = [client_secret, *self.refresh_tokens]  # secrets issued or received
         self._public_key: Any = None
         self._lock = threading.Lock()
         self.tokens = _Tokens(lifetime_s, clock)
@@ -146,6 +150,12 @@ class SalesforceOAuth:
         with self._lock:
             self.tokens.expire_all()
 
+    def secrets(self) -> list[str]:
+        """Every secret this endpoint issued or was sent: access and refresh tokens, client
+        secret, JWT assertions (a test checks that none of them reaches a log)."""
+        with self._lock:
+            return [*self.seen, *self.tokens.values()]
+
     def issue_history(self) -> list[tuple[float, float]]:
         """(issued at, expires at), monotonic seconds, of every access token issued, in order."""
         with self._lock:
@@ -166,13 +176,14 @@ class SalesforceOAuth:
             return "oauth.identity"
         return "oauth." + req.path.rstrip("/").rsplit("/", 1)[-1]
 
-    def handle(self, req: Request) -> Response:
+    def handle(self, req: Request, sessions: Iterable[str] = ()) -> Response:
+        """``sessions``: the app's fixed session ids, which the identity endpoints accept too."""
         ep = self.endpoint(req)
         if ep == "oauth.token" and req.method == "POST":
             return self._token(req)
         if ep in ("oauth.userinfo", "oauth.identity") and req.method == "GET":
             with self._lock:
-                state = self.tokens.state(_bearer(req))
+                state = "valid" if _bearer(req) in set(sessions) else self.tokens.state(_bearer(req))
             if state != "valid":
                 return Response(401, [{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}])
             return Response(200, self._identity(_base(req)))
@@ -193,6 +204,7 @@ class SalesforceOAuth:
             return Response(200, self._grant_body(_base(req), form if grant == "refresh_token" else None))
 
     def _jwt(self, form: dict[str, str], base: str) -> Response | None:
+        self.seen.append(form.get("assertion", ""))
         if self._public_key is None:
             return _refused("invalid_grant", "invalid assertion")
         try:
@@ -242,6 +254,7 @@ class SalesforceOAuth:
             self.refresh_tokens.discard(refresh_form["refresh_token"])
             new = f"5Aep861{secrets.token_urlsafe(24)}"
             self.refresh_tokens.add(new)
+            self.seen.append(new)
             body["refresh_token"] = new
         return body
 
@@ -271,6 +284,7 @@ class HubSpotOAuth:
         self.hub_id = 62515
         self.app_id = 456789
         self.requests: Counter[str] = Counter()
+        self.seen: list[str] = [client_secret, *self.refresh_tokens]
         self._lock = threading.Lock()
         self.tokens = _Tokens(lifetime_s, clock)
 
@@ -294,6 +308,12 @@ class HubSpotOAuth:
         """Every access token issued so far expires now."""
         with self._lock:
             self.tokens.expire_all()
+
+    def secrets(self) -> list[str]:
+        """Every secret this endpoint issued or was sent: access and refresh tokens, client
+        secret, JWT assertions (a test checks that none of them reaches a log)."""
+        with self._lock:
+            return [*self.seen, *self.tokens.values()]
 
     def issue_history(self) -> list[tuple[float, float]]:
         """(issued at, expires at), monotonic seconds, of every access token issued, in order."""

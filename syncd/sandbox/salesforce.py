@@ -483,7 +483,9 @@ class SalesforceApp:
 
     def handle(self, req: Request, faults: FaultPlan) -> Response:
         if self.oauth is not None and self.oauth.owns(req.path):
-            return self.oauth.handle(req)
+            with self._lock:
+                sessions = set(self.sessions)
+            return self.oauth.handle(req, sessions)
         with self._lock:
             auth = req.headers.get("authorization", "")
             token = auth[7:] if auth.startswith("Bearer ") else ""
