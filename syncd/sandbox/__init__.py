@@ -186,6 +186,19 @@ class Sandbox:
     def export_env(self) -> None:
         os.environ.update(self.env())
 
+    def auth_snippets(self) -> dict[str, str]:
+        """Ready-to-paste ``[salesforce]`` / ``[hubspot]`` sections, one per auth method."""
+        out = {}
+        for method in SALESFORCE_AUTH:
+            out[f"salesforce/{method}"] = "\n".join(
+                ["[salesforce]", f'instance_url = "{self.salesforce_url}"', *self.salesforce_auth_lines(method),
+                 f'ca_bundle = "{self.ca_path}"'])
+        for method in HUBSPOT_AUTH:
+            out[f"hubspot/{method}"] = "\n".join(
+                ["[hubspot]", f'base_url = "{self.hubspot_url}"', *self.hubspot_auth_lines(method),
+                 f'ca_bundle = "{self.ca_path}"'])
+        return out
+
     def config_text(self, *, state_url: str, mappings_dir: Path | None = None, extra: str = "",
                     salesforce_auth: str = "session", hubspot_auth: str = "private_app") -> str:
         lines = [
@@ -326,6 +339,13 @@ def serve_forever(*, seed: int, people: int, deals: int | None, hubspot_port: in
         click.echo(f"  HubSpot(access_token='{HUBSPOT_TOKEN}', host='{sb.hubspot_url}', ssl_ca_cert='{sb.ca_path}')")
         click.echo("  requests.Session() with verify=CA and trust_env=False, then")
         click.echo(f"  Salesforce(instance_url='{sb.salesforce_url}', session_id='{SALESFORCE_SESSION}', session=s)")
+        click.echo("")
+        click.echo("Config snippets, one per auth method (paste one [salesforce] and one [hubspot]; the")
+        click.echo(f"secrets come from the environment: export {SF_SECRET_ENV}={SF_CLIENT_SECRET} "
+                   f"{HS_SECRET_ENV}={HS_CLIENT_SECRET}):")
+        for name, snippet in sb.auth_snippets().items():
+            click.echo(f"# --- {name}")
+            click.echo(snippet)
         click.echo("Ctrl-C to stop.", err=True)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

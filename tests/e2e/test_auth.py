@@ -225,3 +225,22 @@ def test_no_token_key_assertion_or_refresh_token_appears_in_the_logs_of_a_whole_
     assert len([s for s in sb.sf_oauth.secrets() if s.count(".") == 2]) >= 4  # the JWT assertions are in the list
     leaked = [s[:12] + "…" for s in secrets if s and s in text]
     assert leaked == []
+
+
+# -- sandbox serve's snippets -------------------------------------------------------------------------
+
+def test_every_config_snippet_the_sandbox_prints_logs_in_and_passes_auth_check(
+        sb: Sandbox, tmp_path: Path) -> None:
+    from syncd.auth_check import run_check
+
+    snippets = sb.auth_snippets()
+    assert set(snippets) == {"salesforce/session", "salesforce/jwt", "salesforce/client_credentials",
+                             "salesforce/refresh_token", "hubspot/private_app", "hubspot/oauth"}
+    pairs = [(f"salesforce/{m}", "hubspot/oauth") for m in ("session", "jwt", "client_credentials", "refresh_token")]
+    pairs.append(("salesforce/jwt", "hubspot/private_app"))
+    for sf, hs in pairs:
+        cfg = tmp_path / "pasted.toml"
+        cfg.write_text(f"{snippets[hs]}\n\n{snippets[sf]}\n\n[state]\nurl = \"sqlite:///{tmp_path / 's.db'}\"\n")
+        reports = run_check(load_config(cfg))
+        assert [r.missing for r in reports] == [[], []], (sf, hs)
+        assert [r.method for r in reports] == [hs.split("/")[1], sf.split("/")[1]]
