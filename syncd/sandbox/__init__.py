@@ -327,6 +327,9 @@ def serve_forever(*, seed: int, people: int, deals: int | None, hubspot_port: in
         summary: Any = seed_apps(sb.hubspot, sb.salesforce,
                                  SeedSpec(seed=seed, people=people, deals=deals if deals is not None else people // 5))
         cfg = sb.write_config(sb.directory / "syncd.toml", state_url=f"sqlite:///{sb.directory / 'syncd.db'}")
+        snippets = sb.auth_snippets()  # before anything is printed: it makes the JWT key
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a SIGTERM after the first line stops cleanly
         click.echo(f"HubSpot sandbox    {sb.hubspot_url}   (Bearer token: {HUBSPOT_TOKEN})")
         click.echo(f"Salesforce sandbox {sb.salesforce_url}   (session id: {SALESFORCE_SESSION})")
         click.echo(f"CA bundle          {sb.ca_path}")
@@ -343,12 +346,10 @@ def serve_forever(*, seed: int, people: int, deals: int | None, hubspot_port: in
         click.echo("Config snippets, one per auth method (paste one [salesforce] and one [hubspot]; the")
         click.echo(f"secrets come from the environment: export {SF_SECRET_ENV}={SF_CLIENT_SECRET} "
                    f"{HS_SECRET_ENV}={HS_CLIENT_SECRET}):")
-        for name, snippet in sb.auth_snippets().items():
+        for name, snippet in snippets.items():
             click.echo(f"# --- {name}")
             click.echo(snippet)
         click.echo("Ctrl-C to stop.", err=True)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
             while not stop.wait(0.5):
                 pass
