@@ -227,6 +227,10 @@ def log_reports(reports: list[SystemReport]) -> None:
         log.info("auth_check", system=rep.system, method=rep.method, expires=rep.expires, ok=rep.ok, **rep.identity)
         for m in rep.missing:
             log.warning("auth_check_missing", system=rep.system, missing=m)
+        if rep.method == "session":
+            log.warning("auth_session_expires", system=rep.system,
+                        note="a session id dies with the org's session timeout and cannot be renewed; "
+                             'use auth = "jwt" (README: Credentials)')
 
 
 def run_check(cfg: Config) -> list[SystemReport]:

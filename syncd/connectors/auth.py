@@ -271,8 +271,17 @@ class TokenProvider:
             return tok
         with self._lock:
             tok = self._token
-            if tok is None or self._expiring(tok):
-                tok = self._login("start" if tok is None else "expiring")
+            if tok is None:
+                return self._login("start")
+            if self._expiring(tok):
+                try:
+                    return self._login("expiring")
+                except (AuthError, RetriableError) as e:
+                    if tok.expires_at is None or self._clock() >= tok.expires_at:
+                        raise
+                    # still alive for a moment: use it; the next call (or a 401) tries again
+                    log.warning("auth.renew_failed", system=self.system, method=self.method,
+                                error=str(e), expires_in_s=round(tok.expires_at - self._clock(), 1))
             return tok
 
     def renew(self, refused: Token) -> Token:

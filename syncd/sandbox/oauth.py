@@ -103,35 +103,13 @@ class _Tokens:
         return max(0.0, self._clock() - self._expiry.get(tok, self._clock()))
 
 
+class _OAuthServer:
+    """What both token endpoints share: issued tokens, refresh tokens, the secrets seen."""
 
-class SalesforceOAuth:
-    """The Salesforce token endpoint and identity of one connected app and one user."""
-
-    def __init__(self, *, consumer_key: str = SF_CONSUMER_KEY, client_secret: str = SF_CLIENT_SECRET,
-                 username: str = SF_USERNAME, refresh_tokens: Iterable[str] = (SF_REFRESH_TOKEN,),
-                 rotate_refresh_tokens: bool = False, lifetime_s: float = 7200.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.consumer_key = consumer_key
-        self.client_secret = client_secret
-        self.username = username
-        self.approved = True  # the user is pre-authorised for the app
-        self.client_credentials_enabled = True
-        self.refresh_tokens: set[str] = set(refresh_tokens)
-        self.rotate_refresh_tokens = rotate_refresh_tokens
-        self.org_id = "00D5g000004SYNCD"
-        self.user_id = "0055g00000SYNCDAAA"
-        self.requests: Counter[str] = Counter()  # grant type -> token requests answered
-        self.seen: list[str] = [client_secret, *self.refresh_tokens]  # secrets issued or received
-        self._public_key: Any = None
-        self._lock = threading.Lock()
-        self.tokens = _Tokens(lifetime_s, clock)
-
-    # -- control (tests, the sandbox) -------------------------------------------------------------
-    def trust(self, certificate_pem: bytes) -> None:
-        """Verify JWT assertions against this X.509 certificate (the connected app's)."""
-        from cryptography import x509
-
-        self._public_key = x509.load_pem_x509_certificate(certificate_pem).public_key()
+    tokens: _Tokens
+    refresh_tokens: set[str]
+    seen: list[str]
+    _lock: threading.Lock
 
     @property
     def lifetime_s(self) -> float:
@@ -160,6 +138,36 @@ class SalesforceOAuth:
         """(issued at, expires at), monotonic seconds, of every access token issued, in order."""
         with self._lock:
             return list(self.tokens.history)
+
+
+class SalesforceOAuth(_OAuthServer):
+    """The Salesforce token endpoint and identity of one connected app and one user."""
+
+    def __init__(self, *, consumer_key: str = SF_CONSUMER_KEY, client_secret: str = SF_CLIENT_SECRET,
+                 username: str = SF_USERNAME, refresh_tokens: Iterable[str] = (SF_REFRESH_TOKEN,),
+                 rotate_refresh_tokens: bool = False, lifetime_s: float = 7200.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.consumer_key = consumer_key
+        self.client_secret = client_secret
+        self.username = username
+        self.approved = True  # the user is pre-authorised for the app
+        self.client_credentials_enabled = True
+        self.refresh_tokens: set[str] = set(refresh_tokens)
+        self.rotate_refresh_tokens = rotate_refresh_tokens
+        self.org_id = "00D5g000004SYNCD"
+        self.user_id = "0055g00000SYNCDAAA"
+        self.requests: Counter[str] = Counter()  # grant type -> token requests answered
+        self.seen: list[str] = [client_secret, *self.refresh_tokens]  # secrets issued or received
+        self._public_key: Any = None
+        self._lock = threading.Lock()
+        self.tokens = _Tokens(lifetime_s, clock)
+
+    # -- control (tests, the sandbox) -------------------------------------------------------------
+    def trust(self, certificate_pem: bytes) -> None:
+        """Verify JWT assertions against this X.509 certificate (the connected app's)."""
+        from cryptography import x509
+
+        self._public_key = x509.load_pem_x509_certificate(certificate_pem).public_key()
 
     def valid(self, token: str) -> bool:
         with self._lock:
@@ -271,7 +279,7 @@ def _refused(error: str, description: str) -> Response:
     return Response(400, {"error": error, "error_description": description})
 
 
-class HubSpotOAuth:
+class HubSpotOAuth(_OAuthServer):
     """HubSpot's OAuth token endpoint for one public app, plus the private-app token's metadata."""
 
     def __init__(self, *, client_id: str = HS_CLIENT_ID, client_secret: str = HS_CLIENT_SECRET,
@@ -288,37 +296,11 @@ class HubSpotOAuth:
         self._lock = threading.Lock()
         self.tokens = _Tokens(lifetime_s, clock)
 
-    @property
-    def lifetime_s(self) -> float:
-        return self.tokens.lifetime_s
-
-    @lifetime_s.setter
-    def lifetime_s(self, seconds: float) -> None:
-        self.tokens.lifetime_s = seconds
 
     def remove_scope(self, scope: str) -> None:
         with self._lock:
             self.scopes = [s for s in self.scopes if s != scope]
 
-    def revoke_refresh_tokens(self) -> None:
-        with self._lock:
-            self.refresh_tokens.clear()
-
-    def expire_tokens(self) -> None:
-        """Every access token issued so far expires now."""
-        with self._lock:
-            self.tokens.expire_all()
-
-    def secrets(self) -> list[str]:
-        """Every secret this endpoint issued or was sent: access and refresh tokens, client
-        secret, JWT assertions (a test checks that none of them reaches a log)."""
-        with self._lock:
-            return [*self.seen, *self.tokens.values()]
-
-    def issue_history(self) -> list[tuple[float, float]]:
-        """(issued at, expires at), monotonic seconds, of every access token issued, in order."""
-        with self._lock:
-            return list(self.tokens.history)
 
     def refusal(self, token: str) -> Response | None:
         """None when ``token`` is one this endpoint issued and it is alive; the 401 otherwise
