@@ -219,6 +219,10 @@ def test_no_token_key_assertion_or_refresh_token_appears_in_the_logs_of_a_whole_
                         "sync", "--once"], env={**os.environ, **sb.env()}, stdout=out, stderr=subprocess.STDOUT,
                        timeout=DEADLINE_S, check=True)
     text = log_path.read_text()
+    events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    # the run kept syncing across the expiries: no failed cycle, no back-off, a login per expiry
+    assert [e for e in events if e.get("event") in ("cycle_failed", "pull_failed", "system_backed_off")] == []
+    assert sum(1 for e in events if e.get("event") == "auth.login" and e.get("reason") == "refused") >= 3
     assert '"auth.login"' in text and '"auth_check"' in text and '"auth.rotated"' in text
     key_lines = [line for line in sb.jwt_key().read_text().splitlines() if line and not line.startswith("-----")]
     secrets = [*sb.sf_oauth.secrets(), *sb.hs_oauth.secrets(), HUBSPOT_TOKEN, SALESFORCE_SESSION, *key_lines]
