@@ -44,6 +44,9 @@ log = structlog.get_logger()
 
 JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 JWT_LIFETIME_S = 180  # Salesforce accepts an assertion whose exp is at most 3 minutes ahead
+# HubSpot's date-versioned token endpoint: every parameter in the body (v1, /oauth/v1/token, is
+# retired on 2027-02-16)
+HUBSPOT_TOKEN_PATH = "/oauth/2026-03/token"
 RENEW_MARGIN_S = 300.0  # renew a token that expires within this (or a tenth of its life, if shorter)
 
 DESCRIBE = {
@@ -154,6 +157,8 @@ class _Grant:
             body = {}
         if not isinstance(body, dict):
             body = {}
+        for camel, snake in (("accessToken", "access_token"), ("refreshToken", "refresh_token")):
+            body.setdefault(snake, body.get(camel))  # some HubSpot answers are camelCase
         if r.status_code == 429 or r.status_code >= 500:
             raise RetriableError(f"{self.system}: {what}: HTTP {r.status_code} from {self.token_url}",
                                  status=r.status_code, system=self.system)
@@ -173,9 +178,9 @@ class _Grant:
 
     def _token(self, body: dict[str, Any]) -> Token:
         now = time.time()
-        expires_in = body.get("expires_in")
+        expires_in = body.get("expires_in", body.get("expiresIn"))
         scopes = body.get("scopes") or str(body.get("scope") or "").split()
-        hub = body.get("hub_id")
+        hub = body.get("hub_id", body.get("hubId"))
         return Token(
             str(body["access_token"]), issued_at=now,
             expires_at=now + float(expires_in) if isinstance(expires_in, int | float) else None,
@@ -369,6 +374,6 @@ def hubspot_provider(hs: HubSpotConfig, base: Path) -> TokenProvider:
     refresh = RefreshTokenFile(hs.refresh_token("hubspot", base).get_secret_value(),
                                _resolve(base, hs.refresh_token_file))
     return TokenProvider(RefreshGrant(
-        "hubspot", "oauth", hs.base_url.rstrip("/") + "/oauth/v1/token", client_id=str(hs.client_id),
+        "hubspot", "oauth", hs.base_url.rstrip("/") + HUBSPOT_TOKEN_PATH, client_id=str(hs.client_id),
         client_secret=hs.client_secret("hubspot", base).get_secret_value(), refresh=refresh,
         session=_grant_session(_resolve(base, hs.ca_bundle)), timeout=hs.timeout_s))

@@ -16,10 +16,10 @@ Access tokens live ``lifetime_s`` seconds (monotonic clock); after that the API 
 401 ``INVALID_SESSION_ID``. ``GET /services/oauth2/userinfo`` and ``GET /id/{org}/{user}`` say
 who the token belongs to.
 
-HubSpot (:class:`HubSpotOAuth`): ``POST /oauth/v1/token`` (refresh grant; 30-minute tokens by
-default, ``expires_in`` in the answer), ``POST /oauth/v2/private-apps/get/access-token-info``
-(a private-app token's scopes), ``GET /account-info/v3/details``. An expired token gets 401
-``EXPIRED_AUTHENTICATION``.
+HubSpot (:class:`HubSpotOAuth`): ``POST /oauth/2026-03/token`` and the legacy ``/oauth/v1/token``
+(refresh grant; 30-minute tokens by default, ``expires_in`` in the answer),
+``POST /oauth/v2/private-apps/get/access-token-info`` (a private-app token's scopes) and
+``GET /account-info/v3/details``. An expired token gets 401 ``EXPIRED_AUTHENTICATION``.
 
 ``requests`` counts every grant answered (refused ones too), by grant type.
 """
@@ -323,14 +323,14 @@ class HubSpotOAuth(_OAuthServer):
     def endpoint(req: Request) -> str:
         if req.path.startswith("/account-info/"):
             return "account_info"
-        if req.path.startswith("/oauth/v1/token"):
+        if req.path.rstrip("/") in ("/oauth/v1/token", "/oauth/2026-03/token"):
             return "oauth.token"
         return "oauth.token_info"
 
     def handle(self, req: Request, private_token: str) -> Response:
         ep = self.endpoint(req)
         if ep == "oauth.token" and req.method == "POST":
-            return self._token(_form(req))
+            return self._token(_form(req), rfc6749=not req.path.startswith("/oauth/v1/"))
         if ep == "oauth.token_info" and req.method == "POST":
             body = req.json() if req.body else {}
             if not isinstance(body, dict) or body.get("tokenKey") != private_token:
@@ -347,17 +347,27 @@ class HubSpotOAuth(_OAuthServer):
                                   "dataHostingLocation": "na1"})
         return Response(404, _hs_error("resource not found", "OBJECT_NOT_FOUND"))
 
-    def _token(self, form: dict[str, str]) -> Response:
+    def _token(self, form: dict[str, str], *, rfc6749: bool) -> Response:
+        """The refresh grant. The 2026-03 endpoint's errors add RFC 6749's ``error`` and
+        ``error_description`` to the v1 ``status`` and ``message``."""
         with self._lock:
             self.requests[form.get("grant_type", "")] += 1
-            if form.get("grant_type") != "refresh_token":
-                return Response(400, _hs_error("grant_type must be refresh_token here", "BAD_GRANT_TYPE", status=True))
-            if form.get("client_id") != self.client_id:
-                return Response(400, _hs_error("missing or invalid client_id", "BAD_CLIENT_ID", status=True))
-            if form.get("client_secret") != self.client_secret:
-                return Response(400, _hs_error("missing or invalid client_secret", "BAD_CLIENT_SECRET", status=True))
-            if form.get("refresh_token") not in self.refresh_tokens:
-                return Response(400, _hs_error("missing or unknown refresh token", "BAD_REFRESH_TOKEN", status=True))
+            refusal = next((r for bad, r in (
+                (form.get("grant_type") != "refresh_token",
+                 ("unsupported_grant_type", "BAD_GRANT_TYPE", "grant_type must be refresh_token here")),
+                (form.get("client_id") != self.client_id,
+                 ("invalid_client", "BAD_CLIENT_ID", "missing or invalid client_id")),
+                (form.get("client_secret") != self.client_secret,
+                 ("invalid_client", "BAD_CLIENT_SECRET", "missing or invalid client_secret")),
+                (form.get("refresh_token") not in self.refresh_tokens,
+                 ("invalid_grant", "BAD_REFRESH_TOKEN", "refresh token is invalid, expired or revoked")),
+            ) if bad), None)
+            if refusal is not None:
+                error, status, message = refusal
+                body = _hs_error(message, status, status=True)
+                if rfc6749:
+                    body = {"error": error, "error_description": message, **body}
+                return Response(400, body)
             return Response(200, {
                 "token_type": "bearer", "refresh_token": form["refresh_token"], "hub_id": self.hub_id,
                 "scopes": list(self.scopes), "access_token": self.tokens.issue("CKsandbox"),

@@ -127,7 +127,7 @@ REFUSALS = [
     ("refresh_token", _revoked_sf,
      "salesforce: refresh-token grant refused: invalid_grant (expired access/refresh token)"),
     ("client_credentials", _revoked_hs,
-     "hubspot: OAuth refresh refused: BAD_REFRESH_TOKEN (missing or unknown refresh token)"),
+     "hubspot: OAuth refresh refused: invalid_grant (refresh token is invalid, expired or revoked)"),
 ]
 
 
