@@ -74,13 +74,19 @@ class _Client:
         self.session.close()
 
 
-def _expiry(tok: Token, renewable: bool) -> str:
+_FIXED = {
+    "private_app": "never (a private-app token; a person rotates it)",
+    "session": "at the org's session timeout (hours); a session id cannot be renewed",
+}
+
+
+def _expiry(tok: Token, auth: TokenProvider) -> str:
     if tok.expires_at is not None:
         at = datetime.fromtimestamp(tok.expires_at, UTC).isoformat(timespec="seconds")
-        return f"{at} (renewed before then)" if renewable else at
-    if not renewable:
-        return "unknown: a fixed token, replaced by a person when it stops working"
-    return "set by the org's session timeout; renewed when refused"
+        return f"{at} (renewed before then)" if auth.renewable else at
+    if not auth.renewable:
+        return _FIXED.get(auth.method, "unknown (a fixed token)")
+    return "at the org's session timeout; renewed when refused"
 
 
 def _salesforce(cfg: Config, mappings: Mappings, auth: TokenProvider, objects: tuple[str, ...]) -> SystemReport:
@@ -98,7 +104,7 @@ def _salesforce(cfg: Config, mappings: Mappings, auth: TokenProvider, objects: t
                             "instance": tok.instance_url or sf.instance_url}
         else:
             rep.missing.append(f"salesforce: userinfo answered HTTP {r.status_code}: {_sf_error(r)}")
-        rep.expires = _expiry(auth.token(), auth.renewable)
+        rep.expires = _expiry(auth.token(), auth)
         for obj in objects:
             rep.missing += _sf_object(client, base, obj, mappings)
     except SyncError as e:
@@ -152,7 +158,7 @@ def _hubspot(cfg: Config, auth: TokenProvider, objects: tuple[str, ...]) -> Syst
             raise AuthError(f"hubspot: account-info answered HTTP {r.status_code}: {_hs_error(r)}", system="hubspot")
         rep.identity = {"portal_id": str(r.json().get("portalId", ""))}
         scopes = _hs_scopes(client, base, tok, rep)
-        rep.expires = _expiry(auth.token(), auth.renewable)
+        rep.expires = _expiry(auth.token(), auth)
         if not scopes and rep.method == "oauth":  # an older token endpoint that does not list them
             rep.identity["scopes"] = "not reported by the token endpoint (not checked)"
             return rep
