@@ -562,5 +562,28 @@ def migrate(c: Ctx) -> None:
     guarded(lambda: click.echo(run_migrate(c.config(credentials=False))))
 
 
+# -- auth (issue 15) --------------------------------------------------------------------------------
+
+@main.group()
+def auth() -> None:
+    """Credentials: who syncd is in each CRM, how long its token lasts, what it may do."""
+
+
+@auth.command("check")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def auth_check(c: Ctx, as_json: bool) -> None:
+    """Log in to both CRMs and name every permission the mappings need that is missing (exit 1)."""
+    from syncd.auth_check import as_json as to_json
+    from syncd.auth_check import render, run_check
+
+    def go() -> int:
+        reports = run_check(c.config())
+        click.echo(to_json(reports) if as_json else render(reports))
+        return 0 if all(r.ok for r in reports) else 1
+
+    sys.exit(guarded(go))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

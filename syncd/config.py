@@ -29,6 +29,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     ValidationInfo,
+    model_validator,
 )
 
 from syncd._toml import locate
@@ -208,10 +209,42 @@ class _Credential(_Section):
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
 
-class HubSpotConfig(_Credential):
+class _OAuthFields(_Credential):
+    """The OAuth fields both systems share (issue 15); which are needed depends on ``auth``."""
+
+    # An app's client id (Salesforce: the consumer key) identifies the app; it is not a secret.
+    client_secret_env: EnvName = None
+    client_secret_file: SecretFile = None
+    # The refresh token: a rotated one is written back to refresh_token_file (atomically, 0600).
+    refresh_token_env: EnvName = None
+    refresh_token_file: SecretFile = None
+
+    def _needs(self, method: str, need: dict[str, bool]) -> None:
+        missing = [k for k, ok in need.items() if not ok]
+        if missing:
+            raise ValueError(f'auth = "{method}" needs {", ".join(missing)} (see {EXAMPLE})')
+
+    def client_secret(self, system: str, base: Path) -> SecretStr:
+        return self._secret(f"{system} client secret", self.client_secret_env, self.client_secret_file, base)
+
+    def refresh_token(self, system: str, base: Path) -> SecretStr:
+        return self._secret(f"{system} refresh token", self.refresh_token_env, self.refresh_token_file, base)
+
+    def has_secret(self) -> bool:
+        return bool(self.client_secret_env or self.client_secret_file)
+
+    def has_refresh(self) -> bool:
+        return bool(self.refresh_token_env or self.refresh_token_file)
+
+
+class HubSpotConfig(_OAuthFields):
     base_url: HttpUrl  # required: no silent production default
+    # "private_app": a private app's access token (token_env / token_file; it does not expire).
+    # "oauth": a public app's client_id + client secret + refresh token; syncd renews the 30-minute token.
+    auth: Literal["private_app", "oauth"] = "private_app"
     token_env: EnvName = "SYNCD_HUBSPOT_TOKEN"
     token_file: SecretFile = None
+    client_id: str | None = None
     ca_bundle: CaBundle = None
     timeout_s: PositiveSeconds = 30.0
     daily_budget: Annotated[int, Field(gt=0)] = 250_000
@@ -219,20 +252,68 @@ class HubSpotConfig(_Credential):
     # whole, so at most this often (it is never scanned on every poll).
     archive_scan_s: PositiveSeconds = 900.0
 
+    @model_validator(mode="after")
+    def _auth_fields(self) -> HubSpotConfig:
+        if self.auth == "oauth":
+            self._needs("oauth", {"client_id": bool(self.client_id),
+                                  "client_secret_env or client_secret_file": self.has_secret(),
+                                  "refresh_token_env or refresh_token_file": self.has_refresh()})
+        return self
+
     def token(self, base: Path) -> SecretStr:
         return self._secret("hubspot", self.token_env, self.token_file, base)
 
 
-class SalesforceConfig(_Credential):
+class SalesforceConfig(_OAuthFields):
     instance_url: HttpUrl  # required: your org's My Domain URL, never a guessed login host
+    # "jwt" (JWT bearer, the server-to-server standard), "client_credentials", "refresh_token",
+    # or "session": a session id pasted by a person, which expires and cannot be renewed.
+    auth: Literal["session", "jwt", "client_credentials", "refresh_token"] = "session"
     session_env: EnvName = "SYNCD_SALESFORCE_SESSION"
     session_file: SecretFile = None
+    # Where grants are sent. Default: https://login.salesforce.com for jwt, instance_url otherwise.
+    login_url: HttpUrl | None = None
+    consumer_key: str | None = None  # the connected app's consumer key (client id)
+    username: str | None = None  # jwt: the pre-authorised user syncd acts as
+    private_key_env: EnvName = None  # jwt: the PEM private key matching the app's certificate
+    private_key_file: SecretFile = None
+    # jwt: the assertion's aud (default: https://test.salesforce.com when login_url is
+    # test.salesforce.com, else https://login.salesforce.com).
+    jwt_audience: HttpUrl | None = None
     ca_bundle: CaBundle = None
     timeout_s: PositiveSeconds = 30.0
     daily_budget: Annotated[int, Field(gt=0)] = 15_000
 
+    @model_validator(mode="after")
+    def _auth_fields(self) -> SalesforceConfig:
+        ck = bool(self.consumer_key)
+        need: dict[str, dict[str, bool]] = {
+            "jwt": {"consumer_key": ck, "username": bool(self.username),
+                    "private_key_file or private_key_env": bool(self.private_key_file or self.private_key_env)},
+            "client_credentials": {"consumer_key": ck,
+                                   "client_secret_env or client_secret_file": self.has_secret()},
+            "refresh_token": {"consumer_key": ck, "refresh_token_env or refresh_token_file": self.has_refresh()},
+        }
+        self._needs(self.auth, need.get(self.auth, {}))
+        return self
+
     def session_id(self, base: Path) -> SecretStr:
         return self._secret("salesforce", self.session_env, self.session_file, base)
+
+    def private_key(self, base: Path) -> SecretStr:
+        return self._secret("salesforce private key", self.private_key_env, self.private_key_file, base)
+
+    def token_host(self) -> str:
+        """Where this method's grant is sent."""
+        if self.login_url:
+            return self.login_url
+        return "https://login.salesforce.com" if self.auth == "jwt" else self.instance_url
+
+    def audience(self) -> str:
+        if self.jwt_audience:
+            return self.jwt_audience
+        test = "https://test.salesforce.com"
+        return test if self.token_host().rstrip("/") == test else "https://login.salesforce.com"
 
 
 class StateConfig(_Section):

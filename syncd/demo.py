@@ -131,7 +131,8 @@ def _demo(console: Console, sb: Sandbox, workdir: Path, people: int, deals: int,
 
     summary = seed_apps(sb.hubspot, sb.salesforce, SeedSpec(seed=seed_no, people=people, deals=deals))
     state_url = f"sqlite:///{workdir / 'syncd.db'}"
-    cfg = sb.write_config(workdir / "syncd.toml", state_url=state_url, extra=_config_extra())
+    # Salesforce by the JWT bearer flow with a throwaway key: the production path, not a session id
+    cfg = sb.write_config(workdir / "syncd.toml", state_url=state_url, extra=_config_extra(), salesforce_auth="jwt")
     console.rule("[bold]syncd demo")
     console.print(f"Sandbox HubSpot at {sb.hubspot_url}, Salesforce at {sb.salesforce_url} (HTTPS, throwaway CA).")
     console.print(f"Seeded: {summary}")

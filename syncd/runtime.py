@@ -32,6 +32,7 @@ def load_rules_files(cfg: Config) -> tuple[Mappings, SLA]:
 
 
 def build_connectors(cfg: Config, mappings: Mappings) -> dict[str, Connector]:
+    from syncd.connectors.auth import hubspot_provider, salesforce_provider
     from syncd.connectors.hubspot import HubSpotConnector
     from syncd.connectors.salesforce import SalesforceConnector
 
@@ -39,12 +40,12 @@ def build_connectors(cfg: Config, mappings: Mappings) -> dict[str, Connector]:
     hs = cfg.hubspot
     sf = cfg.salesforce
     hubspot = HubSpotConnector(
-        hs.base_url, hs.token(cfg.base_dir).get_secret_value(),
+        hs.base_url, hubspot_provider(hs, cfg.base_dir),
         ca_bundle=str(cfg.resolve(hs.ca_bundle)) if hs.ca_bundle else None,
         properties={o: mappings.pull_fields("hubspot", o) for o in PULL_OBJECTS["hubspot"]},
         retry=retry, timeout=hs.timeout_s, archive_scan_s=hs.archive_scan_s)
     salesforce = SalesforceConnector(
-        sf.instance_url, sf.session_id(cfg.base_dir).get_secret_value(),
+        sf.instance_url, salesforce_provider(sf, cfg.base_dir),
         ca_bundle=str(cfg.resolve(sf.ca_bundle)) if sf.ca_bundle else None,
         fields={o: mappings.pull_fields("salesforce", o) for o in PULL_OBJECTS["salesforce"]},
         retry=retry, timeout=sf.timeout_s)

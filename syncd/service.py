@@ -41,6 +41,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from syncd import freshness, plan, reconcile, retention
+from syncd.auth_check import log_at_start
 from syncd.config import Config, load_config
 from syncd.engine import CycleStats
 from syncd.errors import (
@@ -131,6 +132,7 @@ class Service:
         self._install_signals()
         self._beat()
         self._clean_up_after_the_dead()
+        log_at_start(self.cfg, self.rt.mappings, self.rt.connectors)  # `syncd auth check`, logged
         self._schedule()
         self.scheduler.start()
         log.info(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -33,6 +34,7 @@ from syncd import catalogue
 from syncd.connectors._deletes import delete_each
 from syncd.connectors._errors import NotRetried, Peer, call, may_be_applied
 from syncd.connectors._retry import RetryPolicy
+from syncd.connectors.auth import StaticToken, Token, TokenProvider
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
 from syncd.model import (
     ApiUsage,
@@ -244,7 +246,7 @@ class HubSpotConnector:
     def __init__(
         self,
         base_url: str,
-        token: str,
+        token: str | TokenProvider,
         *,
         ca_bundle: str | None,
         properties: dict[str, list[str]],
@@ -263,7 +265,10 @@ class HubSpotConnector:
         self._page_size = max(1, min(page_size, 200))
         self._timeout = timeout
         self._peer = Peer(SYSTEM, base_url, ca_bundle, timeout)
-        kw: dict[str, Any] = {"access_token": token, "host": base_url.rstrip("/"),
+        self.auth = token if isinstance(token, TokenProvider) else TokenProvider(
+            StaticToken(SYSTEM, "private_app", token))
+        self._token_lock = threading.Lock()
+        kw: dict[str, Any] = {"access_token": "-", "host": base_url.rstrip("/"),  # set per call
                               "retry": Retry(total=0, raise_on_status=False,
                                              respect_retry_after_header=False)}
         if ca_bundle:
@@ -299,8 +304,31 @@ class HubSpotConnector:
         failure (timeout, dropped connection) is raised, not retried, because the CRM may
         have applied the request before the answer was lost; the caller decides (the engine
         looks the record up by email before sending it again)."""
-        return call(self._retry, f"hubspot.{endpoint}", self._once, endpoint, api, method, *args,
+        return call(self._retry, f"hubspot.{endpoint}", self._authed_once, endpoint, api, method, *args,
                     idempotent=idempotent, **kw)
+
+    def _authed_once(self, endpoint: str, api: str, method: str, *args: Any,
+                     idempotent: bool = True, **kw: Any) -> Any:
+        """:meth:`_once` with the provider's token (renewed before it expires); a 401 renews it
+        once (single-flight) and sends the call again. A refused re-login is the AuthError."""
+        used = self._use(api, self.auth.token())
+        try:
+            return self._once(endpoint, api, method, *args, idempotent=idempotent, **kw)
+        except AuthError:
+            if not self.auth.renewable:
+                raise
+        self._use(api, self.auth.renew(used))
+        return self._once(endpoint, api, method, *args, idempotent=idempotent, **kw)
+
+    def _use(self, api: str, tok: Token) -> Token:
+        """Put ``tok`` in the client's configuration (new APIs) and every cached API's."""
+        with self._token_lock:
+            if self._client.config.get("access_token") != tok.value:
+                self._client.config["access_token"] = tok.value
+                for a in self._apis.values():
+                    a.api_client.configuration.access_token = tok.value
+            self._api(api).api_client.configuration.access_token = tok.value
+        return tok
 
     def _once(self, endpoint: str, api: str, method: str, *args: Any,
               idempotent: bool = True, **kw: Any) -> Any:

@@ -1,11 +1,12 @@
-"""Salesforce connector on simple-salesforce 1.12.10 (REST v59.0, direct session auth).
+"""Salesforce connector on simple-salesforce 1.12.10 (REST v59.0; tokens from :mod:`connectors.auth`).
 
 Pulls with one SOQL query per object and cycle (``SystemModstamp >= since - overlap
 ORDER BY SystemModstamp, Id``), paged by query locators; writes with sObject
 Collections (200 records per call, ``allOrNone: false``). Vendor errors become
 :mod:`syncd.errors` here and nowhere else:
 
-- 401 / ``SalesforceExpiredSession`` -> :class:`AuthError` (no re-login: direct session auth).
+- 401 / ``SalesforceExpiredSession`` -> one re-login through the token provider (single-flight)
+  and the call again; :class:`AuthError` when the re-login is refused, or with ``session`` auth.
 - 403 ``REQUEST_LIMIT_EXCEEDED`` -> :class:`BudgetExhausted`. It is the org's rolling
   24-hour budget and Salesforce sends no Retry-After, so waiting minutes is pointless.
 - 5xx, connection errors, timeouts -> :class:`RetriableError` (retried by the shared policy).
@@ -33,6 +34,7 @@ from syncd import catalogue
 from syncd.connectors._deletes import delete_each
 from syncd.connectors._errors import NotRetried, Peer, call, may_be_applied
 from syncd.connectors._retry import RetryPolicy
+from syncd.connectors.auth import StaticToken, Token, TokenProvider
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
 from syncd.model import ApiUsage, Cursor, Deletion, FieldUpdate, Page, RawRecord, RecordCreate, WriteResult
 
@@ -163,7 +165,7 @@ class SalesforceConnector:
     def __init__(
         self,
         instance_url: str,
-        session_id: str,
+        session_id: str | TokenProvider,
         *,
         ca_bundle: str | None,
         fields: dict[str, list[str]],
@@ -177,8 +179,10 @@ class SalesforceConnector:
         self._session.verify = ca_bundle if ca_bundle else True
         # REQUESTS_CA_BUNDLE / proxies from the environment would override verify (crm-api.md §3)
         self._session.trust_env = False
-        self._sf = Salesforce(
-            instance_url=instance_url, session_id=session_id, session=self._session
+        self.auth = (session_id if isinstance(session_id, TokenProvider)
+                     else TokenProvider(StaticToken(SYSTEM, "session", session_id)))
+        self._sf = Salesforce(  # the token goes in per call (_authed): no HTTP call here
+            instance_url=instance_url, session_id="-", session=self._session
         )
         self._streams = {obj: STREAMS[obj](fs) for obj, fs in fields.items()}
         self._retry = retry
@@ -403,6 +407,7 @@ class SalesforceConnector:
         self, endpoint: str, fn: Callable[..., T], *args: Any, idempotent: bool = True, **kw: Any
     ) -> T:
         """Call simple-salesforce under the retry policy, translating every failure once."""
+        fn = self._authed(fn)
 
         def attempt() -> T:
             self.usage.count(endpoint)
@@ -422,6 +427,29 @@ class SalesforceConnector:
 
         return call(self._retry, f"salesforce.{endpoint}", attempt)
 
+    def _authed(self, fn: Callable[..., T]) -> Callable[..., T]:
+        """``fn`` with the provider's token; a refused token is renewed once (single-flight) and
+        the call sent again. A refused re-login is the AuthError; a second refusal is translated."""
+
+        def run(*args: Any, **kw: Any) -> T:
+            used = self.auth.token()
+            try:
+                return fn(*args, **self._with(used, kw))
+            except SalesforceExpiredSession:
+                if not self.auth.renewable:
+                    raise
+            return fn(*args, **self._with(self.auth.renew(used), kw))
+
+        return run
+
+    def _with(self, tok: Token, kw: dict[str, Any]) -> dict[str, Any]:
+        """The call's keyword arguments with this token's header (per request: concurrent calls
+        each send the token they will blame if it is refused)."""
+        if self._sf.session_id != tok.value:  # for anything that reads the client's own headers
+            self._sf.session_id = tok.value
+            self._sf.headers = {**self._sf.headers, "Authorization": "Bearer " + tok.value}
+        return {**kw, "headers": {**(kw.get("headers") or {}), "Authorization": "Bearer " + tok.value}}
+
     def _note_usage(self) -> None:
         usage = self._sf.api_usage.get("api-usage")
         if usage is not None:
@@ -432,8 +460,9 @@ class SalesforceConnector:
         code, message = _error_of(e)
         line = f"salesforce {endpoint}: HTTP {e.status} {code}: {message}"
         if isinstance(e, SalesforceExpiredSession):
-            return AuthError(line + " (renew the session id; direct session auth cannot re-login)",
-                             system=SYSTEM)
+            hint = ("renew the session id; session auth cannot re-login" if not self.auth.renewable
+                    else f"a fresh token from the {self.auth.method} grant was refused too")
+            return AuthError(f"{line} ({hint})", system=SYSTEM)
         if code == "REQUEST_LIMIT_EXCEEDED":
             self.usage.limited(endpoint)
             used = self.usage.reported_used

@@ -22,12 +22,27 @@ from typing import Any
 
 from syncd.sandbox._server import SimServer, make_tls, untrusted_tls
 from syncd.sandbox.hubspot import HubSpotApp
+from syncd.sandbox.oauth import (
+    HS_CLIENT_ID,
+    HS_CLIENT_SECRET,
+    HS_REFRESH_TOKEN,
+    SF_CLIENT_SECRET,
+    SF_CONSUMER_KEY,
+    SF_REFRESH_TOKEN,
+    SF_USERNAME,
+    HubSpotOAuth,
+    SalesforceOAuth,
+)
 from syncd.sandbox.salesforce import SalesforceApp
 
 HUBSPOT_TOKEN = "sandbox-token"
 SALESFORCE_SESSION = "sandbox-session"
 TOKEN_ENV = "SYNCD_HUBSPOT_TOKEN"
 SESSION_ENV = "SYNCD_SALESFORCE_SESSION"
+SF_SECRET_ENV = "SYNCD_SALESFORCE_CLIENT_SECRET"
+HS_SECRET_ENV = "SYNCD_HUBSPOT_CLIENT_SECRET"
+SALESFORCE_AUTH = ("session", "jwt", "client_credentials", "refresh_token")
+HUBSPOT_AUTH = ("private_app", "oauth")
 
 
 class Sandbox:
@@ -43,6 +58,9 @@ class Sandbox:
         self.ca_path = Path(ca)
         self.hubspot = HubSpotApp(token=HUBSPOT_TOKEN, daily_limit=hubspot_daily_limit)
         self.salesforce = SalesforceApp(session_ids=(SALESFORCE_SESSION,), daily_budget=salesforce_daily_budget)
+        self.salesforce.oauth = SalesforceOAuth()  # token endpoints (sandbox/oauth.py)
+        self.hubspot.oauth = HubSpotOAuth()
+        self._jwt_key: Path | None = None
         self.hubspot_server = SimServer(self.hubspot, port=hubspot_port, ssl_context=ctx)
         self.salesforce_server = SimServer(self.salesforce, port=salesforce_port, ssl_context=ctx)
         self._started = False
@@ -109,23 +127,91 @@ class Sandbox:
 
     def env(self) -> dict[str, str]:
         """The environment variables the generated config names for credentials."""
-        return {TOKEN_ENV: HUBSPOT_TOKEN, SESSION_ENV: SALESFORCE_SESSION}
+        return {TOKEN_ENV: HUBSPOT_TOKEN, SESSION_ENV: SALESFORCE_SESSION,
+                SF_SECRET_ENV: SF_CLIENT_SECRET, HS_SECRET_ENV: HS_CLIENT_SECRET}
+
+    # -- OAuth (sandbox/oauth.py) ---------------------------------------------------------------
+    @property
+    def sf_oauth(self) -> SalesforceOAuth:
+        assert self.salesforce.oauth is not None
+        return self.salesforce.oauth
+
+    @property
+    def hs_oauth(self) -> HubSpotOAuth:
+        assert self.hubspot.oauth is not None
+        return self.hubspot.oauth
+
+    def set_token_lifetime(self, seconds: float) -> None:
+        """Access tokens issued from now on live ``seconds`` (both systems)."""
+        self.sf_oauth.lifetime_s = seconds
+        self.hs_oauth.lifetime_s = seconds
+
+    def jwt_key(self) -> Path:
+        """A throwaway RSA key (0600) for the JWT bearer flow; the sandbox trusts its certificate."""
+        if self._jwt_key is None:
+            key_pem, cert_pem = _throwaway_key_and_certificate()
+            key = self.directory / "salesforce-jwt.key"
+            _write_private(key, key_pem)
+            (self.directory / "salesforce-jwt.crt").write_bytes(cert_pem)
+            self.sf_oauth.trust(cert_pem)
+            self._jwt_key = key
+        return self._jwt_key
+
+    def refresh_token_file(self, system: str) -> Path:
+        """The refresh-token file of ``system`` (written once, 0600; syncd rewrites it on rotation)."""
+        path = self.directory / f"{system}-refresh-token"
+        if not path.exists():
+            _write_private(path, ((SF_REFRESH_TOKEN if system == "salesforce" else HS_REFRESH_TOKEN) + "\n").encode())
+        return path
+
+    def salesforce_auth_lines(self, method: str) -> list[str]:
+        """The ``[salesforce]`` credential keys for ``method`` (one of SALESFORCE_AUTH)."""
+        if method == "session":
+            return [f'session_env = "{SESSION_ENV}"']
+        lines = [f'auth = "{method}"', f'login_url = "{self.salesforce_url}"', f'consumer_key = "{SF_CONSUMER_KEY}"']
+        if method == "jwt":
+            return [*lines, f'username = "{SF_USERNAME}"', f'private_key_file = "{self.jwt_key()}"']
+        lines.append(f'client_secret_env = "{SF_SECRET_ENV}"')
+        if method == "refresh_token":
+            lines.append(f'refresh_token_file = "{self.refresh_token_file("salesforce")}"')
+        return lines
+
+    def hubspot_auth_lines(self, method: str) -> list[str]:
+        """The ``[hubspot]`` credential keys for ``method`` (one of HUBSPOT_AUTH)."""
+        if method == "private_app":
+            return [f'token_env = "{TOKEN_ENV}"']
+        return ['auth = "oauth"', f'client_id = "{HS_CLIENT_ID}"', f'client_secret_env = "{HS_SECRET_ENV}"',
+                f'refresh_token_file = "{self.refresh_token_file("hubspot")}"']
 
     def export_env(self) -> None:
         os.environ.update(self.env())
 
-    def config_text(self, *, state_url: str, mappings_dir: Path | None = None, extra: str = "") -> str:
+    def auth_snippets(self) -> dict[str, str]:
+        """Ready-to-paste ``[salesforce]`` / ``[hubspot]`` sections, one per auth method."""
+        out = {}
+        for method in SALESFORCE_AUTH:
+            out[f"salesforce/{method}"] = "\n".join(
+                ["[salesforce]", f'instance_url = "{self.salesforce_url}"', *self.salesforce_auth_lines(method),
+                 f'ca_bundle = "{self.ca_path}"'])
+        for method in HUBSPOT_AUTH:
+            out[f"hubspot/{method}"] = "\n".join(
+                ["[hubspot]", f'base_url = "{self.hubspot_url}"', *self.hubspot_auth_lines(method),
+                 f'ca_bundle = "{self.ca_path}"'])
+        return out
+
+    def config_text(self, *, state_url: str, mappings_dir: Path | None = None, extra: str = "",
+                    salesforce_auth: str = "session", hubspot_auth: str = "private_app") -> str:
         lines = [
             "# Generated by the syncd sandbox: points syncd at the local simulators.",
             "[hubspot]",
             f'base_url = "{self.hubspot_url}"',
-            f'token_env = "{TOKEN_ENV}"',
+            *self.hubspot_auth_lines(hubspot_auth),
             f'ca_bundle = "{self.ca_path}"',
             "timeout_s = 10",
             "",
             "[salesforce]",
             f'instance_url = "{self.salesforce_url}"',
-            f'session_env = "{SESSION_ENV}"',
+            *self.salesforce_auth_lines(salesforce_auth),
             f'ca_bundle = "{self.ca_path}"',
             "timeout_s = 10",
             "",
@@ -138,8 +224,9 @@ class Sandbox:
         return "\n".join(lines) + extra
 
     def write_config(self, path: Path, *, state_url: str, mappings_dir: Path | None = None,
-                     extra: str = "") -> Path:
-        path.write_text(self.config_text(state_url=state_url, mappings_dir=mappings_dir, extra=extra))
+                     extra: str = "", salesforce_auth: str = "session", hubspot_auth: str = "private_app") -> Path:
+        path.write_text(self.config_text(state_url=state_url, mappings_dir=mappings_dir, extra=extra,
+                                         salesforce_auth=salesforce_auth, hubspot_auth=hubspot_auth))
         return path
 
     def request_counts(self) -> dict[str, int]:
@@ -148,6 +235,32 @@ class Sandbox:
             for endpoint, n in server.counts.items():
                 counts[f"{name}.{endpoint}"] = n
         return counts
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _throwaway_key_and_certificate() -> tuple[bytes, bytes]:
+    """An RSA key and a self-signed certificate for it, as a connected app would hold (PEM)."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "syncd sandbox connected app")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=365)).sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
 
 
 _PORT_FLAGS = ("--hubspot-port", "--salesforce-port")
@@ -214,13 +327,14 @@ def serve_forever(*, seed: int, people: int, deals: int | None, hubspot_port: in
         summary: Any = seed_apps(sb.hubspot, sb.salesforce,
                                  SeedSpec(seed=seed, people=people, deals=deals if deals is not None else people // 5))
         cfg = sb.write_config(sb.directory / "syncd.toml", state_url=f"sqlite:///{sb.directory / 'syncd.db'}")
-        if as_json:
-            _serving_json(sb, cfg, summary)
-        else:
-            _serving_text(sb, cfg, summary)
-        click.echo("Ctrl-C to stop.", err=True)
+        snippets = sb.auth_snippets()  # before anything is printed: it makes the JWT key
         stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a SIGTERM after the first line stops cleanly
+        if as_json:
+            _serving_json(sb, cfg, summary, snippets)
+        else:
+            _serving_text(sb, cfg, summary, snippets)
+        click.echo("Ctrl-C to stop.", err=True)
         try:
             while not stop.wait(0.5):
                 pass
@@ -231,7 +345,7 @@ def serve_forever(*, seed: int, people: int, deals: int | None, hubspot_port: in
     return 0
 
 
-def _serving_json(sb: Sandbox, cfg: Path, summary: Any) -> None:
+def _serving_json(sb: Sandbox, cfg: Path, summary: Any, snippets: dict[str, str]) -> None:
     """``sandbox serve --json``: one document (docs/json.md), printed once the simulators serve."""
     import click
 
@@ -240,10 +354,11 @@ def _serving_json(sb: Sandbox, cfg: Path, summary: Any) -> None:
     click.echo(dumps({"hubspot": {"url": sb.hubspot_url, "token": HUBSPOT_TOKEN, "token_env": TOKEN_ENV},
                       "salesforce": {"url": sb.salesforce_url, "session": SALESFORCE_SESSION,
                                      "session_env": SESSION_ENV},
-                      "ca_bundle": str(sb.ca_path), "config": str(cfg), "seeded": dict(summary.counts)}))
+                      "ca_bundle": str(sb.ca_path), "config": str(cfg), "seeded": dict(summary.counts),
+                      "auth_snippets": snippets}))
 
 
-def _serving_text(sb: Sandbox, cfg: Path, summary: Any) -> None:
+def _serving_text(sb: Sandbox, cfg: Path, summary: Any, snippets: dict[str, str]) -> None:
     import click
 
     click.echo(f"HubSpot sandbox    {sb.hubspot_url}   (Bearer token: {HUBSPOT_TOKEN})")
@@ -258,3 +373,10 @@ def _serving_text(sb: Sandbox, cfg: Path, summary: Any) -> None:
     click.echo(f"  HubSpot(access_token='{HUBSPOT_TOKEN}', host='{sb.hubspot_url}', ssl_ca_cert='{sb.ca_path}')")
     click.echo("  requests.Session() with verify=CA and trust_env=False, then")
     click.echo(f"  Salesforce(instance_url='{sb.salesforce_url}', session_id='{SALESFORCE_SESSION}', session=s)")
+    click.echo("")
+    click.echo("Config snippets, one per auth method (paste one [salesforce] and one [hubspot]; the")
+    click.echo(f"secrets come from the environment: export {SF_SECRET_ENV}={SF_CLIENT_SECRET} "
+               f"{HS_SECRET_ENV}={HS_CLIENT_SECRET}):")
+    for name, snippet in snippets.items():
+        click.echo(f"# --- {name}")
+        click.echo(snippet)

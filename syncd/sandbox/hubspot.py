@@ -56,6 +56,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from syncd.sandbox._server import Fault, FaultPlan, Request, Response
+from syncd.sandbox.oauth import HubSpotOAuth
 
 OBJECT_TYPES = ("contacts", "deals")
 MODIFIED_PROP = {"contacts": "lastmodifieddate", "deals": "hs_lastmodifieddate"}
@@ -311,6 +312,7 @@ class HubSpotApp:
         # endpoint -> how many more requests are applied and then answered 504 (lost answers)
         self._lose: dict[str, int] = {}
         self.id_requests: Counter[str] = Counter()
+        self.oauth: HubSpotOAuth | None = None  # the OAuth token endpoint + expiring tokens (sandbox/oauth.py)
 
     def lose_answers(self, endpoint: str, count: int = 1) -> None:
         """The next ``count`` requests to ``endpoint`` are applied, then answered 504 (a gateway
@@ -434,6 +436,8 @@ class HubSpotApp:
 
     # ------------------------------------------------------------------ App protocol
     def endpoint(self, req: Request) -> str:
+        if self.oauth is not None and self.oauth.owns(req.path):
+            return self.oauth.endpoint(req)
         return self._route(req)[0]
 
     def fault_response(self, fault: Fault, req: Request) -> Response:  # noqa: ARG002 - same for all
@@ -466,10 +470,17 @@ class HubSpotApp:
         )
 
     def handle(self, req: Request, faults: FaultPlan) -> Response:
+        if self.oauth is not None and self.oauth.owns(req.path):
+            return self.oauth.handle(req, self.token)
         endpoint, handler, args = self._route(req)
         if handler is None:
             return Response(404, _error_body("resource not found", "OBJECT_NOT_FOUND"))
-        if req.headers.get("authorization", "") != f"Bearer {self.token}":
+        auth = req.headers.get("authorization", "")
+        if auth != f"Bearer {self.token}" and self.oauth is not None and auth.startswith("Bearer "):
+            refused = self.oauth.refusal(auth[7:])
+            if refused is not None:
+                return refused
+        elif auth != f"Bearer {self.token}":
             return Response(
                 401,
                 _error_body(

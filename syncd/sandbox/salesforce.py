@@ -35,6 +35,7 @@ from typing import Any
 
 from syncd.sandbox import soql
 from syncd.sandbox._server import Fault, FaultPlan, Request, Response
+from syncd.sandbox.oauth import SalesforceOAuth
 
 API = "/services/data/v59.0"
 _PATH = re.compile(r"^/services/data/v\d+\.\d+(?P<rest>/.*)?$")
@@ -310,6 +311,8 @@ class SalesforceApp:
         # API requests naming each record id (path, collection record, SOQL literal, getDeleted
         # answer excluded): tests assert that nothing asks for a dead id after syncd saw it die
         self.id_requests: Counter[str] = Counter()
+        self.oauth: SalesforceOAuth | None = None  # token endpoints + expiring tokens (sandbox/oauth.py)
+        self.denied_fields: set[tuple[str, str]] = set()  # (sObject, field) this user may not edit
         self._seed_catalogue()
 
     # ------------------------------------------------------------------ direct access API
@@ -469,7 +472,14 @@ class SalesforceApp:
             self.sessions.clear()
 
     # ------------------------------------------------------------------ App protocol
+    def deny_field(self, sobject: str, field: str) -> None:
+        """Take the user's edit permission on a field away: describe says not updateable/createable."""
+        with self._lock:
+            self.denied_fields.add((sobject, field))
+
     def endpoint(self, req: Request) -> str:
+        if self.oauth is not None and self.oauth.owns(req.path):
+            return self.oauth.endpoint(req)
         m = _PATH.match(req.path)
         if m is None:
             return "unknown"
@@ -529,10 +539,14 @@ class SalesforceApp:
         )
 
     def handle(self, req: Request, faults: FaultPlan) -> Response:
+        if self.oauth is not None and self.oauth.owns(req.path):
+            with self._lock:
+                sessions = set(self.sessions)
+            return self.oauth.handle(req, sessions)
         with self._lock:
             auth = req.headers.get("authorization", "")
             token = auth[7:] if auth.startswith("Bearer ") else ""
-            if token not in self.sessions:
+            if token not in self.sessions and not (self.oauth is not None and self.oauth.valid(token)):
                 return Response(
                     401,
                     [{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}],
@@ -909,8 +923,8 @@ class SalesforceApp:
                     "type": s.type,
                     "custom": s.name.endswith("__c"),
                     "nillable": not s.required and s.type != "boolean",
-                    "createable": s.createable,
-                    "updateable": s.updateable,
+                    "createable": s.createable and (sobject, s.name) not in self.denied_fields,
+                    "updateable": s.updateable and (sobject, s.name) not in self.denied_fields,
                     "defaultedOnCreate": s.default is not None,
                     "restrictedPicklist": s.type == "picklist" and s.restricted,
                     "referenceTo": list(s.reference_to),
