@@ -738,6 +738,8 @@ def _followup(p: PersonPlan) -> None:
     handed = mem.handed_off_at
     if handed is None or (mem.returned_at is not None and mem.returned_at >= handed):
         return  # not handed off, or sales already returned it
+    if SALESFORCE in view.no_create_in and view.salesforce is None:
+        return  # sales deleted the Lead it was handed off as: nothing is waiting for follow-up
     if mem.first_attempt_at is None:
         first = _first_attempt(view, ctx, handed)
         if first is not None:

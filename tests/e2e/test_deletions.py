@@ -10,7 +10,7 @@ twin handed off when the rules call for it.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from syncd.engine import CycleStats, Engine
@@ -121,6 +121,10 @@ def test_a_deleted_lead_is_tombstoned_unlinked_audited_and_never_recreated(e2e: 
     assert e2e.sf.id_requests[lid] == seen
     assert leads_with(e2e, "dora.deleted@example.com") == []
     assert e2e.hs.get("contacts", hid)["lifecyclestage"] == "marketingqualifiedlead"
+    # nor is a follow-up breach reported a day later for a Lead sales deleted
+    e2e.cycle(clock=lambda: datetime.now(UTC) + timedelta(hours=25))
+    with e2e.rt.store.tx() as tx:
+        assert tx.open_events("sla_breach") == []
     assert_quiet(e2e)
 
 
