@@ -98,7 +98,7 @@ class Service:
             },
         )
         self.metrics.failing_after = self.rt.sla.writeback.max_tries
-        self.keeper = LeaseKeeper(self.rt.store, self.owner, takeover=True)
+        self.keeper = LeaseKeeper(self.rt.store, self.owner, cfg.service.lease_ttl_s, takeover=True)
         self.backoff: dict[str, tuple[datetime, str]] = {}  # system -> (retry at, why)
         self.stopping = threading.Event()
         self._reload = threading.Event()

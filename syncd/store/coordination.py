@@ -159,7 +159,9 @@ class CoordinationTx(TxBase):
         still holds the lease, unexpired; it is then extended to last at least ``for_s`` more
         (the call's timeout), so nobody can take it over while the call may still land."""
         t = s.leases
-        until = now + timedelta(seconds=for_s)
+        # typed like the column: an untyped bind inside CASE is stored in SQLite's default datetime
+        # text, which sorts before the column's ISO text, and the lease then reads as expired
+        until = sa.literal(now + timedelta(seconds=for_s), type_=t.c.expires_at.type)
         return bool(self.conn.execute(
             sa.update(t).where(t.c.name == name, t.c.owner == owner, t.c.token == token, t.c.expires_at > now)
             .values(expires_at=sa.case((t.c.expires_at < until, until), else_=t.c.expires_at))).rowcount)

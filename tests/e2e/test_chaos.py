@@ -1,0 +1,250 @@
+"""Exactly-once effects under real faults (issue 14, "How we will know"): ``syncd run`` itself,
+a subprocess with the real clients, against the sandbox CRMs served by this test process.
+
+Faults are the sandbox's (:mod:`syncd.sandbox._server`): ``hold_answer`` (the CRM applied the
+write, the answer is held while the test kills the daemon), ``late_apply`` (answered 504 at once,
+applied seconds later), ``server_error`` (an outage of the write endpoints only). Time is
+compressed: 1 s intervals, a 3 s lease TTL, half-second write back-off, a 20 s outage for the
+issue's two minutes. Every wait is a generous deadline on observable state (the CRMs, the
+store, the daemon's own log), never a timed assertion; the one figure asserted (a restart
+resumes in under 2 s) is read from the daemon's own timestamps.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_service import SYNCD, ServiceProc, wait_until
+
+from syncd.sandbox import Sandbox
+from syncd.store import Store
+
+pytestmark = pytest.mark.slow
+
+THRESHOLD = 50  # mappings/sla.toml [score] threshold
+CONFIG = """
+[sync]
+contacts_interval_s = 1
+deals_interval_s = 2
+jitter_s = 0.1
+retry_max_attempts = 1
+retry_cap_s = 0.5
+write_retry_base_s = 0.5
+write_retry_cap_s = 1
+write_batch = {write_batch}
+
+[service]
+metrics_port = 0
+shutdown_grace_s = 5
+lease_ttl_s = 3
+"""
+
+
+@dataclass
+class Chaos:
+    sb: Sandbox
+    tmp: Path
+    config: Path
+    env: dict[str, str]
+    state_url: str
+    started: list[ServiceProc]
+
+    def start(self, config: Path | None = None) -> ServiceProc:
+        n = len(self.started)
+        err = self.tmp / f"run{n}.stderr"
+        with err.open("wb") as e:
+            proc = subprocess.Popen([SYNCD, "--config", str(config or self.config), "--log-format", "json", "run"],
+                                    env=self.env, stdout=subprocess.DEVNULL, stderr=e)
+        svc = ServiceProc(proc, err, 0)
+        self.started.append(svc)
+        return svc
+
+    def store(self) -> Store:
+        return Store.open(self.state_url)
+
+    def outbox_open(self) -> int:
+        with self.store() as store, store.tx() as tx:
+            return tx.outbox_depth()
+
+
+def _chaos(tmp: Path, state_url: str, *, write_batch: int = 1000) -> Iterator[Chaos]:
+    with Sandbox(tmp / "sandbox") as sb:
+        text = sb.config_text(state_url=state_url, extra=CONFIG.format(write_batch=write_batch))
+        config = tmp / "syncd.toml"
+        config.write_text(text.replace("timeout_s = 10", "timeout_s = 3"))
+        import os
+
+        ch = Chaos(sb, tmp, config, {**os.environ, **sb.env()}, state_url, [])
+        try:
+            yield ch
+        finally:
+            for svc in ch.started:
+                if svc.proc.poll() is None:
+                    svc.proc.send_signal(signal.SIGCONT)
+                    svc.proc.kill()
+                    svc.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def chaos(tmp_path: Path) -> Iterator[Chaos]:
+    yield from _chaos(tmp_path, f"sqlite:///{tmp_path / 'state.db'}")
+
+
+# -- people ---------------------------------------------------------------------------------------
+
+
+def linked_person(sb: Sandbox, email: str, score: int = 20) -> tuple[str, str]:
+    """A lead in HubSpot and in Salesforce, under the threshold: linked, nothing to do."""
+    hid = sb.hubspot.add("contacts", {"email": email, "firstname": "Pat", "lastname": email.split("@")[0],
+                                      "lifecyclestage": "lead", "hubspotscore": str(score)})
+    lid = sb.salesforce.insert("Lead", {"Email": email, "FirstName": "Pat", "LastName": email.split("@")[0],
+                                        "Company": "Chaos", "Status": "Open - Not Contacted",
+                                        "Lifecycle_Stage__c": "Lead", "Lead_Score__c": score})
+    return hid, lid
+
+
+def handoff(sb: Sandbox, email: str) -> str:
+    """A HubSpot lead over the threshold with no Salesforce record: syncd creates the Lead."""
+    return sb.hubspot.add("contacts", {"email": email, "firstname": "Hal", "lastname": email.split("@")[0],
+                                       "company": "Chaos", "lifecyclestage": "lead", "hubspotscore": "70"})
+
+
+def returned(sb: Sandbox, email: str) -> str:
+    """A returned Salesforce Lead with no HubSpot contact: syncd creates the contact."""
+    return sb.salesforce.insert("Lead", {"Email": email, "FirstName": "Ret", "LastName": email.split("@")[0],
+                                         "Company": "Chaos", "Status": "Returned - Not Ready",
+                                         "Lead_Score__c": 60, "Return_Reason__c": "no budget",
+                                         "Lifecycle_Stage__c": "MQL"})
+
+
+def leads(sb: Sandbox, email: str) -> list[dict[str, Any]]:
+    return [r for r in sb.salesforce.all("Lead") if str(r.get("Email") or "").lower() == email]
+
+
+def contacts(sb: Sandbox, email: str) -> list[dict[str, Any]]:
+    return [r for r in sb.hubspot.all("contacts") if str(r.get("email") or "").lower() == email]
+
+
+def duplicates(sb: Sandbox) -> list[str]:
+    """Emails with more than one record of a kind in a CRM."""
+    hs = Counter(str(r.get("email") or "").lower() for r in sb.hubspot.all("contacts"))
+    sf = Counter(str(r.get("Email") or "").lower() for r in sb.salesforce.all("Lead"))
+    return sorted({f"hubspot:{e}" for e, n in hs.items() if n > 1}
+                  | {f"salesforce:{e}" for e, n in sf.items() if n > 1})
+
+
+def repeated_updates(sb: Sandbox) -> list[str]:
+    """Updates the CRMs applied more than once (same record, same fields, same values)."""
+    seen: Counter[str] = Counter()
+    for w in sb.hubspot.write_log:
+        if "update" in w["endpoint"]:
+            seen[json.dumps(["hubspot", w["id"], sorted(w["properties"].items())])] += 1
+    for w in sb.salesforce.write_log:
+        if "update" in w["endpoint"]:
+            seen[json.dumps(["salesforce", w["id"], sorted(w["fields"].items())], default=str)] += 1
+    return [k for k, n in seen.items() if n > 1]
+
+
+def ok_cycles(svc: ServiceProc) -> int:
+    return len([e for e in svc.events("cycle") if e.get("status") == "ok"])
+
+
+def wait_cycles(svc: ServiceProc, n: int) -> None:
+    """``n`` more successful cycles of this daemon (a deadline, not a timing)."""
+    target = ok_cycles(svc) + n
+    wait_until(lambda: svc.alive() and ok_cycles(svc) >= target, f"{n} more ok cycles; log: {svc.tail()}")
+
+
+def audit_once(ch: Chaos) -> list[Any]:
+    """Outbox rows done or superseded whose audit rows are missing or repeated."""
+    with ch.store() as store, store.tx() as tx:
+        rows = tx.query_audit(limit=1_000_000)
+        import sqlalchemy as sa
+
+        from syncd.store import schema as s
+
+        outbox = {m["id"]: m for m in tx.conn.execute(sa.select(s.outbox)).mappings()}
+    per = Counter((a.outbox_id, a.field) for a in rows)
+    bad = [k for k, n in per.items() if n > 1]
+    for oid, m in outbox.items():
+        if m["state"] in ("done", "superseded"):
+            bad += [(oid, f) for f in m["canonical"] if per[(oid, f)] != 1]
+    return bad
+
+
+def ts(event: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00"))
+
+
+# -- (a) the stale-resend race --------------------------------------------------------------------
+
+
+def test_a_resend_after_kill_9_never_overwrites_the_newer_human_change(chaos: Chaos) -> None:
+    sb = chaos.sb
+    email = "rae.race@example.com"
+    hid, lid = linked_person(sb, email)
+    svc = chaos.start()
+    wait_cycles(svc, 2)  # linked; under the threshold, nothing to write
+
+    sb.salesforce_server.inject("hold_answer", endpoint="collections.update", delay=30.0)
+    sb.hubspot.modify("contacts", hid, {"hubspotscore": "70"})
+    wait_until(lambda: svc.alive() and sb.salesforce.get("Lead", lid)["Lifecycle_Stage__c"] == "MQL",
+               "Salesforce to apply Lifecycle MQL (its answer held)")
+    svc.proc.kill()  # kill -9 while the answer is held: the row stays `sending`
+    svc.proc.wait(timeout=30)
+    sb.salesforce.modify("Lead", lid, {"Lifecycle_Stage__c": "SQL"})  # sales moves on meanwhile
+
+    again = chaos.start()
+
+    def superseded() -> list[Any]:
+        again.alive()
+        with chaos.store() as store, store.tx() as tx:
+            return tx.query_audit(rule="superseded")
+
+    (row,) = wait_until(superseded, "the resend to be found superseded")
+    assert (row.system, row.record_id, row.field) == ("salesforce", lid, "lifecycle")
+    wait_cycles(again, 3)
+    assert sb.salesforce.get("Lead", lid)["Lifecycle_Stage__c"] == "SQL"
+    assert len(superseded()) == 1
+    mql = [w for w in sb.salesforce.write_log if w["id"] == lid and w["fields"].get("Lifecycle_Stage__c") == "MQL"]
+    assert len(mql) == 1  # the one applied before the kill; never resent
+    assert again.events("write_superseded")
+    assert again.stop() == 0
+
+
+# -- (b) a create answered 504 that lands 3 s late ------------------------------------------------
+
+
+def test_a_create_answered_504_and_applied_3_s_late_makes_one_record(chaos: Chaos) -> None:
+    sb = chaos.sb
+    svc = chaos.start()
+    wait_cycles(svc, 1)
+    sb.hubspot_server.inject("late_apply", endpoint="contacts.batch_create", status=504, delay=3.0)
+    sb.salesforce_server.inject("late_apply", endpoint="collections.create", status=504, delay=3.0)
+    returned(sb, "ida.late@example.com")  # syncd creates the HubSpot contact
+    handoff(sb, "hal.late@example.com")  # syncd creates the Salesforce Lead
+
+    def landed() -> bool:
+        svc.alive()
+        return bool(contacts(sb, "ida.late@example.com") and leads(sb, "hal.late@example.com"))
+
+    wait_until(landed, "both creates")
+    wait_until(lambda: svc.alive() and len(svc.events("write_batch_failed")) >= 2, "both 504s seen by syncd")
+    wait_until(lambda: svc.alive() and chaos.outbox_open() == 0, "the resends done")
+    time.sleep(4.0)  # the late copies land (3 s after their 504s): give them the time to
+    wait_cycles(svc, 2)
+    assert len(contacts(sb, "ida.late@example.com")) == 1
+    assert len(leads(sb, "hal.late@example.com")) == 1
+    assert duplicates(sb) == []
+    assert audit_once(chaos) == []
+    assert svc.stop() == 0
