@@ -290,8 +290,16 @@ class WriteBack:
             else:
                 to_create.append(r)
         if to_create:
-            results += conn.create(obj, [RecordCreate(key=str(r.id), fields=r.fields) for r in to_create])
+            results += conn.create(obj, [self._record_create(system, obj, r) for r in to_create])
         return results
+
+    def _record_create(self, system: str, obj: str, r: OutboxRow) -> RecordCreate:
+        """The create as sent: keyed on the External ID syncd owns when the mappings declare one
+        (the value derives from the outbox key: every send of this row carries the same one)."""
+        field = self.mappings.external_id(system, obj)
+        if field is None:
+            return RecordCreate(key=str(r.id), fields=r.fields)
+        return RecordCreate(key=str(r.id), fields={**r.fields, field: create_key(r.key)}, upsert_on=field)
 
     def _fail_all(self, batch: list[OutboxRow], err: str, stats: CycleStats) -> None:
         """The whole batch failed transiently (5xx, timeout, connection): all retried later."""
@@ -314,6 +322,11 @@ def email_of(current: Sequence[CanonicalRecord], d: rules.Decision) -> str | Non
 
 def who(records: Sequence[CanonicalRecord]) -> str:
     return first_email(records) or (records[0].id if records else "?")
+
+
+def create_key(outbox_key: str) -> str:
+    """The External ID value of a create: stable per outbox row, 40 characters."""
+    return "syncd-" + hashlib.sha256(outbox_key.encode()).hexdigest()[:34]
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -162,6 +162,7 @@ class SalesforceConnector:
         self._retry = retry
         self._timeout = timeout
         self.usage = ApiUsage()
+        self._no_upsert: set[tuple[str, str]] = set()  # (object, External ID field) the org lacks
 
     # ------------------------------------------------------------------ Connector
     def objects(self) -> Sequence[str]:
@@ -215,6 +216,42 @@ class SalesforceConnector:
         return results
 
     def create(self, obj: str, creates: Sequence[RecordCreate]) -> list[WriteResult]:
+        """Creates keyed on an External ID syncd owns (``upsert_on``) are sObject Collections
+        upserts: idempotent, so one sent twice (a lost answer, a stalled daemon, a resend
+        racing a late original) makes one record, and a lost answer is retried here. An org
+        without that field (the upsert answers NOT_FOUND / INVALID_FIELD) gets plain creates,
+        logged once: weaker, the outbox's resend looks the email up first."""
+        results: list[WriteResult] = []
+        plain: list[RecordCreate] = []
+        keyed: dict[str, list[RecordCreate]] = {}
+        for c in creates:
+            if c.upsert_on and (obj, c.upsert_on) not in self._no_upsert:
+                keyed.setdefault(c.upsert_on, []).append(c)
+            else:
+                plain.append(_unkeyed(c))
+        for field, batch in keyed.items():
+            try:
+                results += self._upsert(obj, field, batch)
+            except FatalError as exc:
+                if not any(code in str(exc) for code in ("NOT_FOUND", "INVALID_FIELD")):
+                    raise
+                self._no_upsert.add((obj, field))
+                log.error("salesforce_external_id_missing", object=obj, field=field, error=str(exc),
+                          note="creates fall back to the email look-up (weaker); add the field or "
+                               "remove external_id from the mappings")
+                plain += [_unkeyed(c) for c in batch]
+        return results + self._create_plain(obj, plain)
+
+    def _upsert(self, obj: str, field: str, creates: Sequence[RecordCreate]) -> list[WriteResult]:
+        results: list[WriteResult] = []
+        for chunk in _chunks(list(creates), COLLECTION_LIMIT):
+            body = {"allOrNone": False, "records": [{"attributes": {"type": obj}, **c.fields} for c in chunk]}
+            saves = self._call("collections.upsert", self._sf.restful, f"composite/sobjects/{obj}/{field}",
+                               method="PATCH", json=body)
+            results.extend(_results([c.key for c in chunk], [None] * len(chunk), saves))
+        return results
+
+    def _create_plain(self, obj: str, creates: Sequence[RecordCreate]) -> list[WriteResult]:
         """sObject Collections POST. A create whose answer was lost is NOT retried here
         (it may have been applied); the caller sees a RetriableError and decides."""
         results: list[WriteResult] = []
@@ -356,6 +393,13 @@ def _with_keys(fields: Sequence[str], keys: Sequence[str]) -> list[str]:
         if f.lower() not in {o.lower() for o in out}:
             out.append(f)
     return out
+
+
+def _unkeyed(c: RecordCreate) -> RecordCreate:
+    """A plain create: without the External ID (the org has no such field)."""
+    if not c.upsert_on:
+        return c
+    return RecordCreate(key=c.key, fields={k: v for k, v in c.fields.items() if k != c.upsert_on})
 
 
 def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
