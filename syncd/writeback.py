@@ -265,6 +265,19 @@ class WriteBack:
                     resend.append(r)
         return sorted(resend, key=lambda r: r.id)
 
+    def supersede(self, tx: Tx, rows: Iterable[tuple[OutboxRow, Mapping[str, Any]]], stats: CycleStats) -> None:
+        """Writes not yet done whose target changed since their decision (found when deciding:
+        :func:`syncd.views.with_pending`, with field -> [decided on, now]): cancelled and
+        audited as superseded, never sent; the person is decided on the newer CRM value."""
+        for r, changed in rows:
+            why = (f"not sent: {r.system} changed "
+                   + ", ".join(f"{k} {b!r} -> {a!r}" for k, (b, a) in sorted(changed.items()))
+                   + " since the decision; decided again on what is there now")
+            if tx.mark_superseded(r.id, why, now=self.clock()):
+                stats.skipped += 1
+                log.warning("write_superseded", system=r.system, object=r.object, outbox_id=r.id,
+                            record_id=r.record_id, rule=r.rule, fields=sorted(changed), found="deciding")
+
     def _create_idempotent(self, conn: Connector, system: str, obj: str,
                            batch: list[OutboxRow]) -> list[Any]:
         """Creates are keyed: a create that may already have reached the CRM (a resend: the

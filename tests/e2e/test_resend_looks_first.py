@@ -58,7 +58,8 @@ def test_a_stale_resend_never_overwrites_a_newer_human_change(e2e: E2E) -> None:
     superseded = e2e.audit(rule="superseded")
     assert [(a.system, a.record_id, a.field, a.outbox_id) for a in superseded] == [
         ("salesforce", lid, "lifecycle", row.id)]
-    assert "Lifecycle_Stage__c 'Lead' -> 'SQL'" in superseded[0].reason
+    # found when deciding (the pulled SQL) or when resending (the look-first read): it says what changed
+    assert "lifecycle" in superseded[0].reason.lower() and "'lead' -> 'sql'" in superseded[0].reason.lower()
     with e2e.rt.store.tx() as tx:
         assert tx.get_outbox([row.id])[row.id].state == "superseded"
     assert e2e.outbox_depth() == 0
@@ -87,3 +88,19 @@ def test_a_resend_of_an_update_the_crm_never_got_is_sent(e2e: E2E) -> None:
     assert e2e.sf.get("Lead", lid)["Lifecycle_Stage__c"] == "MQL"
     with e2e.rt.store.tx() as tx:
         assert tx.get_outbox([row.id])[row.id].state == "done"
+
+
+def test_a_pending_write_overtaken_by_a_newer_crm_value_is_superseded_not_sent(e2e: E2E) -> None:
+    """The pending-writes overlay never hides a value newer than the write: a write decided but
+    not yet sent (backing off, or the cycle stopped before the flush) whose target changed
+    since is cancelled when the person is decided again; the CRM's newer value wins."""
+    _, lid = _scored_person(e2e)  # MQL decided, still pending
+    e2e.sf.modify("Lead", lid, {"Lifecycle_Stage__c": "SQL"})  # sales moves on before it is sent
+
+    e2e.converge()
+    assert e2e.sf.get("Lead", lid)["Lifecycle_Stage__c"] == "SQL"
+    assert not [w for w in e2e.sf.write_log if w["id"] == lid and w["fields"].get("Lifecycle_Stage__c") == "MQL"]
+    (row,) = e2e.audit(rule="superseded")
+    assert (row.system, row.record_id, row.field) == ("salesforce", lid, "lifecycle")
+    assert "'lead' -> 'sql'" in row.reason
+    assert e2e.outbox_depth() == 0
