@@ -271,6 +271,11 @@ class SalesforceConnector:
             results.extend(_results([c.key for c in chunk], [None] * len(chunk), saves))
         return results
 
+    def external_id_fields(self, obj: str) -> set[str]:
+        """The object's External ID fields (describe): what a create may upsert on."""
+        desc = self._call("describe", self._sf.restful, f"sobjects/{obj}/describe")
+        return {str(f["name"]) for f in (desc or {}).get("fields", []) if f.get("externalId")}
+
     def allowed_values(self) -> dict[tuple[str, str], list[str]]:
         out: dict[tuple[str, str], list[str]] = {}
         for obj, stream in self._streams.items():
