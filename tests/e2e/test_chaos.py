@@ -16,6 +16,7 @@ import json
 import random
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ from syncd.store import Store
 
 pytestmark = pytest.mark.slow
 
-THRESHOLD = 50  # mappings/sla.toml [score] threshold
+WARM = Path(__file__).with_name("_warm_syncd.py")
 CONFIG = """
 [sync]
 contacts_interval_s = 1
@@ -60,14 +61,25 @@ class Chaos:
     state_url: str
     started: list[ServiceProc]
 
-    def start(self, config: Path | None = None) -> ServiceProc:
+    def start(self, config: Path | None = None, *, warm: bool = False) -> ServiceProc:
+        """``syncd run`` on ``config``. ``warm``: imported, waiting for :meth:`go` (see
+        _warm_syncd.py), so that a restart is not mostly Python imports on busy cores."""
         n = len(self.started)
         err = self.tmp / f"run{n}.stderr"
+        args = ["--config", str(config or self.config), "--log-format", "json", "run"]
+        cmd = [sys.executable, str(WARM), *args] if warm else [SYNCD, *args]
         with err.open("wb") as e:
-            proc = subprocess.Popen([SYNCD, "--config", str(config or self.config), "--log-format", "json", "run"],
-                                    env=self.env, stdout=subprocess.DEVNULL, stderr=e)
+            proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.PIPE if warm else None,
+                                    stdout=subprocess.DEVNULL, stderr=e)
         svc = ServiceProc(proc, err, 0)
         self.started.append(svc)
+        return svc
+
+    @staticmethod
+    def go(svc: ServiceProc) -> ServiceProc:
+        assert svc.proc.stdin is not None
+        svc.proc.stdin.write(b"go\n")
+        svc.proc.stdin.close()
         return svc
 
     def store(self) -> Store:
@@ -347,9 +359,9 @@ WRITE_ENDPOINTS = (("hubspot", "contacts.batch_update"), ("hubspot", "contacts.b
                    ("salesforce", "collections.update"), ("salesforce", "collections.upsert"))
 
 
-def _kill_somewhere(ch: Chaos, rng: random.Random) -> tuple[ServiceProc, bool]:
-    """Start ``syncd run`` and kill -9 it: mid-flush (a write applied, its answer held) or after
-    a random short while. Returns the daemon and whether a write was in flight."""
+def _kill_somewhere(ch: Chaos, svc: ServiceProc, rng: random.Random) -> bool:
+    """Let ``svc`` (warm) go and kill -9 it: mid-flush (a write applied, its answer held) or
+    after a random short while. Returns whether a write was in flight."""
     sb = ch.sb
     mid_flush = rng.random() < 0.5
     if mid_flush:
@@ -357,11 +369,11 @@ def _kill_somewhere(ch: Chaos, rng: random.Random) -> tuple[ServiceProc, bool]:
         server = sb.hubspot_server if system == "hubspot" else sb.salesforce_server
         before = server.request_count(endpoint)
         server.inject("hold_answer", endpoint=endpoint, delay=5.0)
-    svc = ch.start()
+    ch.go(svc)
     wait_until(lambda: svc.alive() and svc.events("service_started"), "the daemon to start")
     in_flight = False
     if mid_flush:
-        deadline = time.monotonic() + 2.5
+        deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline and not in_flight:
             in_flight = server.request_count(endpoint) > before
             time.sleep(0.02)
@@ -371,7 +383,7 @@ def _kill_somewhere(ch: Chaos, rng: random.Random) -> tuple[ServiceProc, bool]:
     svc.proc.wait(timeout=30)
     sb.hubspot_server.faults.clear()
     sb.salesforce_server.faults.clear()
-    return svc, in_flight
+    return in_flight
 
 
 def _resumed_after_s(ch: Chaos, svc: ServiceProc) -> float | None:
@@ -391,16 +403,17 @@ def test_kill_9_at_25_random_points_loses_nothing_and_duplicates_nothing(chaos: 
     returns: list[str] = []
     killed: list[ServiceProc] = []
     mid_flush = 0
+    warm = chaos.start(warm=True)
     for i in range(KILLS):
         sb.hubspot.modify("contacts", people[i][0], {"hubspotscore": "70"})
         handoffs.append(f"hk{i}@example.com")
         handoff(sb, handoffs[-1])
         returns.append(f"rk{i}@example.com")
         returned(sb, returns[-1])
-        svc, in_flight = _kill_somewhere(chaos, rng)
+        svc, warm = warm, chaos.start(warm=True)  # the next one imports while this one runs
+        mid_flush += _kill_somewhere(chaos, svc, rng)
         killed.append(svc)
-        mid_flush += in_flight
-    final = chaos.start()
+    final = chaos.go(warm)
 
     def converged() -> bool:
         final.alive()
