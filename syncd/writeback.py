@@ -236,9 +236,11 @@ class WriteBack:
         Returns the rows still to send."""
         stale = [r for r in batch if r.state == "sending" and r.record_id]
         ids = list(dict.fromkeys(str(r.record_id) for r in stale))
-        held = {rec.id: rec.fields for rec in conn.fetch(obj, ids)} if ids else {}
+        fetched = conn.fetch(obj, ids) if ids else []
+        held = {rec.id: rec.fields for rec in fetched}
         stale_ids = {r.id for r in stale}
         resend = [r for r in batch if r.id not in stale_ids]
+        unknown: list[OutboxRow] = []
         with self._tx() as tx:
             for r in stale:
                 now = held.get(str(r.record_id))
@@ -262,8 +264,49 @@ class WriteBack:
                     log.warning("write_superseded", system=system, object=obj, outbox_id=r.id,
                                 record_id=r.record_id, rule=r.rule, fields=sorted(changed))
                 else:
-                    resend.append(r)
-        return sorted(resend, key=lambda r: r.id)
+                    unknown.append(r)
+        conditional = getattr(conn, "write_unless_modified", None)
+        if conditional is None or not unknown:
+            return sorted(resend + unknown, key=lambda r: r.id)
+        read_at = {rec.id: rec.modified_at for rec in fetched}
+        self._resend_unless_modified(conditional, system, obj, [r for r in unknown if str(r.record_id) in read_at],
+                                     read_at, stats)
+        # a target the read did not find is resent as it is (the CRM's answer says what became of it)
+        return sorted(resend + [r for r in unknown if str(r.record_id) not in read_at], key=lambda r: r.id)
+
+    def _resend_unless_modified(self, conditional: Callable[..., list[WriteResult]], system: str, obj: str,
+                                rows: list[OutboxRow], read_at: Mapping[str, datetime], stats: CycleStats) -> None:
+        """Resends the look-first could not settle, where the CRM can make it atomic (Salesforce:
+        If-Unmodified-Since on a single-record PATCH): applied only if the record is as it was
+        read; modified since (412) → superseded, the person decided again."""
+        todo = list(rows)
+        if not todo or not self._may_send():
+            return
+        try:
+            results = {res.key: res for res in conditional(obj, [
+                (FieldUpdate(key=str(r.id), record_id=str(r.record_id), fields=r.fields,
+                             clear_first=tuple(r.clear_first)), read_at[str(r.record_id)]) for r in todo])}
+        except RetriableError as exc:
+            self._fail_all(todo, f"{type(exc).__name__}: {exc}", stats)
+            return
+        with self._tx() as tx:
+            for r in todo:
+                res = results.get(str(r.id))
+                if res is not None and res.ok:
+                    if tx.mark_done(r.id, result_id=r.record_id, now=self.clock(), fence=self.fence):
+                        stats.sent += 1
+                        if self.on_write:
+                            self.on_write(r, r.record_id)
+                elif res is not None and (res.error or "").startswith("PRECONDITION_FAILED"):
+                    tx.mark_superseded(r.id, f"not resent: {system} {obj} {r.record_id} was modified after "
+                                             "the look-first read; decided again on what is there now",
+                                       now=self.clock())
+                    stats.skipped += 1
+                    log.warning("write_superseded", system=system, object=obj, outbox_id=r.id,
+                                record_id=r.record_id, rule=r.rule, found="If-Unmodified-Since")
+                else:
+                    self._failed(tx, r, (res.error if res else None) or "UNKNOWN: no result from the CRM",
+                                 res.retriable if res else True, stats)
 
     def supersede(self, tx: Tx, rows: Iterable[tuple[OutboxRow, Mapping[str, Any]]], stats: CycleStats) -> None:
         """Writes not yet done whose target changed since their decision (found when deciding:

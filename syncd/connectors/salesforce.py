@@ -15,6 +15,7 @@ Collections (200 records per call, ``allOrNone: false``). Vendor errors become
 
 from __future__ import annotations
 
+import email.utils
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, TypeVar
@@ -26,7 +27,9 @@ from simple_salesforce.exceptions import (
     SalesforceError,
     SalesforceExpiredSession,
     SalesforceGeneralError,
+    SalesforceMalformedRequest,
     SalesforceRefusedRequest,
+    SalesforceResourceNotFound,
 )
 
 from syncd import catalogue
@@ -271,6 +274,34 @@ class SalesforceConnector:
             results.extend(_results([c.key for c in chunk], [None] * len(chunk), saves))
         return results
 
+    def write_unless_modified(self, obj: str, updates: Sequence[tuple[FieldUpdate, datetime]]) -> list[WriteResult]:
+        """Each update as a single-record PATCH with ``If-Unmodified-Since`` (sObject Collections
+        cannot carry it): applied only if the record was not modified after the given time (a
+        resend's look-first read), atomically. A record modified since answers 412: a failed
+        result ``PRECONDITION_FAILED`` (not retriable); other per-record refusals are failed
+        results too; 5xx / transport failures raise RetriableError (a PATCH is idempotent).
+        HTTP dates are whole seconds: the time is rounded up, so a change within the same
+        second as the read goes unseen."""
+        results: list[WriteResult] = []
+        for u, since in updates:
+            header = email.utils.format_datetime(_ceil_second(since), usegmt=True)
+
+            def patch(*, timeout: float, u: FieldUpdate = u, header: str = header) -> str | None:
+                try:
+                    self._sf.restful(f"sobjects/{obj}/{u.record_id}", method="PATCH", json=dict(u.fields),
+                                     headers={"If-Unmodified-Since": header}, timeout=timeout)
+                except (SalesforceGeneralError, SalesforceMalformedRequest, SalesforceResourceNotFound) as e:
+                    if e.status >= 500 or e.status == 429:
+                        raise
+                    code, message = _error_of(e)
+                    return f"{code}: {message}"
+                return None
+
+            error = self._call("sobject.update", patch)
+            results.append(WriteResult(key=u.key, ok=error is None, record_id=u.record_id, error=error,
+                                       retriable=bool(error) and str(error).split(":")[0] in RETRIABLE_RECORD_CODES))
+        return results
+
     def external_id_fields(self, obj: str) -> set[str]:
         """The object's External ID fields (describe): what a create may upsert on."""
         desc = self._call("describe", self._sf.restful, f"sobjects/{obj}/describe")
@@ -398,6 +429,11 @@ def _with_keys(fields: Sequence[str], keys: Sequence[str]) -> list[str]:
         if f.lower() not in {o.lower() for o in out}:
             out.append(f)
     return out
+
+
+def _ceil_second(dt: datetime) -> datetime:
+    dt = dt.astimezone(UTC)
+    return dt.replace(microsecond=0) + timedelta(seconds=1) if dt.microsecond else dt
 
 
 def _unkeyed(c: RecordCreate) -> RecordCreate:

@@ -24,6 +24,7 @@ Decisions where crm-api.md is silent (documented here, relied on by tests):
 from __future__ import annotations
 
 import bisect
+import email.utils
 import itertools
 import re
 import threading
@@ -544,6 +545,7 @@ class SalesforceApp:
         if ep == "sobject.update":
             sobject = self._object(parts[1])
             body = _json_object(req)
+            self._unmodified_since(sobject, parts[2], req.headers.get("if-unmodified-since"))
             self._update(sobject, parts[2], body, None)
             self._log(
                 sobject, self._rows[sobject][self._canon_id(sobject, parts[2])]["Id"], body, ep
@@ -629,6 +631,19 @@ class SalesforceApp:
             )
             out.append({"id": rid, "success": True, "errors": []})
         return out
+
+    def _unmodified_since(self, sobject: str, record_id: str, header: str | None) -> None:
+        """A conditional update (sObject Rows only): 412 when the record was modified after the
+        ``If-Unmodified-Since`` date (HTTP-date: whole seconds)."""
+        if not header:
+            return
+        try:
+            since = email.utils.parsedate_to_datetime(header)
+        except (TypeError, ValueError):
+            raise SfError(400, "MALFORMED_QUERY", f"If-Unmodified-Since: not an HTTP date: {header}") from None
+        if parse_datetime(str(self._row(sobject, record_id)["LastModifiedDate"])) > since:
+            raise SfError(412, "PRECONDITION_FAILED",
+                          f"The requested resource has been modified since {header}")
 
     def _unique(self, sobject: str, field: str, value: str, existing: dict[str, Any] | None) -> None:
         """A unique External ID: no second record may hold ``value`` (case-insensitive)."""

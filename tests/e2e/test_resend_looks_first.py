@@ -8,10 +8,13 @@ kill -9 between the CRM's answer and the outbox commit leaves.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from syncd.engine import CycleStats
 from syncd.model import FieldUpdate
 from syncd.store import OutboxRow
 
@@ -104,3 +107,35 @@ def test_a_pending_write_overtaken_by_a_newer_crm_value_is_superseded_not_sent(e
     assert (row.system, row.record_id, row.field) == ("salesforce", lid, "lifecycle")
     assert "'lead' -> 'sql'" in row.reason
     assert e2e.outbox_depth() == 0
+
+
+def test_a_resend_whose_record_changes_after_the_look_first_read_is_superseded_not_sent(e2e: E2E) -> None:
+    """On Salesforce the look-first and the resend are one atomic step: the resend is a
+    single-record PATCH with If-Unmodified-Since (the time of the read), so an edit landing
+    between the read and the resend is never overwritten (412: superseded, decided again)."""
+    _, lid = _scored_person(e2e)
+    with e2e.rt.store.tx() as tx:
+        (row,) = [r for r in tx.due("salesforce", "Lead", datetime.now(UTC), 100) if r.op == "update"]
+        tx.mark_sending([row.id])  # crashed before the request left: the look-first finds nothing done
+    time.sleep(1.1)  # HTTP dates are whole seconds: the edit below must fall in a later second than the read
+    server = e2e.sb.salesforce_server
+    server.inject("hold_answer", endpoint="query", delay=1.0)  # the look-first read, its answer on its way
+    reads = server.request_count("query")
+
+    def rep_edits_meanwhile() -> None:
+        deadline = time.monotonic() + 30
+        while server.request_count("query") == reads and time.monotonic() < deadline:
+            time.sleep(0.005)
+        e2e.sf.modify("Lead", lid, {"Lifecycle_Stage__c": "SQL"})
+
+    edit = threading.Thread(target=rep_edits_meanwhile)
+    edit.start()
+    stats = CycleStats()
+    e2e.engine().flush(stats, systems=["salesforce"])
+    edit.join()
+    assert e2e.sf.get("Lead", lid)["Lifecycle_Stage__c"] == "SQL"
+    assert not [w for w in e2e.sf.write_log if w["id"] == lid and w["fields"].get("Lifecycle_Stage__c") == "MQL"]
+    with e2e.rt.store.tx() as tx:
+        assert tx.get_outbox([row.id])[row.id].state == "superseded"
+    (audit,) = e2e.audit(rule="superseded")
+    assert "modified after the look-first read" in audit.reason

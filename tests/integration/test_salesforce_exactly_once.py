@@ -1,11 +1,14 @@
-"""Idempotent Salesforce creates (issue 14): a create keyed on the External ID syncd owns is an
-sObject Collections upsert (PATCH /composite/sobjects/Lead/Syncd_Key__c), so sending it twice
-makes one Lead; an org without the field gets plain creates (the weaker email look-up), said
-once in the log. The real simple-salesforce against the sandbox."""
+"""Exactly-once Salesforce writes (issue 14), the real simple-salesforce against the sandbox.
+
+A create keyed on the External ID syncd owns is an sObject Collections upsert (PATCH
+/composite/sobjects/Lead/Syncd_Key__c), so sending it twice makes one Lead; an org without the
+field gets plain creates (the weaker email look-up), said once in the log. A resend is a
+single-record PATCH with If-Unmodified-Since: refused (412) when the record changed since."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from conftest_salesforce import SalesforceSandbox
@@ -13,7 +16,7 @@ from structlog.testing import capture_logs
 
 from syncd.connectors._retry import RetryPolicy
 from syncd.connectors.salesforce import SalesforceConnector
-from syncd.model import RecordCreate
+from syncd.model import FieldUpdate, RecordCreate
 
 FAST = RetryPolicy(max_attempts=3, base=0.01, cap=0.05, max_retry_after=0.1)
 LEAD = {"LastName": "Upsert", "Company": "Co", "Email": "ups@example.com", "Lifecycle_Stage__c": "MQL"}
@@ -60,3 +63,21 @@ def test_an_org_without_the_field_gets_plain_creates_said_once(sf_sandbox: Sales
     missing = [e for e in logs if e["event"] == "salesforce_external_id_missing"]
     assert len(missing) == 1 and missing[0]["field"] == "Missing__c"
     assert [w["endpoint"] for w in sf_sandbox.app.write_log] == ["collections.create"] * 2
+
+
+def test_an_update_unless_modified_lands_only_on_an_unchanged_record(sf_sandbox: SalesforceSandbox,
+                                                                    conn: SalesforceConnector) -> None:
+    lid = sf_sandbox.app.insert("Lead", LEAD, at=datetime.now(UTC) - timedelta(minutes=5))
+    (read,) = conn.fetch("Lead", [lid])
+    (ok,) = conn.write_unless_modified("Lead", [(FieldUpdate("1", lid, {"Lifecycle_Stage__c": "SAL"}),
+                                                 read.modified_at)])
+    assert ok.ok and sf_sandbox.app.get("Lead", lid)["Lifecycle_Stage__c"] == "SAL"
+    # now the record is newer than that read: a second conditional write is refused, not applied
+    (refused,) = conn.write_unless_modified("Lead", [(FieldUpdate("2", lid, {"Lifecycle_Stage__c": "MQL"}),
+                                                      read.modified_at)])
+    assert not refused.ok and not refused.retriable
+    assert refused.error is not None and refused.error.startswith("PRECONDITION_FAILED")
+    assert sf_sandbox.app.get("Lead", lid)["Lifecycle_Stage__c"] == "SAL"
+    (gone,) = conn.write_unless_modified("Lead", [(FieldUpdate("3", "00Q5e00000zzzzzEAA", {"Company": "X"}),
+                                                   read.modified_at)])
+    assert not gone.ok and gone.error is not None and gone.error.startswith("NOT_FOUND")
