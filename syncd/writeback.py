@@ -33,6 +33,11 @@ from syncd.views import first_email
 log = structlog.get_logger()
 
 
+# Conditional resends (one CRM call per record) after a crash or takeover, at most this many per
+# batch; beyond, the batch is resent as one call after its look-first read (one call, not atomic).
+CONDITIONAL_RESENDS_MAX = 50
+
+
 class WriteBack:
     """Plans and sends one engine's writes. ``tx`` opens the engine's unit of work (one shared,
     rolled-back transaction in a dry run); ``should_stop`` is checked between batches."""
@@ -266,7 +271,7 @@ class WriteBack:
                 else:
                     unknown.append(r)
         conditional = getattr(conn, "write_unless_modified", None)
-        if conditional is None or not unknown:
+        if conditional is None or not unknown or len(unknown) > CONDITIONAL_RESENDS_MAX:
             return sorted(resend + unknown, key=lambda r: r.id)
         read_at = {rec.id: rec.modified_at for rec in fetched}
         self._resend_unless_modified(conditional, system, obj, [r for r in unknown if str(r.record_id) in read_at],
