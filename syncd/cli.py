@@ -7,7 +7,6 @@ type and message. ``-v`` / ``--debug`` shows the traceback (for bug reports) and
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -190,8 +189,10 @@ def _known_rule(_ctx: click.Context, _param: click.Parameter, value: str | None)
     """``--rule R2-returned`` (or just ``R2``): a rule id syncd.rules declares."""
     if value is None:
         return None
+    from syncd.store.review import OPERATOR_RULE
+
     known = _rule_ids()
-    if not known or value in known:
+    if not known or value in known or value == OPERATOR_RULE:  # operator: the review loop's resolutions
         return value
     by_number = [r for r in known if r.split("-", 1)[0].lower() == value.strip().lower()]
     if len(by_number) == 1:
@@ -215,8 +216,9 @@ Port = click.IntRange(min=0, max=65535)
 @click.option("--once", is_flag=True, required=True, help="Run exactly one cycle (the service is `syncd run`).")
 @click.option("--object", "group", type=click.Choice(catalogue.GROUPS), default=None)
 @click.option("--dry-run", is_flag=True, help="Print the planned writes; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/json.md).")
 @pass_ctx
-def sync(c: Ctx, once: bool, group: str | None, dry_run: bool) -> None:
+def sync(c: Ctx, once: bool, group: str | None, dry_run: bool, as_json: bool) -> None:
     """Run one sync cycle: pull, map, link, decide, write back."""
     from syncd.resync import LEASE_WAIT_S, LeaseKeeper, interrupt_dead_runs, make_engine, new_owner, run_cycle
     from syncd.runtime import open_runtime
@@ -239,7 +241,12 @@ def sync(c: Ctx, once: bool, group: str | None, dry_run: bool) -> None:
         finally:
             keeper.close()
             rt.close()
-        if dry_run:
+        if as_json:
+            from syncd._json import dumps
+            from syncd.machine import cycle_data
+
+            click.echo(dumps(cycle_data(stats, dry_run=dry_run, group=group)))
+        elif dry_run:
             from syncd.report import planned_writes_table
 
             planned_writes_table(stats.planned)
@@ -260,6 +267,7 @@ def sync(c: Ctx, once: bool, group: str | None, dry_run: bool) -> None:
 def status(c: Ctx, as_json: bool) -> None:
     """Per system/object: last run, cursor, outbox, quarantine, unmapped values, SLA breaches."""
     from syncd import freshness
+    from syncd._json import dumps
     from syncd.report import print_status, status_data
     from syncd.store import Store
 
@@ -272,7 +280,7 @@ def status(c: Ctx, as_json: bool) -> None:
         finally:
             store.close()
         if as_json:
-            click.echo(json.dumps(data, indent=2, default=str))
+            click.echo(dumps(data))
         else:
             print_status(data)
 
@@ -293,6 +301,7 @@ def status(c: Ctx, as_json: bool) -> None:
 def audit(c: Ctx, email: str | None, record_id: str | None, rule: str | None, system: str | None,
           since: datetime | None, until: datetime | None, limit: int, as_json: bool) -> None:
     """Why did this change? Every write: rule, reason, before → after, mapping revision."""
+    from syncd._json import dumps
     from syncd.model import normalise_email
     from syncd.report import print_audit
     from syncd.store import Store
@@ -311,7 +320,7 @@ def audit(c: Ctx, email: str | None, record_id: str | None, rule: str | None, sy
         finally:
             store.close()
         if as_json:
-            click.echo(json.dumps([_row_dict(r) for r in rows], indent=2, default=str))
+            click.echo(dumps([_row_dict(r) for r in rows]))
         else:
             print_audit(rows)
 
@@ -340,9 +349,11 @@ def mappings() -> None:
 @mappings.command("check")
 @click.argument("directory", required=False, type=click.Path(path_type=Path))
 @click.option("--live", is_flag=True, help="Also compare with the values the CRMs allow (API calls).")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+              help="json: the same as --json (kept as an alias).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/json.md).")
 @pass_ctx
-def mappings_check(c: Ctx, directory: Path | None, live: bool, fmt: str) -> None:
+def mappings_check(c: Ctx, directory: Path | None, live: bool, fmt: str, as_json: bool) -> None:
     """Validate every mapping/SLA file; problems as file:line:col: message. Exit 0 clean, 1 problems, 2 unreadable."""
     from syncd.mapping_check import check_directory, exit_code, format_problems, live_problems
 
@@ -369,7 +380,7 @@ def mappings_check(c: Ctx, directory: Path | None, live: bool, fmt: str) -> None
 
             m = load_mappings(d)
             problems += live_problems(m, build_connectors(c.config(), m))
-        out = format_problems(problems, fmt)
+        out = format_problems(problems, "json" if as_json else fmt)
         if out:
             click.echo(out)
         return exit_code(problems)
@@ -385,6 +396,7 @@ def mappings_check(c: Ctx, directory: Path | None, live: bool, fmt: str) -> None
 @pass_ctx
 def mappings_impact(c: Ctx, rev_from: str, rev_to: str | None, samples: int, as_json: bool) -> None:
     """Re-map the stored records under both versions (no writes, no API calls) and count the changes."""
+    from syncd._json import dumps
     from syncd.impact import impact, print_impact
     from syncd.runtime import mappings_dir
     from syncd.store import Store
@@ -397,7 +409,7 @@ def mappings_impact(c: Ctx, rev_from: str, rev_to: str | None, samples: int, as_
         finally:
             store.close()
         if as_json:
-            click.echo(json.dumps(result, indent=2, default=str))
+            click.echo(dumps(result))
         else:
             print_impact(result)
 
@@ -413,16 +425,30 @@ def mappings_impact(c: Ctx, rev_from: str, rev_to: str | None, samples: int, as_
 @click.option("--email", default=None, help="Resync one person by email.")
 @click.option("--id", "record", default=None, metavar="SYSTEM:ID", help="Resync one record, e.g. salesforce:00Q…")
 @click.option("--inline", is_flag=True, help="Run here in the foreground even if a service is running.")
+@click.option("--plan", "show_plan", is_flag=True, help="Print its cost in API calls per system; resync nothing.")
+@click.option("--force", is_flag=True, help="Start even if the plan would cross the daily API cap.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/json.md).")
 @pass_ctx
 def resync(c: Ctx, group: str | None, since: datetime | None, full: bool, email: str | None,
-           record: str | None, inline: bool) -> None:
+           record: str | None, inline: bool, show_plan: bool, force: bool, as_json: bool) -> None:
     """A manual resync. Queued for a running service on the same store, else run inline."""
-    from syncd.resync import ResyncRequest, request_resync
+    from syncd.resync import ResyncRequest, request_resync, resync_outcome
 
     def go() -> None:
         req = ResyncRequest(group=group, since=_utc(since), full=full, email=email, record=record)
         req.validate()
-        click.echo(request_resync(c.config(), req, inline=inline))
+        if show_plan or full or since is not None:  # a pull of everything or of a period: cost it first
+            from syncd.plan import check_resync
+
+            check_resync(c.config(), req, show=show_plan, force=force)
+            if show_plan:
+                return
+        if as_json:
+            from syncd._json import dumps
+
+            click.echo(dumps(resync_outcome(c.config(), req, inline=inline)))
+        else:
+            click.echo(request_resync(c.config(), req, inline=inline))
 
     guarded(go)
 
@@ -468,14 +494,55 @@ def sandbox() -> None:
 @click.option("--salesforce-port", type=Port, default=0, help="Default: any free port.")
 @click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Where to write the CA bundle and a ready-to-use syncd.toml (default: a temp dir).")
+@click.option("--json", "as_json", is_flag=True, help="Print the URLs, credentials and paths as JSON (docs/json.md).")
 def sandbox_serve(seed: int, people: int, deals: int | None, hubspot_port: int, salesforce_port: int,
-                  directory: Path | None) -> None:
+                  directory: Path | None, as_json: bool) -> None:
     """Serve seeded simulators until Ctrl-C; prints URLs, token/session and CA path."""
     from syncd.sandbox import serve_forever
 
 
     sys.exit(guarded(lambda: serve_forever(seed=seed, people=people, deals=deals, hubspot_port=hubspot_port,
-                                           salesforce_port=salesforce_port, directory=directory)))
+                                           salesforce_port=salesforce_port, directory=directory,
+                                           as_json=as_json)))
+
+
+# -- review loop: conflicts, quarantine, unmapped, blocked (syncd/review.py) ----------------------
+
+def _register_review() -> None:
+    from syncd.review import commands
+
+    for cmd in commands():
+        main.add_command(cmd)
+
+
+_register_review()
+
+
+# -- reconcile / prune (issue 16: nothing silently missed; retention) ----------------------------
+
+@main.command("reconcile")
+@click.option("--object", "group", type=click.Choice(catalogue.GROUPS), default=None)
+@click.option("--repair", is_flag=True, help="Fetch exactly the missing records and decide them again.")
+@click.option("--force", is_flag=True, help="Run even if the id listing would cross the daily API cap.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def reconcile_cmd(c: Ctx, group: str | None, repair: bool, force: bool, as_json: bool) -> None:
+    """Diff the CRMs' id sets with the store, page by page: missing and extra ids (exit 1 on a gap
+    left unrepaired)."""
+    from syncd.reconcile import run_cli
+
+    guarded(lambda: run_cli(c.config(), group=group, do_repair=repair, as_json=as_json, force=force))
+
+
+@main.command("prune")
+@click.option("--dry-run", is_flag=True, help="Count what would go; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def prune_cmd(c: Ctx, dry_run: bool, as_json: bool) -> None:
+    """Delete finished rows older than [retention] keeps them (small batches, short transactions)."""
+    from syncd.retention import run_cli
+
+    guarded(lambda: run_cli(c.config(credentials=False), dry_run=dry_run, as_json_out=as_json))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -215,6 +215,9 @@ class HubSpotConfig(_Credential):
     ca_bundle: CaBundle = None
     timeout_s: PositiveSeconds = 30.0
     daily_budget: Annotated[int, Field(gt=0)] = 250_000
+    # HubSpot's archive (deleted contacts and deals) cannot be filtered by date: it is listed
+    # whole, so at most this often (it is never scanned on every poll).
+    archive_scan_s: PositiveSeconds = 900.0
 
     def token(self, base: Path) -> SecretStr:
         return self._secret("hubspot", self.token_env, self.token_file, base)
@@ -276,6 +279,31 @@ class ServiceConfig(_Section):
     lease_ttl_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
 
 
+KeepDays = Annotated[int, Field(ge=0, le=36_500)]  # 0: kept for ever
+
+
+class RetentionConfig(_Section):
+    """How long finished rows are kept (days; 0 keeps them for ever). ``syncd prune`` and the
+    service's prune job delete older ones, ``batch_size`` rows per short transaction."""
+
+    outbox_done_days: KeepDays = 30  # done / skipped / superseded writes (their audit rows stay)
+    runs_days: KeepDays = 90  # finished runs
+    quarantine_resolved_days: KeepDays = 90  # resolved quarantine entries
+    tombstones_days: KeepDays = 0  # deleted/merged records: kept for ever by default
+    audit_days: KeepDays = 400
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    every_s: PositiveSeconds = 3600.0  # how often the service prunes
+    pause_s: Annotated[float, Field(ge=0, le=60)] = 0.05  # between two batches: the cycle goes first
+
+
+class ReconcileConfig(_Section):
+    """The service's cheap count check (CRM counts vs the store), at most every ``count_every_s``
+    (0: never); ``syncd reconcile`` diffs id sets on demand."""
+
+    count_every_s: Annotated[float, Field(ge=0)] = 3600.0
+    sample_ids: Annotated[int, Field(ge=1, le=100)] = 5
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -290,6 +318,8 @@ class Config(_Section):
     sync: SyncConfig = SyncConfig()
     service: ServiceConfig = ServiceConfig()
     logging: LoggingConfig = LoggingConfig()
+    retention: RetentionConfig = RetentionConfig()
+    reconcile: ReconcileConfig = ReconcileConfig()
     # Directory relative paths are resolved against (the config file's folder).
     base_dir: Path = Field(default=Path("."), exclude=True)
 

@@ -26,19 +26,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 
-from syncd import catalogue, freshness, rules
+from syncd import catalogue, deletions, freshness, rules
 from syncd import conflicts as link_conflicts
 from syncd._json import jsonable
 from syncd.connectors.base import Connector
 from syncd.errors import FatalError, RecordError, RetriableError, SyncError
 from syncd.linking import LinkStats, link_deals, link_people
 from syncd.mapping import Mappings
-from syncd.model import OBJECT_GROUPS, SYSTEMS, CanonicalRecord, RawRecord, utcnow
+from syncd.model import OBJECT_GROUPS, SYSTEMS, CanonicalRecord, Deletion, RawRecord, utcnow
 from syncd.sla import SLA
 from syncd.stats import CycleStats, PlannedWrite, one_line
 from syncd.store import OutboxRow, RecordRow, Store, Tx
@@ -103,6 +104,12 @@ class Engine:
         self.writeback = WriteBack(self._tx, mappings, sla, connectors, clock=clock, dry_run=dry_run,
                                    write_batch=write_batch, on_write=on_write,
                                    should_stop=lambda: self.stop_requested)
+        # How often each system's deletion feed is read (overrides the connector's
+        # ``deletion_scan_s``): HubSpot's archive is a whole list scan ([hubspot] archive_scan_s);
+        # Salesforce's queryAll is one query, read after every pull.
+        self.feed_interval_s: dict[str, float] = {}
+        self.writeback.on_dead = self.bury
+        self.writeback.on_permanent = self.repull
 
     # -- transactions ---------------------------------------------------------------------------
     @contextmanager
@@ -185,6 +192,8 @@ class Engine:
         for obj in OBJECT_GROUPS[group][system]:
             try:
                 self.pull(system, obj, stats)
+                if not self.stop_requested:
+                    self.pull_deletions(system, obj, stats)
             except (RetriableError, FatalError) as exc:
                 self._pull_failed(system, obj, exc, stats)
                 return
@@ -219,6 +228,86 @@ class Engine:
                 tx.pull_succeeded(system, obj, self.clock())
             self.pulled_ok.add(system)
 
+    # -- deletions, merges, restores (syncd.deletions) ----------------------------------------------
+    def pull_deletions(self, system: str, obj: str, stats: CycleStats) -> None:
+        """Read ``system``/``obj``'s deletion feed from its watermark (less the overlap) and
+        tombstone what died; HubSpot's archive at most every ``feed_interval_s``."""
+        conn = self.connectors[system]
+        feed = getattr(conn, "deleted", None)
+        if feed is None:
+            return
+        now = self.clock()
+        with self._tx() as tx:
+            mark, scanned = tx.deletion_watermark(system, obj)
+        every = self.feed_interval_s.get(system, getattr(conn, "deletion_scan_s", 0.0))
+        if scanned is not None and (now - scanned).total_seconds() < every:
+            return
+        found, latest = feed(obj, mark - self.overlap if mark is not None else None)
+        with self._tx() as tx:
+            self._bury(tx, found, stats)
+            tx.set_deletion_watermark(system, obj, latest if latest is not None else mark, now)
+
+    def _bury(self, tx: Tx, found: Sequence[Deletion], stats: CycleStats) -> None:
+        res = deletions.record_deaths(tx, found, now=self.clock(), mapping_rev=self.mappings.revision,
+                                      rank=self.ctx.rank, policy=self.sla.deletions.other_side)
+        stats.dead += res.deleted + res.merged
+
+    def bury(self, found: Sequence[Deletion], stats: CycleStats) -> None:
+        """Dead records learnt outside a feed (a write answered by a merge survivor): the
+        survivors are read again first (so their person takes the links over), then tombstoned."""
+        survivors: dict[tuple[str, str], list[str]] = {}
+        for d in found:
+            if d.merged_into:
+                survivors.setdefault((d.system, d.object), []).append(d.merged_into)
+        for (system, obj), ids in survivors.items():
+            try:
+                self.ingest(system, obj, self.connectors[system].fetch(obj, ids), stats, advance_cursor=False)
+            except (RetriableError, FatalError) as exc:  # the next pull reads them: it is only sooner
+                log.warning("survivor_read_failed", system=system, object=obj, error=one_line(exc))
+        with self._tx() as tx:
+            self._bury(tx, found, stats)
+
+    def repull(self, system: str, obj: str, ids: Sequence[str], stats: CycleStats) -> None:
+        """After permanent write errors: read these records again. Live ones are stored as they
+        are now (their person is due: decided again); gone ones are asked about (deleted or
+        merged: ``Connector.dead``) and tombstoned; ids the CRM knows nothing of are deleted."""
+        conn = self.connectors[system]
+        try:
+            live = conn.fetch(obj, list(ids))
+            self.ingest(system, obj, live, stats, advance_cursor=False)
+            gone = [i for i in ids if i not in {r.id for r in live}]
+            dead_of = getattr(conn, "dead", None)
+            found = list(dead_of(obj, gone)) if dead_of is not None and gone else []
+        except (RetriableError, FatalError) as exc:
+            log.warning("repull_failed", system=system, object=obj, error=one_line(exc),
+                        next="the quarantined writes wait; the next pull reads the records")
+            return
+        told = {d.id for d in found}
+        found += [Deletion(system, obj, i, None, None, "re-pull (not found)") for i in gone if i not in told]
+        with self._tx() as tx:
+            self._bury(tx, found, stats)
+
+    def _person_views(self, tx: Tx, chunk: Sequence[str], by_entity: Mapping[str, list[RecordRow]],
+                      memories: Mapping[str, Any], refs: Mapping[tuple[str, str], list[RecordRow]],
+                      conflicts: frozenset[str], undecided: set[str]) -> dict[str, rules.PersonView]:
+        """The views of these people (those with none go to ``undecided``); a person whose record
+        was deleted carries the systems no hand-off may re-create them in."""
+        views: dict[str, rules.PersonView] = {}
+        for entity in chunk:
+            view = prefetched_person_view(entity, by_entity.get(entity, []), memories.get(entity), refs, conflicts)
+            if view is None:
+                undecided.add(entity)
+            else:
+                views[entity] = view
+        if not views:
+            return views
+        score = self.sla.terms.score_stage
+        for e, ts in tx.tombstones_of_entities(views).items():
+            blocked = deletions.blocked_creates(ts, views[e].memory.handed_off_at is not None, self.ctx.rank, score)
+            if blocked:
+                views[e] = replace(views[e], no_create_in=blocked)
+        return views
+
     def pull_stale(self, stats: CycleStats) -> None:
         """Pull every object whose copy in the store is incomplete or not fresh (a targeted
         resync, so that it too decides on a complete picture)."""
@@ -252,8 +341,14 @@ class Engine:
                 k = (system, obj, f, v)
                 unmapped[k] = unmapped.get(k, 0) + 1
             rows.append(record_row(raw, canon))
+        merges_in = getattr(self.connectors.get(system), "merges_in", None)
+        merged = merges_in(records) if merges_in is not None else []
         with self._tx() as tx:
             changed = tx.upsert_records(rows)
+            stats.restored += deletions.restore_pulled(tx, changed, now=self.clock(),
+                                                       mapping_rev=self.mappings.revision)
+            if merged:  # survivors name the ids merged into them: those are dead
+                self._bury(tx, merged, stats)
             refs = {row.key: r for row in changed if (r := refs_of(row)) is not None}
             tx.set_refs_many(refs)
             for raw, reason in bad:
@@ -387,14 +482,9 @@ class Engine:
             memories_out: dict[str, tuple[dict[str, Any], datetime | None]] = {}
             refs = referrers_by_ref(
                 tx, [r for e in chunk for r in by_entity.get(e, []) if r.kind == "person"])
-            decided: list[tuple[str, rules.Outcome, list[CanonicalRecord]]] = []
-            for entity in chunk:
-                view = prefetched_person_view(entity, by_entity.get(entity, []), memories.get(entity), refs,
-                                              conflicts)
-                if view is None:
-                    undecided.add(entity)
-                    continue
-                decided.append((entity, rules.decide_person(view, self.ctx, now), view_records(view)))
+            decided = [(entity, rules.decide_person(view, self.ctx, now), view_records(view))
+                       for entity, view in self._person_views(tx, chunk, by_entity, memories, refs, conflicts,
+                                                              undecided).items()]
             held = self.writeback.held_values(tx, [d for _, o, _ in decided for d in o.decisions])
             for entity, outcome, current in decided:
                 over, still = _events_over(open_events.get(entity, []), outcome)

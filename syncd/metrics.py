@@ -145,6 +145,12 @@ class ServiceMetrics:
             ["system"],
             registry=r,
         )
+        self.reconcile_missing = Gauge(
+            "syncd_reconcile_missing_records",
+            "Records a CRM holds that the store lacks, per the last reconciliation (an error: alert on > 0).",
+            ["system", "object"],
+            registry=r,
+        )
         for system, budget in (daily_budgets or {}).items():
             self.api_daily_budget.labels(system).set(budget)
             self.api_calls_today.labels(system).set(0)
@@ -243,6 +249,10 @@ class ServiceMetrics:
         for sys_name, n in u.items():
             self.unmapped_values.labels(sys_name).set(n)
         self.sla_breaches.set(breaches)
+
+    def set_gap(self, system: str, obj: str, missing: int) -> None:
+        """The records of ``system``/``obj`` the last reconciliation found missing from the store."""
+        self.reconcile_missing.labels(system, obj).set(missing)
 
     def set_blocked(self, system: str, why: str | None) -> None:
         with self._lock:

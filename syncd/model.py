@@ -159,3 +159,22 @@ class CanonicalRecord:
     def email(self) -> str | None:
         v = self.values.get("email")
         return v if isinstance(v, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    """A record the CRM no longer has: deleted (archived), or merged into ``merged_into``
+    (a Salesforce MasterRecordId, a HubSpot ``hs_merged_object_ids`` survivor). ``source``
+    names the feed or answer that told syncd (``queryAll``, ``archive``, ``merged_ids``,
+    ``write answer``, ``re-pull``)."""
+
+    system: str
+    object: str
+    id: str
+    deleted_at: datetime | None = None
+    merged_into: str | None = None
+    source: str = "feed"
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.system, self.object, self.id)

@@ -12,6 +12,7 @@ from rich.table import Table
 from syncd import freshness
 from syncd.logs import mask_email
 from syncd.model import OBJECT_GROUPS, SYSTEMS
+from syncd.reconcile import status as reconcile_status
 from syncd.store import AuditRow, Store
 
 if TYPE_CHECKING:
@@ -122,6 +123,11 @@ def status_data(store: Store, now: datetime,
                              for e in tx.open_events("sla_breach")],
             "events_open": {k: len(tx.open_events(k)) for k in ("promotion_blocked", "conflict", "returned")},
             "link_conflicts": len(tx.open_link_conflicts()),
+            "tombstones": {"count": tx.count_tombstones(), "recent": [
+                {"system": t.system, "object": t.object, "record_id": t.record_id, "kind": t.kind,
+                 "merged_into": t.merged_into, "source": t.source, "detected_at": t.detected_at.isoformat()}
+                for t in tx.list_tombstones(limit=10)]},
+            "reconcile": reconcile_status(tx),
             "resync_queue": [{"id": r.id, "state": r.state, "params": r.params,
                               "requested_at": r.requested_at.isoformat()} for r in tx.resync_queue()],
             "services": [{"owner": h.owner, "pid": h.pid, "seen_at": h.seen_at.isoformat(), **h.info,
@@ -161,6 +167,8 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
             since = datetime.fromisoformat(st["failing_since"])
             line += f"; failing since {st['failing_since'][:19]} ({_ago(now, since)}): {mask_email(st['error'] or '')}"
         console.print(line)
+    for line in (data.get("reconcile") or {}).get("lines", []):
+        console.print(f"[bold red]{mask_email(line)}[/]")
     if data["runs"] and data["runs"][0]["status"] in ("partial", "failed", "interrupted"):
         r = data["runs"][0]
         console.print(f"last cycle: {r['status']} ({r['job']}, {r['started_at'][:19]}): "
@@ -198,6 +206,15 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
             q.add_row(str(row["id"]), row["system"], row["object"], str(row["record_id"]), row["kind"],
                       str(row["attempts"]), mask_email(row["reason"])[:80])
         console.print(q)
+    if data["tombstones"]["count"]:
+        d = Table(title=f"deleted or merged records: {data['tombstones']['count']} (nothing is written to them; "
+                        "latest first)", title_justify="left")
+        for col in ("system", "object", "record", "kind", "seen by", "detected"):
+            d.add_column(col)
+        for row in data["tombstones"]["recent"]:
+            kind = row["kind"] + (f" into {row['merged_into']}" if row["merged_into"] else "")
+            d.add_row(row["system"], row["object"], row["record_id"], kind, row["source"], row["detected_at"][:19])
+        console.print(d)
     if data["sla_breaches"]:
         b = Table(title="open SLA breaches (MQL not followed up in time)", title_justify="left")
         for col in ("entity", "since", "details"):

@@ -486,8 +486,15 @@ def _retry_quarantined_records(
 
 
 def _resync_records(engine: ObservedEngine, req: ResyncRequest, stats: CycleStats) -> int:
+    return resync_fetched(engine, _fetch_targets(engine, req), stats)
+
+
+def resync_fetched(engine: Engine, fetched: Sequence[tuple[str, str, Sequence[RawRecord]]],
+                   stats: CycleStats) -> int:
+    """Store records fetched by id ((system, object, records) batches; cursors untouched), then
+    re-decide their people/deals and flush the outbox. Returns how many records were stored."""
     keys: list[tuple[str, str, str]] = []
-    for system, obj, records in _fetch_targets(engine, req):
+    for system, obj, records in fetched:
         engine.ingest(system, obj, records, stats, advance_cursor=False)
         keys += [(system, obj, r.id) for r in records]
     if not keys:
@@ -565,7 +572,18 @@ def running_service(store: Store, cfg: Config, now: datetime | None = None) -> A
 
 def request_resync(cfg: Config, req: ResyncRequest, *, inline: bool) -> str:
     """Queue ``req`` for a running service on the same store, or run it here (``inline`` forces)."""
+    out = resync_outcome(cfg, req, inline=inline)
+    if out["queued"]:
+        return f"queued resync #{out['queue_id']}; a running service (pid {out['service_pid']}) will pick it up"
+    summary = " ".join(f"{k}={v}" for k, v in out["result"].items())
+    return f"resync done ({req.describe()}): {summary}"
+
+
+def resync_outcome(cfg: Config, req: ResyncRequest, *, inline: bool) -> dict[str, Any]:
+    """:func:`request_resync`, as data (``resync --json``, docs/json.md)."""
     req.validate()
+    out: dict[str, Any] = {"request": req.describe(), "queued": False, "queue_id": None, "service_pid": None,
+                           "result": None}
     if not inline:
         store = Store.open(cfg.state_url())
         try:
@@ -574,10 +592,10 @@ def request_resync(cfg: Config, req: ResyncRequest, *, inline: bool) -> str:
                 with store.tx() as tx:
                     n = tx.queue_resync(req.to_params())
                 log.info("resync_queued", id=n, request=req.describe(), service=beat.owner)
-                return f"queued resync #{n}; a running service (pid {beat.pid}) will pick it up"
+                return {**out, "queued": True, "queue_id": n, "service_pid": beat.pid}
         finally:
             store.close()
-    return _run_inline(cfg, req)
+    return {**out, "result": _run_inline(cfg, req)}
 
 
 def finish_queued(store: Store, row_id: int, state: str, result: Mapping[str, Any], *, stopped: bool,
@@ -605,7 +623,7 @@ def resume_interrupted(store: Store) -> int:
     return len(rows)
 
 
-def _run_inline(cfg: Config, req: ResyncRequest) -> str:
+def _run_inline(cfg: Config, req: ResyncRequest) -> dict[str, Any]:
     from syncd.runtime import open_runtime
 
     rt = open_runtime(cfg)
@@ -627,7 +645,7 @@ def _run_inline(cfg: Config, req: ResyncRequest) -> str:
         # interrupted, and running the resync again picks up from the stored cursors.
         raise SyncError(f"resync interrupted by {stopped[0]} ({req.describe()}): {summary}; "
                         "run it again to finish")
-    return f"resync done ({req.describe()}): {summary}"
+    return result
 
 
 @contextmanager

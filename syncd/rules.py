@@ -112,7 +112,9 @@ class Memory:
     sales (rule 8/4). ``first_attempt_at``: the first counting connection
     attempt after that hand-off. ``sla_breach_at``: when the follow-up breach
     was recorded (rule 9). ``blocked_promotion_at`` / ``blocked_promotion_why``:
-    the last blocked re-hand-off (rule 3). ``last_seen``: {system: {canonical
+    the last blocked re-hand-off (rule 3). ``release_requested_at`` / ``release_requested_by``:
+    an operator's ``syncd blocked release`` (rule 3 takes it as new evidence when it is later
+    than the return). ``last_seen``: {system: {canonical
     field: value}} at the end of the previous cycle (after the writes decided
     then), to tell which side changed a field since.
     """
@@ -127,6 +129,8 @@ class Memory:
     blocked_promotion_at: datetime | None = None
     blocked_promotion_why: str | None = None
     last_seen: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    release_requested_at: datetime | None = None
+    release_requested_by: str | None = None
 
     @property
     def guarded(self) -> bool:
@@ -139,7 +143,10 @@ class Memory:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form the state store keeps (see :meth:`from_dict`)."""
+        released = {"release_requested_at": _dt(self.release_requested_at),
+                    "release_requested_by": self.release_requested_by} if self.release_requested_at else {}
         return {
+            **released,
             "returned_at": _dt(self.returned_at), "return_reason": self.return_reason,
             "score_at_return": self.score_at_return, "released_at": _dt(self.released_at),
             "handed_off_at": _dt(self.handed_off_at),
@@ -167,6 +174,8 @@ class Memory:
             blocked_promotion_at=_pdt(d.get("blocked_promotion_at")),
             blocked_promotion_why=d.get("blocked_promotion_why"),
             last_seen=d.get("last_seen") or {},
+            release_requested_at=_pdt(d.get("release_requested_at")),
+            release_requested_by=d.get("release_requested_by"),
         )
 
 
@@ -188,6 +197,9 @@ class PersonView:
     # An open identity conflict on this person's email (two candidate records in one CRM):
     # no hand-off creates a record for them until RevOps resolves it (it would pick one at random).
     link_conflict: bool = False
+    # Systems where this person's record was deleted (syncd.deletions.blocked_creates): no
+    # hand-off re-creates them there because of the deletion.
+    no_create_in: frozenset[str] = frozenset()
 
     def record(self, system: str) -> CanonicalRecord | None:
         return self.hubspot if system == HUBSPOT else self.salesforce
@@ -554,7 +566,8 @@ def _reverse_handoff(p: PersonPlan) -> None:
     r = p.ctx.sla.reverse_handoff
     view = p.person
     sf = view.salesforce
-    if not r.enabled or sf is None or view.hubspot is not None or view.link_conflict:
+    if not r.enabled or sf is None or view.hubspot is not None or view.link_conflict \
+            or HUBSPOT in view.no_create_in:
         return
     reason = p.current(SALESFORCE, "return_reason")
     changes = _travelling(sf, r.fields, {}, {"return_reason": reason if reason is not _UNSET
@@ -607,7 +620,7 @@ def _rehandoff_guard(p: PersonPlan) -> None:
     returned_rank = ctx.rank(ctx.sla.terms.returned_stage)
     if not mem.guarded or returned_rank is None:
         return
-    evidence = _evidence(view, ctx, mem, p.score)
+    evidence = _evidence(view, ctx, mem, p.score) or _operator_release(mem)
     allowed: list[_Candidate] = []
     blocked: list[_Candidate] = []
     for c in p.candidates:
@@ -700,7 +713,8 @@ def _create_in_salesforce(p: PersonPlan, score_rank: int | None, target_rank: in
     view = p.person
     hs = view.hubspot
     if not h.enabled or hs is None or view.salesforce is not None or score_rank is None \
-            or target_rank is None or target_rank < score_rank or view.link_conflict:
+            or target_rank is None or target_rank < score_rank or view.link_conflict \
+            or SALESFORCE in view.no_create_in:
         return
     why = p.target_reason or f"lifecycle {p.target} in hubspot"
     changes = _travelling(hs, h.fields, h.placeholders, {"qualification_reason": why,
@@ -785,6 +799,14 @@ def _prospective_rank(view: PersonView, ctx: RuleContext, stages: list[str | Non
         elif ds is not None and ds not in ctx.closed_terms:
             cands.append(t.open_deal_stage)
     return ctx.rank(_max_stage(ctx, cands))
+
+
+def _operator_release(mem: Memory) -> str | None:
+    """An operator released the person after the return (``syncd blocked release``)."""
+    at, returned = mem.release_requested_at, mem.returned_at
+    if at is None or returned is None or at <= returned:
+        return None
+    return f"released by {mem.release_requested_by or 'an operator'} at {at.isoformat()}"
 
 
 def _evidence(view: PersonView, ctx: RuleContext, mem: Memory, score: int | None) -> str | None:

@@ -42,7 +42,7 @@ def build_connectors(cfg: Config, mappings: Mappings) -> dict[str, Connector]:
         hs.base_url, hs.token(cfg.base_dir).get_secret_value(),
         ca_bundle=str(cfg.resolve(hs.ca_bundle)) if hs.ca_bundle else None,
         properties={o: mappings.pull_fields("hubspot", o) for o in PULL_OBJECTS["hubspot"]},
-        retry=retry, timeout=hs.timeout_s)
+        retry=retry, timeout=hs.timeout_s, archive_scan_s=hs.archive_scan_s)
     salesforce = SalesforceConnector(
         sf.instance_url, sf.session_id(cfg.base_dir).get_secret_value(),
         ca_bundle=str(cfg.resolve(sf.ca_bundle)) if sf.ca_bundle else None,

@@ -39,7 +39,7 @@ import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from syncd import freshness
+from syncd import freshness, plan, reconcile, retention
 from syncd.config import Config, load_config
 from syncd.engine import CycleStats
 from syncd.errors import (
@@ -100,6 +100,7 @@ class Service:
             },
         )
         self.metrics.failing_after = self.rt.sla.writeback.max_tries
+        self.counts = reconcile.CountCheck(self.metrics)
         self.keeper = LeaseKeeper(self.rt.store, self.owner, cfg.service.lease_ttl_s, takeover=True)
         self.backoff: dict[str, tuple[datetime, str]] = {}  # system -> (retry at, why)
         self.stopping = threading.Event()
@@ -109,7 +110,8 @@ class Service:
         self._current: ObservedEngine | None = None
         self.server: MetricsServer | None = None
         self.scheduler = BackgroundScheduler(
-            executors={"work": ThreadPoolExecutor(1), "control": ThreadPoolExecutor(1)},
+            executors={"work": ThreadPoolExecutor(1), "control": ThreadPoolExecutor(1),
+                       "housekeeping": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1},
             timezone=UTC,
         )
@@ -171,6 +173,18 @@ class Service:
             executor="work",
             misfire_grace_time=int(BEAT_S) * 5,
             next_run_time=now + timedelta(seconds=BEAT_S / 2),
+        )
+        # the first backfill's cost, logged as it starts (off the worker: it never delays a cycle)
+        self.scheduler.add_job(plan.log_first_backfill, args=[self.rt], id="backfill-plan",
+                               executor="housekeeping", next_run_time=now)
+        self.scheduler.add_job(  # off the cycle's worker: small batches, each its own transaction
+            lambda: retention.run_job(self.rt.store, self.cfg, should_stop=self.stopping.is_set),
+            "interval",
+            id="prune",
+            seconds=self.cfg.retention.every_s,
+            executor="housekeeping",
+            misfire_grace_time=max(1, int(self.cfg.retention.every_s)),
+            next_run_time=now + timedelta(seconds=min(60.0, self.cfg.retention.every_s)),
         )
         self.scheduler.add_job(
             self._beat,
@@ -368,6 +382,8 @@ class Service:
         if error is None:
             self._recovered(sorted(engine.pulled_ok))
         ok = error is None and not stats.partial and len(systems) == len(self.rt.connectors)
+        if ok and self.counts.after_cycle(self.rt, group, engine, stats) is not None:
+            ok, error = False, "reconcile_gap"  # a known gap: this cycle is not a success
         self.metrics.observe_cycle(
             group,
             stats,

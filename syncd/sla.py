@@ -14,6 +14,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -88,6 +89,14 @@ class WriteBack(_Frozen):
     max_tries: int = Field(default=5, ge=1)
 
 
+class Deletions(_Frozen):
+    """What a record deleted (or merged away) in one CRM does to its twin in the other."""
+
+    # mark: record the tombstone, unlink, report; write nothing to the other side and never
+    # re-create the person because of the deletion. propagate: archive/delete the twin too.
+    other_side: Literal["mark", "propagate"] = "mark"
+
+
 class SLA(_Frozen):
     """The whole SLA file. Every section is optional; missing ones take the defaults."""
 
@@ -100,6 +109,7 @@ class SLA(_Frozen):
     ownership: dict[str, tuple[str, ...]] = Field(default_factory=_default_ownership)
     sync: SyncFields = Field(default_factory=SyncFields)
     writeback: WriteBack = Field(default_factory=WriteBack)
+    deletions: Deletions = Field(default_factory=Deletions)
 
     def owner_of(self, name: str) -> str | None:
         """The system owning a canonical field or lifecycle stage term, or None."""

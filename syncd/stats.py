@@ -42,6 +42,8 @@ class CycleStats:
     held: list[str] = field(default_factory=list)
     undecided: int = 0
     conflicts_resolved: int = 0
+    dead: int = 0  # records found deleted or merged away (tombstoned) in this cycle
+    restored: int = 0  # tombstoned records that came back (restore, undelete)
 
     @property
     def partial(self) -> bool:
@@ -64,6 +66,8 @@ class CycleStats:
                "skipped": self.skipped, "failed": self.failed}
         if self.partial:
             out["undecided"] = self.undecided
+        if self.dead or self.restored:
+            out.update(dead=self.dead, restored=self.restored)
         return out
 
 

@@ -22,9 +22,10 @@ import structlog
 from syncd import rules
 from syncd._json import jsonable
 from syncd.connectors.base import Connector
+from syncd.deletions import DELETE_OP
 from syncd.errors import FatalError, RecordError, RetriableError
 from syncd.mapping import Mappings
-from syncd.model import CanonicalRecord, FieldUpdate, RecordCreate, WriteResult
+from syncd.model import CanonicalRecord, Deletion, FieldUpdate, RecordCreate, WriteResult
 from syncd.sla import SLA
 from syncd.stats import CycleStats, PlannedWrite
 from syncd.store import OutboxItem, OutboxRow, RecordKey, RecordRow, Tx
@@ -67,6 +68,11 @@ class WriteBack:
         self.fence: tuple[str, str, int] | None = None
         self.call_timeout_s = 30.0
         self.fenced = False
+        # Dead records (syncd.deletions), set by the engine: ``on_dead`` gets writes answered by a
+        # merge survivor (the id written to was merged away); ``on_permanent`` gets the records
+        # of writes quarantined at once (a permanent error), to be read again.
+        self.on_dead: Callable[[Sequence[Deletion], CycleStats], None] | None = None
+        self.on_permanent: Callable[[str, str, Sequence[str], CycleStats], None] | None = None
 
     def _record_event(self, tx: Tx, entity: str, d: rules.Decision, still_open: bool) -> None:
         # Each event the rules emit is a new occurrence (their memory emits it once): a second
@@ -183,6 +189,9 @@ class WriteBack:
 
     def _send(self, conn: Connector, system: str, obj: str, op: str, batch: list[OutboxRow],
               stats: CycleStats) -> None:
+        batch = self._drop_dead(system, obj, batch, stats)
+        if not batch:
+            return
         try:
             if op == "update" and any(r.state == "sending" for r in batch):
                 batch = self._look_first(conn, system, obj, batch, stats)
@@ -190,6 +199,8 @@ class WriteBack:
                     return
             if op == "create":
                 results = self._create_idempotent(conn, system, obj, batch)
+            elif op == DELETE_OP:
+                results = conn.delete(obj, [(str(r.id), str(r.record_id)) for r in batch])  # type: ignore[attr-defined]
             else:
                 results = conn.write(obj, [FieldUpdate(key=str(r.id), record_id=str(r.record_id), fields=r.fields,
                                                        clear_first=tuple(r.clear_first)) for r in batch])
@@ -198,21 +209,58 @@ class WriteBack:
             return
         except FatalError:
             raise  # rows stay 'sending'; due() hands them out again after the fix
-        by_key = {res.key: res for res in results}
         with self._tx() as tx:
-            for r in batch:
-                res = by_key.get(str(r.id))
-                if res is not None and res.ok:
-                    if not tx.mark_done(r.id, result_id=res.record_id, now=self.clock(), fence=self.fence):
-                        log.warning("write_done_fenced", outbox_id=r.id, note="another process holds the lease now")
-                        continue
-                    stats.sent += 1
-                    if self.on_write:
-                        self.on_write(r, res.record_id)
+            merged, permanent = self._settle(tx, batch, results, stats)
+        if merged and self.on_dead is not None:
+            self.on_dead(merged, stats)
+        if permanent and self.on_permanent is not None:
+            self.on_permanent(system, obj, permanent, stats)
+
+    def _settle(self, tx: Tx, batch: list[OutboxRow], results: Sequence[WriteResult],
+                stats: CycleStats) -> tuple[list[Deletion], list[str]]:
+        """Mark each row done or failed. Returns the records found merged away (an update
+        answered with another id: the survivor's) and those of writes quarantined at once."""
+        by_key = {res.key: res for res in results}
+        merged: list[Deletion] = []
+        permanent: list[str] = []
+        for r in batch:
+            res = by_key.get(str(r.id))
+            if res is not None and res.ok:
+                if not tx.mark_done(r.id, result_id=res.record_id, now=self.clock(), fence=self.fence):
+                    log.warning("write_done_fenced", outbox_id=r.id, note="another process holds the lease now")
                     continue
-                err = (res.error if res is not None else None) or "UNKNOWN: no result from the CRM"
-                retriable = res.retriable if res is not None else True
-                self._failed(tx, r, err, retriable, stats)
+                stats.sent += 1
+                if self.on_write:
+                    self.on_write(r, res.record_id)
+                if r.op == "update" and r.record_id and res.record_id and res.record_id != r.record_id:
+                    merged.append(Deletion(r.system, r.object, str(r.record_id), None, res.record_id,
+                                           "write answer"))
+                continue
+            err = (res.error if res is not None else None) or "UNKNOWN: no result from the CRM"
+            retriable = res.retriable if res is not None else True
+            self._failed(tx, r, err, retriable, stats)
+            if not retriable and r.record_id:
+                permanent.append(str(r.record_id))
+        return merged, sorted(set(permanent))
+
+    def _drop_dead(self, system: str, obj: str, batch: list[OutboxRow], stats: CycleStats) -> list[OutboxRow]:
+        """Nothing is ever written to a deleted record: rows whose target has a tombstone are
+        superseded here (audited; their person is decided again), whatever queued them."""
+        keys = [(system, obj, str(r.record_id)) for r in batch if r.record_id]
+        if not keys:
+            return batch
+        with self._tx() as tx:
+            dead = tx.tombstones(keys)
+            if not dead:
+                return batch
+            for r in batch:
+                tomb = dead.get((system, obj, str(r.record_id)))
+                if tomb is not None and tx.mark_superseded(
+                        r.id, f"not sent: {system} {obj} {r.record_id} is {tomb.kind} ({tomb.source})",
+                        now=self.clock()):
+                    stats.skipped += 1
+        log.info("writes_to_dead_records_dropped", system=system, object=obj, count=len(dead))
+        return [r for r in batch if (system, obj, str(r.record_id)) not in dead]
 
     def _failed(self, tx: Tx, r: OutboxRow, err: str, retriable: bool, stats: CycleStats) -> None:
         """One write failed: a transient failure is sent again later, however often it failed

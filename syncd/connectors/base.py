@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from syncd.model import ApiUsage, Cursor, FieldUpdate, Page, RawRecord, RecordCreate, WriteResult
@@ -41,6 +41,28 @@ class Connector(Protocol):
 
     def allowed_values(self) -> dict[tuple[str, str], list[str]]:
         """(object, field) -> the values the CRM allows for the fields syncd maps."""
+        ...
+
+    def count(self, obj: str, *, since: datetime | None = None,
+              until: datetime | None = None) -> int:
+        """How many records of ``obj`` the CRM holds, modified in ``[since, until]`` when
+        given (one cheap call: HubSpot search ``total``, SOQL ``COUNT()``)."""
+        ...
+
+    def iter_ids(self, obj: str) -> Iterator[list[tuple[str, datetime]]]:
+        """Every (id, modified_at) of ``obj``, page by page (for ``syncd reconcile``)."""
+        ...
+
+    def pull_calls(self, obj: str, records: int) -> int:
+        """The API calls a pull of ``records`` records of ``obj`` makes (for cost plans)."""
+        ...
+
+    def fetch_calls(self, obj: str, records: int) -> int:
+        """The API calls :meth:`fetch` of ``records`` ids makes."""
+        ...
+
+    def write_calls(self, obj: str, writes: int) -> int:
+        """The API calls sending ``writes`` updates of ``obj`` makes, at least."""
         ...
 
     def close(self) -> None: ...

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -30,12 +30,14 @@ from hubspot import HubSpot
 from urllib3.util.retry import Retry
 
 from syncd import catalogue
+from syncd.connectors._deletes import delete_each
 from syncd.connectors._errors import NotRetried, call, lost_answer, may_be_applied
 from syncd.connectors._retry import RetryPolicy
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
 from syncd.model import (
     ApiUsage,
     Cursor,
+    Deletion,
     FieldUpdate,
     Page,
     RawRecord,
@@ -74,6 +76,7 @@ class HubSpotStream:
     replication_key: ClassVar[str]
     refs: ClassVar[tuple[str, ...]]
     email_property: ClassVar[str | None] = None  # find_by_email searches it; None: never found
+    merged_property: ClassVar[str | None] = None  # the survivor's list of merged-away ids
     checks_lifecycle: ClassVar[bool] = False  # HubSpot ignores backwards lifecyclestage writes
     enrich_batch: ClassVar[int] = 0  # 0: pages are yielded as searched
 
@@ -83,8 +86,9 @@ class HubSpotStream:
         cls.primary_key, cls.replication_key, cls.refs = row.key, row.cursor, row.refs
 
     def __init__(self, properties: Sequence[str]) -> None:
+        merged = [self.merged_property] if self.merged_property else []
         self.properties = list(dict.fromkeys(
-            [*dict.fromkeys(properties), self.replication_key, self.primary_key]))
+            [*dict.fromkeys(properties), self.replication_key, self.primary_key, *merged]))
 
     def enrich(self, read: Read, records: list[RawRecord]) -> list[RawRecord]:
         """The records with whatever the search does not return."""
@@ -99,6 +103,7 @@ class Contacts(HubSpotStream):
     name = "contacts"
     email_property = "email"
     checks_lifecycle = True
+    merged_property = "hs_merged_object_ids"
 
 
 class Deals(HubSpotStream):
@@ -251,11 +256,13 @@ class HubSpotConnector:
         retry: RetryPolicy,
         page_size: int = 200,
         timeout: float = 30.0,
+        archive_scan_s: float = 900.0,
     ) -> None:
         unknown = set(properties) - set(STREAMS)
         if unknown:
             raise FatalError(f"hubspot: unsupported objects {sorted(unknown)}", system=SYSTEM)
         self.usage = ApiUsage()
+        self.deletion_scan_s = archive_scan_s  # how often the engine reads the archive (deleted)
         self._streams = {o: STREAMS[o](p) for o, p in properties.items()}
         self._retry = retry
         self._page_size = max(1, min(page_size, 200))
@@ -291,20 +298,20 @@ class HubSpotConnector:
         return api
 
     def _call(self, endpoint: str, api: str, method: str, *args: Any,
-              idempotent: bool = True) -> Any:
+              idempotent: bool = True, **kw: Any) -> Any:
         """One API call under the retry policy. ``idempotent=False`` (creates): a transport
         failure (timeout, dropped connection) is raised, not retried, because the CRM may
         have applied the request before the answer was lost; the caller decides (the engine
         looks the record up by email before sending it again)."""
         return call(self._retry, f"hubspot.{endpoint}", self._once, endpoint, api, method, *args,
-                    idempotent=idempotent)
+                    idempotent=idempotent, **kw)
 
     def _once(self, endpoint: str, api: str, method: str, *args: Any,
-              idempotent: bool = True) -> Any:
+              idempotent: bool = True, **kw: Any) -> Any:
         self.usage.count(endpoint)
         fn = getattr(self._api(api), f"{method}_with_http_info")
         try:
-            resp = fn(*args, _preload_content=False, _request_timeout=self._timeout)
+            resp = fn(*args, _preload_content=False, _request_timeout=self._timeout, **kw)
             try:
                 raw, headers = resp.data, resp.headers
             finally:
@@ -529,17 +536,145 @@ class HubSpotConnector:
                     out[rec.id] = rec
         return list(out.values())
 
+    # ------------------------------------------------------------------ deletions
+    def deleted(self, obj: str, since: datetime | None) -> tuple[list[Deletion], datetime | None]:
+        """Records of ``obj`` archived at or after ``since`` (all archived ones when None), and
+        the new watermark (the latest ``archivedAt`` seen). HubSpot cannot filter its archive:
+        the list endpoint (``archived=true``, 100 per page, in id order) is read whole and only
+        records archived since the watermark are returned; the caller paces how often (never
+        on every poll: ``[sync] archive_scan_s``)."""
+        stream = self._stream(obj)
+        out: list[Deletion] = []
+        latest = since
+        after: str | None = None
+        while True:
+            resp = self._list_archived(obj, stream, after)
+            for o in resp.get("results") or []:
+                at = _archived_at(o)
+                if at is None or (since is not None and at < since):
+                    continue
+                out.append(Deletion(SYSTEM, obj, str(o["id"]), at, None, "archive"))
+                latest = at if latest is None or at > latest else latest
+            nxt = ((resp.get("paging") or {}).get("next") or {}).get("after")
+            if not nxt or nxt == after:
+                break
+            after = str(nxt)
+        log.info("hubspot.archive_scanned", object=obj, archived=len(out))
+        return out, latest
+
+    def _list_archived(self, obj: str, stream: HubSpotStream, after: str | None) -> Any:
+        try:
+            return self._call(f"{obj}.list_archived", f"{obj}.basic", "get_page", limit=100, after=after,
+                              properties=[stream.primary_key], archived=True)
+        except _BadRequest as e:
+            raise FatalError(f"hubspot {obj}.list_archived: {e.message}", system=SYSTEM) from None
+
+    def dead(self, obj: str, ids: Sequence[str]) -> list[Deletion]:
+        """Which of ``ids`` are gone, and how: merged (a read of the old id answers with the
+        survivor, whose ``hs_merged_object_ids`` names it) or archived (in the recycle bin).
+        Ids still live, or unknown to HubSpot, are left out."""
+        stream = self._stream(obj)
+        wanted = list(dict.fromkeys(ids))
+        out: list[Deletion] = []
+        for i in range(0, len(wanted), BATCH):
+            chunk = wanted[i:i + BATCH]
+            props = [stream.primary_key, *([stream.merged_property] if stream.merged_property else [])]
+            live = self._batch_read(obj, chunk, props, archived=False)
+            for o in live:
+                merged = str((o.get("properties") or {}).get(stream.merged_property or "") or "").split(";")
+                out += [Deletion(SYSTEM, obj, rid, None, str(o["id"]), "re-pull")
+                        for rid in chunk if rid != str(o["id"]) and rid in merged]
+            seen = {d.id for d in out} | {str(o["id"]) for o in live}
+            rest = [rid for rid in chunk if rid not in seen]
+            if rest:
+                out += [Deletion(SYSTEM, obj, str(o["id"]), _archived_at(o), None, "re-pull")
+                        for o in self._batch_read(obj, rest, props, archived=True)]
+        return out
+
+    def merges_in(self, records: Sequence[RawRecord]) -> list[Deletion]:
+        """The ids pulled survivors name as merged into them (``hs_merged_object_ids``)."""
+        out: list[Deletion] = []
+        for r in records:
+            stream = self._streams.get(r.object)
+            prop = stream.merged_property if stream is not None else None
+            for old in str(r.fields.get(prop or "") or "").split(";") if prop else ():
+                if old.strip() and old.strip() != r.id:
+                    out.append(Deletion(SYSTEM, r.object, old.strip(), r.modified_at, r.id, prop or ""))
+        return out
+
+    def delete(self, obj: str, targets: Sequence[tuple[str, str]]) -> list[WriteResult]:
+        """Archive records, (key, id) each (``[deletions] other_side = "propagate"``). One
+        already gone counts as done."""
+        self._stream(obj)
+        return delete_each(targets, lambda rid: self._call(f"{obj}.archive", f"{obj}.basic", "archive", rid),
+                           refused=(FatalError, _BadRequest), gone=lambda e: " 404 " in e)
+
+    def _batch_read(self, obj: str, ids: list[str], props: list[str], *, archived: bool) -> list[Any]:
+        body = {"inputs": [{"id": x} for x in ids], "properties": props, "propertiesWithHistory": []}
+        try:
+            resp = self._call(f"{obj}.batch_read", f"{obj}.batch", "read", body, archived=archived)
+        except _BadRequest as e:
+            raise FatalError(f"hubspot {obj}.batch_read: {e.message}", system=SYSTEM) from None
+        return list(resp.get("results") or [])
+    # ------------------------------------------------------------------ counts and ids
+    def count(self, obj: str, *, since: datetime | None = None,
+              until: datetime | None = None) -> int:
+        """How many records of ``obj`` the CRM holds (modified in ``[since, until]`` when
+        given): one search call with ``limit`` 1, read from its ``total``."""
+        stream = self._stream(obj)
+        mod = stream.replication_key
+        filters = [{"propertyName": mod, "operator": op, "value": str(_ms(at))}
+                   for op, at in (("GTE", since), ("LTE", until)) if at is not None]
+        body = {"filterGroups": [{"filters": filters}] if filters else [],
+                "properties": [stream.primary_key], "limit": 1, "after": "0"}
+        resp = self._read_call(f"{obj}.search", f"{obj}.search", "do_search", body)
+        return int(resp.get("total") or 0)
+
+    def iter_ids(self, obj: str) -> Iterator[list[tuple[str, datetime]]]:
+        """Every (id, modified_at) of ``obj``, ascending by id, a page (up to 200) at a time: a
+        search sorted by id with ``id > last`` per page, so the 10,000-result cap is never reached."""
+        stream = self._stream(obj)
+        key, last = stream.primary_key, 0
+        while True:
+            body = {"filterGroups": [{"filters": [
+                        {"propertyName": key, "operator": "GT", "value": str(last)}]}],
+                    "sorts": [{"propertyName": key, "direction": "ASCENDING"}],
+                    "properties": [key, stream.replication_key], "limit": self._page_size, "after": "0"}
+            resp = self._read_call(f"{obj}.search", f"{obj}.search", "do_search", body)
+            page = [(r.id, r.modified_at) for r in (self._record(obj, o) for o in resp.get("results") or [])]
+            if page:
+                yield page
+                last = max(last, *(int(i) for i, _ in page))
+            if len(page) < self._page_size or not (resp.get("paging") or {}).get("next"):
+                return
+
+    def pull_calls(self, obj: str, records: int) -> int:
+        """The calls a pull of ``records`` records of ``obj`` makes (for ``resync --plan``):
+        search pages of ``page_size`` (a restart per 10,000-result window re-reads one record),
+        and the association reads of streams that enrich pages."""
+        stream = self._stream(obj)
+        per_window = self._page_size * max(1, self.search_cap // self._page_size)  # full pages, then a restart
+        windows = max(1, -(-records // per_window))
+        pages = max(1, -(-(records + windows - 1) // self._page_size))  # a restart re-reads its boundary
+        enrich = -(-records // stream.enrich_batch) if stream.enrich_batch and records else 0
+        return pages + enrich
+
+    def fetch_calls(self, obj: str, records: int) -> int:
+        """The calls :meth:`fetch` of ``records`` ids makes (batch reads of 100, + enrichment)."""
+        stream = self._stream(obj)
+        reads = -(-records // BATCH)
+        enrich = -(-records // stream.enrich_batch) if stream.enrich_batch and records else 0
+        return reads + enrich
+
+    def write_calls(self, obj: str, writes: int) -> int:
+        """The calls sending ``writes`` updates makes, at least (batch updates of 100)."""
+        self._stream(obj)
+        return -(-writes // BATCH)
+
     # ------------------------------------------------------------------ writes
     def write(self, obj: str, updates: Sequence[FieldUpdate]) -> list[WriteResult]:
         stream = self._stream(obj)
-        results: dict[str, WriteResult] = {}
-        clears = [(u.key, u.record_id, dict.fromkeys(u.clear_first, "")) for u in updates
-                  if u.clear_first]
-        for r in self._batch_update(obj, clears):
-            if not r.ok:
-                results[r.key] = WriteResult(r.key, False, r.record_id,
-                                             f"clearing {', '.join(_clear_of(updates, r.key))} "
-                                             f"failed: {r.error}", r.retriable)
+        results = self._clear_first(obj, updates)
         main = [(u.key, u.record_id, {k: _str(v) for k, v in u.fields.items()}) for u in updates
                 if u.key not in results]
         stored: dict[str, dict[str, Any]] = {}
@@ -563,6 +698,23 @@ class HubSpotConnector:
         if stream.checks_lifecycle:
             self._verify_lifecycle(obj, updates, results, stored)
         return [results[u.key] for u in updates]
+
+    def _clear_first(self, obj: str, updates: Sequence[FieldUpdate]) -> dict[str, WriteResult]:
+        """Clear the fields of backwards moves (a separate, earlier request). A backwards move is
+        atomic from syncd's side: a clear that failed transiently is sent again at once, and
+        one still failing fails its update (its set is not sent; the outbox retries clear and
+        set together). Returns the failed updates' results."""
+        clears = [(u.key, u.record_id, dict.fromkeys(u.clear_first, "")) for u in updates if u.clear_first]
+        failed = {r.key: r for r in self._batch_update(obj, clears) if not r.ok}
+        again = [c for c in clears if c[0] in failed and failed[c[0]].retriable]
+        for r in self._batch_update(obj, again) if again else ():
+            if r.ok:
+                del failed[r.key]
+            else:
+                failed[r.key] = r
+        return {k: WriteResult(k, False, r.record_id, f"clearing {', '.join(_clear_of(updates, k))} "
+                                                      f"failed: {r.error}", r.retriable)
+                for k, r in failed.items()}
 
     def _batch_update(self, obj: str, items: list[tuple[str, str, dict[str, str]]],
                       stored: dict[str, dict[str, Any]] | None = None) -> list[WriteResult]:
@@ -588,10 +740,21 @@ class HubSpotConnector:
         except RetriableError as e:
             return [WriteResult(k, False, rid, str(e), retriable=True) for k, rid, _ in chunk]
         by_id = {str(o["id"]): o.get("properties") or {} for o in resp.get("results") or []}
+        # an input whose record was merged away is applied to the survivor, and the answer
+        # carries the survivor's id: found by the trace id we sent (syncd treats it as the merge)
+        by_trace = {str(o["objectWriteTraceId"]): o for o in resp.get("results") or []
+                    if o.get("objectWriteTraceId")}
         errs = _errors_by_id(resp)
         out = []
         for key, rid, _ in chunk:
-            if rid in errs:
+            survivor = by_trace.get(key)
+            if rid not in by_id and survivor is not None and str(survivor["id"]) != rid:
+                out.append(WriteResult(key, True, str(survivor["id"])))
+                log.info("hubspot write answered by the merge survivor", object=obj, record_id=rid,
+                         survivor_id=str(survivor["id"]))
+                if stored is not None:
+                    stored[key] = survivor.get("properties") or {}
+            elif rid in errs:
                 cat, msg = errs[rid]
                 out.append(WriteResult(key, False, rid, msg, cat not in NOT_RETRIABLE_CATEGORIES))
             elif rid in by_id:
@@ -623,14 +786,15 @@ class HubSpotConnector:
             else:
                 got[u.key] = value
         held: dict[str, Any] = {}
-        ids = list(dict.fromkeys(u.record_id for u in reread))
+        target = {u.key: results[u.key].record_id or u.record_id for u in reread}  # a survivor's id
+        ids = list(dict.fromkeys(target.values()))
         for i in range(0, len(ids), BATCH):
             body = {"inputs": [{"id": x} for x in ids[i:i + BATCH]],
                     "properties": ["lifecyclestage"], "propertiesWithHistory": []}
             resp = self._read_call(f"{obj}.batch_read", f"{obj}.batch", "read", body)
             held.update({str(o["id"]): (o.get("properties") or {}).get("lifecyclestage")
                          for o in resp.get("results") or []})
-        got.update({u.key: held.get(u.record_id) for u in reread})
+        got.update({u.key: held.get(target[u.key]) for u in reread})
         for u in check:
             want = _str(u.fields["lifecyclestage"])
             if got[u.key] != want:
@@ -726,6 +890,14 @@ def _str(v: Any) -> str:
         v = v.astimezone(UTC)
         return v.strftime("%Y-%m-%dT%H:%M:%S.") + f"{v.microsecond // 1000:03d}Z"
     return str(v)
+
+
+def _archived_at(o: Mapping[str, Any]) -> datetime | None:
+    v = o.get("archivedAt")
+    try:
+        return datetime.fromisoformat(str(v)).astimezone(UTC) if v else None
+    except ValueError:
+        return None
 
 
 def _retry_after(headers: Any) -> float | None:

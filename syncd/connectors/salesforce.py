@@ -33,10 +33,11 @@ from simple_salesforce.exceptions import (
 )
 
 from syncd import catalogue
+from syncd.connectors._deletes import delete_each
 from syncd.connectors._errors import NotRetried, call, lost_answer, may_be_applied
 from syncd.connectors._retry import RetryPolicy
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
-from syncd.model import ApiUsage, Cursor, FieldUpdate, Page, RawRecord, RecordCreate, WriteResult
+from syncd.model import ApiUsage, Cursor, Deletion, FieldUpdate, Page, RawRecord, RecordCreate, WriteResult
 
 log = structlog.get_logger()
 
@@ -45,6 +46,9 @@ T = TypeVar("T")
 SYSTEM = "salesforce"
 COLLECTION_LIMIT = 200  # sObject Collections: records per call
 IN_CHUNK = 200  # values per SOQL IN (...) clause, keeps the GET URL well under 16k characters
+# getDeleted and queryAll reach back this far (the recycle bin; older deletions are gone)
+DELETED_WINDOW = timedelta(days=30)
+QUERY_BATCH = 2000  # records per query batch: Salesforce's default (syncd sends no batchSize option)
 RETRIABLE_RECORD_CODES = frozenset(
     {"UNABLE_TO_LOCK_ROW", "SERVER_UNAVAILABLE", "REQUEST_RUNNING_TOO_LONG"}
 )
@@ -74,6 +78,7 @@ class SObjectStream:
     primary_key: ClassVar[str]
     replication_key: ClassVar[str]
     email_field: ClassVar[str] = "Email"
+    merges: ClassVar[bool] = False  # merged records are deleted with MasterRecordId set
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -95,13 +100,30 @@ class SObjectStream:
     def where_in(self, field: str, values: Sequence[str]) -> str:
         return f"{self._select()} WHERE {field} IN ({', '.join(soql_literal(v) for v in values)})"
 
+    def _dead_select(self) -> str:
+        master = ", MasterRecordId" if self.merges else ""
+        return f"SELECT {self.primary_key}, {self.replication_key}{master} FROM {self.name}"
+
+    def deleted_since(self, since: datetime) -> str:
+        """For queryAll: rows deleted (or merged away) at or after ``since``, oldest first."""
+        rk = self.replication_key
+        return (f"{self._dead_select()} WHERE IsDeleted = TRUE AND {rk} >= {soql_datetime(since)} "
+                f"ORDER BY {rk}, {self.primary_key}")
+
+    def dead_in(self, ids: Sequence[str]) -> str:
+        """For queryAll: which of ``ids`` are deleted."""
+        return (f"{self._dead_select()} WHERE IsDeleted = TRUE AND {self.primary_key} IN "
+                f"({', '.join(soql_literal(v) for v in ids)})")
+
 
 class Lead(SObjectStream):
     name = "Lead"
+    merges = True
 
 
 class Contact(SObjectStream):
     name = "Contact"
+    merges = True
 
 
 class Opportunity(SObjectStream):
@@ -307,6 +329,50 @@ class SalesforceConnector:
         desc = self._call("describe", self._sf.restful, f"sobjects/{obj}/describe")
         return {str(f["name"]) for f in (desc or {}).get("fields", []) if f.get("externalId")}
 
+    # ------------------------------------------------------------------ deletions
+    def deleted(self, obj: str, since: datetime | None, *,
+                now: datetime | None = None) -> tuple[list[Deletion], datetime | None]:
+        """Rows of ``obj`` deleted (or merged away: ``MasterRecordId``) at or after ``since``,
+        through queryAll with ``IsDeleted = TRUE``, and the new watermark. Salesforce keeps
+        deleted rows DELETED_WINDOW: a watermark older than that (or none: the first read)
+        starts at the window's edge, and a gap is logged (reconcile finds what it hid)."""
+        stream = self._stream(obj)
+        edge = (now or datetime.now(UTC)) - DELETED_WINDOW + timedelta(minutes=1)
+        if since is not None and since < edge:
+            log.warning("salesforce.deleted_window_passed", object=obj, since=since.isoformat(),
+                        note="deletions older than the recycle bin cannot be read; run syncd reconcile")
+        start = edge if since is None or since < edge else since
+        out: list[Deletion] = []
+        latest = since
+        for batch in self._query_pages(stream.deleted_since(start), include_deleted=True):
+            for r in batch:
+                at = _parse_datetime(str(r[stream.replication_key]))
+                out.append(Deletion(SYSTEM, obj, str(r[stream.primary_key]), at,
+                                    r.get("MasterRecordId") or None, "queryAll"))
+                latest = at if latest is None or at > latest else latest
+        log.info("salesforce.deleted_pulled", object=obj, deleted=len(out))
+        return out, latest
+
+    def dead(self, obj: str, ids: Sequence[str]) -> list[Deletion]:
+        """Which of ``ids`` are deleted (or merged away), by queryAll."""
+        stream = self._stream(obj)
+        out: list[Deletion] = []
+        for chunk in _chunks(list(dict.fromkeys(ids)), IN_CHUNK):
+            for batch in self._query_pages(stream.dead_in(chunk), include_deleted=True):
+                out += [Deletion(SYSTEM, obj, str(r[stream.primary_key]),
+                                 _parse_datetime(str(r[stream.replication_key])),
+                                 r.get("MasterRecordId") or None, "re-pull") for r in batch]
+        return out
+
+    def delete(self, obj: str, targets: Sequence[tuple[str, str]]) -> list[WriteResult]:
+        """Delete records, (key, id) each (``[deletions] other_side = "propagate"``). One
+        already deleted counts as done."""
+        self._stream(obj)
+        return delete_each(
+            targets, lambda rid: self._call("sobject.delete", self._sf.restful, f"sobjects/{obj}/{rid}",
+                                            method="DELETE"),
+            refused=(FatalError,), gone=lambda e: "ENTITY_IS_DELETED" in e)
+
     def allowed_values(self) -> dict[tuple[str, str], list[str]]:
         out: dict[tuple[str, str], list[str]] = {}
         for obj, stream in self._streams.items():
@@ -318,6 +384,43 @@ class SalesforceConnector:
                         p["value"] for p in f.get("picklistValues", []) if p.get("active", True)
                     ]
         return out
+
+    # ------------------------------------------------------------------ counts and ids
+    def count(self, obj: str, *, since: datetime | None = None,
+              until: datetime | None = None) -> int:
+        """How many records of ``obj`` there are (modified in ``[since, until]`` when given):
+        one ``SELECT COUNT()`` query, read from its ``totalSize``."""
+        stream = self._stream(obj)
+        rk = stream.replication_key
+        conds = [f"{rk} {op} {soql_datetime(at)}"
+                 for op, at in ((">=", since), ("<=", until)) if at is not None]
+        where = f" WHERE {' AND '.join(conds)}" if conds else ""
+        result = self._call("query", self._sf.query, f"SELECT COUNT() FROM {obj}{where}")
+        return int(result.get("totalSize") or 0)
+
+    def iter_ids(self, obj: str) -> Iterator[list[tuple[str, datetime]]]:
+        """Every (id, modified_at) of ``obj`` in id order, a query batch (2,000) at a time."""
+        stream = self._stream(obj)
+        key, rk = stream.primary_key, stream.replication_key
+        for batch in self._query_pages(f"SELECT {key}, {rk} FROM {obj} ORDER BY {key}"):
+            if batch:
+                yield [(str(r[key]), _parse_datetime(str(r[rk]))) for r in batch]
+
+    def pull_calls(self, obj: str, records: int) -> int:
+        """The calls a pull of ``records`` records of ``obj`` makes: one query, then a
+        ``query_more`` per further batch of :data:`QUERY_BATCH`."""
+        self._stream(obj)
+        return max(1, -(-records // QUERY_BATCH))
+
+    def fetch_calls(self, obj: str, records: int) -> int:
+        """The calls :meth:`fetch` of ``records`` ids makes (one query per IN_CHUNK ids)."""
+        self._stream(obj)
+        return -(-records // IN_CHUNK)
+
+    def write_calls(self, obj: str, writes: int) -> int:
+        """The calls sending ``writes`` updates makes (sObject Collections of 200)."""
+        self._stream(obj)
+        return -(-writes // COLLECTION_LIMIT)
 
     def close(self) -> None:
         self._session.close()
@@ -343,9 +446,13 @@ class SalesforceConnector:
                 out.extend(self._record(stream, r) for r in batch)
         return out
 
-    def _query_pages(self, soql: str) -> Iterator[list[dict[str, Any]]]:
-        """One SOQL query, batch by batch through query locators (:class:`QueryLocatorPaginator`)."""
-        result = self._call("query", self._sf.query, soql)
+    def _query_pages(self, soql: str, *, include_deleted: bool = False) -> Iterator[list[dict[str, Any]]]:
+        """One SOQL query, batch by batch through query locators (:class:`QueryLocatorPaginator`);
+        ``include_deleted``: through queryAll (deleted and merged rows too)."""
+        if include_deleted:
+            result = self._call("queryAll", self._sf.query, soql, include_deleted=True)
+        else:
+            result = self._call("query", self._sf.query, soql)
         pager = QueryLocatorPaginator()
         while True:
             yield list(result.get("records", []))

@@ -192,7 +192,7 @@ def _cannot_listen(port: int) -> str | None:
 
 
 def serve_forever(*, seed: int, people: int, deals: int | None, hubspot_port: int, salesforce_port: int,
-                  directory: Path | None) -> int:
+                  directory: Path | None, as_json: bool = False) -> int:
     """``syncd sandbox serve``: seeded simulators until Ctrl-C / SIGTERM.
 
     Bad arguments, a port already in use and an unusable ``--dir`` are ConfigError (exit 2):
@@ -214,18 +214,10 @@ def serve_forever(*, seed: int, people: int, deals: int | None, hubspot_port: in
         summary: Any = seed_apps(sb.hubspot, sb.salesforce,
                                  SeedSpec(seed=seed, people=people, deals=deals if deals is not None else people // 5))
         cfg = sb.write_config(sb.directory / "syncd.toml", state_url=f"sqlite:///{sb.directory / 'syncd.db'}")
-        click.echo(f"HubSpot sandbox    {sb.hubspot_url}   (Bearer token: {HUBSPOT_TOKEN})")
-        click.echo(f"Salesforce sandbox {sb.salesforce_url}   (session id: {SALESFORCE_SESSION})")
-        click.echo(f"CA bundle          {sb.ca_path}")
-        click.echo(f"Seeded             {summary}")
-        click.echo("")
-        click.echo("Point syncd at it:")
-        click.echo(f"  export {TOKEN_ENV}={HUBSPOT_TOKEN} {SESSION_ENV}={SALESFORCE_SESSION}")
-        click.echo(f"  syncd --config {cfg} sync --once")
-        click.echo("Or a client by hand:")
-        click.echo(f"  HubSpot(access_token='{HUBSPOT_TOKEN}', host='{sb.hubspot_url}', ssl_ca_cert='{sb.ca_path}')")
-        click.echo("  requests.Session() with verify=CA and trust_env=False, then")
-        click.echo(f"  Salesforce(instance_url='{sb.salesforce_url}', session_id='{SALESFORCE_SESSION}', session=s)")
+        if as_json:
+            _serving_json(sb, cfg, summary)
+        else:
+            _serving_text(sb, cfg, summary)
         click.echo("Ctrl-C to stop.", err=True)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -237,3 +229,32 @@ def serve_forever(*, seed: int, people: int, deals: int | None, hubspot_port: in
     finally:
         sb.stop()
     return 0
+
+
+def _serving_json(sb: Sandbox, cfg: Path, summary: Any) -> None:
+    """``sandbox serve --json``: one document (docs/json.md), printed once the simulators serve."""
+    import click
+
+    from syncd._json import dumps
+
+    click.echo(dumps({"hubspot": {"url": sb.hubspot_url, "token": HUBSPOT_TOKEN, "token_env": TOKEN_ENV},
+                      "salesforce": {"url": sb.salesforce_url, "session": SALESFORCE_SESSION,
+                                     "session_env": SESSION_ENV},
+                      "ca_bundle": str(sb.ca_path), "config": str(cfg), "seeded": dict(summary.counts)}))
+
+
+def _serving_text(sb: Sandbox, cfg: Path, summary: Any) -> None:
+    import click
+
+    click.echo(f"HubSpot sandbox    {sb.hubspot_url}   (Bearer token: {HUBSPOT_TOKEN})")
+    click.echo(f"Salesforce sandbox {sb.salesforce_url}   (session id: {SALESFORCE_SESSION})")
+    click.echo(f"CA bundle          {sb.ca_path}")
+    click.echo(f"Seeded             {summary}")
+    click.echo("")
+    click.echo("Point syncd at it:")
+    click.echo(f"  export {TOKEN_ENV}={HUBSPOT_TOKEN} {SESSION_ENV}={SALESFORCE_SESSION}")
+    click.echo(f"  syncd --config {cfg} sync --once")
+    click.echo("Or a client by hand:")
+    click.echo(f"  HubSpot(access_token='{HUBSPOT_TOKEN}', host='{sb.hubspot_url}', ssl_ca_cert='{sb.ca_path}')")
+    click.echo("  requests.Session() with verify=CA and trust_env=False, then")
+    click.echo(f"  Salesforce(instance_url='{sb.salesforce_url}', session_id='{SALESFORCE_SESSION}', session=s)")

@@ -142,6 +142,9 @@ class SimServer:
         self.faults = FaultPlan()
         self.counts: Counter[str] = Counter()
         self._count_lock = threading.Lock()
+        # (endpoint, request) of every request once :meth:`log_requests` is called (off by default:
+        # the benchmarks send hundreds of thousands)
+        self.request_log: list[tuple[str, Request]] | None = None
         self._ssl = ssl_context
         self._httpd = _Server(("127.0.0.1", port), _make_handler(self))
         if ssl_context is not None:
@@ -188,9 +191,17 @@ class SimServer:
         with self._count_lock:
             self.counts.clear()
 
-    def _count(self, endpoint: str) -> None:
+    def _count(self, endpoint: str, req: Request | None = None) -> None:
         with self._count_lock:
             self.counts[endpoint] += 1
+            if self.request_log is not None and req is not None:
+                self.request_log.append((endpoint, req))
+
+    def log_requests(self) -> list[tuple[str, Request]]:
+        """Keep every request from now on (tests assert what was asked); returns the log."""
+        with self._count_lock:
+            self.request_log = []
+            return self.request_log
 
 
 class _Server(ThreadingHTTPServer):
@@ -251,7 +262,7 @@ def _make_handler(server: SimServer) -> type[BaseHTTPRequestHandler]:
                 endpoint = server.app.endpoint(req)
             except Exception:  # noqa: BLE001 - an unknown path is a 404, never a traceback
                 endpoint = "unknown"
-            server._count(endpoint)
+            server._count(endpoint, req)
             fault = server.faults.take(endpoint)
             if fault is not None and fault.kind == "drop":
                 self.close_connection = True

@@ -25,6 +25,15 @@ unknown or the docs are silent:
   ground-truth :meth:`add` may still make duplicates (to stage link conflicts).
 - :meth:`lose_answers` makes an endpoint apply requests and answer 504 (a lost answer).
 - Properties written as ``""`` are stored and returned as ``null``.
+- Deletion and merges (:meth:`archive`, :meth:`restore`, :meth:`merge`): an archived record
+  leaves search and is listed with ``archived=true`` (``archivedAt`` set; archiving does not
+  move the modified date, as on the live API). A merge keeps the primary's id: its empty
+  properties are filled from the other, its ``lifecyclestage`` is the furthest of the two,
+  ``hs_merged_object_ids`` lists the merged-away ids (``;``-separated) and the modified date
+  moves. The merged-away id is not archived: reads and updates of it answer with the
+  surviving record (its id in the result), as the live API does.
+- :attr:`HubSpotApp.id_requests` counts API requests naming each record id (path or batch
+  input), so tests can assert that nothing asks for a dead id.
 - The 10-second burst limit is reported in headers but only enforced when
   ``enforce_burst=True``; the daily budget is always enforced (429 DAILY).
 
@@ -40,7 +49,7 @@ import re
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -79,7 +88,8 @@ LIST_LIMIT, SEARCH_LIMIT, SEARCH_MAX_OFFSET, BATCH_LIMIT, ASSOC_BATCH_LIMIT = (
     100,
     1000,
 )
-READ_ONLY = {"hs_object_id", "createdate", "lastmodifieddate", "hs_lastmodifieddate"}
+READ_ONLY = {"hs_object_id", "createdate", "lastmodifieddate", "hs_lastmodifieddate",
+             "hs_merged_object_ids"}
 
 LIFECYCLE_STAGES = [
     ("subscriber", "Subscriber"),
@@ -179,6 +189,7 @@ PROPERTIES: tuple[Prop, ...] = (
     Prop("contacts", "createdate", "Create Date", "datetime"),
     Prop("contacts", "lastmodifieddate", "Last Modified Date", "datetime"),
     Prop("contacts", "hs_object_id", "Record ID", "number"),
+    Prop("contacts", "hs_merged_object_ids", "Merged Contact IDs", "string"),
     Prop("deals", "dealname", "Deal Name", "string"),
     Prop(
         "deals", "dealstage", "Deal Stage", "enumeration", tuple((s[0], s[1]) for s in DEAL_STAGES)
@@ -265,6 +276,8 @@ class _Store:
     by_mod: list[tuple[int, int]] = field(default_factory=list)
     # id-ordered ids for the list endpoint, per "live"/"archived"; cleared on create/archive
     sorted_ids: dict[str, list[int] | None] = field(default_factory=dict)
+    # merged-away id -> the surviving id (reads and writes of the old id reach the survivor)
+    merged: dict[str, str] = field(default_factory=dict)
 
 
 class HubSpotApp:
@@ -297,6 +310,7 @@ class HubSpotApp:
         self._burst: deque[float] = deque()
         # endpoint -> how many more requests are applied and then answered 504 (lost answers)
         self._lose: dict[str, int] = {}
+        self.id_requests: Counter[str] = Counter()
 
     def lose_answers(self, endpoint: str, count: int = 1) -> None:
         """The next ``count`` requests to ``endpoint`` are applied, then answered 504 (a gateway
@@ -348,6 +362,67 @@ class HubSpotApp:
             return [
                 dict(r.props) for r in self._store(object_type).records.values() if not r.archived
             ]
+
+    def archive(self, object_type: str, id: str, *, at: datetime | None = None) -> None:  # noqa: A002
+        """Archive (delete) a record as a user would: it goes to the recycle bin."""
+        with self._lock:
+            self._archive(object_type, self._live(object_type, id), _ms(at, self._clock))
+
+    def restore(self, object_type: str, id: str, *, at: datetime | None = None) -> None:  # noqa: A002
+        """Restore an archived record from the recycle bin (its modified date moves)."""
+        with self._lock:
+            st = self._store(object_type)
+            rec = st.records[id]
+            if not rec.archived:
+                raise ValueError(f"{object_type} {id} is not archived")
+            rec.archived, rec.archived_at = False, None
+            st.sorted_ids.clear()
+            self._reindex(object_type, rec, _ms(at, self._clock))
+
+    def merge(self, object_type: str, primary: str, secondary: str, *,
+              at: datetime | None = None) -> None:
+        """Merge ``secondary`` into ``primary`` (see the module docstring)."""
+        with self._lock:
+            st = self._store(object_type)
+            keep, gone = self._live(object_type, primary), self._live(object_type, secondary)
+            when = _ms(at, self._clock)
+            for name, value in gone.props.items():
+                if value not in (None, "") and keep.props.get(name) in (None, "") \
+                        and name not in READ_ONLY:
+                    keep.props[name] = value
+            a, b = keep.props.get("lifecyclestage"), gone.props.get("lifecyclestage")
+            if a and b and _is_backwards(b, a):
+                keep.props["lifecyclestage"] = b
+            ids = [*(keep.props.get("hs_merged_object_ids") or "").split(";"), secondary,
+                   *(gone.props.get("hs_merged_object_ids") or "").split(";")]
+            keep.props["hs_merged_object_ids"] = ";".join(i for i in dict.fromkeys(ids) if i)
+            for old, new in list(st.merged.items()):
+                if new == secondary:
+                    st.merged[old] = primary
+            st.merged[secondary] = primary
+            for other in self._assoc[object_type].pop(secondary, set()):
+                o = "deals" if object_type == "contacts" else "contacts"
+                self._assoc[o][other].discard(secondary)
+                self._associate(object_type, primary, o, other, when)
+            key = (gone.updated, int(secondary))
+            i = bisect.bisect_left(st.by_mod, key)
+            if i < len(st.by_mod) and st.by_mod[i] == key:
+                del st.by_mod[i]
+            del st.records[secondary]
+            st.sorted_ids.clear()
+            self._reindex(object_type, keep, when)
+
+    def _archive(self, t: str, rec: _Record, at: int) -> None:
+        st = self._stores[t]
+        i = bisect.bisect_left(st.by_mod, (rec.updated, int(rec.id)))
+        if i < len(st.by_mod) and st.by_mod[i] == (rec.updated, int(rec.id)):
+            del st.by_mod[i]
+        rec.archived, rec.archived_at = True, at
+        st.sorted_ids.clear()
+
+    def _resolve(self, t: str, rid: str) -> str:
+        """The id a request for ``rid`` reaches: the survivor of a merge, else ``rid``."""
+        return self._stores[t].merged.get(rid, rid)
 
     def associate(self, contact_id: str, deal_id: str, *, at: datetime | None = None) -> None:
         with self._lock:
@@ -407,6 +482,8 @@ class HubSpotApp:
         limited = self._spend()
         if limited is not None:
             return limited
+        if endpoint.rsplit(".", 1)[-1] in ("get", "update", "archive"):
+            self.id_requests[args[1]] += 1
         try:
             with self._lock:
                 resp = handler(req, faults, endpoint, *args)
@@ -685,7 +762,7 @@ class HubSpotApp:
         return st.sorted_ids[key] or []
 
     def _live(self, t: str, rid: str) -> _Record:
-        rec = self._stores[t].records.get(rid)
+        rec = self._stores[t].records.get(self._resolve(t, rid))
         if rec is None or rec.archived:
             raise ApiError(404, "resource not found", "OBJECT_NOT_FOUND")
         return rec
@@ -703,13 +780,7 @@ class HubSpotApp:
         return Response(200, self._obj(t, rec, list(DEFAULT_PROPS[t]) + list(props)))
 
     def _h_archive(self, _r: Request, _f: FaultPlan, _e: str, t: str, rid: str) -> Response:
-        rec = self._live(t, rid)
-        st = self._stores[t]
-        i = bisect.bisect_left(st.by_mod, (rec.updated, int(rid)))
-        if i < len(st.by_mod) and st.by_mod[i] == (rec.updated, int(rid)):
-            del st.by_mod[i]
-        rec.archived, rec.archived_at = True, self._clock()
-        st.sorted_ids.clear()
+        self._archive(t, self._live(t, rid), self._clock())
         return Response(204)
 
     def _refuse_duplicate_emails(self, t: str, inputs: list[Mapping[str, Any]]) -> None:
@@ -746,11 +817,13 @@ class HubSpotApp:
         _check_batch(inputs)
         names = body.get("properties") or None
         started = iso(self._clock())
+        archived = (req.q("archived", "false") or "false").lower() == "true"
         results, missing = [], []
         for inp in inputs:
             rid = str(inp.get("id"))
-            rec = self._stores[t].records.get(rid)
-            if rec is None or rec.archived:
+            self.id_requests[rid] += 1
+            rec = self._stores[t].records.get(self._resolve(t, rid))
+            if rec is None or rec.archived != archived:
                 missing.append(rid)
             else:
                 results.append(self._obj(t, rec, names))
@@ -767,7 +840,8 @@ class HubSpotApp:
         results, missing, errors = [], [], []
         at = self._clock()
         for rid, inp in zip(ids, inputs, strict=True):
-            rec = self._stores[t].records.get(rid)
+            self.id_requests[rid] += 1
+            rec = self._stores[t].records.get(self._resolve(t, rid))
             if rec is None or rec.archived:
                 missing.append(rid)
                 continue
@@ -776,7 +850,7 @@ class HubSpotApp:
                 continue
             props = inp.get("properties") or {}
             self._update(t, rec, props, at)
-            self._log(endpoint, t, rid, props, at)
+            self._log(endpoint, t, rec.id, props, at)
             obj = self._obj(t, rec, list(DEFAULT_PROPS[t]) + list(props))
             if inp.get("objectWriteTraceId"):
                 obj["objectWriteTraceId"] = inp["objectWriteTraceId"]

@@ -28,10 +28,10 @@ import email.utils
 import itertools
 import re
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from syncd.sandbox import soql
@@ -40,6 +40,7 @@ from syncd.sandbox._server import Fault, FaultPlan, Request, Response
 API = "/services/data/v59.0"
 _PATH = re.compile(r"^/services/data/v\d+\.\d+(?P<rest>/.*)?$")
 MAX_COLLECTION = 200
+GET_DELETED_WINDOW = timedelta(days=30)
 DEFAULT_BATCH = 2000
 
 LEAD_STATUSES = (
@@ -94,6 +95,7 @@ def _ro(name: str, type_: str, **kw: Any) -> FieldSpec:
 
 
 _AUDIT = (
+    _ro("IsDeleted", "boolean", default=False),
     _ro("CreatedDate", "datetime"),
     _ro("LastModifiedDate", "datetime"),
     _ro("SystemModstamp", "datetime"),
@@ -130,6 +132,7 @@ SCHEMA: dict[str, tuple[str, tuple[FieldSpec, ...]]] = {
             _ro("ConvertedAccountId", "reference", reference_to=("Account",)),
             _ro("ConvertedOpportunityId", "reference", reference_to=("Opportunity",)),
             _ro("ConvertedDate", "date"),
+            _ro("MasterRecordId", "reference", reference_to=("Lead",)),
             *_PERSON_CUSTOM,
             *_AUDIT,
         ),
@@ -143,6 +146,7 @@ SCHEMA: dict[str, tuple[str, tuple[FieldSpec, ...]]] = {
             FieldSpec("LastName", "string", required=True),
             FieldSpec("Email", "email"),
             FieldSpec("LeadSource", "picklist", picklist=LEAD_SOURCES, restricted=False),
+            _ro("MasterRecordId", "reference", reference_to=("Contact",)),
             *_PERSON_CUSTOM,
             *_AUDIT,
         ),
@@ -304,6 +308,12 @@ class SalesforceApp:
         self._cursors: OrderedDict[str, tuple[list[dict[str, Any]], int]] = OrderedDict()
         self._max_cursors = max_cursors
         self.write_log: list[dict[str, Any]] = []
+        # the recycle bin: deleted (and merged-away) rows, IsDeleted true, seen only by queryAll
+        # and getDeleted; every other read or write of their id answers ENTITY_IS_DELETED
+        self._bin: dict[str, dict[str, dict[str, Any]]] = {o: {} for o in SCHEMA}
+        # API requests naming each record id (path, collection record, SOQL literal, getDeleted
+        # answer excluded): tests assert that nothing asks for a dead id after syncd saw it die
+        self.id_requests: Counter[str] = Counter()
         self._seed_catalogue()
 
     # ------------------------------------------------------------------ direct access API
@@ -319,13 +329,56 @@ class SalesforceApp:
         with self._lock:
             self._update(sobject, record_id, fields, at)
 
-    def delete(self, sobject: str, record_id: str) -> None:
-        """Delete a record as a user would (or a merge would, for the loser): it is gone from
-        every query and read. (Deleted-record feeds, getDeleted/queryAll, are not simulated.)"""
+    def delete(
+        self, sobject: str, record_id: str, *, at: datetime | None = None,
+        master_id: str | None = None,
+    ) -> None:
+        """Delete a record as a user would: it goes to the recycle bin (``IsDeleted`` true,
+        SystemModstamp the deletion time; ``MasterRecordId`` when a merge deleted it). Only
+        queryAll and getDeleted see it from then on; any other request naming it answers
+        ENTITY_IS_DELETED."""
         with self._lock:
-            self._row(sobject, record_id)  # NOT_FOUND for an unknown id
-            del self._rows[sobject][record_id]
-            self._index[sobject] = [k for k in self._index[sobject] if k[1] != record_id]
+            rid = self._canon_id(sobject, record_id)  # NOT_FOUND for an unknown id
+            row = self._rows[sobject].pop(rid)
+            self._index[sobject] = [k for k in self._index[sobject] if k[1] != rid]
+            stamp = format_datetime(at or self._clock())
+            row.update(IsDeleted=True, SystemModstamp=stamp, LastModifiedDate=stamp)
+            if master_id is not None:
+                row["MasterRecordId"] = master_id
+            self._bin[sobject][rid] = row
+
+    def undelete(self, sobject: str, record_id: str, *, at: datetime | None = None) -> None:
+        """Restore a deleted record from the recycle bin (it is modified: pulls see it again)."""
+        with self._lock:
+            row = self._bin[sobject].pop(record_id)
+            row["IsDeleted"] = False
+            if "MasterRecordId" in row:
+                row["MasterRecordId"] = None
+            self._rows[sobject][record_id] = row
+            self._apply(sobject, row, {}, at or self._clock(), new=True)
+
+    def merge(
+        self, sobject: str, master_id: str, loser_id: str, *, at: datetime | None = None
+    ) -> None:
+        """Merge ``loser_id`` into ``master_id`` as the merge wizard does with its defaults: the
+        master keeps its values, fills its empty fields from the loser, takes over the loser's
+        Tasks and Opportunities; the loser is deleted with ``MasterRecordId`` set."""
+        with self._lock:
+            when = at or self._clock()
+            master, loser = self._row(sobject, master_id), self._row(sobject, loser_id)
+            fill = {s.name: loser[s.name] for s in SCHEMA[sobject][1]
+                    if s.updateable and master.get(s.name) in (None, "") and loser.get(s.name)
+                    not in (None, "")}
+            self._apply(sobject, master, fill, when)
+            for child, ref in (("Task", "WhoId"), ("Opportunity", "ContactId")):
+                for row in list(self._rows[child].values()):
+                    if row.get(ref) == loser["Id"]:
+                        self._apply(child, row, {ref: master["Id"]}, when)
+            self.delete(sobject, loser["Id"], at=when, master_id=master["Id"])
+
+    def deleted_ids(self, sobject: str) -> list[str]:
+        with self._lock:
+            return sorted(self._bin[sobject])
 
     def get(self, sobject: str, record_id: str) -> dict[str, Any]:
         with self._lock:
@@ -439,11 +492,15 @@ class SalesforceApp:
                 req.method, "unknown"
             )
         if head == "sobjects":
+            if len(parts) >= 3 and parts[2] == "deleted" and req.method == "GET":
+                return "sobject.deleted"
             if len(parts) == 1 or (len(parts) >= 3 and parts[2] == "describe"):
                 return "describe"
             if len(parts) == 2:
                 return "sobject.create" if req.method == "POST" else "describe"
-            return {"GET": "sobject.get", "PATCH": "sobject.update"}.get(req.method, "unknown")
+            return {"GET": "sobject.get", "PATCH": "sobject.update", "DELETE": "sobject.delete"}.get(
+                req.method, "unknown"
+            )
         return "unknown"
 
     def fault_response(self, fault: Fault, req: Request) -> Response:  # noqa: ARG002 - protocol
@@ -518,7 +575,8 @@ class SalesforceApp:
             if not q:
                 raise SfError(400, "MALFORMED_QUERY", "A query string has to be specified")
             batch = _batch_size(req.headers.get("sforce-query-options", ""))
-            return 200, self._query(q, batch)
+            self._count_ids(re.findall(r"'([0-9A-Za-z]{15}(?:[0-9A-Za-z]{3})?)'", q))
+            return 200, self._query(q, batch, include_deleted=parts[0] == "queryAll")
         if ep == "query_more":
             return 200, self._query_more(parts[1])
         if ep == "limits":
@@ -536,6 +594,10 @@ class SalesforceApp:
                     "sobjects": [{"name": o, "keyPrefix": SCHEMA[o][0]} for o in SCHEMA],
                 }
             return 200, self._describe(self._object(parts[1]))
+        if ep == "sobject.deleted":
+            return 200, self._get_deleted(self._object(parts[1]), req)
+        if len(parts) >= 3 and parts[0] == "sobjects":
+            self._count_ids([parts[2]])
         if ep == "sobject.get":
             sobject = self._object(parts[1])
             row = self._row(sobject, parts[2])
@@ -550,6 +612,11 @@ class SalesforceApp:
             self._log(
                 sobject, self._rows[sobject][self._canon_id(sobject, parts[2])]["Id"], body, ep
             )
+            return 204, None
+        if ep == "sobject.delete":
+            sobject = self._object(parts[1])
+            self.delete(sobject, parts[2])
+            self._log(sobject, parts[2], {}, ep)
             return 204, None
         if ep == "sobject.create":
             sobject = self._object(parts[1])
@@ -593,6 +660,7 @@ class SalesforceApp:
         all_or_none = bool(body.get("allOrNone", False))
         creating = ep == "collections.create"
         ids = {str(r.get("id")) for r in records if isinstance(r, dict) and r.get("id")}
+        self._count_ids(sorted(ids))
         failing = faults.failing_ids(ep, ids) if ids else set()
         # validate everything first: (sobject, id or None, prepared changes) or an error
         planned: list[tuple[str, str | None, dict[str, Any]] | SfError] = []
@@ -734,6 +802,8 @@ class SalesforceApp:
             return record_id
         if len(record_id) == 15 and _id18(record_id) in rows:
             return _id18(record_id)
+        if record_id in self._bin[sobject] or _id18(record_id[:15]) in self._bin[sobject]:
+            raise SfError(404, "ENTITY_IS_DELETED", "entity is deleted", ["Id"])
         if record_id[:3] != SCHEMA[sobject][0]:
             raise SfError(
                 400,
@@ -939,7 +1009,33 @@ class SalesforceApp:
         }
 
     # ------------------------------------------------------------------ SOQL
-    def _query(self, text: str, batch: int) -> dict[str, Any]:
+    def _count_ids(self, ids: Iterable[str]) -> None:
+        for i in ids:
+            self.id_requests[_id18(i) if len(i) == 15 else i] += 1
+
+    def _get_deleted(self, sobject: str, req: Request) -> dict[str, Any]:
+        """getDeleted: ids deleted in [start, end], at most 30 days back (whole minutes)."""
+        try:
+            start = parse_datetime(req.q("start") or "")
+            end = parse_datetime(req.q("end") or "")
+        except ValueError:
+            raise SfError(400, "INVALID_REPLICATION_DATE", "start and end are required") from None
+        now = self._clock()
+        earliest = now - GET_DELETED_WINDOW
+        if start < earliest:
+            raise SfError(400, "INVALID_REPLICATION_DATE",
+                          "startDate cannot be more than 30 days ago")
+        start, end = start.replace(second=0, microsecond=0), min(end, now).replace(second=0, microsecond=0)
+        found = [
+            {"id": r["Id"], "deletedDate": r["SystemModstamp"]}
+            for r in self._bin[sobject].values()
+            if start <= parse_datetime(r["SystemModstamp"]) <= end
+        ]
+        found.sort(key=lambda d: (d["deletedDate"], d["id"]))
+        return {"deletedRecords": found, "earliestDateAvailable": format_datetime(earliest),
+                "latestDateCovered": format_datetime(end)}
+
+    def _query(self, text: str, batch: int, include_deleted: bool = False) -> dict[str, Any]:
         q = soql.parse(text)
         sobject = _OBJECTS_CI.get(q.sobject.lower())
         if sobject is None:
@@ -952,6 +1048,9 @@ class SalesforceApp:
                 )
         where = _compile(q.where, specs) if q.where is not None else None
         rows = self._candidates(sobject, q)
+        if include_deleted:  # queryAll: the recycle bin too
+            rows = sorted([*rows, *self._bin[sobject].values()],
+                          key=lambda r: (r.get("SystemModstamp") or "", r["Id"]))
         matched = [r for r in rows if where is None or where(r)]
         order = [(specs[f.lower()].name, desc) for f, desc in q.order_by]
         if order and not _index_ordered(q):
@@ -959,6 +1058,8 @@ class SalesforceApp:
                 matched.sort(key=_sort_key_for(name), reverse=desc)
         if q.limit is not None:
             matched = matched[: q.limit]
+        if q.count:
+            return {"totalSize": len(matched), "done": True, "records": []}
         names = [specs[f.lower()].name for f in q.fields]
         records = [self._project(sobject, r, names) for r in matched]
         return self._page(records, batch, 0)

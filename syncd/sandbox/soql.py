@@ -2,7 +2,7 @@
 
 Grammar (keywords case-insensitive)::
 
-    query     := SELECT field {"," field} FROM name [WHERE expr]
+    query     := SELECT (COUNT "(" ")" | field {"," field}) FROM name [WHERE expr]
                  [ORDER BY order {"," order}] [LIMIT int]
     order     := field [ASC | DESC]
     expr      := term {OR term}
@@ -67,6 +67,7 @@ class Query:
     where: Expr | None = None
     order_by: tuple[tuple[str, bool], ...] = ()  # (field, descending)
     limit: int | None = None
+    count: bool = False  # SELECT COUNT(): the answer is totalSize alone, no records
 
 
 _TOKEN = re.compile(
@@ -202,8 +203,9 @@ class _Parser:
     # -- grammar
     def query(self) -> Query:
         self._expect_kw("SELECT")
-        fields = [self._name()]
-        while self._punct(","):
+        count = self._count()
+        fields = [] if count else [self._name()]
+        while not count and self._punct(","):
             fields.append(self._name())
         self._expect_kw("FROM")
         sobject = self._name()
@@ -230,7 +232,16 @@ class _Parser:
             limit = int(t.text)
         if self._peek() is not None:
             raise SoqlError(f"unexpected token {self._describe()}")
-        return Query(tuple(fields), sobject, where, tuple(order), limit)
+        return Query(tuple(fields), sobject, where, tuple(order), limit, count)
+
+    def _count(self) -> bool:
+        """``COUNT()`` (no field: count the rows) as the whole select list."""
+        nxt = self.toks[self.i + 1] if self.i + 1 < len(self.toks) else None
+        if not (self._kw("COUNT") and nxt is not None and nxt.text == "("):
+            return False
+        self.i += 2
+        self._expect_punct(")")
+        return True
 
     def _punct(self, ch: str) -> bool:
         t = self._peek()

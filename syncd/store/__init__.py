@@ -32,7 +32,10 @@ from syncd.store.cursors import CursorsTx
 from syncd.store.entities import EntitiesTx
 from syncd.store.migrations import StoreVersionError
 from syncd.store.outbox import OutboxTx
+from syncd.store.reconcile import ReconcileTx
 from syncd.store.records import RecordsTx
+from syncd.store.retention import RetentionTx
+from syncd.store.review import ReviewTx
 from syncd.store.rows import (
     AuditRow,
     EventRow,
@@ -49,11 +52,12 @@ from syncd.store.rows import (
     UnmappedRow,
     raw_hash,
 )
+from syncd.store.tombstones import TombstoneRow, TombstonesTx
 
 __all__ = [
     "AuditRow", "EventRow", "HeartbeatRow", "LinkConflictRow", "OutboxItem", "OutboxRow",
     "PullStateRow", "QuarantineRow", "RecordKey", "RecordRow", "ResyncRow", "RunRow", "Store",
-    "StoreVersionError", "Tx", "UnmappedRow", "normalise_url", "raw_hash",
+    "StoreVersionError", "TombstoneRow", "Tx", "UnmappedRow", "normalise_url", "raw_hash",
 ]
 
 log = structlog.get_logger()
@@ -173,10 +177,12 @@ class Store:
         self.close()
 
 
-class Tx(RecordsTx, EntitiesTx, CursorsTx, OutboxTx, CoordinationTx):
+class Tx(RecordsTx, EntitiesTx, CursorsTx, OutboxTx, CoordinationTx, TombstonesTx, ReconcileTx, RetentionTx,
+         ReviewTx):
     """The unit of work: every state-store operation, inside one transaction. Each concern
-    lives in its own module (records, entities, cursors, outbox, coordination); they share
-    one connection, so whatever is done through one ``Tx`` commits together or not at all."""
+    lives in its own module (records, entities, cursors, outbox, coordination, tombstones,
+    reconcile, retention, review); they share one connection, so whatever is done through one
+    ``Tx`` commits together or not at all."""
 
 
 def _first_line(e: BaseException | None) -> str:

@@ -133,11 +133,26 @@ def _v4(conn: sa.Connection) -> None:
             conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
 
 
+def _v5(conn: sa.Connection) -> None:
+    """Deleted and merged records are tombstones (never written to, never re-created), and each
+    deletion feed keeps how far it was read."""
+    schema.metadata.create_all(conn, tables=[schema.tombstones, schema.deletion_feeds], checkfirst=True)
+
+
+def _v6(conn: sa.Connection) -> None:
+    """Retention: finished outbox rows are found by age (``syncd prune``) without a scan of the
+    whole outbox; the index holds only finished rows."""
+    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_outbox_finished ON outbox (done_at) "
+                         "WHERE state IN ('done', 'skipped', 'superseded')"))
+
+
 STEPS: list[Step] = [
     Step(1, "initial schema", _v1),
     Step(2, "work-queue indexes (dirty records, due entities)", _v2),
     Step(3, "pull state per object; run owners", _v3),
     Step(4, "outbox basis and fence; lease fencing tokens", _v4),
+    Step(5, "tombstones of deleted and merged records; deletion feed watermarks", _v5),
+    Step(6, "retention: index of finished outbox rows by age", _v6),
 ]
 
 LATEST = STEPS[-1].version

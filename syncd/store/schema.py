@@ -256,3 +256,29 @@ heartbeat = sa.Table(
     sa.Column("pid", sa.Integer, nullable=False),
     sa.Column("info", JSONType, nullable=False),
 )
+
+# schema 5: deleted and merged records (syncd/store/tombstones.py). A tombstone stays after the
+# record's row is forgotten: nothing is written to a dead id, nothing re-created because of it.
+tombstones = sa.Table(
+    "tombstones", metadata,
+    sa.Column("system", sa.String(32), primary_key=True),
+    sa.Column("object", sa.String(64), primary_key=True),
+    sa.Column("record_id", sa.String(64), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # deleted | merged
+    sa.Column("merged_into", sa.String(64), nullable=True),
+    sa.Column("deleted_at", UTCDateTime(), nullable=True),  # as the CRM says
+    sa.Column("detected_at", UTCDateTime(), nullable=False, index=True),
+    sa.Column("source", sa.String(64), nullable=False),  # which feed or answer told syncd
+    sa.Column("entity_id", sa.String(36), nullable=True, index=True),  # the person it was part of
+    sa.Column("canonical", JSONType, nullable=True),  # the record as last stored
+    sa.Column("restored_at", UTCDateTime(), nullable=True),
+)
+
+# schema 5: how far each deletion feed was read (Salesforce queryAll IsDeleted, HubSpot archive).
+deletion_feeds = sa.Table(
+    "deletion_feeds", metadata,
+    sa.Column("system", sa.String(32), primary_key=True),
+    sa.Column("object", sa.String(64), primary_key=True),
+    sa.Column("watermark", UTCDateTime(), nullable=True),
+    sa.Column("scanned_at", UTCDateTime(), nullable=False),
+)

@@ -105,7 +105,9 @@ def test_a_permanent_per_record_error_is_quarantined_on_its_first_attempt(e2e: E
     e2e.engine().flush(stats)
     with e2e.rt.store.tx() as tx:
         (q,) = tx.open_quarantine()
-        entity = tx.entity_ids([("salesforce", "Lead", lead["Id"])])[("salesforce", "Lead", lead["Id"])]
+        key = ("salesforce", "Lead", lead["Id"])
+        # read again at once: the Lead is found deleted (issue 16), a tombstone of its person
+        entity = tx.entity_ids([key]).get(key) or tx.tombstones([key])[key].entity_id
         due = tx.due_entities(utcnow())
     assert (q.system, q.record_id, q.kind, q.attempts) == ("salesforce", lead["Id"], "write", 1)
     assert "NOT_FOUND" in q.reason or "ENTITY_IS_DELETED" in q.reason

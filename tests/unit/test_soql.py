@@ -100,7 +100,7 @@ def test_order_desc_and_operator_alias() -> None:
         "SELECT Id FROM Lead WHERE Email IN ()",
         "SELECT Id FROM Lead LIMIT x",
         "SELECT Id FROM Lead GROUP BY Email",
-        "SELECT COUNT() FROM Lead",
+        "SELECT COUNT(Id) FROM Lead",  # COUNT() is in the subset, COUNT(field) is not
         'SELECT Id FROM Lead WHERE Email = "a"',
         "SELECT Id FROM Lead WHERE Email = 'unterminated",
         "SELECT Id FROM Lead WHERE Email LIKE 5",

@@ -1,0 +1,301 @@
+"""Deletes, archives, merges and restores, end to end (issue 16): the real clients against the
+sandbox CRMs, through the runtime's engine.
+
+Each scenario builds its situation with the simulators' direct-access APIs ("sales deleted
+this Lead", "marketing merged these contacts"), runs real cycles and asserts the documented
+state: a tombstone with its source, the record unlinked, an audit row, nothing asked of the
+dead id after syncd saw it die (the simulators count requests per record id), and the live
+twin handed off when the rules call for it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from syncd.engine import CycleStats, Engine
+from syncd.report import status_data
+from syncd.sla import Deletions
+from syncd.store import TombstoneRow
+
+if TYPE_CHECKING:
+    from conftest import E2E
+
+
+def person(e2e: E2E, email: str, *, hs_stage: str | None, score: int | None = None,
+           sf: str | None = "Lead", sf_stage: str = "Lead") -> tuple[str | None, str | None]:
+    """A person in HubSpot (contact) and/or Salesforce (Lead or Contact); their ids."""
+    first, last = email.split("@")[0].split(".")
+    hid = sid = None
+    if hs_stage is not None:
+        props: dict[str, Any] = {"email": email, "firstname": first.title(), "lastname": last.title(),
+                                 "lifecyclestage": hs_stage}
+        if score is not None:
+            props["hubspotscore"] = str(score)
+        hid = e2e.hs.add("contacts", props)
+    if sf == "Lead":
+        sid = e2e.sf.insert("Lead", {"Email": email, "FirstName": first.title(), "LastName": last.title(),
+                                     "Company": "Acme", "Lifecycle_Stage__c": sf_stage})
+    elif sf == "Contact":
+        sid = e2e.sf.insert("Contact", {"Email": email, "FirstName": first.title(), "LastName": last.title(),
+                                        "Lifecycle_Stage__c": sf_stage})
+    return hid, sid
+
+
+def engine(e2e: E2E, **sla: Any) -> Engine:
+    """The runtime's engine, reading HubSpot's archive on every cycle (it is paced in service)."""
+    eng = e2e.rt.engine()
+    if sla:
+        eng.sla = eng.sla.model_copy(update={"deletions": Deletions(**sla)})
+        eng.writeback.sla = eng.sla
+    eng.feed_interval_s["hubspot"] = 0.0
+    return eng
+
+
+def converge(e2e: E2E, max_cycles: int = 6, **sla: Any) -> list[CycleStats]:
+    out = []
+    for _ in range(max_cycles):
+        st = engine(e2e, **sla).cycle()
+        out.append(st)
+        if st.sent == 0 and st.failed == 0 and e2e.outbox_depth() == 0:
+            break
+    return out
+
+
+def tombstones(e2e: E2E) -> dict[str, TombstoneRow]:
+    with e2e.rt.store.tx() as tx:
+        return {t.record_id: t for t in tx.list_tombstones()}
+
+
+def entity_of(e2e: E2E, system: str, obj: str, rid: str) -> str | None:
+    with e2e.rt.store.tx() as tx:
+        return tx.entity_ids([(system, obj, rid)]).get((system, obj, rid))
+
+
+def stored(e2e: E2E, system: str, obj: str, rid: str) -> bool:
+    with e2e.rt.store.tx() as tx:
+        return bool(tx.get_records([(system, obj, rid)]))
+
+
+def rules_of(e2e: E2E, record_id: str) -> list[tuple[str, Any, Any]]:
+    return [(a.rule, a.before, a.after) for a in e2e.audit(record_id=record_id) if a.field == "record"]
+
+
+def leads_with(e2e: E2E, email: str) -> list[dict[str, Any]]:
+    return [r for r in e2e.sf.all("Lead") if (r.get("Email") or "").lower() == email]
+
+
+def assert_quiet(e2e: E2E) -> None:
+    before = e2e.writes()
+    for _ in range(2):
+        st = engine(e2e).cycle()
+        assert st.sent == 0 and st.failed == 0, st.summary()
+    assert e2e.writes() == before and e2e.outbox_depth() == 0
+
+
+# -- Salesforce deletes ---------------------------------------------------------------------------
+
+
+def test_a_deleted_lead_is_tombstoned_unlinked_audited_and_never_recreated(e2e: E2E) -> None:
+    hid, lid = person(e2e, "dora.deleted@example.com", hs_stage="marketingqualifiedlead", score=70)
+    assert lid is not None and hid is not None
+    converge(e2e)
+    assert e2e.sf.get("Lead", lid)["Lifecycle_Stage__c"] == "MQL"  # handed to sales
+    entity = entity_of(e2e, "salesforce", "Lead", lid)
+
+    e2e.sf.delete("Lead", lid)
+    st = engine(e2e).cycle()
+    assert st.dead == 1
+    tomb = tombstones(e2e)[lid]
+    assert (tomb.kind, tomb.source, tomb.entity_id) == ("deleted", "queryAll", entity)
+    assert not stored(e2e, "salesforce", "Lead", lid)
+    assert rules_of(e2e, lid) == [("D1-deleted", "live", "deleted")]
+    reported = status_data(e2e.rt.store, datetime.now(UTC))["tombstones"]  # mark and report
+    assert reported["count"] == 1 and reported["recent"][0]["record_id"] == lid
+    seen = e2e.sf.id_requests[lid]
+
+    # Marketing keeps working the contact: nothing is written to the dead Lead, and the person
+    # is not created in Salesforce again because of the deletion (mark policy).
+    e2e.hs.modify("contacts", hid, {"hubspotscore": "90"})
+    converge(e2e)
+    assert e2e.sf.id_requests[lid] == seen
+    assert leads_with(e2e, "dora.deleted@example.com") == []
+    assert e2e.hs.get("contacts", hid)["lifecyclestage"] == "marketingqualifiedlead"
+    assert_quiet(e2e)
+
+
+def test_the_live_twin_of_a_deleted_lead_is_handed_off_when_it_becomes_an_mql(e2e: E2E) -> None:
+    hid, lid = person(e2e, "liv.twin@example.com", hs_stage="lead", score=10)
+    assert lid is not None and hid is not None
+    converge(e2e)
+    e2e.sf.delete("Lead", lid)
+    converge(e2e)
+    assert lid in tombstones(e2e) and leads_with(e2e, "liv.twin@example.com") == []
+
+    e2e.hs.modify("contacts", hid, {"hubspotscore": "75"})  # new evidence after the deletion
+    converge(e2e)
+    (new,) = leads_with(e2e, "liv.twin@example.com")
+    assert new["Id"] != lid and new["Lifecycle_Stage__c"] == "MQL"
+    assert entity_of(e2e, "salesforce", "Lead", new["Id"]) == entity_of(e2e, "hubspot", "contacts", hid)
+    assert [a.rule for a in e2e.audit(rule="R8-handoff", system="salesforce")] != []
+
+
+def test_a_deleted_contact_loses_its_pending_write_and_is_never_asked_for_again(e2e: E2E) -> None:
+    hid, cid = person(e2e, "carl.contact@example.com", hs_stage="lead", score=10, sf="Contact",
+                      sf_stage="Lead")
+    assert cid is not None and hid is not None
+    converge(e2e)
+    e2e.hs.modify("contacts", hid, {"hubspotscore": "80"})  # MQL: a write to the Contact is planned
+    e2e.decide_only()
+    assert e2e.outbox_depth() > 0
+    e2e.sf.delete("Contact", cid)
+    seen = e2e.sf.id_requests[cid]
+
+    converge(e2e)
+    assert tombstones(e2e)[cid].kind == "deleted"
+    assert e2e.sf.id_requests[cid] == seen  # the planned write was never sent
+    superseded = [a for a in e2e.audit(record_id=cid) if a.rule == "superseded"]
+    assert superseded and "deleted" in superseded[0].reason
+    assert rules_of(e2e, cid) == [("D1-deleted", "live", "deleted")]
+    assert not any(r.get("Email") == "carl.contact@example.com" for r in e2e.sf.all("Contact"))
+    assert_quiet(e2e)
+
+
+# -- HubSpot archive ------------------------------------------------------------------------------
+
+
+def test_an_archived_hubspot_contact_is_tombstoned_and_its_lead_left_alone(e2e: E2E) -> None:
+    hid, lid = person(e2e, "ada.archived@example.com", hs_stage="marketingqualifiedlead", score=70)
+    assert lid is not None and hid is not None
+    converge(e2e)
+    writes = e2e.writes()
+    e2e.hs.archive("contacts", hid)
+
+    st = engine(e2e).cycle()
+    assert st.dead == 1
+    tomb = tombstones(e2e)[hid]
+    assert (tomb.kind, tomb.source) == ("deleted", "archive") and tomb.deleted_at is not None
+    assert rules_of(e2e, hid) == [("D1-deleted", "live", "deleted")]
+    seen = e2e.hs.id_requests[hid]
+    e2e.sf.modify("Lead", lid, {"Status": "Working - Contacted"})
+    converge(e2e)
+    assert e2e.hs.id_requests[hid] == seen
+    assert e2e.sf.get("Lead", lid)["IsDeleted"] is False  # mark: nothing done to the other side
+    assert not any(w["endpoint"].endswith("create") for w in e2e.hs.write_log)  # never re-created
+    assert e2e.writes() == writes
+    assert_quiet(e2e)
+
+
+def test_propagate_deletes_the_twin_in_the_other_crm(e2e: E2E) -> None:
+    hid, lid = person(e2e, "pia.propagate@example.com", hs_stage="lead", score=10)
+    hid2, lid2 = person(e2e, "pat.propagate@example.com", hs_stage="lead", score=10)
+    assert lid and hid and lid2 and hid2
+    converge(e2e, other_side="propagate")
+    e2e.hs.archive("contacts", hid)
+    e2e.sf.delete("Lead", lid2)
+    converge(e2e, other_side="propagate")
+    assert lid in e2e.sf.deleted_ids("Lead")  # the archived contact's Lead is deleted
+    assert e2e.hs.get("contacts", hid2) and hid2 not in {c["hs_object_id"] for c in e2e.hs.all("contacts")}
+    for rid in (lid, hid2):  # audited as sent, then seen dead like any deletion
+        assert [a.rule for a in e2e.audit(record_id=rid) if a.field == "record"] == ["D3-propagate", "D1-deleted"]
+    assert_quiet(e2e)
+
+
+# -- merges ---------------------------------------------------------------------------------------
+
+
+def test_a_hubspot_merge_of_two_linked_contacts_moves_writes_to_the_survivor(e2e: E2E) -> None:
+    a, x = person(e2e, "ann.a@example.com", hs_stage="marketingqualifiedlead", score=70)
+    b, y = person(e2e, "ann.b@example.com", hs_stage="lead", score=10)
+    assert a and b and x and y
+    converge(e2e)
+    e2e.sf.modify("Lead", y, {"Lifecycle_Stage__c": "SQL"})  # sales qualified B: HubSpot B to follow
+    e2e.decide_only()
+    e2e.hs.merge("contacts", a, b)  # marketing merges B into A meanwhile
+    seen = e2e.hs.id_requests[b]
+
+    converge(e2e)
+    tomb = tombstones(e2e)[b]
+    assert (tomb.kind, tomb.merged_into, tomb.source) == ("merged", a, "hs_merged_object_ids")
+    assert rules_of(e2e, b) == [("D2-merged", "live", f"merged into {a}")]
+    assert e2e.hs.id_requests[b] == seen  # the pending write went to the survivor
+    assert e2e.hs.get("contacts", a)["lifecyclestage"] == "salesqualifiedlead"  # the furthest stage
+    with e2e.rt.store.tx() as tx:
+        assert tx.open_link_conflicts() == []
+    assert entity_of(e2e, "hubspot", "contacts", a) == entity_of(e2e, "salesforce", "Lead", x)
+    assert_quiet(e2e)
+
+
+def test_a_write_answered_by_the_merge_survivor_is_that_merge(e2e: E2E) -> None:
+    a, x = person(e2e, "mo.a@example.com", hs_stage="lead", score=10, sf=None)
+    b, y = person(e2e, "mo.b@example.com", hs_stage="lead", score=10)
+    assert a and b and y
+    converge(e2e)
+    e2e.sf.modify("Lead", y, {"Lifecycle_Stage__c": "SQL"})
+    e2e.decide_only()
+    e2e.hs.merge("contacts", a, b)
+
+    eng = engine(e2e)
+    stats = CycleStats()
+    eng.flush(stats)  # sent before any pull could tell: the answer carries the survivor's id
+    assert stats.sent >= 1 and stats.failed == 0
+    tomb = tombstones(e2e)[b]  # the survivor, read again at once, names the merged-away id
+    assert (tomb.kind, tomb.merged_into) == ("merged", a)
+    assert e2e.hs.get("contacts", a)["lifecyclestage"] == "salesqualifiedlead"
+    seen = e2e.hs.id_requests[b]
+    converge(e2e)
+    assert e2e.hs.id_requests[b] == seen
+    # the survivor took the person over: linked to the Lead, no conflict with its dead twin
+    assert entity_of(e2e, "hubspot", "contacts", a) == entity_of(e2e, "salesforce", "Lead", y)
+    with e2e.rt.store.tx() as tx:
+        assert tx.open_link_conflicts() == []
+    assert_quiet(e2e)
+
+
+def test_a_salesforce_merge_of_two_leads_hands_the_live_contact_to_the_master(e2e: E2E) -> None:
+    b, y = person(e2e, "sam.b@example.com", hs_stage="marketingqualifiedlead", score=70)
+    _, x = person(e2e, "sam.master@example.com", hs_stage=None)
+    assert b and x and y
+    converge(e2e)
+    e2e.sf.merge("Lead", x, y)  # sales merges Lead Y into X (X is the master)
+    st = engine(e2e).cycle()
+    assert st.dead == 1
+    tomb = tombstones(e2e)[y]
+    assert (tomb.kind, tomb.merged_into, tomb.source) == ("merged", x, "queryAll")
+    assert rules_of(e2e, y) == [("D2-merged", "live", f"merged into {x}")]
+    seen = e2e.sf.id_requests[y]
+    converge(e2e)
+    assert e2e.sf.id_requests[y] == seen
+    # HubSpot B now speaks to the master: its MQL is handed to sales there, nothing re-created
+    assert entity_of(e2e, "hubspot", "contacts", b) == entity_of(e2e, "salesforce", "Lead", x)
+    assert e2e.sf.get("Lead", x)["Lifecycle_Stage__c"] == "MQL"
+    assert leads_with(e2e, "sam.b@example.com") == []
+    assert_quiet(e2e)
+
+
+# -- restores -------------------------------------------------------------------------------------
+
+
+def test_a_restored_contact_and_an_undeleted_lead_are_linked_again(e2e: E2E) -> None:
+    hid, lid = person(e2e, "rob.restore@example.com", hs_stage="marketingqualifiedlead", score=70)
+    assert lid is not None and hid is not None
+    converge(e2e)
+    entity = entity_of(e2e, "hubspot", "contacts", hid)
+    e2e.hs.archive("contacts", hid)
+    e2e.sf.delete("Lead", lid)
+    converge(e2e)
+    assert {hid, lid} <= set(tombstones(e2e))
+
+    e2e.hs.restore("contacts", hid)
+    e2e.sf.undelete("Lead", lid)
+    st = engine(e2e).cycle()
+    assert st.restored == 2
+    assert tombstones(e2e) == {}
+    assert entity_of(e2e, "hubspot", "contacts", hid) == entity == entity_of(e2e, "salesforce", "Lead", lid)
+    assert rules_of(e2e, hid)[-1] == ("D4-restored", "deleted", "live")
+    assert rules_of(e2e, lid)[-1] == ("D4-restored", "deleted", "live")
+    # back in the sync: a change on one side reaches the other
+    e2e.sf.modify("Lead", lid, {"Lifecycle_Stage__c": "SQL"})
+    converge(e2e)
+    assert e2e.hs.get("contacts", hid)["lifecyclestage"] == "salesqualifiedlead"
+    assert_quiet(e2e)

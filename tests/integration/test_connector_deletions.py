@@ -1,0 +1,126 @@
+"""The connectors' deletion feeds and dead-record answers, through the real clients against the
+sandbox (issue 16): Salesforce queryAll (IsDeleted, MasterRecordId) and getDeleted's window,
+HubSpot's archive list and merged ids, and write answers that name a merge survivor."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import pytest
+from simple_salesforce.exceptions import SalesforceError
+
+from syncd.connectors._retry import RetryPolicy
+from syncd.connectors.hubspot import HubSpotConnector
+from syncd.connectors.salesforce import SalesforceConnector
+from syncd.model import FieldUpdate
+
+if TYPE_CHECKING:
+    from conftest_salesforce import SalesforceSandbox
+
+    from tests.integration.conftest import HubSpotSandbox
+
+FAST = RetryPolicy(max_attempts=3, base=0.001, cap=0.01, max_retry_after=0.05)
+NOW = datetime.now(UTC)
+
+
+def _sf(sb: SalesforceSandbox) -> SalesforceConnector:
+    return SalesforceConnector(sb.url, sb.session_id, ca_bundle=sb.ca_path,
+                               fields={"Lead": ["Email", "Lifecycle_Stage__c"], "Contact": ["Email"]}, retry=FAST)
+
+
+def _hs(sb: HubSpotSandbox) -> HubSpotConnector:
+    return HubSpotConnector(sb.url, sb.token, ca_bundle=sb.ca_path,
+                            properties={"contacts": ["email", "lifecyclestage"]}, retry=FAST)
+
+
+def _lead(sb: SalesforceSandbox, email: str) -> str:
+    return sb.app.insert("Lead", {"Email": email, "LastName": "X", "Company": "Acme"})
+
+
+def test_salesforce_deletions_and_merges_come_from_query_all(sf_sandbox: SalesforceSandbox) -> None:
+    conn = _sf(sf_sandbox)
+    try:
+        gone, master, merged, live = (_lead(sf_sandbox, f"{n}@example.com") for n in "abcd")
+        sf_sandbox.app.delete("Lead", gone)
+        sf_sandbox.app.merge("Lead", master, merged)
+        found, mark = conn.deleted("Lead", None)
+        assert {(d.id, d.merged_into, d.source) for d in found} == {(gone, None, "queryAll"),
+                                                                    (merged, master, "queryAll")}
+        assert mark is not None and mark == max(d.deleted_at for d in found if d.deleted_at)
+        again, _ = conn.deleted("Lead", mark + timedelta(seconds=1))  # incremental: nothing new
+        assert again == []
+        assert {d.id for d in conn.dead("Lead", [gone, live, merged])} == {gone, merged}
+        # a write to a deleted record is a permanent failure with the CRM's reason
+        (res,) = conn.write("Lead", [FieldUpdate("k", gone, {"Lifecycle_Stage__c": "MQL"})])
+        assert not res.ok and not res.retriable and res.error and res.error.startswith("ENTITY_IS_DELETED")
+        sf_sandbox.app.undelete("Lead", gone)
+        assert conn.dead("Lead", [gone]) == []
+    finally:
+        conn.close()
+
+
+def test_salesforce_deletion_feed_starts_inside_the_recycle_bin_window(sf_sandbox: SalesforceSandbox) -> None:
+    conn = _sf(sf_sandbox)
+    try:
+        found, mark = conn.deleted("Lead", NOW - timedelta(days=90))  # a daemon down for months
+        assert found == [] and mark == NOW - timedelta(days=90)
+        # the getDeleted endpoint refuses a start older than its 30-day window, like the real one
+        sf = sf_sandbox.client()
+        lid = _lead(sf_sandbox, "w@example.com")
+        sf_sandbox.app.delete("Lead", lid, at=NOW - timedelta(minutes=5))
+        got = sf.Lead.deleted(NOW - timedelta(days=1), datetime.now(UTC))
+        assert [d["id"] for d in got["deletedRecords"]] == [lid]
+        with pytest.raises(SalesforceError, match="INVALID_REPLICATION_DATE"):
+            sf.Lead.deleted(NOW - timedelta(days=31), datetime.now(UTC))
+    finally:
+        conn.close()
+
+
+def test_hubspot_archive_is_read_since_the_watermark(hubspot_sandbox: HubSpotSandbox) -> None:
+    conn = _hs(hubspot_sandbox)
+    app = hubspot_sandbox.app
+    a, b, c = (app.add("contacts", {"email": f"{n}@example.com"}) for n in "abc")
+    app.archive("contacts", a, at=NOW - timedelta(hours=2))
+    found, mark = conn.deleted("contacts", None)
+    assert [(d.id, d.source) for d in found] == [(a, "archive")] and mark is not None
+    app.archive("contacts", b, at=NOW)
+    found, mark2 = conn.deleted("contacts", mark + timedelta(milliseconds=1))
+    assert [d.id for d in found] == [b] and mark2 is not None and mark2 > mark
+    assert {d.id for d in conn.dead("contacts", [a, b, c])} == {a, b}
+
+
+def test_hubspot_merge_answers_name_the_survivor_and_a_backwards_move_keeps_a_stage(
+        hubspot_sandbox: HubSpotSandbox) -> None:
+    conn = _hs(hubspot_sandbox)
+    app = hubspot_sandbox.app
+    keep = app.add("contacts", {"email": "keep@example.com", "lifecyclestage": "salesqualifiedlead"})
+    gone = app.add("contacts", {"email": "gone@example.com", "lifecyclestage": "lead"})
+    app.merge("contacts", keep, gone)
+    (rec,) = [r for r in conn.fetch("contacts", [keep])]
+    assert rec.fields["hs_merged_object_ids"] == gone
+    assert [(d.id, d.merged_into) for d in conn.merges_in([rec])] == [(gone, keep)]
+    assert [(d.id, d.merged_into) for d in conn.dead("contacts", [gone])] == [(gone, keep)]
+    # a backwards move (clear, then set) sent to the merged-away id: applied to the survivor,
+    # reported applied with the survivor's id, and the survivor ends with the stage set
+    (res,) = conn.write("contacts", [FieldUpdate("k", gone, {"lifecyclestage": "lead"},
+                                                 clear_first=("lifecyclestage",))])
+    assert res.ok and res.record_id == keep, res
+    assert app.get("contacts", keep)["lifecyclestage"] == "lead"
+
+
+def test_a_backwards_move_whose_clear_fails_once_is_sent_whole(hubspot_sandbox: HubSpotSandbox) -> None:
+    conn = _hs(hubspot_sandbox)
+    app = hubspot_sandbox.app
+    rid = app.add("contacts", {"email": "back@example.com", "lifecyclestage": "salesqualifiedlead"})
+    hubspot_sandbox.server.inject("partial", endpoint="contacts.batch_update", ids=[rid])  # the clear fails
+    (res,) = conn.write("contacts", [FieldUpdate("k", rid, {"lifecyclestage": "lead"},
+                                                 clear_first=("lifecyclestage",))])
+    assert res.ok, res
+    assert app.get("contacts", rid)["lifecyclestage"] == "lead"
+    # a clear that keeps failing sends no set: the stage is left as it was, the write retried whole
+    hubspot_sandbox.server.inject("partial", count=2, endpoint="contacts.batch_update", ids=[rid])
+    (res,) = conn.write("contacts", [FieldUpdate("k2", rid, {"lifecyclestage": "subscriber"},
+                                                 clear_first=("lifecyclestage",))])
+    assert not res.ok and res.retriable and "clearing lifecyclestage failed" in (res.error or "")
+    assert app.get("contacts", rid)["lifecyclestage"] == "lead"
