@@ -372,7 +372,7 @@ def _kill_somewhere(ch: Chaos, svc: ServiceProc, rng: random.Random) -> bool:
     wait_until(lambda: svc.alive() and svc.events("service_started"), "the daemon to start")
     in_flight = False
     if mid_flush:
-        deadline = time.monotonic() + 1.5
+        deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline and not in_flight:
             in_flight = server.request_count(endpoint) > before
             time.sleep(0.02)
