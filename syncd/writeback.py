@@ -342,24 +342,23 @@ class WriteBack:
         except RetriableError as exc:
             self._fail_all(todo, f"{type(exc).__name__}: {exc}", stats)
             return
+        rest: list[OutboxRow] = []
         with self._tx() as tx:
             for r in todo:
                 res = results.get(str(r.id))
-                if res is not None and res.ok:
-                    if tx.mark_done(r.id, result_id=r.record_id, now=self.clock(), fence=self.fence):
-                        stats.sent += 1
-                        if self.on_write:
-                            self.on_write(r, r.record_id)
-                elif res is not None and (res.error or "").startswith("PRECONDITION_FAILED"):
-                    tx.mark_superseded(r.id, f"not resent: {system} {obj} {r.record_id} was modified after "
-                                             "the look-first read; decided again on what is there now",
-                                       now=self.clock())
-                    stats.skipped += 1
-                    log.warning("write_superseded", system=system, object=obj, outbox_id=r.id,
-                                record_id=r.record_id, rule=r.rule, found="If-Unmodified-Since")
-                else:
-                    self._failed(tx, r, (res.error if res else None) or "UNKNOWN: no result from the CRM",
-                                 res.retriable if res else True, stats)
+                if res is None or res.ok or not (res.error or "").startswith("PRECONDITION_FAILED"):
+                    rest.append(r)
+                    continue
+                tx.mark_superseded(r.id, f"not resent: {system} {obj} {r.record_id} was modified after "
+                                         "the look-first read; decided again on what is there now", now=self.clock())
+                stats.skipped += 1
+                log.warning("write_superseded", system=system, object=obj, outbox_id=r.id,
+                            record_id=r.record_id, rule=r.rule, found="If-Unmodified-Since")
+            merged, permanent = self._settle(tx, rest, list(results.values()), stats)  # done or failed, as sent
+        if merged and self.on_dead is not None:
+            self.on_dead(merged, stats)
+        if permanent and self.on_permanent is not None:
+            self.on_permanent(system, obj, permanent, stats)
 
     def supersede(self, tx: Tx, rows: Iterable[tuple[OutboxRow, Mapping[str, Any]]], stats: CycleStats) -> None:
         """Writes not yet done whose target changed since their decision (found when deciding:
