@@ -355,7 +355,7 @@ def mappings() -> None:
 @pass_ctx
 def mappings_check(c: Ctx, directory: Path | None, live: bool, fmt: str, as_json: bool) -> None:
     """Validate every mapping/SLA file; problems as file:line:col: message. Exit 0 clean, 1 problems, 2 unreadable."""
-    from syncd.mapping_check import check_directory, compare_live, exit_code, format_problems
+    from syncd.mapping_check import check_directory, exit_code, format_problems, live_problems
 
     def go() -> int:
         # the config is read when it names the folder, when --live needs it, or when it is given
@@ -379,12 +379,7 @@ def mappings_check(c: Ctx, directory: Path | None, live: bool, fmt: str, as_json
             from syncd.runtime import build_connectors
 
             m = load_mappings(d)
-            allowed: dict[tuple[str, str, str], list[str]] = {}
-            for system, conn in build_connectors(c.config(), m).items():
-                for (obj, fld), vals in conn.allowed_values().items():
-                    allowed[(system, obj, fld)] = vals
-                conn.close()
-            problems += compare_live(m, allowed)
+            problems += live_problems(m, build_connectors(c.config(), m))
         out = format_problems(problems, "json" if as_json else fmt)
         if out:
             click.echo(out)

@@ -355,6 +355,9 @@ class ServiceConfig(_Section):
     # This daemon's stable name on this host (default: the config file's path). A restarted daemon
     # of the same name takes its dead predecessor's leases at once instead of waiting out their TTL.
     instance_id: Annotated[str, Field(min_length=1, max_length=80)] | None = None
+    # How long a lease (a cycle's, the decide lease) outlives its holder: a daemon that dies or
+    # freezes is taken over after this (holders renew every third of it).
+    lease_ttl_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
 
 
 KeepDays = Annotated[int, Field(ge=0, le=36_500)]  # 0: kept for ever

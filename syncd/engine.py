@@ -473,7 +473,9 @@ class Engine:
         undecided: set[str] = set()
         for i in range(0, len(people), CHUNK):
             chunk = people[i:i + CHUNK]
-            by_entity = with_pending(tx.records_by_entity(chunk, with_raw=False), tx.open_writes(chunk))
+            overtaken: list[tuple[OutboxRow, dict[str, Any]]] = []
+            by_entity = with_pending(tx.records_by_entity(chunk, with_raw=False), tx.open_writes(chunk), overtaken)
+            self.writeback.supersede(tx, overtaken, stats)
             memories = tx.get_memory(chunk)
             open_events = tx.open_events_of(chunk)
             closing: list[int] = []
@@ -493,7 +495,9 @@ class Engine:
             tx.set_memories(memories_out, now=now)  # one executemany per chunk
         for i in range(0, len(deals), CHUNK):
             chunk = deals[i:i + CHUNK]
-            by_entity = with_pending(tx.records_by_entity(chunk, with_raw=False), tx.open_writes(chunk))
+            overtaken_d: list[tuple[OutboxRow, dict[str, Any]]] = []
+            by_entity = with_pending(tx.records_by_entity(chunk, with_raw=False), tx.open_writes(chunk), overtaken_d)
+            self.writeback.supersede(tx, overtaken_d, stats)
             memories = tx.get_memory(chunk)
             deal_memories: dict[str, tuple[dict[str, Any], datetime | None]] = {}
             decided_deals: list[tuple[str, rules.Outcome, list[CanonicalRecord]]] = []

@@ -89,6 +89,8 @@ class ObjectMap(_Model):
     terms: dict[str, TermMap] = Field(default_factory=dict)
     bofu_conversion: BofuConversion | None = None
     attempts: Attempts | None = None
+    # Salesforce: a unique External ID field syncd owns; creates are upserts on it (idempotent)
+    external_id: str | None = Field(default=None, min_length=1)
 
 
 def _system_file(system: str) -> type[_Model]:
@@ -583,6 +585,11 @@ class Mappings:
     def term_fields(self, system: str, object: str) -> dict[str, str]:
         """raw field -> canonical term field, for the objects' term-carrying fields."""
         return {t.raw_field: t.term_field for t in self._plan(system, object).terms}
+
+    def external_id(self, system: str, object: str) -> str | None:
+        """The External ID field syncd owns on this object (creates upsert on it), if declared."""
+        om = self._files[system].model
+        return getattr(getattr(om, object, None), "external_id", None)
 
     def raw_email(self, system: str, object: str, fields: Mapping[str, Any]) -> str | None:
         """The normalised email of a raw record (or of raw fields about to be written)."""

@@ -10,6 +10,7 @@ import importlib
 import json
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -81,6 +82,51 @@ def compare_live(
                 f, line, col,
                 f"{system} {obj}.{field}: mapped value {v!r} no longer exists in the CRM",
                 code="live-missing"))
+    return out
+
+
+def live_problems(m: Mappings, connectors: Mapping[str, Any]) -> list[Problem]:
+    """``--live``: the values each CRM field allows (:func:`compare_live`) and the External ID
+    fields the mappings declare (:func:`check_external_ids`), read through ``connectors``
+    (closed here)."""
+    allowed: dict[tuple[str, str, str], list[str]] = {}
+    external: dict[tuple[str, str], set[str]] = {}  # External IDs of the objects declaring one
+    for system, conn in connectors.items():
+        try:
+            for (obj, fld), vals in conn.allowed_values().items():
+                allowed[(system, obj, fld)] = vals
+            finder = getattr(conn, "external_id_fields", None)
+            for obj in [o for s, o in m.objects() if s == system and m.external_id(s, o)]:
+                if finder is not None:
+                    external[(system, obj)] = finder(obj)
+        finally:
+            conn.close()
+    return compare_live(m, allowed) + check_external_ids(m, external)
+
+
+def check_external_ids(m: Mappings, present: Mapping[tuple[str, str], Iterable[str]]) -> list[Problem]:
+    """Whether the CRM has the External ID fields the mappings declare (``external_id``: creates
+    upsert on it). ``present``: (system, object) -> the object's External ID fields, read from
+    the CRM for the objects that declare one. A declared field the CRM lacks is an error (its
+    creates fall back to the weaker email look-up); Salesforce mappings declaring none get a
+    warning saying so."""
+    out: list[Problem] = []
+    declared = [(s, o, f) for s, o in m.objects() if (f := m.external_id(s, o))]
+    for system, obj, field in declared:
+        if (system, obj) not in present:
+            continue
+        if field.lower() not in {x.lower() for x in present[(system, obj)]}:
+            f, line, col = m.position(system, (obj, "external_id"))
+            out.append(Problem(
+                f, line, col,
+                f"{system} {obj}.{field}: no such External ID field in the CRM; creates fall back to the "
+                "email look-up (weaker). Add it (Text, External ID, Unique) or remove external_id",
+                code="live-external-id-missing"))
+    if not any(s == "salesforce" for s, _, _ in declared) and any(s == "salesforce" for s, _ in m.objects()):
+        f, line, col = m.position("salesforce", ())
+        out.append(Problem(f, line, col, "salesforce: no object declares external_id: creates rely on the "
+                           "email look-up before a resend (weaker; see [Lead] external_id)",
+                           severity="warning", code="live-external-id-none"))
     return out
 
 

@@ -86,10 +86,13 @@ class FieldUpdate:
 
 @dataclass(frozen=True, slots=True)
 class RecordCreate:
-    """Create a record (hand-off). ``key`` is the idempotency key."""
+    """Create a record (hand-off). ``key`` is the idempotency key. ``upsert_on``: an External
+    ID field syncd owns whose value (in ``fields``) is unique per create: the CRM upserts on
+    it, so a create sent twice (a lost answer, a stalled daemon) makes one record."""
 
     key: str
     fields: Mapping[str, Any]
+    upsert_on: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

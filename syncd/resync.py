@@ -54,6 +54,9 @@ class ResyncRequest:
     full: bool = False
     email: str | None = None
     record: str | None = None  # "system:id"
+    # a queued request interrupted by a shutdown, run again: the cursors are not reset (it
+    # goes on from where it stopped)
+    resume: bool = False
 
     def validate(self) -> None:
         """Every problem at once, as ConfigError (exit 2)."""
@@ -98,6 +101,7 @@ class ResyncRequest:
             "full": self.full,
             "email": self.email,
             "record": self.record,
+            **({"resume": True} if self.resume else {}),
         }
 
     @classmethod
@@ -109,6 +113,7 @@ class ResyncRequest:
             full=bool(p.get("full")),
             email=p.get("email"),
             record=p.get("record"),
+            resume=bool(p.get("resume")),
         )
 
     def describe(self) -> str:
@@ -435,7 +440,7 @@ def _run(rt: Any, req: ResyncRequest, engine: ObservedEngine) -> dict[str, Any]:
                 f"resync: no record found for {req.email and 'that email' or req.record}"
             )
     else:
-        if req.full or req.since is not None:
+        if (req.full or req.since is not None) and not req.resume:
             to = Cursor(req.since, "") if req.since is not None else None
             with store.tx() as tx:
                 for g in req.groups:
@@ -592,6 +597,31 @@ def resync_outcome(cfg: Config, req: ResyncRequest, *, inline: bool) -> dict[str
         finally:
             store.close()
     return {**out, "result": _run_inline(cfg, req)}
+
+
+def finish_queued(store: Store, row_id: int, state: str, result: Mapping[str, Any], *, stopped: bool,
+                  before: Any = None) -> str:
+    """Record how a queued resync ended. Stopped part-way (the service shutting down) it is
+    ``interrupted``, with what it did, and the next service start resumes it
+    (:func:`resume_interrupted`); ``before``: what an earlier, interrupted run of it did."""
+    out = dict(result)
+    if stopped:  # done as far as it got, or failed because of the stop (its leases given up)
+        state = "interrupted"
+        out["note"] = "stopped by a shutdown before it finished; the next service start resumes it"
+    if before:
+        out["before_resume"] = before
+    with store.tx() as tx:
+        tx.finish_resync(row_id, state, out)
+    return state
+
+
+def resume_interrupted(store: Store) -> int:
+    """At a service start: queued resyncs a shutdown interrupted are queued again, to go on."""
+    with store.tx() as tx:
+        rows = tx.requeue_interrupted_resyncs()
+    for r in rows:
+        log.info("resync_resumed", id=r.id, done_before=r.result, note="interrupted by a shutdown; queued again")
+    return len(rows)
 
 
 def _run_inline(cfg: Config, req: ResyncRequest) -> dict[str, Any]:

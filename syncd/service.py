@@ -57,10 +57,12 @@ from syncd.resync import (
     LeaseKeeper,
     ObservedEngine,
     ResyncRequest,
+    finish_queued,
     instance_name,
     interrupt_dead_runs,
     make_engine,
     new_owner,
+    resume_interrupted,
     run_cycle,
     run_resync,
 )
@@ -101,7 +103,7 @@ class Service:
         )
         self.metrics.failing_after = self.rt.sla.writeback.max_tries
         self.counts = reconcile.CountCheck(self.metrics)
-        self.keeper = LeaseKeeper(self.rt.store, self.owner, takeover=True)
+        self.keeper = LeaseKeeper(self.rt.store, self.owner, cfg.service.lease_ttl_s, takeover=True)
         self.backoff: dict[str, tuple[datetime, str]] = {}  # system -> (retry at, why)
         self.stopping = threading.Event()
         self._reload = threading.Event()
@@ -334,6 +336,7 @@ class Service:
         fresh_s = self._alive_window_s()
         try:
             interrupt_dead_runs(self.rt.store, self.owner, fresh_s=fresh_s)
+            resume_interrupted(self.rt.store)
             with self.rt.store.tx() as tx:
                 gone = tx.prune_heartbeats(utcnow() - timedelta(seconds=fresh_s))
             if gone:
@@ -444,8 +447,8 @@ class Service:
                 self._handle_failure(f"resync #{row.id}", exc, systems)
             finally:
                 self._current = None
-            with self.rt.store.tx() as tx:
-                tx.finish_resync(row.id, state, result)
+            state = finish_queued(self.rt.store, row.id, state, result,
+                                  stopped=engine.stop_requested or self.stopping.is_set(), before=row.result)
             log.info("resync_finished", id=row.id, state=state)
             self._observe_usage(self.rt)
             self._observe_store()

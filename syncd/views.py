@@ -44,13 +44,20 @@ def canonical_of(row: RecordRow) -> CanonicalRecord:
 
 
 def with_pending(by_entity: dict[str, list[RecordRow]],
-                  pending: Mapping[str, Sequence[OutboxRow]]) -> dict[str, list[RecordRow]]:
+                  pending: Mapping[str, Sequence[OutboxRow]],
+                  stale: list[tuple[OutboxRow, dict[str, Any]]] | None = None) -> dict[str, list[RecordRow]]:
     """The records as they will be once syncd's own pending writes land.
 
     The rules must not read a value that an outbox entry of ours is about to change (a
     write killed before it was sent, or backing off after a failure) as news from the CRM:
     that would re-decide settled things (a returned person read as promoted again, or a
     second copy of a write whose first copy is still pending).
+
+    It never hides a value newer than the write: a write whose target now holds, in a field
+    it writes, neither the value the decision saw nor the one it writes (someone changed the
+    record since the decision) is not overlaid, and is appended to ``stale`` with what
+    changed (field -> [the value decided on, the value now]); the caller supersedes it: the
+    CRM's newer value wins and the person is decided on it.
     """
     if not pending:
         return by_entity
@@ -64,6 +71,11 @@ def with_pending(by_entity: dict[str, list[RecordRow]],
             target = by_key.get((w.system, w.object, str(w.record_id)))
             if target is None:
                 continue
+            changed = _overtaken(target, w)
+            if changed:
+                if stale is not None:
+                    stale.append((w, changed))
+                continue
             canonical = {"terms": dict(target.canonical.get("terms", {})),
                          "values": dict(target.canonical.get("values", {})),
                          "unmapped": target.canonical.get("unmapped", [])}
@@ -72,6 +84,24 @@ def with_pending(by_entity: dict[str, list[RecordRow]],
             by_key[target.key] = replace(target, canonical=canonical)
         out[entity] = [by_key[r.key] for r in rows]
     return out
+
+
+def _overtaken(target: RecordRow, w: OutboxRow) -> dict[str, Any]:
+    """The fields ``w`` writes that the CRM changed since ``w`` was decided (they hold neither
+    the value the decision saw nor the value ``w`` writes): field -> [decided on, now]."""
+    out: dict[str, Any] = {}
+    for fld, (before, after) in w.canonical.items():
+        now = target.canonical.get("terms" if fld in rules.TERM_FIELDS else "values", {}).get(fld)
+        if not _same_value(now, before) and not _same_value(now, after):
+            out[fld] = [before, now]
+    return out
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Canonical values as stored (JSON): numbers compare as numbers (70 == 70.0)."""
+    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return bool(a == b)
 
 
 def pending_overlay(record: CanonicalRecord, writes: Sequence[OutboxRow]) -> CanonicalRecord:

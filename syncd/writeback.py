@@ -34,6 +34,11 @@ from syncd.views import first_email
 log = structlog.get_logger()
 
 
+# Conditional resends (one CRM call per record) after a crash or takeover, at most this many per
+# batch; beyond, the batch is resent as one call after its look-first read (one call, not atomic).
+CONDITIONAL_RESENDS_MAX = 50
+
+
 class WriteBack:
     """Plans and sends one engine's writes. ``tx`` opens the engine's unit of work (one shared,
     rolled-back transaction in a dry run); ``should_stop`` is checked between batches."""
@@ -284,9 +289,11 @@ class WriteBack:
         Returns the rows still to send."""
         stale = [r for r in batch if r.state == "sending" and r.record_id]
         ids = list(dict.fromkeys(str(r.record_id) for r in stale))
-        held = {rec.id: rec.fields for rec in conn.fetch(obj, ids)} if ids else {}
+        fetched = conn.fetch(obj, ids) if ids else []
+        held = {rec.id: rec.fields for rec in fetched}
         stale_ids = {r.id for r in stale}
         resend = [r for r in batch if r.id not in stale_ids]
+        unknown: list[OutboxRow] = []
         with self._tx() as tx:
             for r in stale:
                 now = held.get(str(r.record_id))
@@ -310,8 +317,61 @@ class WriteBack:
                     log.warning("write_superseded", system=system, object=obj, outbox_id=r.id,
                                 record_id=r.record_id, rule=r.rule, fields=sorted(changed))
                 else:
-                    resend.append(r)
-        return sorted(resend, key=lambda r: r.id)
+                    unknown.append(r)
+        conditional = getattr(conn, "write_unless_modified", None)
+        if conditional is None or not unknown or len(unknown) > CONDITIONAL_RESENDS_MAX:
+            return sorted(resend + unknown, key=lambda r: r.id)
+        read_at = {rec.id: rec.modified_at for rec in fetched}
+        self._resend_unless_modified(conditional, system, obj, [r for r in unknown if str(r.record_id) in read_at],
+                                     read_at, stats)
+        # a target the read did not find is resent as it is (the CRM's answer says what became of it)
+        return sorted(resend + [r for r in unknown if str(r.record_id) not in read_at], key=lambda r: r.id)
+
+    def _resend_unless_modified(self, conditional: Callable[..., list[WriteResult]], system: str, obj: str,
+                                rows: list[OutboxRow], read_at: Mapping[str, datetime], stats: CycleStats) -> None:
+        """Resends the look-first could not settle, where the CRM can make it atomic (Salesforce:
+        If-Unmodified-Since on a single-record PATCH): applied only if the record is as it was
+        read; modified since (412) → superseded, the person decided again."""
+        todo = list(rows)
+        if not todo or not self._may_send():
+            return
+        try:
+            results = {res.key: res for res in conditional(obj, [
+                (FieldUpdate(key=str(r.id), record_id=str(r.record_id), fields=r.fields,
+                             clear_first=tuple(r.clear_first)), read_at[str(r.record_id)]) for r in todo])}
+        except RetriableError as exc:
+            self._fail_all(todo, f"{type(exc).__name__}: {exc}", stats)
+            return
+        rest: list[OutboxRow] = []
+        with self._tx() as tx:
+            for r in todo:
+                res = results.get(str(r.id))
+                if res is None or res.ok or not (res.error or "").startswith("PRECONDITION_FAILED"):
+                    rest.append(r)
+                    continue
+                tx.mark_superseded(r.id, f"not resent: {system} {obj} {r.record_id} was modified after "
+                                         "the look-first read; decided again on what is there now", now=self.clock())
+                stats.skipped += 1
+                log.warning("write_superseded", system=system, object=obj, outbox_id=r.id,
+                            record_id=r.record_id, rule=r.rule, found="If-Unmodified-Since")
+            merged, permanent = self._settle(tx, rest, list(results.values()), stats)  # done or failed, as sent
+        if merged and self.on_dead is not None:
+            self.on_dead(merged, stats)
+        if permanent and self.on_permanent is not None:
+            self.on_permanent(system, obj, permanent, stats)
+
+    def supersede(self, tx: Tx, rows: Iterable[tuple[OutboxRow, Mapping[str, Any]]], stats: CycleStats) -> None:
+        """Writes not yet done whose target changed since their decision (found when deciding:
+        :func:`syncd.views.with_pending`, with field -> [decided on, now]): cancelled and
+        audited as superseded, never sent; the person is decided on the newer CRM value."""
+        for r, changed in rows:
+            why = (f"not sent: {r.system} changed "
+                   + ", ".join(f"{k} {b!r} -> {a!r}" for k, (b, a) in sorted(changed.items()))
+                   + " since the decision; decided again on what is there now")
+            if tx.mark_superseded(r.id, why, now=self.clock()):
+                stats.skipped += 1
+                log.warning("write_superseded", system=r.system, object=r.object, outbox_id=r.id,
+                            record_id=r.record_id, rule=r.rule, fields=sorted(changed), found="deciding")
 
     def _create_idempotent(self, conn: Connector, system: str, obj: str,
                            batch: list[OutboxRow]) -> list[Any]:
@@ -338,8 +398,16 @@ class WriteBack:
             else:
                 to_create.append(r)
         if to_create:
-            results += conn.create(obj, [RecordCreate(key=str(r.id), fields=r.fields) for r in to_create])
+            results += conn.create(obj, [self._record_create(system, obj, r) for r in to_create])
         return results
+
+    def _record_create(self, system: str, obj: str, r: OutboxRow) -> RecordCreate:
+        """The create as sent: keyed on the External ID syncd owns when the mappings declare one
+        (the value derives from the outbox key: every send of this row carries the same one)."""
+        field = self.mappings.external_id(system, obj)
+        if field is None:
+            return RecordCreate(key=str(r.id), fields=r.fields)
+        return RecordCreate(key=str(r.id), fields={**r.fields, field: create_key(r.key)}, upsert_on=field)
 
     def _fail_all(self, batch: list[OutboxRow], err: str, stats: CycleStats) -> None:
         """The whole batch failed transiently (5xx, timeout, connection): all retried later."""
@@ -362,6 +430,11 @@ def email_of(current: Sequence[CanonicalRecord], d: rules.Decision) -> str | Non
 
 def who(records: Sequence[CanonicalRecord]) -> str:
     return first_email(records) or (records[0].id if records else "?")
+
+
+def create_key(outbox_key: str) -> str:
+    """The External ID value of a create: stable per outbox row, 40 characters."""
+    return "syncd-" + hashlib.sha256(outbox_key.encode()).hexdigest()[:34]
 
 
 def _same(a: Any, b: Any) -> bool:

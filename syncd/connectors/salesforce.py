@@ -16,6 +16,7 @@ Collections (200 records per call, ``allOrNone: false``). Vendor errors become
 
 from __future__ import annotations
 
+import email.utils
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, TypeVar
@@ -27,7 +28,9 @@ from simple_salesforce.exceptions import (
     SalesforceError,
     SalesforceExpiredSession,
     SalesforceGeneralError,
+    SalesforceMalformedRequest,
     SalesforceRefusedRequest,
+    SalesforceResourceNotFound,
 )
 
 from syncd import catalogue
@@ -189,6 +192,7 @@ class SalesforceConnector:
         self._timeout = timeout
         self._peer = Peer(SYSTEM, instance_url, ca_bundle, timeout)
         self.usage = ApiUsage()
+        self._no_upsert: set[tuple[str, str]] = set()  # (object, External ID field) the org lacks
 
     # ------------------------------------------------------------------ Connector
     def objects(self) -> Sequence[str]:
@@ -242,6 +246,42 @@ class SalesforceConnector:
         return results
 
     def create(self, obj: str, creates: Sequence[RecordCreate]) -> list[WriteResult]:
+        """Creates keyed on an External ID syncd owns (``upsert_on``) are sObject Collections
+        upserts: idempotent, so one sent twice (a lost answer, a stalled daemon, a resend
+        racing a late original) makes one record, and a lost answer is retried here. An org
+        without that field (the upsert answers NOT_FOUND / INVALID_FIELD) gets plain creates,
+        logged once: weaker, the outbox's resend looks the email up first."""
+        results: list[WriteResult] = []
+        plain: list[RecordCreate] = []
+        keyed: dict[str, list[RecordCreate]] = {}
+        for c in creates:
+            if c.upsert_on and (obj, c.upsert_on) not in self._no_upsert:
+                keyed.setdefault(c.upsert_on, []).append(c)
+            else:
+                plain.append(_unkeyed(c))
+        for field, batch in keyed.items():
+            try:
+                results += self._upsert(obj, field, batch)
+            except FatalError as exc:
+                if not any(code in str(exc) for code in ("NOT_FOUND", "INVALID_FIELD")):
+                    raise
+                self._no_upsert.add((obj, field))
+                log.error("salesforce_external_id_missing", object=obj, field=field, error=str(exc),
+                          note="creates fall back to the email look-up (weaker); add the field or "
+                               "remove external_id from the mappings")
+                plain += [_unkeyed(c) for c in batch]
+        return results + self._create_plain(obj, plain)
+
+    def _upsert(self, obj: str, field: str, creates: Sequence[RecordCreate]) -> list[WriteResult]:
+        results: list[WriteResult] = []
+        for chunk in _chunks(list(creates), COLLECTION_LIMIT):
+            body = {"allOrNone": False, "records": [{"attributes": {"type": obj}, **c.fields} for c in chunk]}
+            saves = self._call("collections.upsert", self._sf.restful, f"composite/sobjects/{obj}/{field}",
+                               method="PATCH", json=body)
+            results.extend(_results([c.key for c in chunk], [None] * len(chunk), saves))
+        return results
+
+    def _create_plain(self, obj: str, creates: Sequence[RecordCreate]) -> list[WriteResult]:
         """sObject Collections POST. A create whose answer was lost is NOT retried here
         (it may have been applied); the caller sees a RetriableError and decides."""
         results: list[WriteResult] = []
@@ -260,6 +300,39 @@ class SalesforceConnector:
             )
             results.extend(_results([c.key for c in chunk], [None] * len(chunk), saves))
         return results
+
+    def write_unless_modified(self, obj: str, updates: Sequence[tuple[FieldUpdate, datetime]]) -> list[WriteResult]:
+        """Each update as a single-record PATCH with ``If-Unmodified-Since`` (sObject Collections
+        cannot carry it): applied only if the record was not modified after the given time (a
+        resend's look-first read), atomically. A record modified since answers 412: a failed
+        result ``PRECONDITION_FAILED`` (not retriable); other per-record refusals are failed
+        results too; 5xx / transport failures raise RetriableError (a PATCH is idempotent).
+        HTTP dates are whole seconds: the time is rounded up, so a change within the same
+        second as the read goes unseen."""
+        results: list[WriteResult] = []
+        for u, since in updates:
+            header = email.utils.format_datetime(_ceil_second(since), usegmt=True)
+
+            def patch(*, timeout: float, u: FieldUpdate = u, header: str = header) -> str | None:
+                try:
+                    self._sf.restful(f"sobjects/{obj}/{u.record_id}", method="PATCH", json=dict(u.fields),
+                                     headers={"If-Unmodified-Since": header}, timeout=timeout)
+                except (SalesforceGeneralError, SalesforceMalformedRequest, SalesforceResourceNotFound) as e:
+                    if e.status >= 500 or e.status == 429:
+                        raise
+                    code, message = _error_of(e)
+                    return f"{code}: {message}"
+                return None
+
+            error = self._call("sobject.update", patch)
+            results.append(WriteResult(key=u.key, ok=error is None, record_id=u.record_id, error=error,
+                                       retriable=bool(error) and str(error).split(":")[0] in RETRIABLE_RECORD_CODES))
+        return results
+
+    def external_id_fields(self, obj: str) -> set[str]:
+        """The object's External ID fields (describe): what a create may upsert on."""
+        desc = self._call("describe", self._sf.restful, f"sobjects/{obj}/describe")
+        return {str(f["name"]) for f in (desc or {}).get("fields", []) if f.get("externalId")}
 
     # ------------------------------------------------------------------ deletions
     def deleted(self, obj: str, since: datetime | None, *,
@@ -492,6 +565,18 @@ def _with_keys(fields: Sequence[str], keys: Sequence[str]) -> list[str]:
         if f.lower() not in {o.lower() for o in out}:
             out.append(f)
     return out
+
+
+def _ceil_second(dt: datetime) -> datetime:
+    dt = dt.astimezone(UTC)
+    return dt.replace(microsecond=0) + timedelta(seconds=1) if dt.microsecond else dt
+
+
+def _unkeyed(c: RecordCreate) -> RecordCreate:
+    """A plain create: without the External ID (the org has no such field)."""
+    if not c.upsert_on:
+        return c
+    return RecordCreate(key=c.key, fields={k: v for k, v in c.fields.items() if k != c.upsert_on})
 
 
 def _chunks(items: list[T], size: int) -> Iterator[list[T]]:

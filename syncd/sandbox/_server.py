@@ -8,6 +8,7 @@ endpoint, and applies the fault plan before the App sees a request.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 import threading
@@ -19,7 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-FAULT_KINDS = ("rate_limit", "server_error", "delay", "drop", "expired_session", "partial")
+FAULT_KINDS = ("rate_limit", "server_error", "delay", "drop", "expired_session", "partial",
+               "hold_answer", "late_apply")
 
 
 @dataclass
@@ -55,7 +57,10 @@ class Fault:
     default 503), delay (sleep ``delay`` seconds then answer normally), drop
     (close the connection without answering), expired_session (401 in the
     vendor's shape), partial (batch writes fail for ``ids``; not consumed by
-    requests that do not touch those ids).
+    requests that do not touch those ids), hold_answer (the request is applied at once,
+    its answer held ``delay`` seconds: a client killed meanwhile never learns it landed),
+    late_apply (answered at once with ``status``, e.g. 504, and applied ``delay`` seconds
+    later: a gateway timeout after which the CRM still does the work).
     """
 
     kind: str
@@ -266,6 +271,11 @@ def _make_handler(server: SimServer) -> type[BaseHTTPRequestHandler]:
             if fault is not None and fault.kind == "delay":
                 time.sleep(fault.delay)
                 fault = None
+            if fault is not None and fault.kind == "late_apply":
+                threading.Timer(fault.delay, _apply_late, args=(server, req)).start()
+            held = fault.delay if fault is not None and fault.kind == "hold_answer" else 0.0
+            if held:
+                fault = None
             try:
                 if fault is not None:
                     resp = server.app.fault_response(fault, req)
@@ -273,6 +283,8 @@ def _make_handler(server: SimServer) -> type[BaseHTTPRequestHandler]:
                     resp = server.app.handle(req, server.faults)
             except Exception as exc:  # noqa: BLE001 - the simulator answers 500 like a real server would
                 resp = Response(500, {"status": "error", "message": f"internal simulator error: {exc}"})
+            if held:
+                time.sleep(held)
             self._send(resp)
 
         def _send(self, resp: Response) -> None:
@@ -294,6 +306,12 @@ def _make_handler(server: SimServer) -> type[BaseHTTPRequestHandler]:
         do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _serve
 
     return Handler
+
+
+def _apply_late(server: SimServer, req: Request) -> None:
+    """A ``late_apply`` fault's request, landing after its client was told it failed."""
+    with contextlib.suppress(Exception):  # nobody waits for this answer
+        server.app.handle(req, server.faults)
 
 
 def untrusted_tls() -> ssl.SSLContext:

@@ -24,6 +24,7 @@ Decisions where crm-api.md is silent (documented here, relied on by tests):
 from __future__ import annotations
 
 import bisect
+import email.utils
 import itertools
 import re
 import threading
@@ -87,6 +88,7 @@ class FieldSpec:
     default: Any = None
     restricted: bool = True
     reference_to: tuple[str, ...] = ()
+    external_id: bool = False  # an External ID, unique (case-insensitive): upserts match on it
 
 
 def _ro(name: str, type_: str, **kw: Any) -> FieldSpec:
@@ -100,6 +102,8 @@ _AUDIT = (
     _ro("SystemModstamp", "datetime"),
 )
 _PERSON_CUSTOM = (
+    # syncd's own External ID (mappings: [Lead] external_id): creates are upserts on it
+    FieldSpec("Syncd_Key__c", "string", external_id=True),
     FieldSpec("Lifecycle_Stage__c", "picklist", picklist=LIFECYCLE_STAGES),
     FieldSpec("Lead_Score__c", "double"),
     FieldSpec("Return_Reason__c", "string"),
@@ -491,6 +495,8 @@ class SalesforceApp:
             return "query_more" if len(parts) > 1 else "query"
         if head == "limits":
             return "limits"
+        if head == "composite" and len(parts) == 4 and parts[1] == "sobjects" and req.method == "PATCH":
+            return "collections.upsert"
         if head == "composite" and parts[1:] == ["sobjects"]:
             return {"PATCH": "collections.update", "POST": "collections.create"}.get(
                 req.method, "unknown"
@@ -615,6 +621,7 @@ class SalesforceApp:
         if ep == "sobject.update":
             sobject = self._object(parts[1])
             body = _json_object(req)
+            self._unmodified_since(sobject, parts[2], req.headers.get("if-unmodified-since"))
             self._update(sobject, parts[2], body, None)
             self._log(
                 sobject, self._rows[sobject][self._canon_id(sobject, parts[2])]["Id"], body, ep
@@ -631,6 +638,8 @@ class SalesforceApp:
             new_id = self._create(sobject, body, None)
             self._log(sobject, new_id, body, ep)
             return 201, {"id": new_id, "success": True, "errors": []}
+        if ep == "collections.upsert":
+            return 200, self._upsert(req, self._object(parts[2]), parts[3])
         if ep in ("collections.update", "collections.create"):
             return 200, self._collection(req, faults, ep)
         raise SfError(404, "NOT_FOUND", "The requested resource does not exist")
@@ -703,6 +712,63 @@ class SalesforceApp:
                 sobject, rid, {k: v for k, v in r.items() if k not in ("attributes", "id")}, ep
             )
             out.append({"id": rid, "success": True, "errors": []})
+        return out
+
+    def _unmodified_since(self, sobject: str, record_id: str, header: str | None) -> None:
+        """A conditional update (sObject Rows only): 412 when the record was modified after the
+        ``If-Unmodified-Since`` date (HTTP-date: whole seconds)."""
+        if not header:
+            return
+        try:
+            since = email.utils.parsedate_to_datetime(header)
+        except (TypeError, ValueError):
+            raise SfError(400, "MALFORMED_QUERY", f"If-Unmodified-Since: not an HTTP date: {header}") from None
+        if parse_datetime(str(self._row(sobject, record_id)["LastModifiedDate"])) > since:
+            raise SfError(412, "PRECONDITION_FAILED",
+                          f"The requested resource has been modified since {header}")
+
+    def _unique(self, sobject: str, field: str, value: str, existing: dict[str, Any] | None) -> None:
+        """A unique External ID: no second record may hold ``value`` (case-insensitive)."""
+        for rid, row in self._rows[sobject].items():
+            if row is not existing and str(row.get(field) or "").lower() == value.lower():
+                raise SfError(400, "DUPLICATE_VALUE",
+                              f"duplicate value found: {field} duplicates value on record with id: {rid}", [field])
+
+    def _upsert(self, req: Request, sobject: str, field: str) -> list[dict[str, Any]]:
+        """sObject Collections upsert (PATCH /composite/sobjects/{type}/{externalIdField}): each
+        record is matched on the External ID's value (case-insensitive), updated when found,
+        created when not; ``created`` says which."""
+        spec = _SPECS[sobject].get(field.lower())
+        if spec is None or not spec.external_id:
+            raise SfError(404, "NOT_FOUND",
+                          f"Provided external ID field does not exist or is not accessible: {field}")
+        body = _json_object(req)
+        records = body.get("records")
+        if not isinstance(records, list) or len(records) > MAX_COLLECTION:
+            raise SfError(400, "JSON_PARSER_ERROR", f"records must be a list of at most {MAX_COLLECTION}")
+        now = self._clock()
+        out: list[dict[str, Any]] = []
+        for r in records:
+            fields = {k: v for k, v in (r if isinstance(r, dict) else {}).items() if k != "attributes"}
+            key = str(fields.get(spec.name) or "").lower()
+            if not key:
+                out.append({"success": False, "created": False, "errors": [SfError(
+                    400, "MISSING_ARGUMENT", f"{spec.name} not specified", [spec.name]).save_error()]})
+                continue
+            rid = next((i for i, row in self._rows[sobject].items()
+                        if str(row.get(spec.name) or "").lower() == key), None)
+            try:
+                changes = self._prepare(sobject, fields, self._rows[sobject][rid] if rid else None)
+            except SfError as e:
+                out.append({"success": False, "created": False, "errors": [e.save_error()]})
+                continue
+            if rid is None:
+                rid = self._insert_prepared(sobject, changes, now)
+                out.append({"id": rid, "success": True, "errors": [], "created": True})
+            else:
+                self._apply(sobject, self._rows[sobject][rid], changes, now)
+                out.append({"id": rid, "success": True, "errors": [], "created": False})
+            self._log(sobject, rid, fields, "collections.upsert")
         return out
 
     def _plan(
@@ -828,6 +894,8 @@ class SalesforceApp:
                     [spec.name],
                 )
             out[spec.name] = _coerce(spec, value)
+            if spec.external_id and out[spec.name]:
+                self._unique(sobject, spec.name, str(out[spec.name]), existing)
         merged = {**(existing or {s.name: s.default for s in SCHEMA[sobject][1]}), **out}
         missing = [
             s.name for s in SCHEMA[sobject][1] if s.required and merged.get(s.name) in (None, "")
@@ -928,6 +996,8 @@ class SalesforceApp:
                     "defaultedOnCreate": s.default is not None,
                     "restrictedPicklist": s.type == "picklist" and s.restricted,
                     "referenceTo": list(s.reference_to),
+                    "externalId": s.external_id,
+                    "unique": s.external_id,
                     "picklistValues": [
                         {
                             "active": True,

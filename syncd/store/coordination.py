@@ -89,11 +89,23 @@ class CoordinationTx(TxBase):
 
     def finish_resync(self, id: int, state: str, result: Any = None,
                       now: datetime | None = None) -> None:
-        if state not in ("done", "failed"):
-            raise ValueError(f"resync state must be done or failed, not {state!r}")
+        if state not in ("done", "failed", "interrupted"):
+            raise ValueError(f"resync state must be done, failed or interrupted, not {state!r}")
         t = s.resync_requests
         self.conn.execute(sa.update(t).where(t.c.id == id).values(
             state=state, result=result, done_at=now or utcnow()))
+
+    def requeue_interrupted_resyncs(self) -> list[ResyncRow]:
+        """Requests stopped part-way (``interrupted``: the service was shut down) go back to the
+        queue, their params marked ``resume`` (a full resync goes on from the stored cursors
+        instead of re-reading from the start), what they did before kept in ``result``."""
+        t = s.resync_requests
+        rows = [ResyncRow(**m) for m in self.conn.execute(
+            sa.select(t).where(t.c.state == "interrupted").order_by(t.c.id)).mappings()]
+        for r in rows:
+            self.conn.execute(sa.update(t).where(t.c.id == r.id, t.c.state == "interrupted").values(
+                state="queued", picked_by=None, picked_at=None, params={**dict(r.params), "resume": True}))
+        return rows
 
     def requeue_stale_resyncs(self, picked_before: datetime) -> int:
         """Running requests picked before ``picked_before`` (their daemon died) go back
@@ -159,7 +171,9 @@ class CoordinationTx(TxBase):
         still holds the lease, unexpired; it is then extended to last at least ``for_s`` more
         (the call's timeout), so nobody can take it over while the call may still land."""
         t = s.leases
-        until = now + timedelta(seconds=for_s)
+        # typed like the column: an untyped bind inside CASE is stored in SQLite's default datetime
+        # text, which sorts before the column's ISO text, and the lease then reads as expired
+        until = sa.literal(now + timedelta(seconds=for_s), type_=t.c.expires_at.type)
         return bool(self.conn.execute(
             sa.update(t).where(t.c.name == name, t.c.owner == owner, t.c.token == token, t.c.expires_at > now)
             .values(expires_at=sa.case((t.c.expires_at < until, until), else_=t.c.expires_at))).rowcount)

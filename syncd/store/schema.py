@@ -231,7 +231,7 @@ resync_requests = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("requested_at", UTCDateTime(), nullable=False),
     sa.Column("params", JSONType, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False, index=True),  # queued|running|done|failed
+    sa.Column("state", sa.String(16), nullable=False, index=True),  # queued|running|done|failed|interrupted
     sa.Column("picked_by", sa.String(128), nullable=True),
     sa.Column("picked_at", UTCDateTime(), nullable=True),
     sa.Column("done_at", UTCDateTime(), nullable=True),

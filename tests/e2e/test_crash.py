@@ -67,6 +67,7 @@ VOLATILE = frozenset(
         "CreatedDate",
         "LastModifiedDate",
         "SystemModstamp",
+        "Syncd_Key__c",  # syncd's create key: derived from the outbox row, which differs per store
     }
 )
 HS_OBJECTS = ("contacts", "deals")

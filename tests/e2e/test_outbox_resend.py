@@ -8,6 +8,7 @@ Counts are the simulators' own request counts around ``Engine.flush``.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ import pytest
 
 from syncd.config import load_config
 from syncd.engine import CycleStats, Engine
+from syncd.mapping import default_mappings_dir
 from syncd.model import RecordCreate
 from syncd.runtime import open_runtime
 
@@ -107,8 +109,15 @@ def test_create_whose_answer_timed_out_after_the_crm_took_it_is_not_duplicated(
     e2e.decide_only()
     # The same config with a 0.5 s client timeout; the CRM answers the create after 1.5 s,
     # having applied it: the answer is lost, the record is there.
+    # Mappings without [Lead] external_id: the weaker fallback of an org that cannot add the
+    # field (with it, a Salesforce create is an upsert, retried at once; test_chaos.py has that).
+    mdir = e2e.tmp / "mappings-no-external-id"
+    shutil.copytree(default_mappings_dir(), mdir)
+    sf_toml = mdir / "salesforce.toml"
+    sf_toml.write_text(sf_toml.read_text().replace('external_id = "Syncd_Key__c"', ""))
     short = e2e.tmp / "short-timeout.toml"
-    short.write_text(e2e.config.read_text().replace("timeout_s = 10", "timeout_s = 0.5"))
+    short.write_text(e2e.config.read_text().replace("timeout_s = 10", "timeout_s = 0.5")
+                     + f'\n[mappings]\ndir = "{mdir}"\n')
     rt = open_runtime(load_config(short))
     try:
         server = e2e.sb.salesforce_server if system == "salesforce" else e2e.sb.hubspot_server

@@ -214,3 +214,17 @@ def test_close_gives_back_every_lease_at_once(store: Store, keeper: Callable[...
     a.close()
     assert holder(store, "cycle:contacts") is None and holder(store, "cycle:deals") is None
     assert b.try_acquire("cycle:contacts") and b.try_acquire("cycle:deals")
+
+
+def test_a_confirm_that_extends_the_lease_past_its_ttl_is_confirmed_again(
+    store: Store, keeper: Callable[..., LeaseKeeper]
+) -> None:
+    """Fencing confirms the lease before every CRM call for the call's timeout, which may be
+    longer than the TTL (30 s timeout + margin > 30 s TTL by default). The extended expiry must
+    still read as held: the writer confirms again before its next batch."""
+    a = keeper("a", ttl_s=3.0)
+    assert a.try_acquire(LEASE)
+    assert a.confirm([LEASE], for_s=8.0)
+    assert a.confirm([LEASE], for_s=8.0)  # failed before: the extension was stored as an older-sorting text
+    b = keeper("b", ttl_s=3.0)
+    assert not b.try_acquire(LEASE)
