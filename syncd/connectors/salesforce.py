@@ -313,10 +313,11 @@ class SalesforceConnector:
         for u, since in updates:
             header = email.utils.format_datetime(_ceil_second(since), usegmt=True)
 
-            def patch(*, timeout: float, u: FieldUpdate = u, header: str = header) -> str | None:
-                try:
+            def patch(*, timeout: float, headers: dict[str, str] | None = None, u: FieldUpdate = u,
+                      header: str = header) -> str | None:
+                try:  # ``headers``: the token's, from :meth:`_authed`
                     self._sf.restful(f"sobjects/{obj}/{u.record_id}", method="PATCH", json=dict(u.fields),
-                                     headers={"If-Unmodified-Since": header}, timeout=timeout)
+                                     headers={**(headers or {}), "If-Unmodified-Since": header}, timeout=timeout)
                 except (SalesforceGeneralError, SalesforceMalformedRequest, SalesforceResourceNotFound) as e:
                     if e.status >= 500 or e.status == 429:
                         raise
