@@ -218,6 +218,7 @@ Port = click.IntRange(min=0, max=65535)
 @pass_ctx
 def sync(c: Ctx, once: bool, group: str | None, dry_run: bool) -> None:
     """Run one sync cycle: pull, map, link, decide, write back."""
+    from syncd.progress import progress_for
     from syncd.resync import LEASE_WAIT_S, LeaseKeeper, interrupt_dead_runs, make_engine, new_owner, run_cycle
     from syncd.runtime import open_runtime
 
@@ -227,15 +228,9 @@ def sync(c: Ctx, once: bool, group: str | None, dry_run: bool) -> None:
         keeper = LeaseKeeper(rt.store, new_owner())
         try:
             engine = make_engine(rt, dry_run=dry_run, owner=keeper.owner)
-            if dry_run:  # changes nothing (one transaction, rolled back): no lease needed
-                stats = engine.cycle(group)
-            else:
-                interrupt_dead_runs(rt.store, keeper.owner, fresh_s=3 * min(cfg.sync.intervals().values()))
-                got = run_cycle(engine, group, keeper, wait_s=LEASE_WAIT_S)
-                if got is None:
-                    raise SyncError(f"the store is busy: another syncd kept a cycle running for "
-                                    f"{LEASE_WAIT_S:.0f}s; try again later")
-                stats = got
+            with progress_for("sync --once") as shown:  # on a terminal: live; off it: a line every 10 s
+                engine.progress = shown
+                stats = _one_cycle(engine, group, dry_run, keeper, cfg)
         finally:
             keeper.close()
             rt.close()
@@ -248,6 +243,16 @@ def sync(c: Ctx, once: bool, group: str | None, dry_run: bool) -> None:
         if stats.partial:
             # one side could not be pulled: the other was recorded, nothing decided on half a picture
             raise SyncError(f"partial cycle: {stats.partial_reason()}")
+
+    def _one_cycle(engine: Any, group: str | None, dry_run: bool, keeper: Any, cfg: Config) -> Any:
+        if dry_run:  # changes nothing (one transaction, rolled back): no lease needed
+            return engine.cycle(group)
+        interrupt_dead_runs(engine.store, keeper.owner, fresh_s=3 * min(cfg.sync.intervals().values()))
+        got = run_cycle(engine, group, keeper, wait_s=LEASE_WAIT_S)
+        if got is None:
+            raise SyncError(f"the store is busy: another syncd kept a cycle running for "
+                            f"{LEASE_WAIT_S:.0f}s; try again later")
+        return got
 
     guarded(go)
 

@@ -131,7 +131,8 @@ class Engine:
         job = f"cycle:{group or 'all'}"
         run_id = self.store_run_start(job)
         try:
-            self._cycle(group, stats)
+            with structlog.contextvars.bound_contextvars(run_id=run_id, job=job):  # every line of the cycle
+                self._cycle(group, stats)
         except BaseException as exc:
             self.store_run_finish(run_id, "failed", stats, one_line(exc))
             raise
@@ -207,17 +208,26 @@ class Engine:
             cursor = tx.get_cursor(system, obj)
         n = 0
         stopped = False
-        for page in conn.iter_changes(obj, cursor, overlap=self.overlap):
-            self.ingest(system, obj, page.records, stats)
-            n += len(page.records)
-            if self.stop_requested:
-                stopped = True
-                break
+        with structlog.contextvars.bound_contextvars(system=system, object=obj):
+            self.pull_started(system, obj)
+            for page in conn.iter_changes(obj, cursor, overlap=self.overlap):
+                self.ingest(system, obj, page.records, stats)
+                n += len(page.records)
+                self.page_pulled(system, obj, len(page.records), page.total)
+                if self.stop_requested:
+                    stopped = True
+                    break
         stats.pulled[f"{system}.{obj}"] = stats.pulled.get(f"{system}.{obj}", 0) + n
         if not stopped:
             with self._tx() as tx:
                 tx.pull_succeeded(system, obj, self.clock())
             self.pulled_ok.add(system)
+
+    def pull_started(self, system: str, obj: str) -> None:
+        """Hook: a pull of ``system``/``obj`` starts (progress displays)."""
+
+    def page_pulled(self, system: str, obj: str, n: int, total: int | None) -> None:
+        """Hook: a page of ``n`` records was stored; ``total``: the pull's size, when the CRM says."""
 
     def pull_stale(self, stats: CycleStats) -> None:
         """Pull every object whose copy in the store is incomplete or not fresh (a targeted

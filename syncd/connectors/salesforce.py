@@ -170,10 +170,11 @@ class SalesforceConnector:
     def iter_changes(self, obj: str, since: Cursor | None, *, overlap: timedelta) -> Iterator[Page]:
         stream = self._stream(obj)
         pages = records = 0
+        self._pull_total = None  # the query's ``totalSize``: the pull's size (progress)
         for batch in self._query_pages(stream.changes(since, overlap)):
             pages += 1
             records += len(batch)
-            yield Page([self._record(stream, r) for r in batch])
+            yield Page([self._record(stream, r) for r in batch], self._pull_total)
         log.info(
             "salesforce.pulled",
             object=obj,
@@ -270,9 +271,13 @@ class SalesforceConnector:
                 out.extend(self._record(stream, r) for r in batch)
         return out
 
+    _pull_total: int | None = None
+
     def _query_pages(self, soql: str) -> Iterator[list[dict[str, Any]]]:
         """One SOQL query, batch by batch through query locators (:class:`QueryLocatorPaginator`)."""
         result = self._call("query", self._sf.query, soql)
+        if self._pull_total is None and isinstance(result.get("totalSize"), int):
+            self._pull_total = result["totalSize"]
         pager = QueryLocatorPaginator()
         while True:
             yield list(result.get("records", []))
