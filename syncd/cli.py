@@ -261,12 +261,17 @@ def sync(c: Ctx, once: bool, group: str | None, dry_run: bool) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--explain", is_flag=True, help="Say what each word of the status means, and exit.")
 @pass_ctx
-def status(c: Ctx, as_json: bool) -> None:
+def status(c: Ctx, as_json: bool, explain: bool) -> None:
     """Per system/object: last run, cursor, outbox, quarantine, unmapped values, SLA breaches."""
     from syncd import freshness
-    from syncd.report import print_status, status_data
+    from syncd.report import print_explain, print_status, status_data
     from syncd.store import Store
+
+    if explain:
+        print_explain()
+        return
 
     def go() -> None:
         cfg = c.config(credentials=False)
@@ -299,7 +304,7 @@ def audit(c: Ctx, email: str | None, record_id: str | None, rule: str | None, sy
           since: datetime | None, until: datetime | None, limit: int, as_json: bool) -> None:
     """Why did this change? Every write: rule, reason, before → after, mapping revision."""
     from syncd.model import normalise_email
-    from syncd.report import print_audit
+    from syncd.report import deal_labels, print_audit
     from syncd.store import Store
 
     if since is not None and until is not None and since.replace(tzinfo=None) >= until.replace(tzinfo=None):
@@ -313,12 +318,13 @@ def audit(c: Ctx, email: str | None, record_id: str | None, rule: str | None, sy
                 rows = tx.query_audit(email=normalise_email(email), record_id=record_id, rule=rule,
                                       system=system, since=_utc(since), until=_utc(until),
                                       limit=limit, newest=True)
+                labels = deal_labels(tx, rows)
         finally:
             store.close()
         if as_json:
             click.echo(json.dumps([_row_dict(r) for r in rows], indent=2, default=str))
         else:
-            print_audit(rows)
+            print_audit(rows, labels=labels)
 
     guarded(go)
 
@@ -382,6 +388,10 @@ def mappings_check(c: Ctx, directory: Path | None, live: bool, fmt: str) -> None
         out = format_problems(problems, fmt)
         if out:
             click.echo(out)
+        elif fmt == "text":  # a clean check says what it read
+            from syncd.report import mappings_summary
+
+            click.echo(mappings_summary(d))
         return exit_code(problems)
 
     sys.exit(guarded(go))

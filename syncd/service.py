@@ -120,11 +120,12 @@ class Service:
     def run(self) -> int:
         port = self.cfg.service.metrics_port
         if port:
+            host = self.cfg.service.metrics_host
             try:
-                self.server = MetricsServer(self.metrics, port).start()
+                self.server = MetricsServer(self.metrics, port, host=host).start()
             except OSError as exc:
                 self.close()
-                raise ConfigError(f"service.metrics_port: cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
+                raise ConfigError(f"service.metrics_port: cannot listen on {host}:{port}: {exc.strerror}") from None
         self._install_signals()
         self._beat()
         self._clean_up_after_the_dead()
@@ -305,6 +306,9 @@ class Service:
                         "config": str(self.config_file),
                         "mapping_revision": self.rt.mappings.revision,
                         "intervals": intervals(self.cfg),
+                        # systems this service does not call for now, why and until when (status)
+                        "paused": {system: {"until": until.isoformat(), "why": why}
+                                   for system, (until, why) in list(self.backoff.items())},
                     },
                     pid=os.getpid(),
                 )
@@ -333,7 +337,8 @@ class Service:
                 return
             self._swap_runtime()
             systems = self._available_systems()
-            self._run_cycle(group, systems)
+            with structlog.contextvars.bound_contextvars(job=f"cycle:{group}"):
+                self._run_cycle(group, systems)
 
     def _run_cycle(self, group: str, systems: list[str]) -> None:
         # Backed-off systems are not pulled, but the cycle still runs: the other side is
@@ -414,8 +419,12 @@ class Service:
             self._current = engine
             try:
                 req.validate()
-                result = run_resync(self.rt, req, engine, self.keeper, should_stop=self.stopping.is_set)
+                with structlog.contextvars.bound_contextvars(job=f"resync#{row.id}"):
+                    result = run_resync(self.rt, req, engine, self.keeper, should_stop=self.stopping.is_set)
                 state: str = "done"
+                if engine.stop_requested:  # the service stopped part way: say so in the history
+                    state, result = "failed", {**result, "error": "interrupted: the service stopped part way; "
+                                               "run the resync again to finish"}
                 self._recovered(systems)
             except Exception as exc:  # noqa: BLE001 - a failed resync is reported, never fatal
                 state, result = "failed", {"error": one_line(exc)}
