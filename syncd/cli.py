@@ -466,13 +466,14 @@ def run(c: Ctx) -> None:
 @click.option("--keep-running", is_flag=True, help="Leave the sandbox and the service up to explore.")
 @click.option("--speed", type=float, default=1.0, show_default=True, callback=_finite_positive,
               help="Story speed factor (> 0; 10 plays it ten times faster).")
+@click.option("--keep", is_flag=True, help="Keep the demo's folder (config, state store, service log) afterwards.")
 @pass_ctx
-def demo(c: Ctx, people: int, deals: int, seed: int, keep_running: bool, speed: float) -> None:
+def demo(c: Ctx, people: int, deals: int, seed: int, keep_running: bool, speed: float, keep: bool) -> None:
     """Sandbox CRMs on loopback, seeded; the real daemon runs against them and tells what it did."""
     from syncd.demo import run_demo
 
     sys.exit(guarded(lambda: run_demo(people=people, deals=deals, seed=seed,
-                                      keep_running=keep_running, speed=speed)))
+                                      keep_running=keep_running, speed=speed, keep=keep)))
 
 
 @main.group()
