@@ -130,9 +130,13 @@ class Engine:
             return stats
         job = f"cycle:{group or 'all'}"
         run_id = self.store_run_start(job)
+        with structlog.contextvars.bound_contextvars(run_id=run_id, job=job):  # every line of the cycle
+            self._run_and_record(run_id, job, group, stats)
+        return stats
+
+    def _run_and_record(self, run_id: str, job: str, group: str | None, stats: CycleStats) -> None:
         try:
-            with structlog.contextvars.bound_contextvars(run_id=run_id, job=job):  # every line of the cycle
-                self._cycle(group, stats)
+            self._cycle(group, stats)
         except BaseException as exc:
             self.store_run_finish(run_id, "failed", stats, one_line(exc))
             raise
@@ -144,7 +148,6 @@ class Engine:
             log.warning("cycle", job=job, status=status, reason=reason, **stats.summary())
         else:
             log.info("cycle", job=job, status=status, **stats.summary())
-        return stats
 
     def store_run_start(self, job: str) -> str:
         with self.store.tx() as tx:
