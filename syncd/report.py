@@ -231,7 +231,7 @@ def _run_row(r: Any) -> dict[str, Any]:
 def _resync_row(r: Any) -> dict[str, Any]:
     result = r.result if isinstance(r.result, dict) else {}
     outcome = r.state
-    if r.state == "failed" and str(result.get("error", "")).startswith("interrupted"):
+    if r.state == "failed" and str(result.get("error", "")).startswith(("interrupted", "the service running it")):
         outcome = "interrupted"
     return {"id": r.id, "state": r.state, "outcome": outcome, "params": r.params,
             "inline": bool((r.params or {}).get("inline")), "requested_at": r.requested_at.isoformat(),
