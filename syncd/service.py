@@ -51,6 +51,7 @@ from syncd.errors import (
 )
 from syncd.metrics import MetricsServer, ServiceMetrics
 from syncd.model import SYSTEMS, utcnow
+from syncd.progress import LogProgress
 from syncd.resync import (
     LeaseKeeper,
     ObservedEngine,
@@ -352,12 +353,14 @@ class Service:
         started = time.monotonic()
         stats: CycleStats | None = CycleStats()
         error = None
+        engine.progress = LogProgress(what=f"cycle:{group}")  # a long cycle (a first backfill) says how far it got
         try:
             stats = run_cycle(engine, group, self.keeper)
         except Exception as exc:  # noqa: BLE001 - the service never dies because a CRM or the store is down
             error = type(exc).__name__
             self._handle_failure(f"cycle:{group}", exc, systems)
         finally:
+            engine.progress.close()
             self._current = None
         if stats is None:
             log.debug("cycle_skipped", group=group, reason="another daemon holds the lease")

@@ -150,3 +150,14 @@ def test_a_deal_is_named_in_the_audit_not_a_uuid(store: Store) -> None:
     assert labels == {entity: 'deal "Acme renewal"'}
     text = _render(200, lambda rows, console: report.print_audit(rows, console, labels=labels), [row])
     assert 'deal "Acme renewal"' in text and "deals/9001" in text and entity not in text
+
+
+def test_a_dry_run_names_a_deal_by_name_and_id() -> None:
+    from syncd.model import CanonicalRecord
+    from syncd.writeback import who
+
+    deal = CanonicalRecord("hubspot", "deals", "9001", "deal", NOW, values={"name": "Acme renewal"})
+    person = CanonicalRecord("hubspot", "contacts", "101", "person", NOW, values={"email": "a@example.com"})
+    assert who([deal]) == 'deal "Acme renewal" (9001)'
+    assert who([person]) == "a@example.com"
+    assert who([CanonicalRecord("hubspot", "deals", "9002", "deal", NOW)]) == "9002"
