@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.file_proxy import FileProxy
 from rich.progress import BarColumn, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
+from rich.text import Text
 
 log = structlog.get_logger()
 
@@ -134,6 +135,7 @@ class LiveProgress(Progress):
         self._lock = threading.Lock()
 
     def start(self) -> LiveProgress:
+        self.console.print(Text(self.title, style="bold"))
         self.bar.start()
         return self
 
@@ -206,7 +208,7 @@ def progress_for(title: str = "sync", *, stream: IO[str] | None = None,
     stream = stream or sys.stderr
     shown: Progress
     if stream.isatty():
-        console = Console(file=stream)
+        console = Console(file=stream, soft_wrap=True)  # a log line is never broken (JSON stays one line)
         live = LiveProgress(console, title)
         with logs_through(console):
             live.start()
