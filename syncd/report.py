@@ -314,7 +314,8 @@ def _objects_table(data: dict[str, Any], now: datetime, console: Console) -> Non
     token(t, "unmapped", justify="right")
     for o in data["objects"]:
         newest = _ago(now, datetime.fromisoformat(o["newest_change"])) if o.get("newest_change") else "—"
-        lag = f"≤ {freshness.human_age(timedelta(seconds=o['lag_s']))}" if o["lag_s"] is not None else "—"
+        lag = (f"≤ {freshness.human_age(timedelta(seconds=o['lag_s']))}" if o["lag_s"] is not None
+               else "first pull not done")
         last_pull = _ago(now, datetime.fromisoformat(o["last_pull"])) if o.get("last_pull") else "never"
         if o.get("failing_since"):
             last_pull += " (failing)"

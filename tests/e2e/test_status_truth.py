@@ -108,6 +108,8 @@ def test_status_after_a_partial_cycle_says_which_system_why_and_since_when(world
     assert "not paused: every cycle tries it again" in text
     assert "partial" in text.split("cycles (ok")[-1] or "| partial" in text
     assert ".0000" not in text and "+00:00" not in text  # times for people
+    explained = world.syncd("status", "--explain")
+    assert explained.returncode == 0 and "blocked re-hand-offs" in explained.stdout and "lag" in explained.stdout
 
 
 def test_status_after_an_auth_failure_and_while_the_service_has_it_paused(world: World) -> None:
