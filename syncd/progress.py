@@ -168,8 +168,9 @@ class LiveProgress(Progress):
     def _finish_pulls(self) -> None:
         for key, task in list(self.tasks.items()):
             if "." in key:  # a pull: it is over once a later stage starts
-                n = self.counts.pulled.get(key, 0)
-                self.bar.update(task, total=max(n, 1), completed=max(n, 1), count=f"{n:,} records")
+                n, of = self.counts.pulled.get(key, 0), self.counts.totals.get(key)
+                shown = f"{n:,} of {of:,} records" if of is not None else f"{n:,} records"
+                self.bar.update(task, total=max(n, 1), completed=max(n, 1), count=shown)
 
     def written(self, system: str) -> None:
         with self.counts.lock:
