@@ -64,7 +64,7 @@ class Sheet:
             else:
                 t.add_column(name, overflow="ellipsis", ratio=1, **kw)
         for row in self.rows:
-            t.add_row(*row)
+            t.add_row(*(Text(c) for c in row))  # cells are data, never markup ("[sync]" stays as it is)
         return t
 
     def needs(self) -> int:

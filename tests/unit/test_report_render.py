@@ -128,6 +128,7 @@ def test_status_says_times_and_lag_for_people(store: Store) -> None:
 
 def test_explain_names_every_noun_status_shows() -> None:
     text = _render(120, report.print_explain)
+    assert "([sync]" in text  # cells are text, not markup
     for noun in ("records", "newest change held", "last complete pull", "lag", "quarantined", "unmapped",
                  "picture", "paused", "cycle", "resync", "pending outbox", "open SLA breaches", "link conflicts",
                  "blocked re-hand-offs", "services on this store", "API usage"):
