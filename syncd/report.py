@@ -364,7 +364,8 @@ def _cycles_table(data: dict[str, Any], now: datetime, console: Console) -> None
     if r["status"] in ("partial", "failed", "interrupted"):
         say(console, f"last cycle: {r['status']} ({r['job']}, {_when(now, r['started_at'])}): "
                       f"{mask_email(r['error'] or '')}")
-    t = Sheet(f"last {len(runs)} cycles (ok | partial: decisions held | failed | interrupted)")
+    t = Sheet(f"last {len(runs)} cycle{'s' if len(runs) != 1 else ''} "
+              "(ok | partial: decisions held | failed | interrupted)")
     token(t, "started")
     token(t, "job")
     token(t, "outcome")
