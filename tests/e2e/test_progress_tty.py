@@ -70,3 +70,18 @@ def test_sync_once_off_a_terminal_prints_no_display(seeded: tuple[Sandbox, Path]
     assert r.returncode == 0, r.stderr[-2000:]
     assert "━" not in r.stdout + r.stderr and "linking and deciding" not in r.stderr
     assert r.stdout.startswith("pulled=")
+
+
+def test_resync_inline_on_a_terminal_shows_its_progress_with_a_title(seeded: tuple[Sandbox, Path]) -> None:
+    sb, cfg = seeded
+    env = {**os.environ, **sb.env(), "TERM": "xterm"}
+    child = pexpect.spawn(sys.executable, ["-m", "syncd", "--config", str(cfg), "resync", "--inline", "--full"],
+                          env=env, encoding="utf-8", timeout=240, dimensions=(40, 120))
+    child.expect(pexpect.EOF)
+    child.close()
+    raw = child.before or ""
+    assert child.exitstatus == 0, raw[-2000:]
+    lines = _screen_lines(raw)
+    assert any(ln.strip() == "resync all objects, full" for ln in lines), lines[:10]
+    assert any(re.search(r"salesforce Opportunity .*\d+ of \d+ records", ln) for ln in lines)
+    assert any(ln.strip().startswith("resync done (all objects, full)") for ln in lines)
