@@ -27,6 +27,18 @@ def _screen_lines(raw: str) -> list[str]:
     return out
 
 
+def _on_a_terminal(sb: Sandbox, cfg: Path, *args: str) -> list[str]:
+    """``syncd ARGS`` on a 120×40 pty; what the terminal showed, line by line (it must exit 0)."""
+    env = {**os.environ, **sb.env(), "COLUMNS": "120", "LINES": "40", "TERM": "xterm"}
+    child = pexpect.spawn(sys.executable, ["-m", "syncd", "--config", str(cfg), *args],
+                          env=env, encoding="utf-8", timeout=240, dimensions=(40, 120))
+    child.expect(pexpect.EOF)
+    child.close()
+    raw = child.before or ""
+    assert child.exitstatus == 0, raw[-2000:]
+    return _screen_lines(raw)
+
+
 @pytest.fixture
 def seeded(tmp_path: Path) -> tuple[Sandbox, Path]:
     sb = Sandbox(tmp_path / "sandbox").start()
@@ -38,15 +50,7 @@ def seeded(tmp_path: Path) -> tuple[Sandbox, Path]:
 
 
 def test_sync_once_on_a_terminal_shows_progress_and_logs_stay_outside_it(seeded: tuple[Sandbox, Path]) -> None:
-    sb, cfg = seeded
-    env = {**os.environ, **sb.env(), "COLUMNS": "120", "LINES": "40", "TERM": "xterm"}
-    child = pexpect.spawn(sys.executable, ["-m", "syncd", "--config", str(cfg), "sync", "--once"],
-                          env=env, encoding="utf-8", timeout=240, dimensions=(40, 120))
-    child.expect(pexpect.EOF)
-    child.close()
-    raw = child.before or ""
-    assert child.exitstatus == 0, raw[-2000:]
-    lines = _screen_lines(raw)
+    lines = _on_a_terminal(*seeded, "sync", "--once")
     progress = [ln for ln in lines if " records" in ln and ("hubspot" in ln or "salesforce" in ln)]
     # per system and object, records pulled of the CRM's total
     assert any(re.search(r"hubspot contacts .*\d+ of \d+ records", ln) for ln in progress), lines[-40:]
@@ -73,15 +77,7 @@ def test_sync_once_off_a_terminal_prints_no_display(seeded: tuple[Sandbox, Path]
 
 
 def test_resync_inline_on_a_terminal_shows_its_progress_with_a_title(seeded: tuple[Sandbox, Path]) -> None:
-    sb, cfg = seeded
-    env = {**os.environ, **sb.env(), "TERM": "xterm"}
-    child = pexpect.spawn(sys.executable, ["-m", "syncd", "--config", str(cfg), "resync", "--inline", "--full"],
-                          env=env, encoding="utf-8", timeout=240, dimensions=(40, 120))
-    child.expect(pexpect.EOF)
-    child.close()
-    raw = child.before or ""
-    assert child.exitstatus == 0, raw[-2000:]
-    lines = _screen_lines(raw)
+    lines = _on_a_terminal(*seeded, "resync", "--inline", "--full")
     assert any(ln.strip() == "resync all objects, full" for ln in lines), lines[:10]
     assert any(re.search(r"salesforce Opportunity .*\d+ of \d+ records", ln) for ln in lines)
     assert any(ln.strip().startswith("resync done (all objects, full)") for ln in lines)
