@@ -108,7 +108,7 @@ class Sheet:
             console.print(Text("    " + line, no_wrap=True, overflow="ellipsis"))
         for (name, kind, _), v in cells:
             if kind == "prose" and v:
-                console.print(Padding(Text(f"{name}: {v}", overflow="ellipsis"), (0, 0, 0, 4)))
+                console.print(Padding(Text(f"{name}: {v}", overflow="ellipsis"), (0, 0, 0, 4), expand=False))
 
 
 def token(table: Sheet, name: str, **kw: Any) -> None:
