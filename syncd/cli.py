@@ -220,6 +220,7 @@ Port = click.IntRange(min=0, max=65535)
 @pass_ctx
 def sync(c: Ctx, once: bool, group: str | None, dry_run: bool, as_json: bool) -> None:
     """Run one sync cycle: pull, map, link, decide, write back."""
+    from syncd.progress import progress_for
     from syncd.resync import LEASE_WAIT_S, LeaseKeeper, interrupt_dead_runs, make_engine, new_owner, run_cycle
     from syncd.runtime import open_runtime
 
@@ -229,15 +230,9 @@ def sync(c: Ctx, once: bool, group: str | None, dry_run: bool, as_json: bool) ->
         keeper = LeaseKeeper(rt.store, new_owner())
         try:
             engine = make_engine(rt, dry_run=dry_run, owner=keeper.owner)
-            if dry_run:  # changes nothing (one transaction, rolled back): no lease needed
-                stats = engine.cycle(group)
-            else:
-                interrupt_dead_runs(rt.store, keeper.owner, fresh_s=3 * min(cfg.sync.intervals().values()))
-                got = run_cycle(engine, group, keeper, wait_s=LEASE_WAIT_S)
-                if got is None:
-                    raise SyncError(f"the store is busy: another syncd kept a cycle running for "
-                                    f"{LEASE_WAIT_S:.0f}s; try again later")
-                stats = got
+            with progress_for("sync --once") as shown:  # on a terminal: live; off it: a line every 10 s
+                engine.progress = shown
+                stats = _one_cycle(engine, group, dry_run, keeper, cfg)
         finally:
             keeper.close()
             rt.close()
@@ -256,6 +251,16 @@ def sync(c: Ctx, once: bool, group: str | None, dry_run: bool, as_json: bool) ->
             # one side could not be pulled: the other was recorded, nothing decided on half a picture
             raise SyncError(f"partial cycle: {stats.partial_reason()}")
 
+    def _one_cycle(engine: Any, group: str | None, dry_run: bool, keeper: Any, cfg: Config) -> Any:
+        if dry_run:  # changes nothing (one transaction, rolled back): no lease needed
+            return engine.cycle(group)
+        interrupt_dead_runs(engine.store, keeper.owner, fresh_s=3 * min(cfg.sync.intervals().values()))
+        got = run_cycle(engine, group, keeper, wait_s=LEASE_WAIT_S)
+        if got is None:
+            raise SyncError(f"the store is busy: another syncd kept a cycle running for "
+                            f"{LEASE_WAIT_S:.0f}s; try again later")
+        return got
+
     guarded(go)
 
 
@@ -263,13 +268,18 @@ def sync(c: Ctx, once: bool, group: str | None, dry_run: bool, as_json: bool) ->
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--explain", is_flag=True, help="Say what each word of the status means, and exit.")
 @pass_ctx
-def status(c: Ctx, as_json: bool) -> None:
+def status(c: Ctx, as_json: bool, explain: bool) -> None:
     """Per system/object: last run, cursor, outbox, quarantine, unmapped values, SLA breaches."""
     from syncd import freshness
     from syncd._json import dumps
-    from syncd.report import print_status, status_data
+    from syncd.report import print_explain, print_status, status_data
     from syncd.store import open_store_readonly
+
+    if explain:
+        print_explain()
+        return
 
     def go() -> None:
         cfg = c.config(credentials=False)
@@ -303,7 +313,7 @@ def audit(c: Ctx, email: str | None, record_id: str | None, rule: str | None, sy
     """Why did this change? Every write: rule, reason, before → after, mapping revision."""
     from syncd._json import dumps
     from syncd.model import normalise_email
-    from syncd.report import print_audit
+    from syncd.report import deal_labels, print_audit
     from syncd.store import open_store_readonly
 
     if since is not None and until is not None and since.replace(tzinfo=None) >= until.replace(tzinfo=None):
@@ -317,12 +327,13 @@ def audit(c: Ctx, email: str | None, record_id: str | None, rule: str | None, sy
                 rows = tx.query_audit(email=normalise_email(email), record_id=record_id, rule=rule,
                                       system=system, since=_utc(since), until=_utc(until),
                                       limit=limit, newest=True)
+                labels = deal_labels(tx, rows)
         finally:
             store.close()
         if as_json:
             click.echo(dumps([_row_dict(r) for r in rows]))
         else:
-            print_audit(rows)
+            print_audit(rows, labels=labels)
 
     guarded(go)
 
@@ -383,6 +394,10 @@ def mappings_check(c: Ctx, directory: Path | None, live: bool, fmt: str, as_json
         out = format_problems(problems, "json" if as_json else fmt)
         if out:
             click.echo(out)
+        elif fmt == "text":  # a clean check says what it read
+            from syncd.report import mappings_summary
+
+            click.echo(mappings_summary(d))
         return exit_code(problems)
 
     sys.exit(guarded(go))
@@ -473,13 +488,14 @@ def run(c: Ctx) -> None:
 @click.option("--keep-running", is_flag=True, help="Leave the sandbox and the service up to explore.")
 @click.option("--speed", type=float, default=1.0, show_default=True, callback=_finite_positive,
               help="Story speed factor (> 0; 10 plays it ten times faster).")
+@click.option("--keep", is_flag=True, help="Keep the demo's folder (config, state store, service log) afterwards.")
 @pass_ctx
-def demo(c: Ctx, people: int, deals: int, seed: int, keep_running: bool, speed: float) -> None:
+def demo(c: Ctx, people: int, deals: int, seed: int, keep_running: bool, speed: float, keep: bool) -> None:
     """Sandbox CRMs on loopback, seeded; the real daemon runs against them and tells what it did."""
     from syncd.demo import run_demo
 
     sys.exit(guarded(lambda: run_demo(people=people, deals=deals, seed=seed,
-                                      keep_running=keep_running, speed=speed)))
+                                      keep_running=keep_running, speed=speed, keep=keep)))
 
 
 @main.group()

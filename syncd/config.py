@@ -349,8 +349,23 @@ class SyncConfig(_Section):
         return {"contacts": self.contacts_interval_s, "deals": self.deals_interval_s}
 
 
+def _listen_host(v: str) -> str:
+    import ipaddress
+
+    if v == "localhost":
+        return v
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        raise ValueError(f"{v!r} is not an IP address to listen on (e.g. 127.0.0.1, 0.0.0.0, ::)") from None
+    return v
+
+
 class ServiceConfig(_Section):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9464
+    # where /metrics and /healthz listen: loopback by default; another address lets a scraper on
+    # another host reach them (no auth: the service logs a warning)
+    metrics_host: Annotated[str, AfterValidator(_listen_host)] = "127.0.0.1"
     shutdown_grace_s: PositiveSeconds = 10.0
     # This daemon's stable name on this host (default: the config file's path). A restarted daemon
     # of the same name takes its dead predecessor's leases at once instead of waiting out their TTL.

@@ -31,6 +31,7 @@ from typing import Any
 
 import structlog
 
+from syncd import rules
 from syncd.model import Deletion
 from syncd.store import OutboxRow, RecordKey, RecordRow, TombstoneRow, Tx
 
@@ -133,8 +134,21 @@ def _move_writes(tx: Tx, writes: Sequence[OutboxRow], d: Deletion, survivor: Rec
                 out.writes_cancelled += 1
             continue
         entity = survivor.entity_id if survivor is not None else w.entity_id
-        if tx.retarget_write(w.id, str(d.merged_into), entity):
+        if tx.retarget_write(w.id, str(d.merged_into), entity, **_rebased(w, survivor)):
             out.writes_moved += 1
+
+
+def _rebased(w: OutboxRow, survivor: RecordRow | None) -> dict[str, Any]:
+    """A moved write's decision basis, as the survivor holds it now: the move is syncd's own
+    choice, so the survivor's values are what the write was decided on (without this the
+    pending-writes overlay reads the survivor's other values as a newer human change, and
+    supersedes the write)."""
+    if survivor is None:
+        return {}
+    terms, values = survivor.canonical.get("terms", {}), survivor.canonical.get("values", {})
+    canonical = {f: [(terms if f in rules.TERM_FIELDS else values).get(f), after]
+                 for f, (_before, after) in w.canonical.items()}
+    return {"canonical": canonical, "basis": {k: survivor.raw.get(k) for k in w.fields}}
 
 
 def _move_links(tx: Tx, dead_entity: str, survivor_entity: str, system: str, dead_key: RecordKey) -> None:

@@ -10,23 +10,38 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
-from syncd.errors import ConfigError, SyncError
+from syncd.errors import ConfigError, RecordError, SyncError
 from syncd.logs import mask_email
+from syncd.mapping import Mappings, default_mappings_dir, load_mappings
 from syncd.report import print_status, status_data
 from syncd.sandbox import Sandbox
-from syncd.sandbox.seed import STORY_KINDS, SeedSpec, SeedSummary, seed
+from syncd.sandbox.seed import (
+    STORY_ATTEMPTS,
+    STORY_CONTRACT,
+    STORY_KINDS,
+    STORY_RETURN,
+    STORY_SCORE,
+    STORY_WIN,
+    SeedSpec,
+    SeedSummary,
+    seed,
+)
 from syncd.sandbox.story import Played, Story
 from syncd.store import AuditRow, Store
 
@@ -58,7 +73,13 @@ class _Narrator:
             rid: c.email.strip().lower() for k in STORY_KINDS for c in summary.cases.get(k, [])
             for rid in (c.hubspot_deal_id, c.sf_opportunity_id) if rid}
         self.seen: set[int] = set()
-        self.by_rule: Counter[str] = Counter()
+        self.by_rule: dict[str, set[tuple[str, ...]]] = {}  # the records each rule wrote
+        self.created: dict[str, set[tuple[str, ...]]] = {}  # of which it created
+        self.mappings: Mappings | None = None
+        try:
+            self.mappings = load_mappings(default_mappings_dir())
+        except Exception:  # noqa: BLE001 - the raw values are a courtesy; terms are shown anyway
+            self.mappings = None
         self.lock = threading.Lock()
         self.t0 = time.monotonic()
 
@@ -76,35 +97,186 @@ class _Narrator:
                     self.console.print(f"              [dim]expected from syncd: {p.step.expect}[/dim]")
 
     def writes(self, rows: list[AuditRow], *, detail_all: bool) -> None:
-        """One line per write (an outbox entry): the record, each field before → after, rule and reason."""
+        """One line per record written (an outbox entry): the record, each field before → after in
+        glossary terms with the CRM's raw value beside them, the rule and its reason."""
         with self.lock:
-            groups: dict[int, list[AuditRow]] = {}
+            groups: dict[tuple[str, ...], list[AuditRow]] = {}  # one per record and rule
             for r in rows:
                 if r.id in self.seen:
                     continue
                 self.seen.add(r.id)
-                self.by_rule[r.rule] += 1
-                groups.setdefault(r.outbox_id if r.outbox_id is not None else -r.id, []).append(r)
-            for group in groups.values():
+                record = r.record_id or f"new {r.outbox_id if r.outbox_id is not None else -r.id}"
+                groups.setdefault((r.system, r.object, record, r.rule), []).append(r)
+            for key, group in groups.items():
                 r = group[0]
+                created = _created(group)
+                self.by_rule.setdefault(r.rule, set()).add(key[:3])  # records, not field writes
+                if created:
+                    self.created.setdefault(r.rule, set()).add(key[:3])
                 email = r.email_norm or self.story_deals.get(r.record_id or "", "")
                 if not (detail_all or email in self.story_emails):
                     continue
                 name = self.names.get(email, "a person")
-                if all(g.before is None for g in group) and len(group) > 3:  # a record syncd created
+                if created:
                     shown = [g for g in group if g.field in _KEY_FIELDS]
-                    changes = "created: " + ", ".join(f"{g.field} {g.after}" for g in shown) + \
+                    changes = "created: " + ", ".join(f"{g.field} {self.term(g, g.after)}" for g in shown) + \
                         f" (+{len(group) - len(shown)} more fields)"
                 else:
-                    changes = ", ".join(f"{g.field} {mask_email(str(g.before))} → {mask_email(str(g.after))}"
+                    changes = ", ".join(f"{g.field} {self.term(g, g.before)} → {self.term(g, g.after)}"
                                         for g in group)
+                record = f"{r.object}/{r.record_id}" if r.record_id else f"a new {r.object}"
                 self.console.print(
-                    f"{self.stamp()} [green]syncd[/green]     {r.system} {r.object}/{r.record_id} ({name}): "
-                    f"{changes}  [dim]{r.rule}: {r.reason}[/dim]", soft_wrap=True)
+                    f"{self.stamp()} [green]syncd[/green]     {r.system} {record} ({name}): "
+                    f"{changes}  [dim]{r.rule}: {for_people(r.reason)}[/dim]", soft_wrap=True)
+
+    def rules(self) -> list[str]:
+        """Rules by how many records they wrote, most first."""
+        return sorted(self.by_rule, key=lambda r: (-len(self.by_rule[r]), r))
+
+    def records(self, rule: str | None = None) -> str:
+        """``57 records (5 created, 52 updated)``: what a person counts, not field writes."""
+        rules = [rule] if rule else list(self.by_rule)
+        written = set().union(*(self.by_rule.get(r, set()) for r in rules))
+        created = set().union(*(self.created.get(r, set()) for r in rules))
+        n, c = len(written), len(created)
+        word = "record" if n == 1 else "records"
+        return f"{n} {word} ({c} created, {n - c} updated)" if c else f"{n} {word} updated"
+
+    def term(self, row: AuditRow, value: Any) -> str:
+        """A glossary term with the CRM's own value beside it: ``returned_not_ready (BAD_TIMING)``."""
+        if value is None or value == "":
+            return "(empty)"
+        shown = mask_email(for_people(str(value)))
+        if self.mappings is None:
+            return shown
+        try:
+            raw = self.mappings.to_raw(row.system, row.object, {row.field: value})
+        except (RecordError, KeyError, TypeError, ValueError):
+            return shown
+        raws = [str(v) for v in raw.values() if v not in (None, "")]
+        return f"{shown} ({raws[0]})" if len(raws) == 1 and raws[0] != str(value) else shown
+
+
+def _created(group: Sequence[AuditRow]) -> bool:
+    return all(g.before is None for g in group) and len(group) > 3
+
+
+_STAMP = re.compile(r"(\d{4}-\d{2}-\d{2})[ T](\d{2}:\d{2})(?::\d{2}(?:\.\d+)?)?(?:\+00:00|Z)?")
+
+
+def for_people(text: str) -> str:
+    """Times without seconds' fractions (``2026-12-01 06:50 UTC``), and no ``None``."""
+    return _STAMP.sub(r"\1 \2 UTC", text).replace("None → ", "(empty) → ")
+
+
+# -- expectations: each story step's, checked against syncd's own audit trail ---------------------
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """What a check reads: the audit rows, the story's people, and when each step was played."""
+
+    rows: Sequence[AuditRow]
+    summary: SeedSummary
+    played: Sequence[Played]
+
+    def email(self, kind: str) -> str:
+        return self.summary.first(kind).email.strip().lower()
+
+    def at(self, step: str) -> datetime | None:
+        return next((p.at for p in self.played if p.step.apply.__name__ == step and not p.error), None)
+
+    def wrote(self, since: datetime, until: datetime | None = None, **match: Any) -> bool:
+        """Did syncd write a row matching ``match`` (field=value; ``after`` a set is any of) in the window?"""
+        for r in self.rows:
+            if r.at < since or (until is not None and r.at >= until):
+                continue
+            ok = True
+            for k, want in match.items():
+                got = (r.email_norm or "") if k == "email" else getattr(r, k)
+                if not (got in want if isinstance(want, set | frozenset | tuple) else got == want):
+                    ok = False
+                    break
+            if ok:
+                return True
+        return False
+
+
+def _score_handed_off(s: _Seen, t: datetime) -> bool:
+    return s.wrote(t, email=s.email(STORY_SCORE), system="salesforce", object="Lead")
+
+
+def _attempts_returned(s: _Seen, t: datetime) -> bool:
+    return s.wrote(t, email=s.email(STORY_ATTEMPTS), system="hubspot", field="lifecycle", after="lead")
+
+
+def _returned_to_nurture(s: _Seen, t: datetime) -> bool:
+    e = s.email(STORY_RETURN)
+    return (s.wrote(t, email=e, system="hubspot", field="lifecycle", after="lead")
+            and s.wrote(t, email=e, system="hubspot", field="lead_status", after="returned_not_ready"))
+
+
+def _no_rehandoff(s: _Seen, t: datetime) -> bool:
+    until = s.at("demo_request")
+    return not s.wrote(t, until, email=s.email(STORY_RETURN), system="salesforce", field="lifecycle",
+                       after={"mql", "sal", "sql"})
+
+
+def _handed_back(s: _Seen, t: datetime) -> bool:
+    return s.wrote(t, email=s.email(STORY_RETURN), system="salesforce", field="lifecycle", after={"mql", "sal"}) \
+        or s.wrote(t, email=s.email(STORY_RETURN), system="salesforce", object="Lead", field="lead_status",
+                   after="new")
+
+
+def _won(s: _Seen, t: datetime) -> bool:
+    deal = s.summary.first(STORY_WIN).hubspot_deal_id
+    return s.wrote(t, record_id=deal, system="hubspot", field="deal_stage", after="closed_won") \
+        or s.wrote(t, email=s.email(STORY_WIN), system="hubspot", field="lifecycle", after="customer")
+
+
+def _quote_presented(s: _Seen, t: datetime) -> bool:
+    opp = s.summary.first(STORY_CONTRACT).sf_opportunity_id
+    return s.wrote(t, record_id=opp, system="salesforce", field="deal_stage", after="quote_presented")
+
+
+#: story step (its function's name) → how to tell whether syncd did what the step expects
+CHECKS: dict[str, Callable[[_Seen, datetime], bool]] = {
+    "score_crosses_threshold": _score_handed_off,
+    "unanswered_calls": _attempts_returned,
+    "returned_not_ready": _returned_to_nurture,
+    "small_score_bump": _no_rehandoff,
+    "demo_request": _handed_back,
+    "opportunity_won": _won,
+    "contract_sent": _quote_presented,
+}
+
+
+def expectations(seen: _Seen) -> list[tuple[Played, bool | None]]:
+    """Each played step that expects something, and whether syncd did it (None: no check known)."""
+    out: list[tuple[Played, bool | None]] = []
+    for p in seen.played:
+        if not p.step.expect:
+            continue
+        check = CHECKS.get(p.step.apply.__name__)
+        out.append((p, None if check is None or p.error else check(seen, p.at)))
+    return out
+
+
+def print_expectations(console: Console, results: Sequence[tuple[Played, bool | None]]) -> int:
+    """✓ / ✗ per expectation; returns how many were not met."""
+    missed = 0
+    for p, ok in results:
+        mark = "[green]✓[/green]" if ok else "[red]✗[/red]" if ok is False else "[yellow]?[/yellow]"
+        missed += ok is False
+        console.print(f"  {mark} {p.text}\n      [dim]expected: {p.step.expect}[/dim]", soft_wrap=True)
+    met = sum(1 for _, ok in results if ok)
+    console.print(f"  {met} of {len(results)} expectations met")
+    return missed
 
 
 def run_demo(*, people: int = 200, deals: int = 60, seed_value: int | None = None, seed: int = 1,
-             keep_running: bool = False, speed: float = 1.0, console: Console | None = None) -> int:
+             keep_running: bool = False, speed: float = 1.0, console: Console | None = None,
+             keep: bool = False) -> int:
+    """``keep``: leave the demo's folder (config, state store, service log) in the temp directory."""
     problems = [f"--{name} must not be negative, not {n}" for name, n in (("people", people), ("deals", deals))
                 if n < 0]
     if not (math.isfinite(speed) and speed > 0):
@@ -118,15 +290,21 @@ def run_demo(*, people: int = 200, deals: int = 60, seed_value: int | None = Non
     logs.configure(level="warning", fmt="console")
     seed_no = seed if seed_value is None else seed_value
     workdir = Path(tempfile.mkdtemp(prefix="syncd-demo-"))
-    sb = Sandbox(workdir / "sandbox").start()
     try:
-        return _demo(console, sb, workdir, people, deals, seed_no, keep_running, speed)
+        sb = Sandbox(workdir / "sandbox").start()
+        try:
+            return _demo(console, sb, workdir, people, deals, seed_no, keep_running, speed, keep)
+        finally:
+            sb.stop()
     finally:
-        sb.stop()
+        if keep:
+            console.print(f"Kept the demo's folder: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _demo(console: Console, sb: Sandbox, workdir: Path, people: int, deals: int, seed_no: int,
-          keep_running: bool, speed: float) -> int:
+          keep_running: bool, speed: float, keep: bool = False) -> int:
     from syncd.sandbox.seed import seed as seed_apps
 
     summary = seed_apps(sb.hubspot, sb.salesforce, SeedSpec(seed=seed_no, people=people, deals=deals))
@@ -151,8 +329,8 @@ def _demo(console: Console, sb: Sandbox, workdir: Path, people: int, deals: int,
         rows = _audit_since(store, since)
         narrator.writes(rows, detail_all=False)
         console.print(f"{narrator.stamp()} [green]syncd[/green]     first cycles done: "
-                      f"{len(rows)} field writes to reconcile the seeded CRMs — "
-                      + ", ".join(f"{rule} ×{n}" for rule, n in narrator.by_rule.most_common()))
+                      f"{narrator.records()} to reconcile the seeded CRMs — "
+                      + ", ".join(f"{rule} {narrator.records(rule)}" for rule in narrator.rules()))
         console.rule("the story: what people do, and what syncd does about it")
         # 2. the story
         stop = threading.Event()
@@ -183,11 +361,15 @@ def _demo(console: Console, sb: Sandbox, workdir: Path, people: int, deals: int,
         # 4. stop the service as systemd would
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
+        console.rule("did syncd do what was expected?")
+        print_expectations(console, expectations(_Seen(_audit_since(store, since), summary, story.played)))
         console.rule("what syncd did")
-        for rule, n in sorted(narrator.by_rule.items()):
-            console.print(f"  {rule:<28} {n:>5} field writes")
+        for rule in sorted(narrator.by_rule):
+            console.print(f"  {rule:<28} {narrator.records(rule)}")
         print_status(status_data(store, datetime.now(UTC)), console)
-        console.print(f"Audit trail: syncd --config {cfg} audit   |   service exit code {code}")
+        trail = (f"syncd --config {cfg} audit" if keep
+                 else "run the demo with --keep to keep its folder and read `syncd audit`")
+        console.print(f"Audit trail: {trail}   |   service exit code {code}")
         return 0 if code == 0 else 1
     finally:
         if proc.poll() is None:

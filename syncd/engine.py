@@ -137,6 +137,11 @@ class Engine:
             return stats
         job = f"cycle:{group or 'all'}"
         run_id = self.store_run_start(job)
+        with structlog.contextvars.bound_contextvars(run_id=run_id, job=job):  # every line of the cycle
+            self._run_and_record(run_id, job, group, stats)
+        return stats
+
+    def _run_and_record(self, run_id: str, job: str, group: str | None, stats: CycleStats) -> None:
         try:
             self._cycle(group, stats)
         except BaseException as exc:
@@ -150,7 +155,6 @@ class Engine:
             log.warning("cycle", job=job, status=status, reason=reason, **stats.summary())
         else:
             log.info("cycle", job=job, status=status, **stats.summary())
-        return stats
 
     def store_run_start(self, job: str) -> str:
         with self.store.tx() as tx:
@@ -216,12 +220,15 @@ class Engine:
             cursor = tx.get_cursor(system, obj)
         n = 0
         stopped = False
-        for page in conn.iter_changes(obj, cursor, overlap=self.overlap):
-            self.ingest(system, obj, page.records, stats)
-            n += len(page.records)
-            if self.stop_requested:
-                stopped = True
-                break
+        with structlog.contextvars.bound_contextvars(system=system, object=obj):
+            self.pull_started(system, obj)
+            for page in conn.iter_changes(obj, cursor, overlap=self.overlap):
+                self.ingest(system, obj, page.records, stats)
+                n += len(page.records)
+                self.page_pulled(system, obj, len(page.records), page.total)
+                if self.stop_requested:
+                    stopped = True
+                    break
         stats.pulled[f"{system}.{obj}"] = stats.pulled.get(f"{system}.{obj}", 0) + n
         if not stopped:
             with self._tx() as tx:
@@ -307,6 +314,11 @@ class Engine:
             if blocked:
                 views[e] = replace(views[e], no_create_in=blocked)
         return views
+    def pull_started(self, system: str, obj: str) -> None:
+        """Hook: a pull of ``system``/``obj`` starts (progress displays)."""
+
+    def page_pulled(self, system: str, obj: str, n: int, total: int | None) -> None:
+        """Hook: a page of ``n`` records was stored; ``total``: the pull's size, when the CRM says."""
 
     def pull_stale(self, stats: CycleStats) -> None:
         """Pull every object whose copy in the store is incomplete or not fresh (a targeted

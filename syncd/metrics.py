@@ -319,11 +319,13 @@ class MetricsServer:
     """``GET /metrics`` and ``GET /healthz`` on 127.0.0.1:``port`` (0 = an ephemeral port)."""
 
     def __init__(
-        self, metrics: ServiceMetrics, port: int, *, clock: Callable[[], datetime] | None = None
+        self, metrics: ServiceMetrics, port: int, *, clock: Callable[[], datetime] | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         self.metrics = metrics
+        self.host = host
         self._clock = clock or (lambda: datetime.now(UTC))
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
+        self._httpd = ThreadingHTTPServer((host, port), _handler(self))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -339,7 +341,11 @@ class MetricsServer:
             kwargs={"poll_interval": 0.2},
         )
         self._thread.start()
-        log.info("metrics_listening", address=f"127.0.0.1:{self.port}", paths="/metrics /healthz")
+        log.info("metrics_listening", address=f"{self.host}:{self.port}", paths="/metrics /healthz")
+        if not is_loopback(self.host):
+            log.warning("metrics_not_loopback", address=f"{self.host}:{self.port}",
+                        note="/metrics and /healthz answer anyone who can reach this address (no auth): "
+                             "firewall it to the scraper")
         return self
 
     def stop(self) -> None:
@@ -347,6 +353,18 @@ class MetricsServer:
         self._httpd.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+def is_loopback(host: str) -> bool:
+    """Is ``host`` (an address or ``localhost``) reachable only from this machine?"""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _handler(server: MetricsServer) -> type[BaseHTTPRequestHandler]:

@@ -68,6 +68,8 @@ class Page:
     """A page of changed records, in (modified_at, id) order."""
 
     records: list[RawRecord]
+    # how many records the whole pull reads, when the CRM's first answer says (progress displays)
+    total: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -34,6 +33,7 @@ from syncd.config import Config
 from syncd.engine import CycleStats, Engine
 from syncd.errors import ConfigError, RetriableError, SyncError
 from syncd.model import OBJECT_GROUPS, SYSTEMS, Cursor, RawRecord, normalise_email, utcnow
+from syncd.progress import Progress, progress_for
 from syncd.stats import one_line
 from syncd.store import Store
 
@@ -300,6 +300,35 @@ class ObservedEngine(Engine):
         super().__init__(*args, **kw)
         self.on_page = on_page
         self.mapped: dict[str, int] = {}
+        self.progress: Progress = Progress()  # a display (syncd.progress) sees the stages
+        told = self.writeback.on_write
+
+        def on_write(row: Any, result_id: str | None) -> None:
+            if told is not None:
+                told(row, result_id)
+            self.progress.written(row.system)
+
+        self.writeback.on_write = on_write
+
+    def pull_started(self, system: str, obj: str) -> None:
+        self.progress.pull(system, obj)
+
+    def page_pulled(self, system: str, obj: str, n: int, total: int | None) -> None:
+        self.progress.page(system, obj, n, total)
+
+    def link_and_decide(self, stats: CycleStats) -> None:
+        self.progress.stage("decide")
+        super().link_and_decide(stats)
+        self.progress.done("decide", f"{stats.linked:,} linked, {stats.decisions:,} decisions")
+
+    def flush(self, stats: CycleStats, systems: Any = None) -> None:
+        due = None
+        if type(self.progress) is not Progress:  # someone watches: say how many writes are due
+            with self.store.tx() as tx:
+                due = sum(tx.outbox_depth(s) for s in (systems if systems is not None else self.connectors))
+        self.progress.stage("write", due)
+        super().flush(stats, systems)
+        self.progress.done("write", f"{stats.sent:,} sent, {stats.failed:,} failed")
 
     def ingest(
         self,
@@ -630,15 +659,21 @@ def _run_inline(cfg: Config, req: ResyncRequest) -> dict[str, Any]:
     rt = open_runtime(cfg)
     keeper = LeaseKeeper(rt.store, new_owner())
     engine = make_engine(rt, owner=keeper.owner)
+    started, state, result = utcnow(), "failed", {}
     try:
         interrupt_dead_runs(rt.store, keeper.owner, fresh_s=3 * min(cfg.sync.intervals().values()))
-        with _stopped_by_signals(engine) as stopped:
-            if sys.stdout.isatty():
-                result = _with_progress(rt, req, keeper, engine)
-            else:
+        with _stopped_by_signals(engine) as stopped, progress_for(f"resync {req.describe()}") as shown, \
+                structlog.contextvars.bound_contextvars(job="resync"):
+            engine.progress = shown
+            try:
                 result = run_resync(rt, req, engine, keeper, should_stop=lambda: bool(stopped))
+                state = "interrupted" if stopped else "done"
+            except Exception as exc:
+                result = {"error": one_line(exc)}
+                raise
     finally:
         keeper.close()  # leases released at once, not left to lapse
+        _record_inline(rt.store, req, state, result, keeper.owner, started)
         rt.close()
     summary = " ".join(f"{k}={v}" for k, v in result.items())
     if stopped:
@@ -670,20 +705,11 @@ def _stopped_by_signals(engine: Engine) -> Iterator[list[str]]:
             signal.signal(sig, handler)
 
 
-def _with_progress(rt: Any, req: ResyncRequest, keeper: LeaseKeeper, engine: ObservedEngine) -> dict[str, Any]:
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TextColumn("[bold]{task.completed}[/] records"),
-        TimeElapsedColumn(),
-        transient=True,
-    ) as progress:
-        task = progress.add_task(f"resync {req.describe()}", total=None)
-
-        def on_page(system: str, obj: str, n: int) -> None:
-            progress.update(task, advance=n, description=f"resync {req.describe()}: {system} {obj}")
-
-        engine.on_page = on_page
-        return run_resync(rt, req, engine, keeper, should_stop=lambda: engine.stop_requested)
+def _record_inline(store: Store, req: ResyncRequest, state: str, result: Mapping[str, Any], owner: str,
+                   started: datetime) -> None:
+    """An inline resync goes into the resync history as well (status shows its outcome)."""
+    try:
+        with store.tx() as tx:
+            tx.record_resync(req.to_params(), state, dict(result), owner=owner, started_at=started)
+    except Exception as exc:  # noqa: BLE001 - the history is for reading; the resync's own outcome stands
+        log.warning("resync_history_failed", error=one_line(exc))

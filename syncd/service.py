@@ -53,6 +53,7 @@ from syncd.errors import (
 )
 from syncd.metrics import MetricsServer, ServiceMetrics
 from syncd.model import SYSTEMS, utcnow
+from syncd.progress import LogProgress
 from syncd.resync import (
     LeaseKeeper,
     ObservedEngine,
@@ -126,11 +127,12 @@ class Service:
     def run(self) -> int:
         port = self.cfg.service.metrics_port
         if port:
+            host = self.cfg.service.metrics_host
             try:
-                self.server = MetricsServer(self.metrics, port).start()
+                self.server = MetricsServer(self.metrics, port, host=host).start()
             except OSError as exc:
                 self.close()
-                raise ConfigError(f"service.metrics_port: cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
+                raise ConfigError(f"service.metrics_port: cannot listen on {host}:{port}: {exc.strerror}") from None
         self._install_signals()
         self._beat()
         self._clean_up_after_the_dead()
@@ -324,6 +326,9 @@ class Service:
                         "config": str(self.config_file),
                         "mapping_revision": self.rt.mappings.revision,
                         "intervals": intervals(self.cfg),
+                        # systems this service does not call for now, why and until when (status)
+                        "paused": {system: {"until": until.isoformat(), "why": why}
+                                   for system, (until, why) in list(self.backoff.items())},
                     },
                     pid=os.getpid(),
                 )
@@ -354,7 +359,8 @@ class Service:
             try:
                 self._swap_runtime()
                 systems = self._available_systems()
-                self._run_cycle(group, systems)
+                with structlog.contextvars.bound_contextvars(job=f"cycle:{group}"):
+                    self._run_cycle(group, systems)
             except Exception as exc:  # noqa: BLE001 - nothing escapes a job into APScheduler's log
                 self._handle_failure(f"cycle:{group}", exc, [])
 
@@ -370,12 +376,14 @@ class Service:
         started = time.monotonic()
         stats: CycleStats | None = CycleStats()
         error = None
+        engine.progress = LogProgress(what=f"cycle:{group}")  # a long cycle (a first backfill) says how far it got
         try:
             stats = run_cycle(engine, group, self.keeper)
         except Exception as exc:  # noqa: BLE001 - the service never dies because a CRM or the store is down
             error = type(exc).__name__
             self._handle_failure(f"cycle:{group}", exc, systems)
         finally:
+            engine.progress.close()
             self._current = None
         if stats is None:
             log.debug("cycle_skipped", group=group, reason="another daemon holds the lease")
@@ -439,8 +447,9 @@ class Service:
             self._current = engine
             try:
                 req.validate()
-                result = run_resync(self.rt, req, engine, self.keeper, should_stop=self.stopping.is_set)
-                state: str = "done"
+                with structlog.contextvars.bound_contextvars(job=f"resync#{row.id}"):
+                    result = run_resync(self.rt, req, engine, self.keeper, should_stop=self.stopping.is_set)
+                state: str = "done"  # a stop part way: finish_queued records it interrupted (resumed)
                 self._recovered(systems)
             except Exception as exc:  # noqa: BLE001 - a failed resync is reported, never fatal
                 state, result = "failed", {"error": one_line(exc)}

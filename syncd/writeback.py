@@ -429,7 +429,12 @@ def email_of(current: Sequence[CanonicalRecord], d: rules.Decision) -> str | Non
 
 
 def who(records: Sequence[CanonicalRecord]) -> str:
-    return first_email(records) or (records[0].id if records else "?")
+    """A person by email; a deal by its name and id (``deal "Acme renewal" (9001)``), never a UUID."""
+    email = first_email(records)
+    if email or not records:
+        return email or "?"
+    name = next((r.values.get("name") for r in records if r.values.get("name")), None)
+    return f'deal "{name}" ({records[0].id})' if name else records[0].id
 
 
 def create_key(outbox_key: str) -> str:

@@ -419,6 +419,8 @@ class HubSpotConnector:
             raise FatalError(f"hubspot: object {obj!r} is not configured", system=SYSTEM)
         return stream
 
+    _pull_total: int | None = None
+
     def _search(self, obj: str, filters: list[dict[str, Any]], sort: str, after: int,
                 props: list[str]) -> Any:
         body = {"filterGroups": [{"filters": filters}],
@@ -430,10 +432,11 @@ class HubSpotConnector:
         if obj not in STREAMS:
             raise FatalError(f"hubspot: object {obj!r} is not supported", system=SYSTEM)
         stream = self._stream(obj)
+        self._pull_total = None  # the first search answer's ``total``: the pull's size (progress)
         walk = self._walk(stream, since, overlap)
         size = stream.enrich_batch
         if not size:
-            yield from (Page(stream.enrich(self._read_call, recs)) for recs in walk)
+            yield from (Page(stream.enrich(self._read_call, recs), self._pull_total) for recs in walk)
             return
         # Search pages are buffered and enriched ``size`` records at a time. Nothing is lost
         # if the caller stops early: the cursor only moves with what was yielded (the max of
@@ -442,10 +445,10 @@ class HubSpotConnector:
         for recs in walk:
             buf.extend(recs)
             while len(buf) >= size:
-                yield Page(stream.enrich(self._read_call, sorted(buf[:size], key=_order)))
+                yield Page(stream.enrich(self._read_call, sorted(buf[:size], key=_order)), self._pull_total)
                 buf = buf[size:]
         if buf:
-            yield Page(stream.enrich(self._read_call, sorted(buf, key=_order)))
+            yield Page(stream.enrich(self._read_call, sorted(buf, key=_order)), self._pull_total)
 
     def _walk(self, stream: HubSpotStream, since: Cursor | None,
               overlap: timedelta) -> Iterator[list[RawRecord]]:
@@ -520,6 +523,8 @@ class HubSpotConnector:
         pager = SearchPaginator(f"{obj}.search", self._page_size, self.search_cap)
         while not pager.done:
             resp = self._search(obj, filters, sort, pager.after, props)
+            if self._pull_total is None:
+                self._pull_total = resp.get("total")
             results = [self._record(obj, o) for o in resp.get("results") or []]
             pager.advance(resp, bool(results))
             yield results, pager.capped

@@ -201,10 +201,11 @@ class SalesforceConnector:
     def iter_changes(self, obj: str, since: Cursor | None, *, overlap: timedelta) -> Iterator[Page]:
         stream = self._stream(obj)
         pages = records = 0
+        self._pull_total = None  # the query's ``totalSize``: the pull's size (progress)
         for batch in self._query_pages(stream.changes(since, overlap)):
             pages += 1
             records += len(batch)
-            yield Page([self._record(stream, r) for r in batch])
+            yield Page([self._record(stream, r) for r in batch], self._pull_total)
         log.info(
             "salesforce.pulled",
             object=obj,
@@ -452,6 +453,8 @@ class SalesforceConnector:
                 out.extend(self._record(stream, r) for r in batch)
         return out
 
+    _pull_total: int | None = None
+
     def _query_pages(self, soql: str, *, include_deleted: bool = False) -> Iterator[list[dict[str, Any]]]:
         """One SOQL query, batch by batch through query locators (:class:`QueryLocatorPaginator`);
         ``include_deleted``: through queryAll (deleted and merged rows too)."""
@@ -459,6 +462,8 @@ class SalesforceConnector:
             result = self._call("queryAll", self._sf.query, soql, include_deleted=True)
         else:
             result = self._call("query", self._sf.query, soql)
+            if self._pull_total is None and isinstance(result.get("totalSize"), int):
+                self._pull_total = result["totalSize"]
         pager = QueryLocatorPaginator()
         while True:
             yield list(result.get("records", []))

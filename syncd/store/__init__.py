@@ -32,6 +32,7 @@ from syncd.store._open import CorruptStore, StoreNeedsMigration
 from syncd.store.coordination import CoordinationTx
 from syncd.store.cursors import CursorsTx
 from syncd.store.entities import EntitiesTx
+from syncd.store.history import HistoryTx
 from syncd.store.migrations import StoreVersionError
 from syncd.store.outbox import OutboxTx
 from syncd.store.reconcile import ReconcileTx
@@ -228,7 +229,7 @@ def open_store_readonly(url: str) -> Store:
 
 
 class Tx(RecordsTx, EntitiesTx, CursorsTx, OutboxTx, CoordinationTx, TombstonesTx, ReconcileTx, RetentionTx,
-         ReviewTx):
+         ReviewTx, HistoryTx):
     """The unit of work: every state-store operation, inside one transaction. Each concern
     lives in its own module (records, entities, cursors, outbox, coordination, tombstones,
     reconcile, retention, review); they share one connection, so whatever is done through one

@@ -148,12 +148,18 @@ class TombstonesTx(TxBase):
         stmt = self._insert(t).on_conflict_do_nothing(index_elements=[t.c.key]).returning(t.c.id)
         return len(self.conn.execute(stmt, params).all())
 
-    def retarget_write(self, outbox_id: int, record_id: str, entity_id: str | None) -> bool:
-        """A pending write to a merged-away record goes to its survivor instead."""
+    def retarget_write(self, outbox_id: int, record_id: str, entity_id: str | None, *,
+                       canonical: Mapping[str, Any] | None = None, basis: Mapping[str, Any] | None = None) -> bool:
+        """A pending write to a merged-away record goes to its survivor instead (``canonical``
+        and ``basis``: the decision's before-values, as the survivor holds them)."""
         t = s.outbox
+        values: dict[str, Any] = {"record_id": record_id, "entity_id": entity_id, "state": "pending"}
+        if canonical is not None:
+            values["canonical"] = {f: list(v) for f, v in canonical.items()}
+        if basis is not None:
+            values["basis"] = dict(basis)
         return bool(self.conn.execute(
-            sa.update(t).where(t.c.id == outbox_id, t.c.state.in_(OUTBOX_OPEN))
-            .values(record_id=record_id, entity_id=entity_id, state="pending")).rowcount)
+            sa.update(t).where(t.c.id == outbox_id, t.c.state.in_(OUTBOX_OPEN)).values(**values)).rowcount)
 
     def audit_lifecycle(self, *, system: str, object: str, record_id: str, entity_id: str | None,
                         email_norm: str | None, before: Any, after: Any, rule: str, reason: str,

@@ -370,6 +370,9 @@ def test_status_and_healthz_say_which_system_since_when_and_why(world: World) ->
     finally:
         assert svc.stop() == 0
     data = json.loads(world.syncd("status", "--json").stdout)
-    assert data["picture"] == {"complete": True, "held": []}
+    # complete, or held only because time passed since the service stopped (the bounds are 2 s and
+    # 4 s: under load the status command can start after them), never for a failure
+    held = data["picture"]["held"]
+    assert all("freshness bound" in h and "Error" not in h for h in held), held
     assert data["systems"]["salesforce"]["failing_since"] is None
     assert data["systems"]["salesforce"]["last_complete_pull"] is not None

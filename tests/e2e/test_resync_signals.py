@@ -56,6 +56,8 @@ def test_sigterm_stops_an_inline_resync_cleanly_and_a_rerun_finishes(tmp_path: P
         assert again.stdout.startswith("resync done")
         with Store.open(state_url) as store, store.tx(readonly=True) as tx:
             assert tx.count_records("hubspot", "contacts") == 3000
+            # both are in the resync history status shows: the rerun done, the first interrupted
+            assert [r.state for r in tx.resync_history(2)] == ["done", "interrupted"]
 
 
 def test_a_queued_resync_stopped_by_sigterm_is_recorded_interrupted_and_resumed_at_the_next_start(

@@ -1,0 +1,52 @@
+"""Each page of a pull says how many records the whole pull reads (the progress display's total):
+HubSpot's search ``total``, Salesforce's ``totalSize``, from the first answer, at no extra call."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from syncd.connectors._retry import RetryPolicy
+from syncd.connectors.hubspot import HubSpotConnector
+from syncd.connectors.salesforce import SalesforceConnector
+from syncd.model import Cursor
+
+if TYPE_CHECKING:  # the fixtures' types; pytest provides the objects
+    from tests.integration.conftest import HubSpotSandbox
+    from tests.integration.conftest_salesforce import SalesforceSandbox
+
+FAST = RetryPolicy(max_attempts=6, base=0.001, cap=0.01, max_retry_after=0.05)
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def test_hubspot_pages_carry_the_search_total(hubspot_sandbox: HubSpotSandbox) -> None:
+    for i in range(250):
+        hubspot_sandbox.app.add("contacts", {"email": f"t{i}@example.com", "lifecyclestage": "lead"},
+                                at=T0 + timedelta(seconds=i))
+    c = HubSpotConnector(hubspot_sandbox.url, hubspot_sandbox.token, ca_bundle=hubspot_sandbox.ca_path,
+                         properties={"contacts": ["email", "lifecyclestage"], "deals": ["dealname"]}, retry=FAST)
+    try:
+        pages = list(c.iter_changes("contacts", None, overlap=timedelta(0)))
+        assert len(pages) > 1 and {p.total for p in pages} == {250}
+        calls = c.usage.total
+        since = Cursor(T0 + timedelta(seconds=200), "")
+        later = list(c.iter_changes("contacts", since, overlap=timedelta(0)))
+        assert {p.total for p in later} == {sum(len(p.records) for p in later)} == {50}
+        assert c.usage.total - calls == len(later)  # the total costs no extra call
+    finally:
+        c.close()
+
+
+def test_salesforce_pages_carry_the_query_total_size(sf_sandbox: SalesforceSandbox) -> None:
+    for i in range(2100):
+        sf_sandbox.app.insert("Lead", {"LastName": f"L{i}", "Company": "Co", "Email": f"p{i}@example.com"},
+                              at=T0 + timedelta(seconds=i))
+    c = SalesforceConnector(sf_sandbox.url, sf_sandbox.session_id, ca_bundle=sf_sandbox.ca_path,
+                            fields={"Lead": ["Email", "Status"], "Contact": ["Email"], "Opportunity": ["Name"],
+                                    "Task": ["WhoId"]}, retry=FAST)
+    try:
+        pages = list(c.iter_changes("Lead", None, overlap=timedelta(0)))
+        assert [len(p.records) for p in pages] == [2000, 100] and {p.total for p in pages} == {2100}
+        assert c.usage.calls == {"query": 1, "query_more": 1}
+    finally:
+        c.close()
