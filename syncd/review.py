@@ -383,9 +383,12 @@ def release(tx: Tx, id_: int, by: str) -> dict[str, Any]:
 
 @contextmanager
 def _store(obj: Any, *, readonly: bool) -> Iterator[Tx]:
-    from syncd.store import Store
+    """The store in one transaction. Listing and showing never write (nor migrate: the store is
+    opened read-only); resolving opens it as the service does."""
+    from syncd.store import Store, open_store_readonly
 
-    store = Store.open(obj.config(credentials=False).state_url())
+    url = obj.config(credentials=False).state_url()
+    store = open_store_readonly(url) if readonly else Store.open(url)
     try:
         with store.tx(readonly=readonly) as tx:
             yield tx

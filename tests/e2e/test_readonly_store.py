@@ -26,7 +26,8 @@ from syncd.store import schema as s
 SYNCD = str(Path(sys.executable).with_name("syncd"))
 TIMEOUT = 120
 HINT = "run `syncd migrate` or start the service"
-READ_ONLY = (("status",), ("status", "--json"), ("audit",), ("mappings", "impact"))
+READ_ONLY = (("status",), ("status", "--json"), ("audit",), ("mappings", "impact"), ("conflicts",), ("quarantine",),
+             ("unmapped",), ("blocked",))
 
 
 def _config(tmp: Path, state_url: str, *, sla: str = "file") -> Path:
