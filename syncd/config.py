@@ -208,25 +208,55 @@ class _Credential(_Section):
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
 
-class HubSpotConfig(_Credential):
+Share = Annotated[float, Field(gt=0, le=1)]
+WindowSeconds = Annotated[int, Field(ge=24, le=86_400)]
+
+
+class _ApiBudget(_Section):
+    """The API budget and pace of one CRM (syncd/connectors/_pacing.py; README "API budget").
+
+    ``daily_share``: the part of the org's limit syncd may use per window (the limit the CRM
+    reports, else ``daily_limit``); ``daily_budget``: an absolute cap on top of it (optional);
+    ``run_cap``: calls per cycle or resync (0: none); ``window_s``: the window's length (tests
+    and the sandbox compress it; production keeps 86,400)."""
+
+    daily_share: Share = 0.5
+    daily_budget: Annotated[int, Field(gt=0)] | None = None
+    run_cap: Annotated[int, Field(ge=0)] = 0
+    window_s: WindowSeconds = 86_400
+
+
+class _HubSpotBudget(_ApiBudget):
+    daily_limit: Annotated[int, Field(gt=0)] = 250_000  # lowest tier, until HubSpot reports its own
+    # free/starter: 100 requests per 10 s; professional/enterprise: 190 (syncd paces at 90 % of it)
+    tier: Literal["starter", "professional", "enterprise"] = "starter"
+    burst_per_10s: Annotated[float, Field(gt=0)] | None = None  # default: 90 % of the tier's limit
+    search_per_s: Annotated[float, Field(gt=0)] = 4.0  # HubSpot allows 5
+
+
+class _SalesforceBudget(_ApiBudget):
+    daily_limit: Annotated[int, Field(gt=0)] = 15_000  # lowest edition, until Salesforce reports it
+    calls_per_s: Annotated[float, Field(gt=0)] = 20.0
+    concurrency: Annotated[int, Field(ge=1, le=25)] = 20  # Salesforce allows 25 long requests
+
+
+class HubSpotConfig(_Credential, _HubSpotBudget):
     base_url: HttpUrl  # required: no silent production default
     token_env: EnvName = "SYNCD_HUBSPOT_TOKEN"
     token_file: SecretFile = None
     ca_bundle: CaBundle = None
     timeout_s: PositiveSeconds = 30.0
-    daily_budget: Annotated[int, Field(gt=0)] = 250_000
 
     def token(self, base: Path) -> SecretStr:
         return self._secret("hubspot", self.token_env, self.token_file, base)
 
 
-class SalesforceConfig(_Credential):
+class SalesforceConfig(_Credential, _SalesforceBudget):
     instance_url: HttpUrl  # required: your org's My Domain URL, never a guessed login host
     session_env: EnvName = "SYNCD_SALESFORCE_SESSION"
     session_file: SecretFile = None
     ca_bundle: CaBundle = None
     timeout_s: PositiveSeconds = 30.0
-    daily_budget: Annotated[int, Field(gt=0)] = 15_000
 
     def session_id(self, base: Path) -> SecretStr:
         return self._secret("salesforce", self.session_env, self.session_file, base)

@@ -30,6 +30,7 @@ from syncd.store import schema as s
 from syncd.store.coordination import CoordinationTx
 from syncd.store.cursors import CursorsTx
 from syncd.store.entities import EntitiesTx
+from syncd.store.ledger import LedgerTx
 from syncd.store.migrations import StoreVersionError
 from syncd.store.outbox import OutboxTx
 from syncd.store.records import RecordsTx
@@ -173,7 +174,7 @@ class Store:
         self.close()
 
 
-class Tx(RecordsTx, EntitiesTx, CursorsTx, OutboxTx, CoordinationTx):
+class Tx(RecordsTx, EntitiesTx, CursorsTx, OutboxTx, CoordinationTx, LedgerTx):
     """The unit of work: every state-store operation, inside one transaction. Each concern
     lives in its own module (records, entities, cursors, outbox, coordination); they share
     one connection, so whatever is done through one ``Tx`` commits together or not at all."""

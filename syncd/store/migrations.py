@@ -133,11 +133,20 @@ def _v4(conn: sa.Connection) -> None:
             conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
 
 
+def _v5(conn: sa.Connection) -> None:
+    """The API ledger shared by every process on the store: calls per system, endpoint class and
+    time bucket, claims against the cap, holds after a 429, the CRMs' reported numbers, pacers."""
+    from syncd.store import ledger
+
+    ledger.create_tables(conn)
+
+
 STEPS: list[Step] = [
     Step(1, "initial schema", _v1),
     Step(2, "work-queue indexes (dirty records, due entities)", _v2),
     Step(3, "pull state per object; run owners", _v3),
     Step(4, "outbox basis and fence; lease fencing tokens", _v4),
+    Step(5, "API ledger: calls, claims, holds, reports, pacers", _v5),
 ]
 
 LATEST = STEPS[-1].version

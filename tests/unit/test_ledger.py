@@ -1,0 +1,155 @@
+"""The API ledger in the store: exact under concurrency, claims never pass the cap (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from syncd.connectors._pacing import Budget, CapReached, Pace, Settings
+from syncd.store import Store, migrations
+from syncd.store.ledger import Hold, Window
+
+T0 = 1_796_083_200.0  # 2026-12-01 00:00 UTC
+
+
+def test_ledger_is_a_schema_step(store: Store) -> None:
+    assert store.schema_version() == migrations.LATEST
+    with store.tx() as tx:
+        assert tx.api_calls_since("hubspot", 0) == {}
+
+
+def test_concurrent_increments_from_many_stores_are_all_counted(open_store: Callable[[], Store]) -> None:
+    stores = [open_store() for _ in range(4)]
+    day = Window("day")
+    b = day.bucket(T0)
+
+    def work(st: Store) -> None:
+        for _ in range(25):
+            with st.tx() as tx:
+                tx.add_api_calls("hubspot", {("burst", b): 2, ("search", b): 1})
+
+    threads = [threading.Thread(target=work, args=(st,)) for st in stores for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with stores[0].tx() as tx:
+        got = tx.api_calls_since("hubspot", day.start(T0))
+    assert got == {("burst", b): 8 * 25 * 2, ("search", b): 8 * 25}
+
+
+def test_concurrent_claims_never_pass_the_cap(open_store: Callable[[], Store]) -> None:
+    stores = [open_store() for _ in range(4)]
+    w = Window("rolling")
+    granted: list[int] = []
+    lock = threading.Lock()
+
+    def work(st: Store) -> None:
+        for _ in range(20):
+            with st.tx() as tx:
+                g, _ = tx.claim_api_calls("salesforce", 7, 333, w, T0)
+            with lock:
+                granted.append(g)
+
+    threads = [threading.Thread(target=work, args=(st,)) for st in stores for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(granted) == 333  # 8 x 20 x 7 = 1120 wanted: exactly the cap granted, not one more
+    with stores[0].tx() as tx:
+        assert sum(tx.api_claims_since("salesforce", w.start(T0)).values()) == 333
+        tx.release_api_claim("salesforce", w.bucket(T0), 33)
+        assert sum(tx.api_claims_since("salesforce", w.start(T0)).values()) == 300
+
+
+def test_windows_day_and_rolling() -> None:
+    day, roll = Window("day"), Window("rolling")
+    assert day.start(T0 + 3600 * 5) == T0 and day.end(T0 + 5) == T0 + 86_400
+    assert roll.bucket_s == 3600 and roll.start(T0 + 1800) == T0 - 23 * 3600
+    # 60 calls in the oldest bucket, 40 in the newest: below a cap of 80 once the oldest leaves
+    buckets = {int(T0 - 23 * 3600): 60, int(T0): 40}
+    assert roll.frees_at(buckets, 100, 80, T0 + 10) == T0 + 3600
+    assert day.frees_at(buckets, 100, 80, T0 + 10) == T0 + 86_400
+
+
+def test_holds_keep_the_later_until(store: Store) -> None:
+    with store.tx() as tx:
+        tx.set_api_hold("hubspot", "burst", Hold(T0 + 5, 0.5, "429", T0))
+        tx.set_api_hold("hubspot", "burst", Hold(T0 + 2, 0.25, "429 again", T0 + 1))
+        h = tx.api_holds("hubspot")[("hubspot", "burst")]
+    assert (h.until, h.factor, h.reason) == (T0 + 5, 0.25, "429")
+
+
+class FakeClock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+        self.slept = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, s: float) -> None:
+        self.slept += s
+        self.t += s
+
+
+def _budget(store: Store, clock: FakeClock, **kw: object) -> Budget:
+    s = Settings("salesforce", Window("rolling"), daily_share=0.5, daily_limit=200, flush_every=10,
+                 paces={"api": Pace(1000.0, 1000.0)}, **kw)  # type: ignore[arg-type]
+    return Budget(store, s, clock=clock, sleep=clock.sleep)
+
+
+def test_budgets_of_two_processes_share_one_cap_and_count_exactly(open_store: Callable[[], Store]) -> None:
+    clock = FakeClock(T0)
+    a, b = _budget(open_store(), clock), _budget(open_store(), clock)
+    sent, stopped = 0, {}
+    while len(stopped) < 2:
+        for name, budget in (("a", a), ("a", a), ("b", b)):
+            if name in stopped:
+                continue
+            try:
+                budget.before("query")
+                sent += 1
+            except CapReached as exc:
+                stopped[name] = str(exc)
+    assert sent == 100  # 0.5 x 200, between the two, not one more
+    assert stopped["a"].startswith("salesforce: daily API share 100/100 used — paused until 2026-12-02 00:00 UTC")
+    a.settle()
+    b.settle()
+    with a.store.tx() as tx:
+        assert sum(tx.api_calls_since("salesforce", 0).values()) == 100
+        assert sum(tx.api_claims_since("salesforce", 0).values()) == 100
+
+
+def test_a_429_holds_the_class_for_retry_after_and_slows_it(store: Store) -> None:
+    clock = FakeClock(T0)
+    s = Settings("hubspot", Window("day"), daily_limit=10_000, paces={"burst": Pace(10.0, 1.0),
+                                                                        "search": Pace(4.0, 1.0)})
+    budget = Budget(store, s, clock=clock, sleep=clock.sleep)
+    budget.before("contacts.batch_read")
+    budget.limited("contacts.batch_update", 2.0, "TEN_SECONDLY_ROLLING: slow down")
+    start = clock.t
+    budget.before("deals.batch_read")  # another endpoint of the class waits out the Retry-After
+    assert clock.t - start >= 2.0
+    assert budget.pace()["burst"] == pytest.approx(5.0, rel=0.05)  # halved, recovering
+    clock.t += 120
+    assert budget.pace()["burst"] == 10.0
+    # another process on the store (or the next cycle) sees the hold
+    other = Budget(store, s, clock=clock, sleep=clock.sleep)
+    clock.t = start
+    other.before("deals.batch_read")
+    assert clock.t - start >= 2.0
+
+
+def test_a_per_run_cap_stops_the_run_and_the_next_run_goes_on(store: Store) -> None:
+    clock = FakeClock(T0)
+    budget = _budget(store, clock, run_cap=5)
+    for _ in range(5):
+        budget.before("query")
+    with pytest.raises(CapReached, match="per-run cap of 5 calls"):
+        budget.before("query")
+    budget.settle()
+    budget.before("query")
