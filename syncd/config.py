@@ -209,7 +209,7 @@ PositiveSeconds = Annotated[float, Field(gt=0)]
 
 
 Share = Annotated[float, Field(gt=0, le=1)]
-WindowSeconds = Annotated[int, Field(ge=24, le=86_400)]
+WindowSeconds = Annotated[int, Field(ge=2, le=86_400)]
 
 
 class _ApiBudget(_Section):
@@ -228,10 +228,11 @@ class _ApiBudget(_Section):
 
 class _HubSpotBudget(_ApiBudget):
     daily_limit: Annotated[int, Field(gt=0)] = 250_000  # lowest tier, until HubSpot reports its own
-    # free/starter: 100 requests per 10 s; professional/enterprise: 190 (syncd paces at 90 % of it)
+    # free/starter: 100 requests per 10 s; professional/enterprise: 190 (syncd paces at 90 % of it,
+    # and never faster than HubSpot's X-HubSpot-RateLimit-Max / -Interval-Milliseconds headers allow)
     tier: Literal["starter", "professional", "enterprise"] = "starter"
     burst_per_10s: Annotated[float, Field(gt=0)] | None = None  # default: 90 % of the tier's limit
-    search_per_s: Annotated[float, Field(gt=0)] = 4.0  # HubSpot allows 5
+    search_per_s: Annotated[float, Field(gt=0)] = 3.0  # HubSpot allows 4-5: at most 4 in any second
 
 
 class _SalesforceBudget(_ApiBudget):

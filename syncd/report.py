@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from syncd import freshness
+from syncd import burn, freshness
 from syncd.logs import mask_email
 from syncd.model import OBJECT_GROUPS, SYSTEMS
 from syncd.store import AuditRow, Store
@@ -118,6 +118,7 @@ def status_data(store: Store, now: datetime,
                       "stats": r.stats, "error": r.error} for r in runs[:10]],
             "last_success": {job: t.isoformat() for job, t in last_ok.items()},
             "api_usage": api,
+            "api_budget": burn.burn(tx, now.timestamp()),  # the ledger: calls, caps, pace, pauses
             "sla_breaches": [{"id": e.id, "entity_id": e.entity_id, "at": e.at.isoformat(), "details": e.details}
                              for e in tx.open_events("sla_breach")],
             "events_open": {k: len(tx.open_events(k)) for k in ("promotion_blocked", "conflict", "returned")},
@@ -183,6 +184,7 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
                         if u.get("reported_used") is not None and u.get("reported_limit") else "")
             parts.append(f"{system} {u['calls']} calls ({u.get('rate_limited', 0)} rate-limited){reported}")
         console.print("API usage (last run's process): " + "; ".join(parts))
+    burn.print_lines(data.get("api_budget") or {}, console)  # API burn and pauses, per system
     if data["unmapped_values"]:
         u = Table(title="unmapped CRM values (never guessed: add them to the mapping files)", title_justify="left")
         for col in ("system", "object", "field", "value", "seen"):

@@ -504,6 +504,7 @@ class Service:
     def _observe_store(self) -> None:
         try:
             self.metrics.observe_store(self.rt.store)
+            self.metrics.observe_budget(self.rt.store)
         except Exception as exc:  # noqa: BLE001 - metrics must not break the service
             log.warning("metrics_store_read_failed", error=str(exc))
 

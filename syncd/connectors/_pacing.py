@@ -61,10 +61,22 @@ def classes_of(system: str, endpoint: str) -> tuple[str, ...]:
     return ("api",)
 
 
+BURST_S = 0.25  # a quiet class may send this many seconds' worth at once (at least one call)
+
+
 @dataclass(frozen=True, slots=True)
 class Pace:
     per_s: float
-    burst: float  # tokens a quiet class may spend at once
+
+
+def capacity(rate: float) -> float:
+    """Tokens a class may hold: in any window of W seconds it sends at most capacity + rate x W."""
+    return max(1.0, rate * BURST_S)
+
+
+def header_rate(max_: int, interval_s: float) -> float:
+    """The fastest pace that keeps any window of ``interval_s`` under ``max_`` calls (95 %)."""
+    return min(0.95 * max_ / (interval_s + BURST_S), (max_ - 1) / interval_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +107,10 @@ def settings_of(cfg: Any) -> dict[str, Settings]:
               "run_cap": "run_cap"}
     return {
         "hubspot": Settings("hubspot", Window("day", hs.window_s), **{k: getattr(hs, v) for k, v in common.items()},
-                            paces={"burst": Pace(burst_10s / 10, max(1.0, burst_10s / 10)),
-                                   "search": Pace(hs.search_per_s, max(1.0, hs.search_per_s))}),
+                            paces={"burst": Pace(burst_10s / 10), "search": Pace(hs.search_per_s)}),
         "salesforce": Settings("salesforce", Window("rolling", sf.window_s),
                                **{k: getattr(sf, v) for k, v in common.items()},
-                               paces={"api": Pace(sf.calls_per_s, max(1.0, sf.calls_per_s))},
+                               paces={"api": Pace(sf.calls_per_s)},
                                concurrency=sf.concurrency),
     }
 
@@ -126,17 +137,16 @@ def factor_at(hold: Hold | None, now: float) -> float:
 
 
 class TokenBucket:
-    """Tokens at ``rate`` per second up to ``capacity``; a reservation may run into debt, and
+    """Tokens at ``rate`` per second up to :func:`capacity`; a reservation may run into debt, and
     the caller sleeps the debt off (callers are serialised by the Budget's lock)."""
 
-    def __init__(self, capacity: float, now: float) -> None:
-        self.capacity = capacity
-        self.tokens = capacity
+    def __init__(self, rate: float, now: float) -> None:
+        self.tokens = capacity(rate)
         self.at = now
 
     def reserve(self, rate: float, now: float) -> float:
         """Take one token; the seconds to wait before using it."""
-        self.tokens = min(self.capacity, self.tokens + max(0.0, now - self.at) * rate)
+        self.tokens = min(capacity(rate), self.tokens + max(0.0, now - self.at) * rate)
         self.at = now
         self.tokens -= 1
         return 0.0 if self.tokens >= 0 else -self.tokens / rate
@@ -165,7 +175,7 @@ class Budget:
         self.probe: Callable[[], None] | None = None  # the connector's /limits reader, if it has one
         self._lock = threading.RLock()
         now = clock()
-        self._buckets = {k: TokenBucket(p.burst, now) for k, p in settings.paces.items()}
+        self._buckets = {k: TokenBucket(p.per_s, now) for k, p in settings.paces.items()}
         self._caps: dict[str, float] = {}  # class -> a lower rate the CRM's headers allow
         self._holds: dict[str, Hold] = {}
         self._pending: Counter[tuple[str, int]] = Counter()
@@ -362,7 +372,8 @@ class Budget:
                 "updated_at": now,
                 "settings": {"window": self.s.window.kind, "window_s": self.s.window.length_s,
                              "run_cap": self.s.run_cap, "daily_share": self.s.daily_share,
-                             "pace": self.pace(now)}}
+                             "pace": {k: round(min(p.per_s, self._caps.get(k, p.per_s)), 3)
+                                      for k, p in self.s.paces.items()}}}
 
     def _paused(self, now: float) -> CapReached:
         cap = self.cap()
@@ -453,13 +464,13 @@ class Budget:
             self.report_ = _Report(used, limit, self.clock())
 
     def report_burst(self, max_: int, remaining: int, interval_ms: int) -> None:
-        """HubSpot's burst headers: never pace above 90 % of what the account allows, and wait
+        """HubSpot's burst headers: never pace faster than the account allows, and wait
         a moment when the window is nearly spent (another integration may be busy)."""
         if max_ <= 0 or interval_ms <= 0:
             return
         now = self.clock()
         with self._lock:
-            self._caps["burst"] = 0.9 * max_ / (interval_ms / 1000)
+            self._caps["burst"] = header_rate(max_, interval_ms / 1000)
             if remaining <= max(1, max_ // 20):
                 mine = self._holds.get("burst")
                 until = now + min(1.0, interval_ms / 1000 / 10)

@@ -136,6 +136,8 @@ class SimServer:
         self.app = app
         self.faults = FaultPlan()
         self.counts: Counter[str] = Counter()
+        self.statuses: Counter[int] = Counter()  # answers by HTTP status (429s, 403s...)
+        self._times: list[tuple[float, str]] = []  # (monotonic time, endpoint) of every request
         self._count_lock = threading.Lock()
         self._ssl = ssl_context
         self._httpd = _Server(("127.0.0.1", port), _make_handler(self))
@@ -182,10 +184,37 @@ class SimServer:
     def reset_counts(self) -> None:
         with self._count_lock:
             self.counts.clear()
+            self.statuses.clear()
+            self._times.clear()
 
     def _count(self, endpoint: str) -> None:
         with self._count_lock:
             self.counts[endpoint] += 1
+            self._times.append((time.monotonic(), endpoint))
+
+    def _answered(self, status: int) -> None:
+        with self._count_lock:
+            self.statuses[status] += 1
+
+    def request_times(self, endpoint: str | None = None) -> list[float]:
+        """Monotonic arrival times of the requests (to ``endpoint``; a ``*`` suffix: by prefix)."""
+        with self._count_lock:
+            times = list(self._times)
+        if endpoint is None:
+            return [t for t, _ in times]
+        if endpoint.endswith("*"):
+            return [t for t, e in times if e.startswith(endpoint[:-1])]
+        return [t for t, e in times if e == endpoint]
+
+    def max_in_window(self, seconds: float = 10.0, endpoint: str | None = None) -> int:
+        """The most requests that arrived within any ``seconds`` (the CRMs' burst measure)."""
+        times = self.request_times(endpoint)
+        best = lo = 0
+        for hi, t in enumerate(times):
+            while t - times[lo] >= seconds:
+                lo += 1
+            best = max(best, hi - lo + 1)
+        return best
 
 
 class _Server(ThreadingHTTPServer):
@@ -265,6 +294,7 @@ def _make_handler(server: SimServer) -> type[BaseHTTPRequestHandler]:
             self._send(resp)
 
         def _send(self, resp: Response) -> None:
+            server._answered(resp.status)
             if resp.body is None:
                 payload = b""
             elif isinstance(resp.body, bytes | bytearray):

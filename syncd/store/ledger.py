@@ -100,7 +100,7 @@ class Window:
         """The first bucket counted in the window at ``t``."""
         if self.kind == "day":
             return int(t // self.length_s) * self.length_s
-        return self.bucket(t) - self.length_s + self.bucket_s
+        return self.bucket(t) - self.length_s  # the oldest bucket still partly in the window
 
     def end(self, t: float) -> float:
         """When the window at ``t`` ends: the next reset (``day``), or ``t + length`` (rolling)."""
@@ -116,8 +116,8 @@ class Window:
         for b in sorted(buckets):
             left -= buckets[b]
             if left < cap:
-                return float(b + self.length_s)
-        return float(self.bucket(t) + self.length_s)
+                return float(b + self.length_s + self.bucket_s)
+        return float(self.bucket(t) + self.length_s + self.bucket_s)
 
     def describe(self) -> str:
         if self.length_s == 86_400:

@@ -68,10 +68,10 @@ def test_concurrent_claims_never_pass_the_cap(open_store: Callable[[], Store]) -
 def test_windows_day_and_rolling() -> None:
     day, roll = Window("day"), Window("rolling")
     assert day.start(T0 + 3600 * 5) == T0 and day.end(T0 + 5) == T0 + 86_400
-    assert roll.bucket_s == 3600 and roll.start(T0 + 1800) == T0 - 23 * 3600
+    assert roll.bucket_s == 3600 and roll.start(T0 + 1800) == T0 - 24 * 3600  # never under-counted
     # 60 calls in the oldest bucket, 40 in the newest: below a cap of 80 once the oldest leaves
     buckets = {int(T0 - 23 * 3600): 60, int(T0): 40}
-    assert roll.frees_at(buckets, 100, 80, T0 + 10) == T0 + 3600
+    assert roll.frees_at(buckets, 100, 80, T0 + 10) == T0 + 2 * 3600
     assert day.frees_at(buckets, 100, 80, T0 + 10) == T0 + 86_400
 
 
@@ -98,7 +98,7 @@ class FakeClock:
 
 def _budget(store: Store, clock: FakeClock, **kw: object) -> Budget:
     s = Settings("salesforce", Window("rolling"), daily_share=0.5, daily_limit=200, flush_every=10,
-                 paces={"api": Pace(1000.0, 1000.0)}, **kw)  # type: ignore[arg-type]
+                 paces={"api": Pace(1000.0)}, **kw)  # type: ignore[arg-type]
     return Budget(store, s, clock=clock, sleep=clock.sleep)
 
 
@@ -116,7 +116,7 @@ def test_budgets_of_two_processes_share_one_cap_and_count_exactly(open_store: Ca
             except CapReached as exc:
                 stopped[name] = str(exc)
     assert sent == 100  # 0.5 x 200, between the two, not one more
-    assert stopped["a"].startswith("salesforce: daily API share 100/100 used — paused until 2026-12-02 00:00 UTC")
+    assert stopped["a"].startswith("salesforce: daily API share 100/100 used — paused until 2026-12-02 01:00 UTC")
     a.settle()
     b.settle()
     with a.store.tx() as tx:
@@ -126,8 +126,7 @@ def test_budgets_of_two_processes_share_one_cap_and_count_exactly(open_store: Ca
 
 def test_a_429_holds_the_class_for_retry_after_and_slows_it(store: Store) -> None:
     clock = FakeClock(T0)
-    s = Settings("hubspot", Window("day"), daily_limit=10_000, paces={"burst": Pace(10.0, 1.0),
-                                                                        "search": Pace(4.0, 1.0)})
+    s = Settings("hubspot", Window("day"), daily_limit=10_000, paces={"burst": Pace(10.0), "search": Pace(4.0)})
     budget = Budget(store, s, clock=clock, sleep=clock.sleep)
     budget.before("contacts.batch_read")
     budget.limited("contacts.batch_update", 2.0, "TEN_SECONDLY_ROLLING: slow down")
