@@ -184,6 +184,7 @@ class Budget:
         self._last_sync = -math.inf
         self._peers = 1
         self._claims: dict[int, int] = {}  # the window's claims as last read
+        self._spent = 0  # the window's calls in the ledger as last read (written by every process)
         self.report_ = _Report()
         self.run_calls = 0
         self._probed = False
@@ -325,6 +326,7 @@ class Budget:
             tx.put_api_report(self.system, self._report_row(now, cap))
             holds = tx.api_holds(self.system)
             self._claims = tx.api_claims_since(self.system, window.start(now))
+            self._spent = sum(tx.api_calls_since(self.system, window.start(now)).values())
         self._pending.clear()
         self._left = left + granted
         self._claim_bucket = bucket if self._left else None
@@ -383,6 +385,10 @@ class Budget:
             until = window.end(now) if window.kind == "day" else now + window.bucket_s
             line = (f"{self.system}: the org's daily API limit is spent ({self.report_.org_used or 0:,}/"
                     f"{self.report_.org_limit or 0:,} reported)")
+        elif self._spent + sum(self._pending.values()) < cap:  # other processes hold the last claims
+            until = now + 2 * self.s.flush_s
+            line = (f"{self.system}: daily API share {used:,}/{cap:,} used or claimed by other syncd "
+                    "processes")
         else:
             until = window.frees_at(self._claims, used, cap, now)
             line = f"{self.system}: daily API share {used:,}/{cap:,} used"

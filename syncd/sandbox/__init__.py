@@ -46,7 +46,10 @@ class Sandbox:
         ctx, ca = make_tls(str(self.directory))
         self._tls = ctx
         self.ca_path = Path(ca)
-        self.hubspot = HubSpotApp(token=HUBSPOT_TOKEN, daily_limit=hubspot_daily_limit, **(hubspot_options or {}))
+        hs_opts = dict(hubspot_options or {})
+        if not hs_opts.get("enforce_burst"):  # nothing enforced: the headers say so (a fast sandbox)
+            hs_opts.setdefault("burst_limit", 10_000)
+        self.hubspot = HubSpotApp(token=HUBSPOT_TOKEN, daily_limit=hubspot_daily_limit, **hs_opts)
         self.salesforce = SalesforceApp(session_ids=(SALESFORCE_SESSION,), daily_budget=salesforce_daily_budget,
                                         **(salesforce_options or {}))
         self.hubspot_server = SimServer(self.hubspot, port=hubspot_port, ssl_context=ctx)

@@ -285,6 +285,7 @@ class HubSpotApp:
         clock: Callable[[], int] = _now_ms,
         day_s: float | None = None,
         search_per_s: int | None = None,
+        burst_window_s: float = 10.0,
     ) -> None:
         self.token = token
         self.daily_limit = daily_limit
@@ -300,6 +301,7 @@ class HubSpotApp:
         self._assoc: dict[str, dict[str, set[str]]] = {"contacts": {}, "deals": {}}
         self._burst: deque[float] = deque()
         self.day_s = day_s
+        self.burst_window_s = burst_window_s
         self.search_per_s = search_per_s
         self._day = self._day_of()
         self._searches: deque[float] = deque()
@@ -502,7 +504,7 @@ class HubSpotApp:
     def _spend(self, endpoint: str = "") -> Response | None:
         with self._lock:
             now = time.monotonic()
-            while self._burst and now - self._burst[0] > 10.0:
+            while self._burst and now - self._burst[0] >= self.burst_window_s:
                 self._burst.popleft()
             day = self._day_of()
             if day != self._day:
@@ -532,7 +534,7 @@ class HubSpotApp:
         return {
             "X-HubSpot-RateLimit-Max": str(self.burst_limit),
             "X-HubSpot-RateLimit-Remaining": str(max(0, self.burst_limit - len(self._burst))),
-            "X-HubSpot-RateLimit-Interval-Milliseconds": "10000",
+            "X-HubSpot-RateLimit-Interval-Milliseconds": str(round(self.burst_window_s * 1000)),
             "X-HubSpot-RateLimit-Daily": str(self.daily_limit),
             "X-HubSpot-RateLimit-Daily-Remaining": str(max(0, self.daily_limit - self.daily_used)),
         }

@@ -176,7 +176,8 @@ class LedgerTx(TxBase):
         (granted, claimed in the window after this claim)."""
         self._serialise(system)
         used = sum(self.api_claims_since(system, window.start(now)).values())
-        granted = max(0, min(want, cap - used))
+        # at most a quarter of what is left: near the cap no process holds calls the others need
+        granted = max(0, min(want, cap - used, max(1, (cap - used) // 4)))
         if granted:
             self._upsert_add(api_claims, {"system": system, "bucket": window.bucket(now)}, granted)
         return granted, used + granted
