@@ -109,13 +109,15 @@ class Window:
         return t + self.length_s
 
     def frees_at(self, buckets: Mapping[int, int], used: int, cap: int, t: float) -> float:
-        """When the calls counted in ``buckets`` drop below ``cap`` (a day window: its end)."""
+        """When a quarter of ``cap`` (at least one call) is free again of the calls counted in
+        ``buckets``: a rolling window resumes with room for real work, not one call at a time
+        (a day window: at its end)."""
         if self.kind == "day":
             return self.end(t)
         left = used
         for b in sorted(buckets):
             left -= buckets[b]
-            if left < cap:
+            if left <= cap - max(1, cap // 4):
                 return float(b + self.length_s + self.bucket_s)
         return float(self.bucket(t) + self.length_s + self.bucket_s)
 

@@ -109,8 +109,8 @@ def test_a_cap_pauses_cleanly_says_so_resumes_after_the_window_and_loses_nothing
         expected = _crm_state(ref)
     with Sandbox(tmp_path / "capped", hubspot_options={"day_s": 4}, salesforce_options={"window_s": 4}) as sb:
         seed(sb.hubspot, sb.salesforce, spec)
-        caps = {"daily_budget": 7, "window_s": 4}
-        rt = _runtime(sb, tmp_path, "capped", keys={"hubspot": caps, "salesforce": caps})
+        caps = {"hubspot": {"daily_budget": 7, "window_s": 4}, "salesforce": {"daily_budget": 14, "window_s": 4}}
+        rt = _runtime(sb, tmp_path, "capped", keys=caps)
         try:
             pauses = _converge(rt)
             with rt.store.tx() as tx:
@@ -120,7 +120,8 @@ def test_a_cap_pauses_cleanly_says_so_resumes_after_the_window_and_loses_nothing
             rt.close()
         assert _crm_state(sb) == expected  # the same end state as without a cap: nothing lost
         assert any(PAUSE.match(p) for p in pauses), pauses[:5]
-        assert all(int(m.group(2)) >= int(m.group(3)) == 7 for p in pauses if (m := PAUSE.match(p)))
+        assert all(int(m.group(2)) >= int(m.group(3)) == {"hubspot": 7, "salesforce": 14}[m.group(1)]
+                   for p in pauses if (m := PAUSE.match(p)))
         assert set(data["api_budget"]) == {"hubspot", "salesforce"}
         assert sb.hubspot_server.statuses[429] == 0 and sb.salesforce_server.statuses[403] == 0
 

@@ -69,9 +69,11 @@ def test_windows_day_and_rolling() -> None:
     day, roll = Window("day"), Window("rolling")
     assert day.start(T0 + 3600 * 5) == T0 and day.end(T0 + 5) == T0 + 86_400
     assert roll.bucket_s == 3600 and roll.start(T0 + 1800) == T0 - 24 * 3600  # never under-counted
-    # 60 calls in the oldest bucket, 40 in the newest: below a cap of 80 once the oldest leaves
+    # 60 calls in the oldest bucket, 40 in the newest: a quarter of a cap of 80 is free once the
+    # oldest leaves; of a cap of 40, only once both have
     buckets = {int(T0 - 23 * 3600): 60, int(T0): 40}
     assert roll.frees_at(buckets, 100, 80, T0 + 10) == T0 + 2 * 3600
+    assert roll.frees_at(buckets, 100, 40, T0 + 10) == T0 + 25 * 3600
     assert day.frees_at(buckets, 100, 80, T0 + 10) == T0 + 86_400
 
 
@@ -116,9 +118,11 @@ def test_budgets_of_two_processes_share_one_cap_and_count_exactly(open_store: Ca
             except CapReached as exc:
                 stopped[name] = str(exc)
     assert sent == 100  # 0.5 x 200, between the two, not one more
-    assert stopped["a"].startswith("salesforce: daily API share 100/100 used — paused until 2026-12-02 01:00 UTC")
     a.settle()
     b.settle()
+    with pytest.raises(CapReached) as paused:
+        a.before("query")
+    assert str(paused.value) == "salesforce: daily API share 100/100 used — paused until 2026-12-02 01:00 UTC"
     with a.store.tx() as tx:
         assert sum(tx.api_calls_since("salesforce", 0).values()) == 100
         assert sum(tx.api_claims_since("salesforce", 0).values()) == 100
