@@ -156,3 +156,59 @@ def test_a_per_run_cap_stops_the_run_and_the_next_run_goes_on(store: Store) -> N
         budget.before("query")
     budget.settle()
     budget.before("query")
+
+
+def test_burn_shows_calls_cap_pace_share_and_the_pause_in_status_and_metrics(store: Store) -> None:
+    from datetime import UTC, datetime
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from syncd import burn
+    from syncd.metrics import ServiceMetrics
+
+    clock = FakeClock(T0 + 5 * 3600)
+    s = Settings("hubspot", Window("day"), daily_limit=1000, flush_every=7, paces={"burst": Pace(9.0)})
+    budget = Budget(store, s, clock=clock, sleep=clock.sleep)
+    budget.report(300, 1000)  # HubSpot's headers: the org made 300 calls of its 1,000 today
+    for _ in range(20):
+        budget.before("contacts.batch_read")
+    budget.settle()
+    with store.tx(readonly=True) as tx:
+        data = burn.burn(tx, clock.t)
+    h = data["hubspot"]
+    assert (h["today"], h["rolling"], h["cap"], h["remaining"]) == (20, 20, 500, 480)
+    assert h["org_share"] == round(20 / 300, 4) and h["pace_per_s"] == {"burst": 9.0} and h["paused"] is None
+    line = burn.status_lines(data)[0]
+    assert line.startswith("hubspot API: 20 calls today, 20 in the rolling window (UTC day budget: 480 of 500 left)")
+    assert "syncd is 7% of the org's 300 calls" in line
+    metrics = ServiceMetrics({"contacts": 30.0, "deals": 60.0})
+    metrics.observe_budget(store, now=datetime.fromtimestamp(clock.t, UTC))
+    got = {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+           for fam in text_string_to_metric_families(metrics.render().decode()) for smp in fam.samples}
+    assert got[("syncd_api_remaining", (("system", "hubspot"),))] == 480
+    assert got[("syncd_api_ledger_calls", (("system", "hubspot"), ("window", "today")))] == 20
+    assert got[("syncd_api_paused", (("system", "hubspot"),))] == 0
+
+
+def test_a_status_of_a_store_without_the_ledger_shows_no_burn(tmp_path: object) -> None:
+    import sqlalchemy as sa
+
+    from syncd import burn
+
+    engine = sa.create_engine("sqlite://")
+    with engine.connect() as conn:
+        class _Tx:
+            pass
+
+        tx = _Tx()
+        tx.conn = conn  # type: ignore[attr-defined]
+        assert burn.burn(tx, T0) == {}
+
+
+def test_a_429_without_retry_after_is_never_retried_at_once() -> None:
+    from syncd.connectors._retry import RetryPolicy
+    from syncd.errors import RateLimited
+
+    policy = RetryPolicy()
+    assert min(policy.wait_for(1, RateLimited("429", status=429)) for _ in range(50)) >= 1.0
+    assert policy.wait_for(1, RateLimited("429", status=429, retry_after=2)) == 2.0
