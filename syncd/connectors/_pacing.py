@@ -222,7 +222,10 @@ class Budget:
         now = self.clock()
         with self._lock:
             self._check_holds(classes, now)
-            self._spend(classes[0], now)
+            if self._sync_due(now):
+                self._sync(now)
+                self._check_holds(classes, now)  # holds other processes wrote
+            self._spend(classes[0], now)  # counted only once nothing stops it
             wait = max(self._reserve(k, now) for k in classes)
         if wait > 0:
             self.sleep(wait)
@@ -262,13 +265,15 @@ class Budget:
             raise CapReached(f"{self.system}: per-run cap of {run_cap:,} calls reached — the rest waits "
                              "for the next run", system=self.system, until=None)
         bucket = self.s.window.bucket(now)
-        if self._left <= 0 or bucket != self._claim_bucket or now - self._last_sync >= self.s.flush_s:
-            self._sync(now)
-            if self._left <= 0:
-                raise self._paused(now)
+        if self._left <= 0:
+            raise self._paused(now)
         self._left -= 1
         self.run_calls += 1
         self._pending[(klass, bucket)] += 1
+
+    def _sync_due(self, now: float) -> bool:
+        return (self._left <= 0 or self.s.window.bucket(now) != self._claim_bucket
+                or now - self._last_sync >= self.s.flush_s)
 
     def _reserve(self, klass: str, now: float) -> float:
         """Seconds until ``klass`` may send: its hold (Retry-After), then its token bucket."""
@@ -568,3 +573,31 @@ def backoff_s(exc: BaseException, default: float) -> float:
     if isinstance(until, int | float):
         return max(1.0, until - time.time())
     return 0.0 if isinstance(exc, CapReached) else default  # a per-run cap: the next run goes on
+
+
+# ---------------------------------------------------------------------- planning (resync --plan)
+def headroom(store: Any, cfg: Any, system: str, now: float | None = None) -> tuple[int, int]:
+    """(calls left, cap) of ``system`` in its current window: what every process on ``store``
+    has spent or claimed, against the cap of ``cfg`` (the org limit as last reported). Read-only."""
+    now = time.time() if now is None else now
+    s = settings_of(cfg)[system]
+    with store.tx(readonly=True) as tx:
+        start = s.window.start(now)
+        claimed = sum(tx.api_claims_since(system, start).values())
+        spent = sum(tx.api_calls_since(system, start).values())
+        report = tx.api_reports().get(system) or {}
+    cap = s.cap(report.get("org_limit"))
+    return max(0, cap - max(claimed, spent)), cap
+
+
+def would_exceed(store: Any, cfg: Any, estimate: Mapping[str, int], now: float | None = None) -> dict[str, str]:
+    """For each system whose ``estimate`` (calls) would pass what is left of its cap in the
+    current window, one line saying so (empty: it fits). For ``resync --plan`` / ``--force``."""
+    out: dict[str, str] = {}
+    for system, calls in sorted(estimate.items()):
+        left, cap = headroom(store, cfg, system, now)
+        if calls > left:
+            window = settings_of(cfg)[system].window.describe()
+            out[system] = (f"{system}: about {calls:,} calls needed but only {left:,} of syncd's API share "
+                           f"of {cap:,} are left ({window})")
+    return out

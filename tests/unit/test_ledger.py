@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -212,3 +213,26 @@ def test_a_429_without_retry_after_is_never_retried_at_once() -> None:
     policy = RetryPolicy()
     assert min(policy.wait_for(1, RateLimited("429", status=429)) for _ in range(50)) >= 1.0
     assert policy.wait_for(1, RateLimited("429", status=429, retry_after=2)) == 2.0
+
+
+def test_would_exceed_tells_a_plan_what_is_left_of_the_share(store: Store, tmp_path: Path) -> None:
+    from syncd.config import load_config
+    from syncd.connectors._pacing import headroom, would_exceed
+
+    cfg_file = tmp_path / "syncd.toml"
+    cfg_file.write_text('[hubspot]\nbase_url = "https://hubspot.example"\ndaily_limit = 1000\n'
+                        '[salesforce]\ninstance_url = "https://sf.example"\ndaily_budget = 300\n'
+                        f'[state]\nurl = "sqlite:///{tmp_path / "x.db"}"\n')
+    cfg = load_config(cfg_file)
+    clock = FakeClock(T0 + 60)
+    sf = Budget(store, Settings("salesforce", Window("rolling"), daily_budget=300, flush_every=10,
+                                paces={"api": Pace(1000.0)}), clock=clock, sleep=clock.sleep)
+    for _ in range(100):
+        sf.before("query")
+    sf.settle()
+    assert headroom(store, cfg, "salesforce", clock.t) == (200, 300)
+    assert headroom(store, cfg, "hubspot", clock.t) == (500, 500)  # 0.5 x the assumed 1,000
+    assert would_exceed(store, cfg, {"hubspot": 400, "salesforce": 150}, clock.t) == {}
+    assert would_exceed(store, cfg, {"salesforce": 250}, clock.t) == {
+        "salesforce": "salesforce: about 250 calls needed but only 200 of syncd's API share of 300 are left "
+                      "(rolling 24 h)"}
