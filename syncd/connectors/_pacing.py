@@ -449,16 +449,17 @@ class Budget:
         self._persist(klass, hold)
 
     def exhausted(self, reason: str) -> None:
-        """The CRM says the org's limit is spent: pause the system until the window frees calls."""
+        """The CRM says the org's limit is spent: this process sends nothing more to the system
+        for a while (at most one bucket: an hour). Not written to the store: the limit may be
+        raised, or reset at the account's midnight rather than UTC's, and the next process (or
+        the service after its back-off) finds out with one call."""
         now = self.clock()
         w = self.s.window
-        until = w.end(now) if w.kind == "day" else now + w.bucket_s
-        hold = Hold(until, 1.0, reason, now)
+        until = min(w.end(now), now + w.bucket_s)
         with self._lock:
-            self._holds[SYSTEM_HOLD] = hold
+            self._holds[SYSTEM_HOLD] = Hold(until, 1.0, reason, now)
         log.error("api_paused", system=self.system, status=f"{self.system}: {reason} — paused until "
                   f"{when(until, w)}", until=utc(until).isoformat())
-        self._persist(SYSTEM_HOLD, hold)
 
     def _persist(self, klass: str, hold: Hold) -> None:
         try:
