@@ -243,3 +243,45 @@ def test_a_429_storm_is_ridden_out_and_retry_after_holds_the_whole_class(tmp_pat
         for t in faulted:  # after each 429, nothing of the class went out before its Retry-After
             later = [u for u in every if u > t]
             assert later and min(later) - t >= 2.0 - 0.05
+
+
+def test_the_service_pauses_a_system_at_its_cap_logs_it_and_resumes_by_itself(tmp_path: Path) -> None:
+    import json
+
+    with Sandbox(tmp_path / "sb", hubspot_options={"day_s": 6}) as sb:
+        seed(sb.hubspot, sb.salesforce, SeedSpec(seed=3, people=30, deals=6))
+        extra = ("\n[sync]\ncontacts_interval_s = 1\ndeals_interval_s = 1\njitter_s = 0.1\n"
+                 "\n[service]\nmetrics_port = 0\nshutdown_grace_s = 10\n")
+        cfg = sb.write_config(tmp_path / "syncd.toml", state_url=f"sqlite:///{tmp_path / 'state.db'}",
+                              extra=extra, keys={"hubspot": {"daily_budget": 6, "window_s": 6}})
+        err_path = tmp_path / "service.stderr"
+        with err_path.open("wb") as err:
+            service = subprocess.Popen([SYNCD, "--config", str(cfg), "--log-format", "json", "run"],
+                                       env={**os.environ, **sb.env()}, stdout=subprocess.DEVNULL, stderr=err)
+
+        def events(name: str) -> list[dict[str, Any]]:
+            out = []
+            for line in err_path.read_text(errors="replace").splitlines():
+                try:
+                    e = json.loads(line)
+                except ValueError:
+                    continue
+                if e.get("event") == name:
+                    out.append(e)
+            return out
+
+        try:
+            deadline = time.monotonic() + DEADLINE_S
+            while time.monotonic() < deadline and not (
+                    [e for e in events("system_backed_off") if e.get("system") == "hubspot"]
+                    and events("system_recovered")):
+                assert service.poll() is None, err_path.read_text()[-2000:]
+                time.sleep(0.2)
+            paused = [e for e in events("system_backed_off") if e.get("system") == "hubspot"]
+            assert paused and events("system_recovered"), err_path.read_text()[-3000:]
+            assert PAUSE.match(paused[0]["error"]) or "paused until" in paused[0]["error"]
+            assert [e for e in events("api_paused") if PAUSE.match(e.get("status", ""))]
+        finally:
+            service.terminate()
+            assert service.wait(timeout=60) == 0
+        assert sb.hubspot_server.statuses[429] == 0
