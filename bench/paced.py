@@ -38,12 +38,14 @@ def _commit() -> str:
         return "unknown"
 
 
-def run(people: int) -> dict[str, Any]:
-    with workdir("paced") as d, Sandbox(d / "sb", hubspot_options=LOWEST_TIER) as sb:
+def run(people: int, *, paced: bool = True) -> dict[str, Any]:
+    """``paced=False``: the same backfill unpaced against a sandbox enforcing nothing (the
+    baseline: syncd's and the simulators' own time)."""
+    with workdir("paced") as d, Sandbox(d / "sb", hubspot_options=LOWEST_TIER if paced else None) as sb:
         seed(sb.hubspot, sb.salesforce, SeedSpec(seed=1, people=people, deals=people // 5))
         sb.export_env()
         cfg = sb.write_config(d / "syncd.toml", state_url=f"sqlite:///{d / 'state.db'}", extra=LOGGING,
-                              paced=True)
+                              paced=paced)
         rt = open_runtime(load_config(cfg))
         start = time.monotonic()
         cycles = 0
@@ -61,7 +63,7 @@ def run(people: int) -> dict[str, Any]:
         searches = hs.request_count("contacts.search") + hs.request_count("deals.search")
         calls = hs.request_count()
         return {
-            "people": people, "deals": people // 5, "wall_s": round(wall, 1),
+            "people": people, "deals": people // 5, "paced": paced, "wall_s": round(wall, 1),
             "floor_lowest_tier_s": round(max(searches / 5, calls / 10), 1),
             "floor_default_pace_s": round(max(searches / 3, calls / 9), 1),
             "hubspot_calls": calls, "hubspot_searches": searches,
@@ -78,7 +80,9 @@ def run(people: int) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--people", type=int, default=20_000)
-    print(json.dumps(run(p.parse_args().people)))
+    p.add_argument("--unpaced", action="store_true", help="the baseline: no pace, nothing enforced")
+    args = p.parse_args()
+    print(json.dumps(run(args.people, paced=not args.unpaced)))
 
 
 if __name__ == "__main__":
