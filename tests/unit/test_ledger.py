@@ -236,3 +236,52 @@ def test_would_exceed_tells_a_plan_what_is_left_of_the_share(store: Store, tmp_p
     assert would_exceed(store, cfg, {"salesforce": 250}, clock.t) == {
         "salesforce": "salesforce: about 250 calls needed but only 200 of syncd's API share of 300 are left "
                       "(rolling 24 h)"}
+
+
+def test_processes_on_one_store_share_the_rate_and_a_closed_one_gives_its_share_back(
+        open_store: Callable[[], Store]) -> None:
+    clock = FakeClock(T0)
+    s = Settings("hubspot", Window("day"), daily_limit=10_000, flush_every=5, paces={"burst": Pace(9.0)})
+    a = Budget(open_store(), s, clock=clock, sleep=clock.sleep)
+    b = Budget(open_store(), s, clock=clock, sleep=clock.sleep)
+    a.before("contacts.batch_read")
+    b.before("contacts.batch_read")
+    clock.t += 3  # the next sync of each sees the other
+    a.before("contacts.batch_read")
+    b.before("contacts.batch_read")
+    assert a.pace()["burst"] == b.pace()["burst"] == 4.5
+    b.close()
+    clock.t += 3
+    a.before("contacts.batch_read")
+    assert a.pace()["burst"] == 9.0
+
+
+def test_the_concurrency_gate_keeps_at_most_n_requests_in_flight(store: Store) -> None:
+    s = Settings("salesforce", Window("rolling"), daily_limit=10_000, concurrency=2, paces={"api": Pace(1e6)})
+    budget = Budget(store, s)
+    lock = threading.Lock()
+    in_flight, most = [0], [0]
+    release = threading.Event()
+
+    def request() -> None:
+        with budget.call("query"):
+            with lock:
+                in_flight[0] += 1
+                most[0] = max(most[0], in_flight[0])
+            release.wait(10)
+            with lock:
+                in_flight[0] -= 1
+
+    threads = [threading.Thread(target=request) for _ in range(5)]
+    for t in threads:
+        t.start()
+    deadline = threading.Event()
+    for _ in range(100):  # wait (generously) until two are in flight and the rest wait at the gate
+        with lock:
+            if in_flight[0] == 2:
+                break
+        deadline.wait(0.05)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert most[0] == 2
