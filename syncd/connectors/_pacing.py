@@ -1,7 +1,9 @@
 """One API budget per CRM, paced ahead of time, shared by threads and by processes on a store.
 
-Every request a connector sends first passes :meth:`Budget.before` (and leaves through
-:meth:`Budget.after` / the concurrency gate of :meth:`Budget.call`):
+Every request a connector sends first passes :meth:`Budget.before` (Salesforce's also the
+concurrency gate of :meth:`Budget.call`); the connectors report what the CRM answered
+(:meth:`Budget.report`, :meth:`Budget.report_burst`, :meth:`Budget.limited`,
+:meth:`Budget.exhausted`):
 
 - **Ledger** (:mod:`syncd.store.ledger`): the call is counted per system, endpoint class and
   time bucket. Counts are batched: the process claims a block of ``flush_every`` calls from the
@@ -22,6 +24,10 @@ Every request a connector sends first passes :meth:`Budget.before` (and leaves t
 - **The CRMs' numbers**: HubSpot's ``X-HubSpot-RateLimit-*`` headers and Salesforce's
   ``Sforce-Limit-Info`` (plus ``/limits`` at most once per run) replace the assumed org limit,
   lower the burst pace to what the account allows, and show the org's own use next to syncd's.
+  When the CRM says the org's limit is spent (429 DAILY, REQUEST_LIMIT_EXCEEDED), this process
+  sends nothing more to it for at most an hour.
+
+For planning (``resync --plan``): :func:`would_exceed` and :func:`headroom`.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -519,10 +525,6 @@ def settle(connectors: Mapping[str, Any]) -> None:
                 budget.settle()
             except Exception as exc:  # noqa: BLE001 - the counts stay pending for the next flush
                 log.warning("api_ledger_flush_failed", system=budget.system, error=str(exc))
-
-
-def with_window(settings: Settings, length_s: int) -> Settings:
-    return replace(settings, window=Window(settings.window.kind, length_s))
 
 
 @contextmanager
