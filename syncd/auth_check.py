@@ -50,8 +50,10 @@ class SystemReport:
 class _Client:
     """GETs and POSTs with the provider's token; a refused token is renewed once (single-flight)."""
 
-    def __init__(self, system: str, auth: TokenProvider, ca_bundle: Path | None, timeout: float) -> None:
+    def __init__(self, system: str, auth: TokenProvider, ca_bundle: Path | None, timeout: float,
+                 budget: Any = None) -> None:
         self.system, self.auth, self.timeout = system, auth, timeout
+        self.budget = budget  # the run's API budget: these calls are counted and paced like any other
         self.session = requests.Session()
         self.session.verify = str(ca_bundle) if ca_bundle else True
         self.session.trust_env = False
@@ -64,6 +66,8 @@ class _Client:
         return r
 
     def _send(self, method: str, url: str, tok: Token, **kw: Any) -> requests.Response:
+        if self.budget is not None:
+            self.budget.before("auth_check")  # CapReached: not sent (the cap is syncd's own)
         try:
             return self.session.request(method, url, headers={"Authorization": f"Bearer {tok.value}"},
                                         timeout=self.timeout, **kw)
@@ -94,10 +98,11 @@ def _expiry(tok: Token, auth: TokenProvider) -> str:
     return "at the org's session timeout; renewed when refused"
 
 
-def _salesforce(cfg: Config, mappings: Mappings, auth: TokenProvider, objects: tuple[str, ...]) -> SystemReport:
+def _salesforce(cfg: Config, mappings: Mappings, auth: TokenProvider, objects: tuple[str, ...],
+                budget: Any = None) -> SystemReport:
     sf = cfg.salesforce
     rep = SystemReport("salesforce", sf.auth)
-    client = _Client("salesforce", auth, cfg.resolve(sf.ca_bundle) if sf.ca_bundle else None, sf.timeout_s)
+    client = _Client("salesforce", auth, cfg.resolve(sf.ca_bundle) if sf.ca_bundle else None, sf.timeout_s, budget)
     try:
         tok = auth.token()
         base = sf.instance_url.rstrip("/")
@@ -151,10 +156,10 @@ def _sf_object(client: _Client, base: str, obj: str, mappings: Mappings) -> list
     return out
 
 
-def _hubspot(cfg: Config, auth: TokenProvider, objects: tuple[str, ...]) -> SystemReport:
+def _hubspot(cfg: Config, auth: TokenProvider, objects: tuple[str, ...], budget: Any = None) -> SystemReport:
     hs = cfg.hubspot
     rep = SystemReport("hubspot", hs.auth)
-    client = _Client("hubspot", auth, cfg.resolve(hs.ca_bundle) if hs.ca_bundle else None, hs.timeout_s)
+    client = _Client("hubspot", auth, cfg.resolve(hs.ca_bundle) if hs.ca_bundle else None, hs.timeout_s, budget)
     base = hs.base_url.rstrip("/")
     try:
         tok = auth.token()
@@ -183,8 +188,7 @@ def _hs_scopes(client: _Client, base: str, tok: Token, rep: SystemReport) -> set
     if rep.method == "oauth":
         rep.identity["app"] = str(getattr(client.auth.source, "client_id", ""))
         return set(client.auth.token().scopes)
-    r = client.session.post(f"{base}/oauth/v2/private-apps/get/access-token-info", json={"tokenKey": tok.value},
-                            timeout=client.timeout)
+    r = client.request("POST", f"{base}/oauth/v2/private-apps/get/access-token-info", json={"tokenKey": tok.value})
     if r.status_code != 200:
         raise AuthError(f"hubspot: private-app token info answered HTTP {r.status_code}: {_hs_error(r)}",
                         system="hubspot")
@@ -206,15 +210,18 @@ def _reason(system: str, e: BaseException) -> str:
     return text if text.startswith(f"{system}:") else f"{system}: {text}"
 
 
-def check(cfg: Config, mappings: Mappings, providers: Mapping[str, TokenProvider]) -> list[SystemReport]:
-    """Every system's report, with the providers in use (a login made here serves the run)."""
+def check(cfg: Config, mappings: Mappings, providers: Mapping[str, TokenProvider],
+          budgets: Mapping[str, Any] | None = None) -> list[SystemReport]:
+    """Every system's report, with the providers in use (a login made here serves the run) and,
+    in a run, its API budgets (the check's calls count against the shared cap)."""
     from syncd.runtime import PULL_OBJECTS
 
     def mapped(system: str) -> tuple[str, ...]:
         return tuple(o for o in PULL_OBJECTS[system] if (system, o) in set(mappings.objects()))
 
-    return [_hubspot(cfg, providers["hubspot"], mapped("hubspot")),
-            _salesforce(cfg, mappings, providers["salesforce"], mapped("salesforce"))]
+    budgets = budgets or {}
+    return [_hubspot(cfg, providers["hubspot"], mapped("hubspot"), budgets.get("hubspot")),
+            _salesforce(cfg, mappings, providers["salesforce"], mapped("salesforce"), budgets.get("salesforce"))]
 
 
 def render(reports: list[SystemReport]) -> str:
@@ -264,6 +271,7 @@ def log_at_start(cfg: Config, mappings: Mappings, connectors: Mapping[str, Any])
     """``syncd run`` at start: the same check, logged; it never stops the service from starting
     (a system that cannot log in is backed off by its first cycle, with the same reason)."""
     try:
-        log_reports(check(cfg, mappings, {s: c.auth for s, c in connectors.items()}))
+        log_reports(check(cfg, mappings, {s: c.auth for s, c in connectors.items()},
+                          {s: getattr(c, "budget", None) for s, c in connectors.items()}))
     except Exception as e:  # noqa: BLE001 - a diagnostic; the cycles report real failures
         log.warning("auth_check_failed", error=one_line(str(e)) or type(e).__name__)

@@ -237,7 +237,40 @@ class _OAuthFields(_Credential):
         return bool(self.refresh_token_env or self.refresh_token_file)
 
 
-class HubSpotConfig(_OAuthFields):
+Share = Annotated[float, Field(gt=0, le=1)]
+WindowSeconds = Annotated[int, Field(ge=2, le=86_400)]
+
+
+class _ApiBudget(_Section):
+    """The API budget and pace of one CRM (syncd/connectors/_pacing.py; README "API budget").
+
+    ``daily_share``: the part of the org's limit syncd may use per window (the limit the CRM
+    reports, else ``daily_limit``); ``daily_budget``: an absolute cap on top of it (optional);
+    ``run_cap``: calls per cycle or resync (0: none); ``window_s``: the window's length (tests
+    and the sandbox compress it; production keeps 86,400)."""
+
+    daily_share: Share = 0.5
+    daily_budget: Annotated[int, Field(gt=0)] | None = None
+    run_cap: Annotated[int, Field(ge=0)] = 0
+    window_s: WindowSeconds = 86_400
+
+
+class _HubSpotBudget(_ApiBudget):
+    daily_limit: Annotated[int, Field(gt=0)] = 250_000  # lowest tier, until HubSpot reports its own
+    # free/starter: 100 requests per 10 s; professional/enterprise: 190 (syncd paces at 90 % of it,
+    # and never faster than HubSpot's X-HubSpot-RateLimit-Max / -Interval-Milliseconds headers allow)
+    tier: Literal["starter", "professional", "enterprise"] = "starter"
+    burst_per_10s: Annotated[float, Field(gt=0)] | None = None  # default: 90 % of the tier's limit
+    search_per_s: Annotated[float, Field(gt=0)] = 3.0  # HubSpot allows 4-5: at most 4 in any second
+
+
+class _SalesforceBudget(_ApiBudget):
+    daily_limit: Annotated[int, Field(gt=0)] = 15_000  # lowest edition, until Salesforce reports it
+    calls_per_s: Annotated[float, Field(gt=0)] = 20.0
+    concurrency: Annotated[int, Field(ge=1, le=25)] = 20  # Salesforce allows 25 long requests
+
+
+class HubSpotConfig(_OAuthFields, _HubSpotBudget):
     base_url: HttpUrl  # required: no silent production default
     # "private_app": a private app's access token (token_env / token_file; it does not expire).
     # "oauth": a public app's client_id + client secret + refresh token; syncd renews the 30-minute token.
@@ -247,7 +280,6 @@ class HubSpotConfig(_OAuthFields):
     client_id: str | None = None
     ca_bundle: CaBundle = None
     timeout_s: PositiveSeconds = 30.0
-    daily_budget: Annotated[int, Field(gt=0)] = 250_000
     # HubSpot's archive (deleted contacts and deals) cannot be filtered by date: it is listed
     # whole, so at most this often (it is never scanned on every poll).
     archive_scan_s: PositiveSeconds = 900.0
@@ -264,7 +296,7 @@ class HubSpotConfig(_OAuthFields):
         return self._secret("hubspot", self.token_env, self.token_file, base)
 
 
-class SalesforceConfig(_OAuthFields):
+class SalesforceConfig(_OAuthFields, _SalesforceBudget):
     instance_url: HttpUrl  # required: your org's My Domain URL, never a guessed login host
     # "jwt" (JWT bearer, the server-to-server standard), "client_credentials", "refresh_token",
     # or "session": a session id pasted by a person, which expires and cannot be renewed.
@@ -282,7 +314,6 @@ class SalesforceConfig(_OAuthFields):
     jwt_audience: HttpUrl | None = None
     ca_bundle: CaBundle = None
     timeout_s: PositiveSeconds = 30.0
-    daily_budget: Annotated[int, Field(gt=0)] = 15_000
 
     @model_validator(mode="after")
     def _auth_fields(self) -> SalesforceConfig:

@@ -35,6 +35,7 @@ import structlog
 from syncd import catalogue, deletions, freshness, rules
 from syncd import conflicts as link_conflicts
 from syncd._json import jsonable
+from syncd.connectors import _pacing
 from syncd.connectors.base import Connector
 from syncd.errors import FatalError, RecordError, RetriableError, SyncError
 from syncd.linking import LinkStats, link_deals, link_people
@@ -126,7 +127,7 @@ class Engine:
         stats = CycleStats()
         if self.dry_run:
             try:
-                with self.store.tx() as tx:
+                with _pacing.deferred(self.connectors), self.store.tx() as tx:  # ledger after the tx
                     self._shared_tx = tx
                     self._cycle(group, stats)
                     raise _DryRunRollback
@@ -161,6 +162,7 @@ class Engine:
             return tx.start_run(job, now=self.clock(), owner=self.owner)
 
     def store_run_finish(self, run_id: str, status: str, stats: CycleStats, error: str | None) -> None:
+        _pacing.settle(self.connectors)  # the run's API calls into the ledger, unused claims back
         with self.store.tx() as tx:
             tx.finish_run(run_id, status, {**stats.summary(), "api": self.api_usage()}, error, now=self.clock())
 

@@ -261,6 +261,51 @@ class ServiceMetrics:
         """The records of ``system``/``obj`` the last reconciliation found missing from the store."""
         self.reconcile_missing.labels(system, obj).set(missing)
 
+    def observe_budget(self, store: Any, now: datetime | None = None) -> None:
+        """The API burn per system from the ledger (:mod:`syncd.burn`): calls today and in the
+        rolling window, the cap and what is left, pace, projection, share of the org's use, pause."""
+        from syncd import burn
+
+        at = (now or datetime.now(UTC)).timestamp()
+        with store.tx(readonly=True) as tx:
+            data = burn.burn(tx, at)
+        g = self._budget_gauges()
+        for system, b in data.items():
+            g["calls"].labels(system, "today").set(b["today"])
+            g["calls"].labels(system, "rolling").set(b["rolling"])
+            g["cap"].labels(system).set(b["cap"])
+            g["remaining"].labels(system).set(b["remaining"])
+            g["projected"].labels(system).set(b["projected"])
+            g["paused"].labels(system).set(1 if b["paused"] else 0)
+            if b["org_share"] is not None:
+                g["org_share"].labels(system).set(b["org_share"])
+            for klass, rate in b["pace_per_s"].items():
+                g["pace"].labels(system, klass).set(rate)
+
+    def _budget_gauges(self) -> dict[str, Gauge]:
+        with self._lock:
+            gauges: dict[str, Gauge] | None = getattr(self, "_budget", None)
+            if gauges is None:
+                r = self.registry
+                gauges = self._budget = {
+                    "calls": Gauge("syncd_api_ledger_calls", "API calls of every syncd process on the store "
+                                   "(the ledger), today (UTC) and in the rolling window.", ["system", "window"],
+                                   registry=r),
+                    "cap": Gauge("syncd_api_cap", "syncd's cap per window (daily_share x the org's limit, "
+                                 "daily_budget).", ["system"], registry=r),
+                    "remaining": Gauge("syncd_api_remaining", "Calls left under the cap in this window.",
+                                       ["system"], registry=r),
+                    "projected": Gauge("syncd_api_projected", "Calls by the end of the window at the last "
+                                       "hour's rate.", ["system"], registry=r),
+                    "org_share": Gauge("syncd_api_org_share", "syncd's calls / the org's total use the CRM "
+                                       "reports (0-1).", ["system"], registry=r),
+                    "pace": Gauge("syncd_api_pace_per_second", "The pace in use per endpoint class "
+                                  "(calls per second, all processes).", ["system", "klass"], registry=r),
+                    "paused": Gauge("syncd_api_paused", "1 while a cap or the org's limit pauses the system.",
+                                    ["system"], registry=r),
+                }
+            return gauges
+
     def set_blocked(self, system: str, why: str | None) -> None:
         with self._lock:
             if why is None:

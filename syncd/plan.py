@@ -7,12 +7,13 @@ a restart per 10,000-result window, deal association reads of 1,000; Salesforce 
 of 2,000), plus the quarantined records a resync fetches again and the writes already queued.
 Writes that the resync's own decisions make are not known before it runs: the plan says so.
 
-:func:`would_exceed` is the one place the cap is checked: today against ``daily_budget`` and
-the calls the CRM reports used; point it at the shared ledger when there is one.
+:func:`would_exceed` is the one place the cap is checked: against what is left of syncd's API
+share in the shared ledger (every process on the store; :func:`syncd.connectors._pacing.would_exceed`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import structlog
 
 from syncd.config import Config
-from syncd.model import OBJECT_GROUPS, ApiUsage
+from syncd.model import OBJECT_GROUPS
 
 log = structlog.get_logger()
 
@@ -46,9 +47,11 @@ class Plan:
     objects: list[ObjectCost] = field(default_factory=list)
     count_calls: dict[str, int] = field(default_factory=dict)  # spent on the plan itself
     refusals: dict[str, str] = field(default_factory=dict)  # system -> why it would cross the cap
+    # per system, calls a run makes once whatever it pulls (Salesforce: its /limits read)
+    per_run: dict[str, int] = field(default_factory=dict)
 
     def calls(self, system: str) -> int:
-        return sum(o.calls for o in self.objects if o.system == system)
+        return sum(o.calls for o in self.objects if o.system == system) + self.per_run.get(system, 0)
 
     @property
     def systems(self) -> list[str]:
@@ -66,24 +69,13 @@ class Plan:
         }
 
 
-def would_exceed(system: str, calls: int, cfg: Config, usage: ApiUsage | None = None) -> str | None:
-    """Why spending ``calls`` more on ``system`` would cross its cap, or None.
+def would_exceed(store: Any, cfg: Config, calls: Mapping[str, int]) -> dict[str, str]:
+    """Per system whose ``calls`` would cross what is left of its cap (``daily_share`` of the
+    org's limit, ``daily_budget``), counted in the shared ledger by every process on the store:
+    the one-line reason. Empty: the plan fits."""
+    from syncd.connectors import _pacing
 
-    The cap today: ``[<system>] daily_budget`` less this process's calls so far, and the
-    remaining calls the CRM itself reported on the last response (``usage``). This is the one
-    function to point at the shared API ledger (``daily_share``) when it exists."""
-    budget = int(getattr(cfg, system).daily_budget)
-    spent = usage.total if usage is not None else 0
-    if spent + calls > budget:
-        return (f"{system}: {calls:,} calls would cross daily_budget {budget:,} "
-                f"({spent:,} spent by this process)")
-    if usage is not None and usage.reported_limit is not None and usage.reported_used is not None:
-        left = usage.reported_limit - usage.reported_used
-        if calls > left:
-            return (f"{system}: {calls:,} calls, but the CRM reports only {left:,} of "
-                    f"{usage.reported_limit:,} left today")
-    return None
-
+    return _pacing.would_exceed(store, cfg, calls)
 
 def _since(tx: Any, system: str, obj: str, *, full: bool, since: datetime | None,
            overlap: timedelta) -> datetime | None:
@@ -118,10 +110,10 @@ def estimate(rt: Any, *, groups: list[str] | None = None, full: bool = False,
         plan.objects.append(ObjectCost(system, obj, start, records, conn.pull_calls(obj, records),
                                        conn.fetch_calls(obj, quarantined),
                                        conn.write_calls(obj, queued.get((system, obj), 0))))
-    for system in plan.systems:
-        why = would_exceed(system, plan.calls(system), rt.config, rt.connectors[system].usage)
-        if why is not None:
-            plan.refusals[system] = why
+    for system, conn in rt.connectors.items():
+        if callable(getattr(conn, "read_limits", None)):
+            plan.per_run[system] = 1  # the run's budget reads the org's limits once
+    plan.refusals.update(would_exceed(rt.store, rt.config, {s: plan.calls(s) for s in plan.systems}))
     return plan
 
 

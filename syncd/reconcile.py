@@ -203,7 +203,7 @@ class CountCheck:
         for g in gaps:
             conn = rt.connectors[g.system]
             cost = conn.pull_calls(g.object, g.crm)
-            affordable = cost <= DIFF_MAX_CALLS and would_exceed(g.system, cost, rt.config, conn.usage) is None
+            affordable = cost <= DIFF_MAX_CALLS and not would_exceed(rt.store, rt.config, {g.system: cost})
             if affordable:  # the id diff is exact: it decides (ids changed since the pull are not missing)
                 found[(g.system, g.object)] = diff_ids(rt.store, conn, g.system, g.object).gap(
                     samples, "count check + id diff", now)
@@ -225,8 +225,7 @@ def run(rt: Any, *, group: str | None, force: bool = False) -> list[ObjectDiff]:
     for system, obj in pairs:
         conn = rt.connectors[system]
         costs[system] = costs.get(system, 0) + conn.pull_calls(obj, conn.count(obj))
-    refusals = [w for s, n in costs.items()
-                if (w := would_exceed(s, n, rt.config, rt.connectors[s].usage)) is not None]
+    refusals = list(would_exceed(rt.store, rt.config, costs).values())
     if refusals and not force:
         raise SyncError("reconcile refused: " + "; ".join(refusals) + " (--force to run anyway)")
     diffs = [diff_ids(rt.store, rt.connectors[s], s, o) for s, o in pairs]

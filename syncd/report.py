@@ -21,7 +21,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from syncd import freshness
+from syncd import burn, freshness
 from syncd.logs import mask_email
 from syncd.model import OBJECT_GROUPS, SYSTEMS
 from syncd.reconcile import status as reconcile_status
@@ -290,6 +290,7 @@ def status_data(store: Store, now: datetime,
             "runs": [_run_row(r) for r in runs[:10]],
             "last_success": {job: t.isoformat() for job, t in _last_success(runs).items()},
             "api_usage": _api_usage(runs),
+            "api_budget": burn.burn(tx, now.timestamp()),  # the ledger: calls, caps, pace, pauses
             "sla_breaches": [{"id": e.id, "entity_id": e.entity_id, "at": e.at.isoformat(), "details": e.details}
                              for e in tx.open_events("sla_breach")],
             "events_open": {k: len(tx.open_events(k)) for k in ("promotion_blocked", "conflict", "returned")},
@@ -435,6 +436,7 @@ def _counts_lines(data: dict[str, Any], now: datetime, console: Console) -> None
                         if u.get("reported_used") is not None and u.get("reported_limit") else "")
             parts.append(f"{system} {u['calls']} calls ({u.get('rate_limited', 0)} rate-limited){reported}")
         say(console, "API usage (last run's process): " + "; ".join(parts))
+    burn.print_lines(data.get("api_budget") or {}, console)  # API burn and pauses, per system
 
 
 def _held_tables(data: dict[str, Any], console: Console) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from syncd import catalogue
 from syncd.config import Config
+from syncd.connectors import _pacing
 from syncd.connectors._retry import RetryPolicy
 from syncd.connectors.base import Connector
 from syncd.engine import Engine
@@ -66,6 +67,7 @@ class Runtime:
                       write_batch=self.config.sync.write_batch)
 
     def close(self) -> None:
+        _pacing.close(self.connectors)  # the ledger gets the last counts while the store is open
         for c in self.connectors.values():
             c.close()
         self.store.close()
@@ -75,4 +77,5 @@ def open_runtime(cfg: Config, *, connect: bool = True) -> Runtime:
     mappings, sla = load_rules_files(cfg)
     connectors = build_connectors(cfg, mappings) if connect else {}
     store = Store.open(cfg.state_url(), sqlite_synchronous=cfg.state.sqlite_synchronous)
+    _pacing.attach(connectors, store, cfg)  # one API ledger and pace per CRM, on the store
     return Runtime(cfg, store, mappings, sla, connectors)

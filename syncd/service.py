@@ -43,6 +43,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from syncd import freshness, plan, reconcile, retention
 from syncd.auth_check import log_at_start
 from syncd.config import Config, load_config
+from syncd.connectors import _pacing
 from syncd.engine import CycleStats
 from syncd.errors import (
     AuthError,
@@ -97,10 +98,8 @@ class Service:
         self.owner = new_owner(instance_name(cfg, config_file))
         self.metrics = ServiceMetrics(
             intervals(cfg),
-            daily_budgets={
-                "hubspot": cfg.hubspot.daily_budget,
-                "salesforce": cfg.salesforce.daily_budget,
-            },
+            daily_budgets={s: b for s, b in (("hubspot", cfg.hubspot.daily_budget),
+                                             ("salesforce", cfg.salesforce.daily_budget)) if b},
         )
         self.metrics.failing_after = self.rt.sla.writeback.max_tries
         self.counts = reconcile.CountCheck(self.metrics)
@@ -484,25 +483,20 @@ class Service:
             until = self.backoff.get(system)
             if until is not None and until[0] > now:
                 continue
-            budget = self.cfg.hubspot.daily_budget if system == "hubspot" else (self.cfg.salesforce.daily_budget)
-            if self.metrics.calls_today(system, now) >= budget:
-                midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-                why = f"our daily_budget of {budget} calls is spent"
-                self.backoff[system] = (midnight, why)
-                self.metrics.set_blocked(system, why)
-                log.error(
-                    "system_backed_off",
-                    system=system,
-                    error=why,
-                    retry_in_s=round((midnight - now).total_seconds()),
-                )
+            paused = _pacing.paused(self.rt.connectors[system])  # the ledger's caps, shared on the store
+            if paused is not None and paused.until is not None:
+                resume = datetime.fromtimestamp(paused.until, UTC)
+                self.backoff[system] = (resume, str(paused))
+                self.metrics.set_blocked(system, str(paused))
+                log.error("system_backed_off", system=system, error=str(paused),
+                          retry_in_s=round((resume - now).total_seconds()))
                 continue
             out.append(system)
         return out
 
     def _handle_failure(self, job: str, exc: Exception, systems: list[str]) -> None:
         if isinstance(exc, AuthError | BudgetExhausted):
-            delay = AUTH_BACKOFF_S if isinstance(exc, AuthError) else BUDGET_BACKOFF_S
+            delay = AUTH_BACKOFF_S if isinstance(exc, AuthError) else _pacing.backoff_s(exc, BUDGET_BACKOFF_S)
             what = "authentication failed" if isinstance(exc, AuthError) else "API budget exhausted"
             failing = system_of(exc)
             for system in [failing] if failing in systems else systems:
@@ -547,6 +541,7 @@ class Service:
     def _observe_store(self) -> None:
         try:
             self.metrics.observe_store(self.rt.store)
+            self.metrics.observe_budget(self.rt.store)
         except Exception as exc:  # noqa: BLE001 - metrics must not break the service
             log.warning("metrics_store_read_failed", error=one_line(exc))
 

@@ -5,6 +5,11 @@ what to retry and how long to wait. Only :class:`~syncd.errors.RetriableError`
 (including :class:`~syncd.errors.RateLimited`) is retried. A server-given
 ``retry_after`` is honoured (capped at ``max_retry_after``); otherwise the wait is
 exponential with full jitter, capped at ``cap``. The last error is re-raised.
+
+Rate limits are per endpoint class, not per call: the connector's budget
+(:mod:`connectors._pacing`) holds the whole class for the Retry-After (in the store, so
+other processes and later cycles wait too) and slows it down. A 429 without a Retry-After is
+waited at least ``rate_limited_s`` (the class hold), never retried at once.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 import structlog
 import tenacity
 
-from syncd.errors import RetriableError
+from syncd.errors import RateLimited, RetriableError
 from syncd.logs import one_line, redact
 
 log = structlog.get_logger()
@@ -29,6 +34,7 @@ class RetryPolicy:
     base: float = 0.5
     cap: float = 30.0
     max_retry_after: float = 60.0
+    rate_limited_s: float = 1.0  # the least wait after a 429 without Retry-After (_pacing.DEFAULT_HOLD_S)
 
     def wait_for(self, attempt: int, exc: BaseException | None) -> float:
         """Seconds to sleep after failed attempt number ``attempt`` (1-based)."""
@@ -36,7 +42,8 @@ class RetryPolicy:
         if isinstance(retry_after, int | float) and retry_after >= 0:
             return float(min(retry_after, self.max_retry_after))
         ceiling = min(self.cap, self.base * (2 ** (attempt - 1)))
-        return random.uniform(0, ceiling)  # noqa: S311 - jitter, not crypto
+        wait = random.uniform(0, ceiling)  # noqa: S311 - jitter, not crypto
+        return max(wait, self.rate_limited_s) if isinstance(exc, RateLimited) else wait
 
 
 def retrying(policy: RetryPolicy, *, log_name: str) -> tenacity.Retrying:

@@ -33,6 +33,7 @@ from urllib3.util.retry import Retry
 from syncd import catalogue
 from syncd.connectors._deletes import delete_each
 from syncd.connectors._errors import NotRetried, Peer, call, may_be_applied
+from syncd.connectors._pacing import Budget
 from syncd.connectors._retry import RetryPolicy
 from syncd.connectors.auth import StaticToken, Token, TokenProvider
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
@@ -242,6 +243,7 @@ class HubSpotConnector:
 
     system = SYSTEM
     search_cap = SEARCH_CAP  # results reachable per search query (a class attribute for tests)
+    budget: Budget | None = None  # the API ledger and pace (syncd.connectors._pacing.attach)
 
     def __init__(
         self,
@@ -332,6 +334,8 @@ class HubSpotConnector:
 
     def _once(self, endpoint: str, api: str, method: str, *args: Any,
               idempotent: bool = True, **kw: Any) -> Any:
+        if self.budget is not None:
+            self.budget.before(endpoint)  # counted in the ledger, paced; CapReached: not sent
         self.usage.count(endpoint)
         fn = getattr(self._api(api), f"{method}_with_http_info")
         try:
@@ -368,6 +372,7 @@ class HubSpotConnector:
             raise AuthError(f"hubspot {endpoint}: 401 {msg}", system=SYSTEM)
         if status == 429:
             self.usage.limited(endpoint)
+            self._held(endpoint, msg, headers)
             if "DAILY" in msg.split(":")[0]:
                 raise BudgetExhausted(f"hubspot {endpoint}: daily API limit spent ({msg})", system=SYSTEM)
             raise RateLimited(f"hubspot {endpoint}: 429 {msg}", status=429,
@@ -392,6 +397,21 @@ class HubSpotConnector:
                 self.usage.reported_used = int(limit) - int(remaining)
             except ValueError:
                 pass
+            else:
+                if self.budget is not None:
+                    self.budget.report(self.usage.reported_used, self.usage.reported_limit)
+        burst = [_int(headers.get(f"X-HubSpot-RateLimit-{h}")) for h in ("Max", "Remaining", "Interval-Milliseconds")]
+        if self.budget is not None and burst[0] is not None and burst[1] is not None and burst[2] is not None:
+            self.budget.report_burst(burst[0], burst[1], burst[2])
+
+    def _held(self, endpoint: str, msg: str, headers: Any) -> None:
+        """A 429: the budget holds the endpoint's class (Retry-After) or, DAILY, the whole system."""
+        if self.budget is None:
+            return
+        if "DAILY" in msg.split(":")[0]:
+            self.budget.exhausted("HubSpot reports the daily API limit spent (429 DAILY)")
+        else:
+            self.budget.limited(endpoint, _retry_after(headers), msg)
 
     def _read_call(self, endpoint: str, api: str, method: str, *args: Any) -> Any:
         """A read: a 400 is our bug or a cap, never the record's fault -> FatalError."""
@@ -920,6 +940,13 @@ def _archived_at(o: Mapping[str, Any]) -> datetime | None:
     v = o.get("archivedAt")
     try:
         return datetime.fromisoformat(str(v)).astimezone(UTC) if v else None
+    except ValueError:
+        return None
+
+
+def _int(v: Any) -> int | None:
+    try:
+        return int(v) if v is not None else None
     except ValueError:
         return None
 

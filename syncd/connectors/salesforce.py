@@ -36,6 +36,7 @@ from simple_salesforce.exceptions import (
 from syncd import catalogue
 from syncd.connectors._deletes import delete_each
 from syncd.connectors._errors import NotRetried, Peer, call, may_be_applied
+from syncd.connectors._pacing import Budget, paced
 from syncd.connectors._retry import RetryPolicy
 from syncd.connectors.auth import StaticToken, Token, TokenProvider
 from syncd.errors import AuthError, BudgetExhausted, FatalError, RateLimited, RetriableError
@@ -164,6 +165,7 @@ class SalesforceConnector:
     """The :class:`~connectors.base.Connector` for Salesforce: one :class:`SObjectStream` per object."""
 
     system = SYSTEM
+    budget: Budget | None = None  # the API ledger and pace (syncd.connectors._pacing.attach)
 
     def __init__(
         self,
@@ -415,9 +417,10 @@ class SalesforceConnector:
 
     def pull_calls(self, obj: str, records: int) -> int:
         """The calls a pull of ``records`` records of ``obj`` makes: one query, then a
-        ``query_more`` per further batch of :data:`QUERY_BATCH`."""
+        ``query_more`` per further batch of :data:`QUERY_BATCH`, and its deletion feed (one
+        queryAll of the rows deleted since the last pull: rarely more than a batch)."""
         self._stream(obj)
-        return max(1, -(-records // QUERY_BATCH))
+        return max(1, -(-records // QUERY_BATCH)) + 1
 
     def fetch_calls(self, obj: str, records: int) -> int:
         """The calls :meth:`fetch` of ``records`` ids makes (one query per IN_CHUNK ids)."""
@@ -489,6 +492,10 @@ class SalesforceConnector:
         fn = self._authed(fn)
 
         def attempt() -> T:
+            with paced(self.budget, endpoint):  # ledger, pace, concurrency; CapReached: not sent
+                return sent()
+
+        def sent() -> T:
             self.usage.count(endpoint)
             try:
                 value = fn(*args, timeout=self._timeout, **kw)
@@ -534,6 +541,14 @@ class SalesforceConnector:
         if usage is not None:
             self.usage.reported_used = int(usage.used)
             self.usage.reported_limit = int(usage.total)
+            if self.budget is not None:
+                self.budget.report(self.usage.reported_used, self.usage.reported_limit)
+
+    def read_limits(self) -> None:
+        """``/limits`` (the budget reads it at most once per run): the org's daily API use and limit."""
+        daily = (self._call("limits", self._sf.limits) or {}).get("DailyApiRequests") or {}
+        if self.budget is not None and isinstance(daily.get("Max"), int) and isinstance(daily.get("Remaining"), int):
+            self.budget.report(daily["Max"] - daily["Remaining"], daily["Max"])
 
     def _translate(self, endpoint: str, e: SalesforceError) -> Exception:
         code, message = _error_of(e)
@@ -544,6 +559,8 @@ class SalesforceConnector:
             return AuthError(f"{line} ({hint})", system=SYSTEM)
         if code == "REQUEST_LIMIT_EXCEEDED":
             self.usage.limited(endpoint)
+            if self.budget is not None:
+                self.budget.exhausted("Salesforce reports the org's API request limit spent (REQUEST_LIMIT_EXCEEDED)")
             used = self.usage.reported_used
             limit = self.usage.reported_limit
             seen = f"; last reported usage {used}/{limit}" if used is not None else ""
@@ -555,6 +572,8 @@ class SalesforceConnector:
                 system=SYSTEM,
             )
         if isinstance(e, SalesforceGeneralError) and e.status == 429:
+            if self.budget is not None:
+                self.budget.limited(endpoint, None, line)
             return RateLimited(line, status=e.status, body=str(e.content), system=SYSTEM)
         if isinstance(e, SalesforceGeneralError) and e.status >= 500:
             return RetriableError(line, status=e.status, body=str(e.content), system=SYSTEM)

@@ -141,6 +141,8 @@ class SimServer:
         self.app = app
         self.faults = FaultPlan()
         self.counts: Counter[str] = Counter()
+        self.statuses: Counter[int] = Counter()  # answers by HTTP status (429s, 403s...)
+        self._times: list[tuple[float, str]] = []  # (monotonic time, endpoint) of every request
         self._count_lock = threading.Lock()
         # (endpoint, request) of every request once :meth:`log_requests` is called (off by default:
         # the benchmarks send hundreds of thousands)
@@ -190,10 +192,13 @@ class SimServer:
     def reset_counts(self) -> None:
         with self._count_lock:
             self.counts.clear()
+            self.statuses.clear()
+            self._times.clear()
 
     def _count(self, endpoint: str, req: Request | None = None) -> None:
         with self._count_lock:
             self.counts[endpoint] += 1
+            self._times.append((time.monotonic(), endpoint))
             if self.request_log is not None and req is not None:
                 self.request_log.append((endpoint, req))
 
@@ -202,6 +207,30 @@ class SimServer:
         with self._count_lock:
             self.request_log = []
             return self.request_log
+
+    def _answered(self, status: int) -> None:
+        with self._count_lock:
+            self.statuses[status] += 1
+
+    def request_times(self, endpoint: str | None = None) -> list[float]:
+        """Monotonic arrival times of the requests (to ``endpoint``; a ``*`` suffix: by prefix)."""
+        with self._count_lock:
+            times = list(self._times)
+        if endpoint is None:
+            return [t for t, _ in times]
+        if endpoint.endswith("*"):
+            return [t for t, e in times if e.startswith(endpoint[:-1])]
+        return [t for t, e in times if e == endpoint]
+
+    def max_in_window(self, seconds: float = 10.0, endpoint: str | None = None) -> int:
+        """The most requests that arrived within any ``seconds`` (the CRMs' burst measure)."""
+        times = self.request_times(endpoint)
+        best = lo = 0
+        for hi, t in enumerate(times):
+            while t - times[lo] >= seconds:
+                lo += 1
+            best = max(best, hi - lo + 1)
+        return best
 
 
 class _Server(ThreadingHTTPServer):
@@ -288,6 +317,7 @@ def _make_handler(server: SimServer) -> type[BaseHTTPRequestHandler]:
             self._send(resp)
 
         def _send(self, resp: Response) -> None:
+            server._answered(resp.status)
             if resp.body is None:
                 payload = b""
             elif isinstance(resp.body, bytes | bytearray):

@@ -35,7 +35,9 @@ unknown or the docs are silent:
 - :attr:`HubSpotApp.id_requests` counts API requests naming each record id (path or batch
   input), so tests can assert that nothing asks for a dead id.
 - The 10-second burst limit is reported in headers but only enforced when
-  ``enforce_burst=True``; the daily budget is always enforced (429 DAILY).
+  ``enforce_burst=True``; the daily budget is always enforced (429 DAILY). The day is the UTC
+  day, or with ``day_s`` a compressed one (windows of ``day_s`` seconds from the epoch, as
+  syncd's ledger counts them). ``search_per_s`` enforces the search limit (429 SECONDLY).
 
 The ground-truth API (:meth:`add`, :meth:`modify`, :meth:`get`, :meth:`all`,
 :meth:`associate`, :attr:`write_log`) plays "a marketer changed this" without
@@ -295,6 +297,9 @@ class HubSpotApp:
         burst_limit: int = 190,
         enforce_burst: bool = False,
         clock: Callable[[], int] = _now_ms,
+        day_s: float | None = None,
+        search_per_s: int | None = None,
+        burst_window_s: float = 10.0,
     ) -> None:
         self.token = token
         self.daily_limit = daily_limit
@@ -309,6 +314,11 @@ class HubSpotApp:
         self._next_id = {"contacts": 101, "deals": 9001}
         self._assoc: dict[str, dict[str, set[str]]] = {"contacts": {}, "deals": {}}
         self._burst: deque[float] = deque()
+        self.day_s = day_s
+        self.burst_window_s = burst_window_s
+        self.search_per_s = search_per_s
+        self._day = self._day_of()
+        self._searches: deque[float] = deque()
         # endpoint -> how many more requests are applied and then answered 504 (lost answers)
         self._lose: dict[str, int] = {}
         self.id_requests: Counter[str] = Counter()
@@ -490,7 +500,7 @@ class HubSpotApp:
                     "INVALID_AUTHENTICATION",
                 ),
             )
-        limited = self._spend()
+        limited = self._spend(endpoint)
         if limited is not None:
             return limited
         if endpoint.rsplit(".", 1)[-1] in ("get", "update", "archive"):
@@ -566,11 +576,27 @@ class HubSpotApp:
         return "unknown", None, ()
 
     # ------------------------------------------------------------------ budget
-    def _spend(self) -> Response | None:
+    def _day_of(self) -> int:
+        return int(time.time() // self.day_s) if self.day_s else datetime.now(UTC).toordinal()
+
+    def _search_limited(self, endpoint: str, now: float) -> Response | None:
+        if not self.search_per_s or not endpoint.endswith(".search"):
+            return None
+        while self._searches and now - self._searches[0] >= 1.0:
+            self._searches.popleft()
+        if len(self._searches) >= self.search_per_s:
+            return Response(429, self._rate_body("SECONDLY", "You have reached your secondly limit."))
+        self._searches.append(now)
+        return None
+
+    def _spend(self, endpoint: str = "") -> Response | None:
         with self._lock:
             now = time.monotonic()
-            while self._burst and now - self._burst[0] > 10.0:
+            while self._burst and now - self._burst[0] >= self.burst_window_s:
                 self._burst.popleft()
+            day = self._day_of()
+            if day != self._day:
+                self._day, self.daily_used = day, 0
             if self.daily_used >= self.daily_limit:
                 return Response(
                     429,
@@ -585,6 +611,9 @@ class HubSpotApp:
                     ),
                     self._rate_headers(),
                 )
+            searched = self._search_limited(endpoint, now)
+            if searched is not None:
+                return searched
             self._burst.append(now)
             self.daily_used += 1
             return None
@@ -593,7 +622,7 @@ class HubSpotApp:
         return {
             "X-HubSpot-RateLimit-Max": str(self.burst_limit),
             "X-HubSpot-RateLimit-Remaining": str(max(0, self.burst_limit - len(self._burst))),
-            "X-HubSpot-RateLimit-Interval-Milliseconds": "10000",
+            "X-HubSpot-RateLimit-Interval-Milliseconds": str(round(self.burst_window_s * 1000)),
             "X-HubSpot-RateLimit-Daily": str(self.daily_limit),
             "X-HubSpot-RateLimit-Daily-Remaining": str(max(0, self.daily_limit - self.daily_used)),
         }

@@ -17,6 +17,7 @@ Decisions where crm-api.md is silent (documented here, relied on by tests):
 - String comparisons (``=``, ``!=``, ``IN``, ``LIKE``) are case-insensitive, Ids included.
 - Every authenticated API request counts against the daily budget; refused
   (403) requests do not. Direct-access calls (``insert``/``modify``…) never count.
+  The budget is the rolling 24 hours, or with ``window_s`` a compressed rolling window.
 - A ``partial`` fault makes the named ids fail in a collection with
   ``UNABLE_TO_LOCK_ROW`` (a transient per-record error on the real API).
 """
@@ -28,7 +29,8 @@ import email.utils
 import itertools
 import re
 import threading
-from collections import Counter, OrderedDict
+import time
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -297,8 +299,11 @@ class SalesforceApp:
         daily_budget: int = 15_000,
         clock: Callable[[], datetime] | None = None,
         max_cursors: int = 32,
+        window_s: float | None = None,
     ) -> None:
         self._lock = threading.RLock()
+        self.window_s = window_s or 86_400.0
+        self._calls: deque[float] = deque()  # when each counted request came (the rolling window)
         self.sessions: set[str] = set(session_ids)
         self.daily_budget = daily_budget
         self.api_used = 0
@@ -558,6 +563,7 @@ class SalesforceApp:
                     [{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}],
                     self._usage_header(),
                 )
+            self._roll()
             if self.api_used >= self.daily_budget:
                 return Response(
                     403,
@@ -570,6 +576,7 @@ class SalesforceApp:
                     self._usage_header(),
                 )
             self.api_used += 1
+            self._calls.append(time.time())
             headers = self._usage_header()
             try:
                 status, body = self._dispatch(req, faults)
@@ -654,6 +661,13 @@ class SalesforceApp:
                 "endpoint": endpoint,
             }
         )
+
+    def _roll(self) -> None:
+        """Requests older than the rolling window no longer count."""
+        cutoff = time.time() - self.window_s
+        while self._calls and self._calls[0] <= cutoff:
+            self._calls.popleft()
+            self.api_used = max(0, self.api_used - 1)
 
     def _usage_header(self) -> dict[str, str]:
         return {"Sforce-Limit-Info": f"api-usage={self.api_used}/{self.daily_budget}"}

@@ -33,6 +33,7 @@ from syncd.store.coordination import CoordinationTx
 from syncd.store.cursors import CursorsTx
 from syncd.store.entities import EntitiesTx
 from syncd.store.history import HistoryTx
+from syncd.store.ledger import LedgerTx
 from syncd.store.migrations import StoreVersionError
 from syncd.store.outbox import OutboxTx
 from syncd.store.reconcile import ReconcileTx
@@ -229,7 +230,7 @@ def open_store_readonly(url: str) -> Store:
 
 
 class Tx(RecordsTx, EntitiesTx, CursorsTx, OutboxTx, CoordinationTx, TombstonesTx, ReconcileTx, RetentionTx,
-         ReviewTx, HistoryTx):
+         ReviewTx, HistoryTx, LedgerTx):
     """The unit of work: every state-store operation, inside one transaction. Each concern
     lives in its own module (records, entities, cursors, outbox, coordination, tombstones,
     reconcile, retention, review); they share one connection, so whatever is done through one

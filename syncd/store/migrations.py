@@ -146,6 +146,14 @@ def _v6(conn: sa.Connection) -> None:
                          "WHERE state IN ('done', 'skipped', 'superseded')"))
 
 
+def _v7(conn: sa.Connection) -> None:
+    """The API ledger shared by every process on the store: calls per system, endpoint class and
+    time bucket, claims against the cap, holds after a 429, the CRMs' reported numbers, pacers."""
+    from syncd.store import ledger
+
+    ledger.create_tables(conn)
+
+
 STEPS: list[Step] = [
     Step(1, "initial schema", _v1),
     Step(2, "work-queue indexes (dirty records, due entities)", _v2),
@@ -153,6 +161,7 @@ STEPS: list[Step] = [
     Step(4, "outbox basis and fence; lease fencing tokens", _v4),
     Step(5, "tombstones of deleted and merged records; deletion feed watermarks", _v5),
     Step(6, "retention: index of finished outbox rows by age", _v6),
+    Step(7, "API ledger: calls, claims, holds, reports, pacers", _v7),
 ]
 
 LATEST = STEPS[-1].version
