@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from syncd.connectors._pacing import SYSTEM_HOLD, factor_at, when
-from syncd.store.ledger import Window
+from syncd.store.ledger import Window, utc
 
 
 def burn(tx: Any, now: float) -> dict[str, dict[str, Any]]:
@@ -46,7 +46,7 @@ def _one(tx: Any, system: str, r: dict[str, Any], holds: dict[Any, Any], now: fl
     return {
         "window": window.describe(), "today": today, "rolling": last, "cap": cap,
         "remaining": max(0, cap - used), "pace_per_s": pace, "projected": round(in_window + rate * ahead),
-        "projected_at": when(window.end(now), window),
+        "projected_at": utc(window.end(now)).isoformat(),  # ISO 8601 (docs/json.md)
         "org_used": org_used, "org_limit": r["org_limit"],
         "org_share": round(in_window / org_used, 4) if org_used else None,
         "by_class": _by_class(calls, window.start(now)),
@@ -81,10 +81,14 @@ def status_lines(data: dict[str, dict[str, Any]]) -> list[str]:
                if b.get("org_share") is not None else "")
         lines.append(f"{system} API: {b['today']:,} calls today, {b['rolling']:,} in the rolling window "
                      f"({b['window']} budget: {b['remaining']:,} of {b['cap']:,} left); pace {pace}; "
-                     f"projected {b['projected']:,} by {b['projected_at']}{org}")
+                     f"projected {b['projected']:,} by {_human(b['projected_at'])}{org}")
         if b.get("paused"):
             lines.append(b["paused"])
     return lines
+
+
+def _human(iso: str) -> str:
+    return iso[:16].replace("T", " ") + " UTC"
 
 
 def print_lines(data: dict[str, dict[str, Any]], console: Any) -> None:

@@ -417,10 +417,9 @@ class SalesforceConnector:
 
     def pull_calls(self, obj: str, records: int) -> int:
         """The calls a pull of ``records`` records of ``obj`` makes: one query, then a
-        ``query_more`` per further batch of :data:`QUERY_BATCH`, and its deletion feed (one
-        queryAll of the rows deleted since the last pull: rarely more than a batch)."""
+        ``query_more`` per further batch of :data:`QUERY_BATCH`."""
         self._stream(obj)
-        return max(1, -(-records // QUERY_BATCH)) + 1
+        return max(1, -(-records // QUERY_BATCH))
 
     def fetch_calls(self, obj: str, records: int) -> int:
         """The calls :meth:`fetch` of ``records`` ids makes (one query per IN_CHUNK ids)."""
