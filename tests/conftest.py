@@ -20,6 +20,12 @@ import sqlalchemy as sa
 
 from syncd.store import Store
 
+# A terminal width inherited from the runner (pytest-xdist workers get one) would make `syncd`
+# subprocesses render for it: the tests that care about width set COLUMNS themselves.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
+
+
 _PG_CANDIDATES = (
     "postgresql+psycopg://postgres@127.0.0.1:5432/test",
     "postgresql+psycopg://root@127.0.0.1:5432/test",
