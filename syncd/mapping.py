@@ -33,6 +33,11 @@ from syncd._toml import Locator, Problem, Severity, pydantic_problems, try_load_
 from syncd.errors import MappingError, RecordError
 from syncd.model import CanonicalRecord, RawRecord, RecordKind, normalise_email
 
+# the glossary term whose raw field a backwards move clears in an earlier request (HubSpot
+# refuses to move ``lifecyclestage`` backwards otherwise): a write found with it empty is
+# syncd's own half-done move, not someone's edit
+CLEARED_FIRST_TERM = "lifecycle"
+
 # --------------------------------------------------------------------------- schema
 
 
@@ -602,9 +607,9 @@ class Mappings:
 
         HubSpot refuses to move ``lifecyclestage`` backwards unless it is cleared first.
         """
-        if system != "hubspot" or "lifecycle" not in changes:
+        if system != "hubspot" or CLEARED_FIRST_TERM not in changes:
             return []
-        f = self._plan(system, object).raw_of.get("lifecycle")
+        f = self._plan(system, object).raw_of.get(CLEARED_FIRST_TERM)
         return [f] if f else []
 
     def position(self, system: str, path: tuple[str | int, ...]) -> tuple[str, int, int]:

@@ -17,7 +17,7 @@ from typing import Any
 from syncd import catalogue, rules
 from syncd.linking import person_objects
 from syncd.linking import references as refs_of  # one definition: the catalogue's refs_field
-from syncd.mapping import Mappings
+from syncd.mapping import CLEARED_FIRST_TERM, Mappings
 from syncd.model import SYSTEMS, CanonicalRecord
 from syncd.sla import SLA
 from syncd.store import OutboxRow, RecordRow, Tx
@@ -88,10 +88,14 @@ def with_pending(by_entity: dict[str, list[RecordRow]],
 
 def _overtaken(target: RecordRow, w: OutboxRow) -> dict[str, Any]:
     """The fields ``w`` writes that the CRM changed since ``w`` was decided (they hold neither
-    the value the decision saw nor the value ``w`` writes): field -> [decided on, now]."""
+    the value the decision saw nor the value ``w`` writes): field -> [decided on, now]. A
+    stage found empty while ``w`` clears it first is ``w``'s own half-done backwards move (a
+    crash between the clear and the set), not a change: the write stays and is finished."""
     out: dict[str, Any] = {}
     for fld, (before, after) in w.canonical.items():
         now = target.canonical.get("terms" if fld in rules.TERM_FIELDS else "values", {}).get(fld)
+        if now is None and w.clear_first and fld == CLEARED_FIRST_TERM:
+            continue
         if not _same_value(now, before) and not _same_value(now, after):
             out[fld] = [before, now]
     return out

@@ -508,3 +508,50 @@ def test_kill_between_two_writes_of_one_decision_audits_each_change_once(e2e: An
     changes = Counter((a.system, a.record_id, a.field, json.dumps(a.after)) for a in e2e.audit())
     assert [k for k, n in changes.items() if n > 1] == []
     _assert_each_outbox_entry_audited_once(e2e)
+
+
+def test_kill_between_the_clear_and_the_set_of_a_backwards_move_is_not_read_as_a_human_change(
+    e2e: Any,
+) -> None:
+    """HubSpot moves a stage backwards in two requests (clear, then set). A kill between them
+    leaves the contact with no stage: that is syncd's own half-done write, so the next cycle
+    finishes it (the R2 return is audited once) instead of superseding it as if a person had
+    cleared the stage and then deciding the person again from nothing (R1 null -> lead)."""
+    hid = e2e.hs.add(
+        "contacts",
+        {
+            "email": "yan.crash@example.com",
+            "firstname": "Yan",
+            "lastname": "Crash",
+            "lifecyclestage": "marketingqualifiedlead",
+            "hubspotscore": "60",
+        },
+    )
+    lid = e2e.sf.insert(
+        "Lead",
+        {
+            "Email": "yan.crash@example.com",
+            "LastName": "Crash",
+            "Company": "Y",
+            "Status": "Open - Not Contacted",
+            "Lifecycle_Stage__c": "MQL",
+        },
+    )
+    e2e.converge()
+    e2e.sf.modify("Lead", lid, {"Status": "Returned - Not Ready", "Return_Reason__c": "later"})
+    e2e.decide_only()
+    with e2e.rt.store.tx() as tx:
+        [back] = [r for r in tx.due("hubspot", None, datetime.now(UTC), 1000) if r.clear_first]
+        tx.mark_sending([back.id])
+    # the clear request reached HubSpot; the process died before the set
+    e2e.rt.connectors["hubspot"].write(
+        "contacts", [FieldUpdate(key=str(back.id), record_id=hid, fields={k: "" for k in back.clear_first})]
+    )
+    assert not e2e.hs.get("contacts", hid).get("lifecyclestage")
+    e2e.converge()
+    hs = e2e.hs.get("contacts", hid)
+    assert (hs["lifecyclestage"], hs["hs_lead_status"]) == ("lead", "BAD_TIMING")
+    lifecycle = [(a.rule, a.before, a.after) for a in e2e.audit() if a.system == "hubspot" and a.field == "lifecycle"]
+    assert ("R2-returned", "mql", "lead") in lifecycle
+    assert [r for r in lifecycle if r[0] in ("superseded", "R1-forward-only")] == []
+    _assert_each_outbox_entry_audited_once(e2e)
