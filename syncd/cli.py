@@ -10,94 +10,20 @@ from __future__ import annotations
 import math
 import re
 import sys
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import click
 import structlog
 
 from syncd import catalogue, logs
 from syncd.config import Config, config_path, load_config
-from syncd.errors import AuthError, BudgetExhausted, ConfigError, MappingError, SyncError
+from syncd.errors import SyncError
+from syncd.exits import DEBUG, fail, guarded, report
 
-T = TypeVar("T")
 log = structlog.get_logger()
-
-#: set from ``-v`` / ``--debug`` for this invocation (read by the error reporting)
-_DEBUG = {"on": False}
-_QUERY = re.compile(r"((?:https?://[^\s/?'\"]+)?/[^\s?'\"]*)\?[^\s'\";]*=[^\s'\";]*")  # a URL's or path's query
-
-
-def _line(message: str) -> str:
-    """What an error line may show: one line; without --debug no query strings, tokens or emails."""
-    text = logs.one_line(message)
-    return text if _DEBUG["on"] else logs.mask_email(logs.redact(_QUERY.sub(r"\1?…", text)))
-
-
-def _fail(code: int, message: str) -> NoReturn:
-    click.echo(f"syncd: error: {_line(message)}", err=True)
-    sys.exit(code)
-
-
-def _traceback(exc: BaseException) -> None:
-    if _DEBUG["on"]:
-        click.echo("".join(traceback.format_exception(exc)).rstrip(), err=True)
-
-
-def _report(exc: BaseException) -> NoReturn:
-    """One line and the contract's exit code for any exception (the traceback only with --debug)."""
-    _traceback(exc)
-    if isinstance(exc, ConfigError | MappingError):
-        _fail(2, str(exc))
-    if isinstance(exc, AuthError):
-        _fail(1, f"authentication failed: {exc}")
-    if isinstance(exc, BudgetExhausted):
-        _fail(1, f"API budget exhausted: {exc}")
-    if isinstance(exc, SyncError):
-        _fail(1, str(exc))
-    if isinstance(exc, KeyboardInterrupt):
-        _fail(130, "interrupted")
-    if type(exc).__module__.split(".")[0] == "sqlalchemy":
-        orig = getattr(exc, "orig", None)
-        _fail(1, f"state store{_store_shown()}: {logs.exception_line(orig if orig is not None else exc)}")
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f": {exc.filename}" if exc.filename else ""
-        _fail(1, f"{exc.strerror}{where}")
-    hint = "" if _DEBUG["on"] else " (run with --debug for the traceback)"
-    _fail(1, f"internal error: {logs.exception_line(exc)}{hint}")
-
-
-def _store_shown() -> str:
-    """`` sqlite:///…`` (password hidden) when this command has loaded its config, else ``""``."""
-    ctx = click.get_current_context(silent=True)
-    c = ctx.find_object(Ctx) if ctx is not None else None
-    if c is None or c._config is None:
-        return ""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return " " + make_url(c._config.state_url()).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - only decoration of an error line
-        return ""
-
-
-def guarded(fn: Callable[[], T]) -> T:
-    """Run ``fn``; turn every exception into one clear line and the contract's exit code.
-
-    2: bad config, mapping files or usage; 1: a failure during work (and any unexpected
-    error, reported as ``internal error: Type: message``); 130: interrupted. Click's own
-    exceptions (usage errors, ``--help``) and ``sys.exit`` pass through.
-    """
-    try:
-        return fn()
-    except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort,
-            SystemExit, BrokenPipeError):
-        raise
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the one place every failure becomes a line
-        _report(exc)
 
 
 class _Syncd(click.Group):
@@ -107,7 +33,7 @@ class _Syncd(click.Group):
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        _DEBUG["on"] = False
+        DEBUG["on"] = False
         try:
             rv = super().main(args, prog_name, complete_var, False, **extra)
         except click.UsageError as exc:
@@ -115,13 +41,13 @@ class _Syncd(click.Group):
                 exc.show()
                 sys.exit(exc.exit_code)
             where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-            _fail(exc.exit_code, f"{exc.format_message()}{where}")
+            fail(exc.exit_code, f"{exc.format_message()}{where}")
         except click.ClickException as exc:
-            _fail(exc.exit_code, exc.format_message())
+            fail(exc.exit_code, exc.format_message())
         except click.exceptions.Abort as exc:
-            _report(exc.__cause__ if isinstance(exc.__cause__, KeyboardInterrupt) else KeyboardInterrupt())
+            report(exc.__cause__ if isinstance(exc.__cause__, KeyboardInterrupt) else KeyboardInterrupt())
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - never a traceback, even from set-up
-            _report(exc)
+            report(exc)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -162,7 +88,7 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @click.pass_context
 def main(ctx: click.Context, config_arg: str | None, log_format: str | None, verbose: bool) -> None:
     """syncd keeps HubSpot and Salesforce aligned on one sales & marketing glossary."""
-    _DEBUG["on"] = verbose
+    DEBUG["on"] = verbose
     ctx.obj = Ctx(config_arg, log_format, verbose)
     ctx.obj.setup_logging(None)
 
@@ -379,7 +305,7 @@ def mappings_check(c: Ctx, directory: Path | None, live: bool, fmt: str, as_json
 
             d = mappings_dir(cfg) if cfg is not None else default_mappings_dir()
         if not d.is_dir():
-            _fail(2, f"{d}: not a readable directory")
+            fail(2, f"{d}: not a readable directory")
         problems = check_directory(d)
         if cfg is not None and cfg.mappings.sla == "defaults":  # the built-in SLA is asked for
             from syncd.sla import SLA_MISSING

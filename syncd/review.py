@@ -29,6 +29,7 @@ import click
 
 from syncd._json import dumps, iso
 from syncd.errors import ConfigError
+from syncd.exits import guarded
 from syncd.model import utcnow
 
 if TYPE_CHECKING:
@@ -397,8 +398,6 @@ def _store(obj: Any, *, readonly: bool) -> Iterator[Tx]:
 
 
 def _run(fn: Callable[[], None]) -> None:
-    from syncd.cli import guarded
-
     guarded(fn)
 
 
