@@ -13,13 +13,12 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from _docs_json import documented
+from _waiting import wait_until
 
 from syncd.config import load_config
 from syncd.runtime import open_runtime
@@ -57,13 +56,6 @@ def error_line(proc: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def wait_until(cond: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + DEADLINE_S
-    while not (got := cond()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for: {what}")
-        time.sleep(0.1)
-    return got
 
 
 # -- syncd auth check -------------------------------------------------------------------------------

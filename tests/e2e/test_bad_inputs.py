@@ -22,6 +22,7 @@ from pathlib import Path
 
 import certifi
 import pytest
+from _waiting import free_port
 
 from syncd.mapping import default_mappings_dir
 from syncd.sandbox import HUBSPOT_TOKEN, SALESFORCE_SESSION, SESSION_ENV, TOKEN_ENV, Sandbox
@@ -422,10 +423,6 @@ CASES = CONFIG + URLS + SECRETS + STORE + MAPPINGS + ARGS + PEERS
 assert len({c.id for c in CASES}) == len(CASES)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -490,7 +487,7 @@ def assert_one_line(w: W, case: Case, p: subprocess.CompletedProcess[str]) -> st
 
 @pytest.mark.parametrize("case", [c for c in CASES if not c.live], ids=lambda c: c.id)
 def test_bad_input_is_one_line_and_the_documented_exit_code(case: Case, tmp_path: Path, busy_port: int) -> None:
-    w = W(tmp_path, closed=_free_port(), busy=busy_port)
+    w = W(tmp_path, closed=free_port(), busy=busy_port)
     if case.setup is not None:
         case.setup(w)
     assert_one_line(w, case, run(w, case))
@@ -500,7 +497,7 @@ def test_bad_input_is_one_line_and_the_documented_exit_code(case: Case, tmp_path
 def test_unreachable_or_unwilling_peer_is_one_line_exit_1(case: Case, tmp_path: Path, live: Sandbox,
                                                          busy_port: int, mute_port: int) -> None:
     w = W(tmp_path, hs_url=live.hubspot_url, sf_url=live.salesforce_url, ca=str(live.ca_path),
-          closed=_free_port(), busy=busy_port, mute=mute_port)
+          closed=free_port(), busy=busy_port, mute=mute_port)
     if case.setup is not None:
         case.setup(w)
     assert_one_line(w, case, run(w, case))
@@ -571,7 +568,7 @@ def test_debug_shows_the_traceback_of_a_failure(tmp_path: Path) -> None:
 def test_sync_uses_the_built_in_sla_when_the_config_asks_for_it(tmp_path: Path) -> None:
     """Past the mapping folder (no sla.toml, sla = "defaults"): the cycle then fails on the
     unreachable peers (exit 1), not on the folder (exit 2)."""
-    w = W(tmp_path, closed=_free_port())
+    w = W(tmp_path, closed=free_port())
     mappings(lambda d: (d / "sla.toml").unlink())(w)
     case = C("sla-defaults", SYNC, 1, ("partial cycle",),
              config=with_({"mappings": {"dir": '"m"', "sla": '"defaults"'},

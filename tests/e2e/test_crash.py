@@ -431,12 +431,15 @@ def test_kill_after_reverse_handoff_create_keeps_the_person_returned(e2e: Any) -
     _assert_each_outbox_entry_audited_once(e2e)
 
 
-def test_kill_after_return_writes_keeps_the_person_returned(e2e: Any) -> None:
+def _mql_on_both_sides_then_returned_by_sales(e2e: Any, first: str) -> tuple[str, str]:
+    """A person at MQL in both CRMs, linked and settled; then sales returns the Lead (not yet
+    synced). (HubSpot id, Salesforce id)."""
+    email = f"{first.lower()}.crash@example.com"
     hid = e2e.hs.add(
         "contacts",
         {
-            "email": "vic.crash@example.com",
-            "firstname": "Vic",
+            "email": email,
+            "firstname": first,
             "lastname": "Crash",
             "lifecyclestage": "marketingqualifiedlead",
             "hubspotscore": "60",
@@ -445,15 +448,20 @@ def test_kill_after_return_writes_keeps_the_person_returned(e2e: Any) -> None:
     lid = e2e.sf.insert(
         "Lead",
         {
-            "Email": "vic.crash@example.com",
+            "Email": email,
             "LastName": "Crash",
-            "Company": "V",
+            "Company": first[0],
             "Status": "Open - Not Contacted",
             "Lifecycle_Stage__c": "MQL",
         },
     )
     e2e.converge()
     e2e.sf.modify("Lead", lid, {"Status": "Returned - Not Ready", "Return_Reason__c": "later"})
+    return hid, lid
+
+
+def test_kill_after_return_writes_keeps_the_person_returned(e2e: Any) -> None:
+    hid, lid = _mql_on_both_sides_then_returned_by_sales(e2e, "Vic")
     _cycle_killed_after_send(e2e)
     e2e.converge()
     hs = e2e.hs.get("contacts", hid)
@@ -517,28 +525,7 @@ def test_kill_between_the_clear_and_the_set_of_a_backwards_move_is_not_read_as_a
     leaves the contact with no stage: that is syncd's own half-done write, so the next cycle
     finishes it (the R2 return is audited once) instead of superseding it as if a person had
     cleared the stage and then deciding the person again from nothing (R1 null -> lead)."""
-    hid = e2e.hs.add(
-        "contacts",
-        {
-            "email": "yan.crash@example.com",
-            "firstname": "Yan",
-            "lastname": "Crash",
-            "lifecyclestage": "marketingqualifiedlead",
-            "hubspotscore": "60",
-        },
-    )
-    lid = e2e.sf.insert(
-        "Lead",
-        {
-            "Email": "yan.crash@example.com",
-            "LastName": "Crash",
-            "Company": "Y",
-            "Status": "Open - Not Contacted",
-            "Lifecycle_Stage__c": "MQL",
-        },
-    )
-    e2e.converge()
-    e2e.sf.modify("Lead", lid, {"Status": "Returned - Not Ready", "Return_Reason__c": "later"})
+    hid, lid = _mql_on_both_sides_then_returned_by_sales(e2e, "Yan")
     e2e.decide_only()
     with e2e.rt.store.tx() as tx:
         [back] = [r for r in tx.due("hubspot", None, datetime.now(UTC), 1000) if r.clear_first]

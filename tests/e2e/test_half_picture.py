@@ -27,12 +27,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _waiting import free_port, http_get, wait_until
 
 from syncd.sandbox import Sandbox
 from syncd.sandbox.seed import SeedSpec, seed
@@ -184,15 +185,6 @@ def open_conflicts(w: World) -> int:
         return len(tx.open_link_conflicts())
 
 
-def wait_until(cond: Callable[[], Any], what: str | Callable[[], str]) -> Any:
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for: {what() if callable(what) else what}")
-        time.sleep(0.2)
 
 
 class Service:
@@ -318,30 +310,12 @@ def test_service_steady_state(world: World, reference: dict[str, Any], system: s
 
 # -- saying so: status and /healthz -------------------------------------------------------------------
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
-def _healthz(port: int) -> tuple[int, str]:
-    from http.client import HTTPConnection
-
-    conn = HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", "/healthz")
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode()
-    except OSError:
-        return 0, ""
-    finally:
-        conn.close()
 
 
 def test_status_and_healthz_say_which_system_since_when_and_why(world: World) -> None:
-    port = _free_port()
+    port = free_port()
     world.config.write_text(world.config.read_text().replace("metrics_port = 0", f"metrics_port = {port}"))
     break_(world, "salesforce", "auth")
     assert world.syncd("sync", "--once").returncode == 1
@@ -363,12 +337,13 @@ def test_status_and_healthz_say_which_system_since_when_and_why(world: World) ->
 
     svc = Service(world)
     try:
-        status, body = wait_until(lambda: svc.alive() and (h := _healthz(port))[0] == 503
+        status, body = wait_until(lambda: svc.alive() and (h := http_get(port, "/healthz"))[0] == 503
                                   and "decisions held" in h[1] and h, "/healthz to report the held decisions")
         assert "salesforce" in body and "first full pull not finished" in body, body
         heal(world, "salesforce", "auth")
         svc.proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: svc.alive() and _healthz(port) == (200, "ok\n"), lambda: f"healthy again: {svc.tail()}")
+        wait_until(lambda: svc.alive() and http_get(port, "/healthz") == (200, "ok\n"),
+                   lambda: f"healthy again: {svc.tail()}")
     finally:
         assert svc.stop() == 0
     data = json.loads(world.syncd("status", "--json").stdout)

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,11 +20,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _waiting import free_port, http_get, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from syncd.mapping import default_mappings_dir
@@ -47,33 +46,10 @@ OUTAGE_S = 10.0  # the issue says 60 s; scaled down (see the module docstring)
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
-def wait_until(cond: Callable[[], Any], what: str, timeout: float = DEADLINE_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for: {what}")
-        time.sleep(0.1)
 
 
-def http_get(port: int, path: str) -> tuple[int, str]:
-    conn = HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode()
-    except OSError:
-        return 0, ""
-    finally:
-        conn.close()
 
 
 @dataclass

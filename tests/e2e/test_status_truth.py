@@ -11,13 +11,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _waiting import wait_until
 
 from syncd.sandbox import Sandbox
 from syncd.sandbox.seed import SeedSpec, seed
@@ -60,14 +60,6 @@ def world(tmp_path: Path) -> Iterator[World]:
         yield w
 
 
-def wait_until(cond: Callable[[], Any], what: str, deadline_s: float = DEADLINE_S) -> Any:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Service:

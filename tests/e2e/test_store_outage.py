@@ -15,13 +15,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from _waiting import wait_until
 
 from syncd.sandbox import Sandbox
 from syncd.sandbox.seed import SeedSpec, seed
@@ -31,13 +31,6 @@ SYNCD = str(Path(sys.executable).with_name("syncd"))
 DEADLINE_S = 90.0  # generous: a deadline on observable state, never a timing assertion
 
 
-def wait_until(cond: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + DEADLINE_S
-    while not (got := cond()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for: {what}")
-        time.sleep(0.2)
-    return got
 
 
 def log_lines(path: Path) -> list[dict[str, Any]]:
