@@ -527,8 +527,14 @@ def _attempts_exhausted(p: PersonPlan) -> _Return | None:
     connected = _resolved_status(view, ctx, mem) in t.connected_statuses
     since = max([d for d in (mem.returned_at, mem.released_at, mem.handed_off_at) if d], default=None)
     attempts = _counting_attempts(view, ctx, since, p.now)
+    # Salesforce at the returned stage: the attempts count only if the hand-off they answer is
+    # the current one. When this cycle's promotion hands the person to sales anew (rule 8), they
+    # belong to before it; otherwise they are the current episode's, and the return is decided
+    # now rather than after a promotion the next cycle would undo.
+    at_returned_stage = sf_rank == ctx.rank(t.returned_stage)
     if in_sales and not connected and not is_unknown(view.salesforce, "lead_status") \
-            and len(attempts) >= ctx.sla.attempts.count and sf_rank != ctx.rank(t.returned_stage):
+            and len(attempts) >= ctx.sla.attempts.count \
+            and not (at_returned_stage and _starts_handoff(mem, sf_rank, score_rank, p.released)):
         return _Return("R5-attempts", f"{len(attempts)} unanswered attempts", None)
     return None
 
@@ -700,11 +706,16 @@ def _handoff(p: PersonPlan) -> None:
     _create_in_salesforce(p, score_rank, target_rank)
     mem = p.mem
     if SALESFORCE in p.present and score_rank is not None and target_rank is not None \
-            and target_rank >= score_rank and (mem.handed_off_at is None or (
-                mem.returned_at is not None and mem.handed_off_at < mem.returned_at)):
-        sf_rank = ctx.rank(p.stage[SALESFORCE])
-        if sf_rank is None or sf_rank < score_rank or p.released:
-            p.mem = replace(mem, handed_off_at=p.now, first_attempt_at=None, sla_breach_at=None)
+            and target_rank >= score_rank \
+            and _starts_handoff(mem, ctx.rank(p.stage[SALESFORCE]), score_rank, p.released):
+        p.mem = replace(mem, handed_off_at=p.now, first_attempt_at=None, sla_breach_at=None)
+
+
+def _starts_handoff(mem: Memory, sf_rank: int | None, score_rank: int | None, released: bool) -> bool:
+    """A person reaching the score stage this cycle is handed to sales anew (rule 8): no hand-off
+    since the last return, and Salesforce below the score stage (or the guard was just lifted)."""
+    stale = mem.handed_off_at is None or (mem.returned_at is not None and mem.handed_off_at < mem.returned_at)
+    return stale and (sf_rank is None or score_rank is None or sf_rank < score_rank or released)
 
 
 def _create_in_salesforce(p: PersonPlan, score_rank: int | None, target_rank: int | None) -> None:

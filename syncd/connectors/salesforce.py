@@ -203,11 +203,12 @@ class SalesforceConnector:
     def iter_changes(self, obj: str, since: Cursor | None, *, overlap: timedelta) -> Iterator[Page]:
         stream = self._stream(obj)
         pages = records = 0
-        self._pull_total = None  # the query's ``totalSize``: the pull's size (progress)
-        for batch in self._query_pages(stream.changes(since, overlap)):
+        # each page carries its own query's ``totalSize`` (the pull's size, for progress): two
+        # pulls on this connector (a cycle and a reconcile, or threads) never see each other's
+        for batch, total in self._query_sized(stream.changes(since, overlap)):
             pages += 1
             records += len(batch)
-            yield Page([self._record(stream, r) for r in batch], self._pull_total)
+            yield Page([self._record(stream, r) for r in batch], total)
         log.info(
             "salesforce.pulled",
             object=obj,
@@ -455,20 +456,25 @@ class SalesforceConnector:
                 out.extend(self._record(stream, r) for r in batch)
         return out
 
-    _pull_total: int | None = None
-
     def _query_pages(self, soql: str, *, include_deleted: bool = False) -> Iterator[list[dict[str, Any]]]:
         """One SOQL query, batch by batch through query locators (:class:`QueryLocatorPaginator`);
         ``include_deleted``: through queryAll (deleted and merged rows too)."""
+        for batch, _total in self._query_sized(soql, include_deleted=include_deleted):
+            yield batch
+
+    def _query_sized(self, soql: str, *,
+                     include_deleted: bool = False) -> Iterator[tuple[list[dict[str, Any]], int | None]]:
+        """:meth:`_query_pages`, each batch with the query's ``totalSize`` from its first answer
+        (None when it has none): the size travels with this query's batches, no state is kept."""
         if include_deleted:
             result = self._call("queryAll", self._sf.query, soql, include_deleted=True)
         else:
             result = self._call("query", self._sf.query, soql)
-            if self._pull_total is None and isinstance(result.get("totalSize"), int):
-                self._pull_total = result["totalSize"]
+        size = result.get("totalSize")
+        total = size if isinstance(size, int) and not isinstance(size, bool) else None
         pager = QueryLocatorPaginator()
         while True:
-            yield list(result.get("records", []))
+            yield list(result.get("records", [])), total
             url = pager.next_url(result)
             if url is None:
                 return

@@ -50,3 +50,28 @@ def test_salesforce_pages_carry_the_query_total_size(sf_sandbox: SalesforceSandb
         assert c.usage.calls == {"query": 1, "query_more": 1}
     finally:
         c.close()
+
+
+def test_two_interleaved_salesforce_pulls_on_one_connector_each_report_their_own_total(
+        sf_sandbox: SalesforceSandbox) -> None:
+    """A service cycle's pull and a reconcile (or another thread) share the connector: each pull's
+    pages say the size of that pull, whichever pull asked Salesforce last."""
+    for i in range(2100):
+        sf_sandbox.app.insert("Lead", {"LastName": f"L{i}", "Company": "Co", "Email": f"p{i}@example.com"},
+                              at=T0 + timedelta(seconds=i))
+    c = SalesforceConnector(sf_sandbox.url, sf_sandbox.session_id, ca_bundle=sf_sandbox.ca_path,
+                            fields={"Lead": ["Email", "Status"], "Contact": ["Email"], "Opportunity": ["Name"],
+                                    "Task": ["WhoId"]}, retry=FAST)
+    try:
+        whole = c.iter_changes("Lead", None, overlap=timedelta(0))
+        recent = c.iter_changes("Lead", Cursor(T0 + timedelta(seconds=50), ""), overlap=timedelta(0))
+        w1 = next(whole)    # the whole table's first query: 2100
+        r1 = next(recent)   # the second pull asks afterwards: 2050
+        c.fetch("Lead", [str(w1.records[0].id)])  # a lookup in between has a size of its own (1)
+        w2 = next(whole)
+        r2 = next(recent)
+        assert [len(p.records) for p in (w1, w2)] == [2000, 100] and {w1.total, w2.total} == {2100}
+        assert [len(p.records) for p in (r1, r2)] == [2000, 50] and {r1.total, r2.total} == {2050}
+        assert next(whole, None) is None and next(recent, None) is None
+    finally:
+        c.close()

@@ -372,6 +372,40 @@ def test_r5_attempts_before_a_rehandoff_do_not_count_again() -> None:
     assert writes(out) == []
 
 
+def _calls_since(t: datetime) -> tuple[CanonicalRecord, ...]:
+    return tuple(attempt(t + timedelta(minutes=m), id=f"t{m}") for m in (10, 20, 30))
+
+
+def test_r5_a_promotion_that_already_has_its_unanswered_attempts_is_returned_in_the_same_cycle() -> None:
+    """Handed to sales an hour ago, Salesforce still at lead, three unanswered calls since, and
+    the score now crosses the threshold: the SLA's answer is the return, decided at once, not an
+    MQL promotion that the next cycle takes back."""
+    mem = Memory(handed_off_at=NOW - timedelta(hours=1))
+    v = view(hs("subscriber", "new", score=50), sf("lead", "new"), mem,
+             attempts=_calls_since(NOW - timedelta(hours=1)))
+    out = decide(v)
+    assert {d.rule for d in writes(out)} == {"R5-attempts"}
+    assert sets(out, "salesforce") == {"lead_status": "returned_not_ready",
+                                       "return_reason": "3 unanswered attempts"}
+    assert sets(out, "hubspot") == {"lifecycle": "lead", "lead_status": "returned_not_ready",
+                                    "return_reason": "3 unanswered attempts"}
+    assert [e.rule for e in events(out, "returned")] == ["R5-attempts"]
+    assert out.memory.returned_at == NOW
+    assert_settled(v)
+
+
+def test_r5_attempts_made_before_this_cycles_handoff_do_not_return_the_promoted_person() -> None:
+    """Salesforce at lead with no hand-off remembered: the promotion hands the person to sales
+    now (rule 8), and the calls made before belong to before that hand-off."""
+    v = view(hs("subscriber", "new", score=50), sf("lead", "new"),
+             attempts=_calls_since(NOW - timedelta(hours=1)))
+    out = decide(v)
+    assert sets(out, "salesforce") == {"lifecycle": "mql"}
+    assert out.memory.handed_off_at == NOW and out.memory.returned_at is None
+    assert events(out, "returned") == []
+    assert_settled(v)
+
+
 # ---- R6: deals -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("deals", "expect"), [
