@@ -15,13 +15,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
 import pytest
 from _docs_json import documented
+from prometheus_client.parser import text_string_to_metric_families
 
 from syncd.config import load_config
+from syncd.metrics import MetricsServer
 from syncd.runtime import open_runtime
 from syncd.sandbox import HUBSPOT_TOKEN, SALESFORCE_SESSION, Sandbox, _throwaway_key_and_certificate
 from syncd.sandbox.oauth import SF_REFRESH_TOKEN
@@ -166,6 +169,56 @@ def test_a_refused_relogin_backs_the_system_off_and_a_reload_with_a_good_key_cle
         assert svc.backoff == {}
         assert sb.sf_oauth.requests["urn:ietf:params:oauth:grant-type:jwt-bearer"] == 2
     finally:
+        svc.close()
+
+
+def _scrape(server: MetricsServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    conn = HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        text = resp.read().decode()
+    finally:
+        conn.close()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_a_refused_relogin_shows_on_metrics_as_auth_failing_and_a_refused_grant_until_a_reload_fixes_it(
+        sb: Sandbox, tmp_path: Path) -> None:
+    """What SyncdAuthFailing (deploy/prometheus-alerts.yml) reads: the JWT user loses its approval after
+    a first good login, the token dies, and the re-login is refused."""
+    cfg_path = write_config(sb, tmp_path, "jwt", "private_app")
+    svc = Service(load_config(cfg_path), config_file=cfg_path)
+    server = MetricsServer(svc.metrics, 0).start()
+
+    def auth(system: str) -> tuple[float, float, float, float]:
+        got = _scrape(server)
+        return (got[("syncd_auth_failing", (("system", system),))],
+                *(got[("syncd_auth_grants_total", (("outcome", o), ("system", system)))]
+                  for o in ("ok", "refused", "error")))
+
+    try:
+        svc._cycle_job("contacts")
+        assert svc.backoff == {}
+        assert auth("salesforce") == (0, 1, 0, 0)  # one JWT grant, accepted
+        sb.sf_oauth.approved = False  # the admin removed the integration user from the connected app
+        sb.sf_oauth.expire_tokens()
+        svc._cycle_job("contacts")
+        assert svc.backoff["salesforce"][1].endswith("JWT grant refused: invalid_grant "
+                                                     "(user hasn't approved this consumer)")
+        assert auth("salesforce") == (1, 1, 1, 0)
+        assert auth("hubspot") == (0, 0, 0, 0)  # a private-app token: no grant, not failing
+        assert _scrape(server)[("syncd_system_backed_off", (("system", "salesforce"),))] == 1
+
+        sb.sf_oauth.approved = True  # fixed; the operator sends SIGHUP
+        assert svc.reload()
+        assert auth("salesforce")[0] == 0
+        svc._cycle_job("contacts")
+        assert svc.backoff == {} and auth("salesforce") == (0, 2, 1, 0)
+    finally:
+        server.stop()
         svc.close()
 
 
