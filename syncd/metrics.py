@@ -165,10 +165,10 @@ class ServiceMetrics:
             registry=r,
         )
         self._grants_seen: dict[tuple[str, int], dict[str, int]] = {}  # (system, id(provider)) -> counts
-        for system in SYSTEMS:
-            self.auth_failing.labels(system).set(0)
+        for crm in SYSTEMS:  # exported from the start: an alert sees 0, not an absent series
+            self.auth_failing.labels(crm).set(0)
             for outcome in GRANT_OUTCOMES:
-                self.auth_grants.labels(system, outcome)
+                self.auth_grants.labels(crm, outcome)
         self.reconcile_missing = Gauge(
             "syncd_reconcile_missing_records",
             "Records a CRM holds that the store lacks, per the last reconciliation (an error: alert on > 0).",
