@@ -23,8 +23,9 @@ import requests
 import structlog
 
 from syncd.config import Config
+from syncd.connectors._errors import Peer
 from syncd.connectors.auth import Token, TokenProvider
-from syncd.errors import AuthError, RetriableError, SyncError
+from syncd.errors import AuthError, SyncError
 from syncd.logs import one_line
 from syncd.mapping import Mappings
 
@@ -48,32 +49,35 @@ class SystemReport:
 
 
 class _Client:
-    """GETs and POSTs with the provider's token; a refused token is renewed once (single-flight)."""
+    """GETs and POSTs with the provider's token; a refused token is renewed once (single-flight).
+    A call with no answer says what the connectors say (:class:`~syncd.connectors._errors.Peer`):
+    ``salesforce describe: 127.0.0.1:8443: connection refused (nothing listens there)``."""
 
     def __init__(self, system: str, auth: TokenProvider, ca_bundle: Path | None, timeout: float,
                  budget: Any = None) -> None:
         self.system, self.auth, self.timeout = system, auth, timeout
+        self.ca_bundle = str(ca_bundle) if ca_bundle else None
         self.budget = budget  # the run's API budget: these calls are counted and paced like any other
         self.session = requests.Session()
         self.session.verify = str(ca_bundle) if ca_bundle else True
         self.session.trust_env = False
 
-    def request(self, method: str, url: str, **kw: Any) -> requests.Response:
+    def request(self, method: str, url: str, endpoint: str, **kw: Any) -> requests.Response:
+        """``endpoint`` names the call in errors (never the URL: a query may carry data)."""
         tok = self.auth.token()
-        r = self._send(method, url, tok, **kw)
+        r = self._send(method, url, endpoint, tok, **kw)
         if r.status_code == 401 and self.auth.renewable:
-            r = self._send(method, url, self.auth.renew(tok), **kw)
+            r = self._send(method, url, endpoint, self.auth.renew(tok), **kw)
         return r
 
-    def _send(self, method: str, url: str, tok: Token, **kw: Any) -> requests.Response:
+    def _send(self, method: str, url: str, endpoint: str, tok: Token, **kw: Any) -> requests.Response:
         if self.budget is not None:
             self.budget.before("auth_check")  # CapReached: not sent (the cap is syncd's own)
         try:
             return self.session.request(method, url, headers={"Authorization": f"Bearer {tok.value}"},
                                         timeout=self.timeout, **kw)
         except requests.RequestException as e:
-            raise RetriableError(f"{self.system}: {url.split('?')[0]}: {type(e).__name__}",
-                                 system=self.system) from None
+            raise Peer(self.system, url, self.ca_bundle, self.timeout).transport_error(endpoint, e) from None
 
     def close(self) -> None:
         self.session.close()
@@ -106,7 +110,7 @@ def _salesforce(cfg: Config, mappings: Mappings, auth: TokenProvider, objects: t
     try:
         tok = auth.token()
         base = sf.instance_url.rstrip("/")
-        r = client.request("GET", f"{base}/services/oauth2/userinfo")
+        r = client.request("GET", f"{base}/services/oauth2/userinfo", "userinfo")
         if r.status_code == 200:
             who = r.json()
             rep.identity = {"org_id": str(who.get("organization_id", "")),
@@ -137,7 +141,7 @@ def _sf_error(r: requests.Response) -> str:
 
 
 def _sf_object(client: _Client, base: str, obj: str, mappings: Mappings) -> list[str]:
-    r = client.request("GET", f"{base}{SF_API}/sobjects/{obj}/describe")
+    r = client.request("GET", f"{base}{SF_API}/sobjects/{obj}/describe", "describe")
     if r.status_code != 200:
         return [f"salesforce: `{obj}` cannot be described by this user (HTTP {r.status_code} {_sf_error(r)})"]
     desc = r.json()
@@ -163,7 +167,7 @@ def _hubspot(cfg: Config, auth: TokenProvider, objects: tuple[str, ...], budget:
     base = hs.base_url.rstrip("/")
     try:
         tok = auth.token()
-        r = client.request("GET", f"{base}/account-info/v3/details")
+        r = client.request("GET", f"{base}/account-info/v3/details", "account-info")
         if r.status_code != 200:
             raise AuthError(f"hubspot: account-info answered HTTP {r.status_code}: {_hs_error(r)}", system="hubspot")
         rep.identity = {"portal_id": str(r.json().get("portalId", ""))}
@@ -188,7 +192,8 @@ def _hs_scopes(client: _Client, base: str, tok: Token, rep: SystemReport) -> set
     if rep.method == "oauth":
         rep.identity["app"] = str(getattr(client.auth.source, "client_id", ""))
         return set(client.auth.token().scopes)
-    r = client.request("POST", f"{base}/oauth/v2/private-apps/get/access-token-info", json={"tokenKey": tok.value})
+    r = client.request("POST", f"{base}/oauth/v2/private-apps/get/access-token-info", "access-token-info",
+                       json={"tokenKey": tok.value})
     if r.status_code != 200:
         raise AuthError(f"hubspot: private-app token info answered HTTP {r.status_code}: {_hs_error(r)}",
                         system="hubspot")
@@ -206,8 +211,10 @@ def _hs_error(r: requests.Response) -> str:
 
 
 def _reason(system: str, e: BaseException) -> str:
+    """One line that starts with the system: ``salesforce: …``, or the connectors' ``salesforce
+    describe: host:port: cause``."""
     text = one_line(str(e))
-    return text if text.startswith(f"{system}:") else f"{system}: {text}"
+    return text if text.startswith((f"{system}:", f"{system} ")) else f"{system}: {text}"
 
 
 def check(cfg: Config, mappings: Mappings, providers: Mapping[str, TokenProvider],

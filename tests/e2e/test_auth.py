@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -105,6 +106,36 @@ def test_auth_check_names_each_missing_field_permission_and_scope(sb: Sandbox, t
         "salesforce: `Lead.Lifecycle_Stage__c` is not updateable for this user"]
     assert doc["systems"]["salesforce"]["identity"]["org_id"] == "00D5g000004SYNCD"
     assert doc["systems"]["hubspot"]["method"] == "oauth"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(("salesforce_auth", "hubspot_auth", "sf_call", "hs_call"),
+                         [("session", "private_app", "userinfo", "account-info"),
+                          ("jwt", "oauth", "JWT grant", "OAuth refresh")])
+def test_auth_check_against_a_closed_port_is_one_line_per_system_naming_host_and_cause(
+        sb: Sandbox, tmp_path: Path, salesforce_auth: str, hubspot_auth: str, sf_call: str, hs_call: str) -> None:
+    """The connectors' words for a call with no answer (connectors/_errors.py Peer), from the token grant
+    or the first API call alike: never an exception class name nor a URL."""
+    cfg = write_config(sb, tmp_path, salesforce_auth, hubspot_auth)
+    ports = {"hubspot": _closed_port(), "salesforce": _closed_port()}
+    text = cfg.read_text()
+    for system, server in (("hubspot", sb.hubspot_server), ("salesforce", sb.salesforce_server)):
+        text = text.replace(f"127.0.0.1:{server.port}", f"127.0.0.1:{ports[system]}")
+    cfg.write_text(text)
+
+    proc = syncd(sb, cfg, "auth", "check")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    refused = "connection refused (nothing listens there)"
+    assert proc.stdout.splitlines()[-3:] == [f"hubspot {hs_call}: 127.0.0.1:{ports['hubspot']}: {refused}",
+                                             f"salesforce {sf_call}: 127.0.0.1:{ports['salesforce']}: {refused}",
+                                             "2 missing: syncd cannot do its whole job"]
+    for leak in ("Error", "https://", "Traceback"):
+        assert leak not in proc.stdout + proc.stderr
 
 
 # -- refused grants ---------------------------------------------------------------------------------
