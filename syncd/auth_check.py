@@ -3,7 +3,9 @@
 For each system: the auth method, the identity (Salesforce org, user and instance; HubSpot
 portal and app), when the current token expires, and every missing permission the mappings in
 force need: HubSpot read/write scopes of each mapped object; Salesforce access to each mapped
-object and field from describe (each pulled field visible, each field syncd writes updateable).
+object and field from describe (each pulled field visible, each field syncd writes updateable),
+and the External ID each object declares for idempotent creates (there, an External ID, and
+createable), by the same check as ``mappings check --live``.
 
 Exit 0 when syncd can do its whole job; 1 with one line per missing thing otherwise. The check
 reads (a login, identity, describe); it never writes to a CRM or to the state store.
@@ -28,6 +30,7 @@ from syncd.connectors.auth import Token, TokenProvider
 from syncd.errors import AuthError, SyncError
 from syncd.logs import one_line
 from syncd.mapping import Mappings
+from syncd.mapping_check import check_external_ids
 
 log = structlog.get_logger()
 
@@ -119,8 +122,13 @@ def _salesforce(cfg: Config, mappings: Mappings, auth: TokenProvider, objects: t
         else:
             rep.missing.append(f"salesforce: userinfo answered HTTP {r.status_code}: {_sf_error(r)}")
         rep.expires, rep.expires_at = _expiry(auth.token(), auth), _expires_at(auth.token())
+        described: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for obj in objects:
-            rep.missing += _sf_object(client, base, obj, mappings)
+            missing, fields = _sf_object(client, base, obj, mappings)
+            rep.missing += missing
+            if fields is not None:
+                described[("salesforce", obj)] = fields
+        rep.missing += _external_ids(mappings, described)
     except SyncError as e:
         rep.missing.append(_reason("salesforce", e))
     finally:
@@ -140,10 +148,12 @@ def _sf_error(r: requests.Response) -> str:
     return one_line(str(body))[:200]
 
 
-def _sf_object(client: _Client, base: str, obj: str, mappings: Mappings) -> list[str]:
+def _sf_object(client: _Client, base: str, obj: str,
+               mappings: Mappings) -> tuple[list[str], list[dict[str, Any]] | None]:
+    """What this user lacks on ``obj``, and describe's fields (None: it cannot be described)."""
     r = client.request("GET", f"{base}{SF_API}/sobjects/{obj}/describe", "describe")
     if r.status_code != 200:
-        return [f"salesforce: `{obj}` cannot be described by this user (HTTP {r.status_code} {_sf_error(r)})"]
+        return [f"salesforce: `{obj}` cannot be described by this user (HTTP {r.status_code} {_sf_error(r)})"], None
     desc = r.json()
     fields = {f["name"].lower(): f for f in desc.get("fields", [])}
     out = [] if desc.get("queryable", True) else [f"salesforce: `{obj}` is not queryable for this user"]
@@ -157,7 +167,18 @@ def _sf_object(client: _Client, base: str, obj: str, mappings: Mappings) -> list
                        "(no field-level access, or no such field)")
         elif name in writes and not f.get("updateable"):
             out.append(f"salesforce: `{obj}.{name}` is not updateable for this user")
-    return out
+    return out, list(desc.get("fields", []))
+
+
+def _external_ids(mappings: Mappings, described: Mapping[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
+    """The External ID fields the mappings declare for idempotent creates (``external_id``), judged
+    from describe by the check ``mappings check --live`` runs (:func:`mapping_check.check_external_ids`):
+    missing, not an External ID, or not createable for this user. Its warnings (no object declares
+    one) are not missing things: syncd still works, with the weaker email look-up."""
+    present = {key: {str(f.get("name")) for f in fields if f.get("externalId")} for key, fields in described.items()}
+    problems = check_external_ids(mappings, present, described=described)
+    return [f"salesforce: {p.message.removeprefix('salesforce ')} ({p.file}:{p.line})"
+            for p in problems if p.severity == "error"]
 
 
 def _hubspot(cfg: Config, auth: TokenProvider, objects: tuple[str, ...], budget: Any = None) -> SystemReport:
