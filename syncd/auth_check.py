@@ -3,7 +3,9 @@
 For each system: the auth method, the identity (Salesforce org, user and instance; HubSpot
 portal and app), when the current token expires, and every missing permission the mappings in
 force need: HubSpot read/write scopes of each mapped object; Salesforce access to each mapped
-object and field from describe (each pulled field visible, each field syncd writes updateable).
+object and field from describe (each pulled field visible, each field syncd writes updateable),
+and the External ID each object declares for idempotent creates (there, an External ID, and
+createable), by the same check as ``mappings check --live``.
 
 Exit 0 when syncd can do its whole job; 1 with one line per missing thing otherwise. The check
 reads (a login, identity, describe); it never writes to a CRM or to the state store.
@@ -23,10 +25,12 @@ import requests
 import structlog
 
 from syncd.config import Config
+from syncd.connectors._errors import Peer
 from syncd.connectors.auth import Token, TokenProvider
-from syncd.errors import AuthError, RetriableError, SyncError
+from syncd.errors import AuthError, SyncError
 from syncd.logs import one_line
 from syncd.mapping import Mappings
+from syncd.mapping_check import check_external_ids
 
 log = structlog.get_logger()
 
@@ -48,32 +52,35 @@ class SystemReport:
 
 
 class _Client:
-    """GETs and POSTs with the provider's token; a refused token is renewed once (single-flight)."""
+    """GETs and POSTs with the provider's token; a refused token is renewed once (single-flight).
+    A call with no answer says what the connectors say (:class:`~syncd.connectors._errors.Peer`):
+    ``salesforce describe: 127.0.0.1:8443: connection refused (nothing listens there)``."""
 
     def __init__(self, system: str, auth: TokenProvider, ca_bundle: Path | None, timeout: float,
                  budget: Any = None) -> None:
         self.system, self.auth, self.timeout = system, auth, timeout
+        self.ca_bundle = str(ca_bundle) if ca_bundle else None
         self.budget = budget  # the run's API budget: these calls are counted and paced like any other
         self.session = requests.Session()
         self.session.verify = str(ca_bundle) if ca_bundle else True
         self.session.trust_env = False
 
-    def request(self, method: str, url: str, **kw: Any) -> requests.Response:
+    def request(self, method: str, url: str, endpoint: str, **kw: Any) -> requests.Response:
+        """``endpoint`` names the call in errors (never the URL: a query may carry data)."""
         tok = self.auth.token()
-        r = self._send(method, url, tok, **kw)
+        r = self._send(method, url, endpoint, tok, **kw)
         if r.status_code == 401 and self.auth.renewable:
-            r = self._send(method, url, self.auth.renew(tok), **kw)
+            r = self._send(method, url, endpoint, self.auth.renew(tok), **kw)
         return r
 
-    def _send(self, method: str, url: str, tok: Token, **kw: Any) -> requests.Response:
+    def _send(self, method: str, url: str, endpoint: str, tok: Token, **kw: Any) -> requests.Response:
         if self.budget is not None:
             self.budget.before("auth_check")  # CapReached: not sent (the cap is syncd's own)
         try:
             return self.session.request(method, url, headers={"Authorization": f"Bearer {tok.value}"},
                                         timeout=self.timeout, **kw)
         except requests.RequestException as e:
-            raise RetriableError(f"{self.system}: {url.split('?')[0]}: {type(e).__name__}",
-                                 system=self.system) from None
+            raise Peer(self.system, url, self.ca_bundle, self.timeout).transport_error(endpoint, e) from None
 
     def close(self) -> None:
         self.session.close()
@@ -106,7 +113,7 @@ def _salesforce(cfg: Config, mappings: Mappings, auth: TokenProvider, objects: t
     try:
         tok = auth.token()
         base = sf.instance_url.rstrip("/")
-        r = client.request("GET", f"{base}/services/oauth2/userinfo")
+        r = client.request("GET", f"{base}/services/oauth2/userinfo", "userinfo")
         if r.status_code == 200:
             who = r.json()
             rep.identity = {"org_id": str(who.get("organization_id", "")),
@@ -115,8 +122,13 @@ def _salesforce(cfg: Config, mappings: Mappings, auth: TokenProvider, objects: t
         else:
             rep.missing.append(f"salesforce: userinfo answered HTTP {r.status_code}: {_sf_error(r)}")
         rep.expires, rep.expires_at = _expiry(auth.token(), auth), _expires_at(auth.token())
+        described: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for obj in objects:
-            rep.missing += _sf_object(client, base, obj, mappings)
+            missing, fields = _sf_object(client, base, obj, mappings)
+            rep.missing += missing
+            if fields is not None:
+                described[("salesforce", obj)] = fields
+        rep.missing += _external_ids(mappings, described)
     except SyncError as e:
         rep.missing.append(_reason("salesforce", e))
     finally:
@@ -136,10 +148,12 @@ def _sf_error(r: requests.Response) -> str:
     return one_line(str(body))[:200]
 
 
-def _sf_object(client: _Client, base: str, obj: str, mappings: Mappings) -> list[str]:
-    r = client.request("GET", f"{base}{SF_API}/sobjects/{obj}/describe")
+def _sf_object(client: _Client, base: str, obj: str,
+               mappings: Mappings) -> tuple[list[str], list[dict[str, Any]] | None]:
+    """What this user lacks on ``obj``, and describe's fields (None: it cannot be described)."""
+    r = client.request("GET", f"{base}{SF_API}/sobjects/{obj}/describe", "describe")
     if r.status_code != 200:
-        return [f"salesforce: `{obj}` cannot be described by this user (HTTP {r.status_code} {_sf_error(r)})"]
+        return [f"salesforce: `{obj}` cannot be described by this user (HTTP {r.status_code} {_sf_error(r)})"], None
     desc = r.json()
     fields = {f["name"].lower(): f for f in desc.get("fields", [])}
     out = [] if desc.get("queryable", True) else [f"salesforce: `{obj}` is not queryable for this user"]
@@ -153,7 +167,18 @@ def _sf_object(client: _Client, base: str, obj: str, mappings: Mappings) -> list
                        "(no field-level access, or no such field)")
         elif name in writes and not f.get("updateable"):
             out.append(f"salesforce: `{obj}.{name}` is not updateable for this user")
-    return out
+    return out, list(desc.get("fields", []))
+
+
+def _external_ids(mappings: Mappings, described: Mapping[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
+    """The External ID fields the mappings declare for idempotent creates (``external_id``), judged
+    from describe by the check ``mappings check --live`` runs (:func:`mapping_check.check_external_ids`):
+    missing, not an External ID, or not createable for this user. Its warnings (no object declares
+    one) are not missing things: syncd still works, with the weaker email look-up."""
+    present = {key: {str(f.get("name")) for f in fields if f.get("externalId")} for key, fields in described.items()}
+    problems = check_external_ids(mappings, present, described=described)
+    return [f"salesforce: {p.message.removeprefix('salesforce ')} ({p.file}:{p.line})"
+            for p in problems if p.severity == "error"]
 
 
 def _hubspot(cfg: Config, auth: TokenProvider, objects: tuple[str, ...], budget: Any = None) -> SystemReport:
@@ -163,7 +188,7 @@ def _hubspot(cfg: Config, auth: TokenProvider, objects: tuple[str, ...], budget:
     base = hs.base_url.rstrip("/")
     try:
         tok = auth.token()
-        r = client.request("GET", f"{base}/account-info/v3/details")
+        r = client.request("GET", f"{base}/account-info/v3/details", "account-info")
         if r.status_code != 200:
             raise AuthError(f"hubspot: account-info answered HTTP {r.status_code}: {_hs_error(r)}", system="hubspot")
         rep.identity = {"portal_id": str(r.json().get("portalId", ""))}
@@ -188,7 +213,8 @@ def _hs_scopes(client: _Client, base: str, tok: Token, rep: SystemReport) -> set
     if rep.method == "oauth":
         rep.identity["app"] = str(getattr(client.auth.source, "client_id", ""))
         return set(client.auth.token().scopes)
-    r = client.request("POST", f"{base}/oauth/v2/private-apps/get/access-token-info", json={"tokenKey": tok.value})
+    r = client.request("POST", f"{base}/oauth/v2/private-apps/get/access-token-info", "access-token-info",
+                       json={"tokenKey": tok.value})
     if r.status_code != 200:
         raise AuthError(f"hubspot: private-app token info answered HTTP {r.status_code}: {_hs_error(r)}",
                         system="hubspot")
@@ -206,8 +232,10 @@ def _hs_error(r: requests.Response) -> str:
 
 
 def _reason(system: str, e: BaseException) -> str:
+    """One line that starts with the system: ``salesforce: …``, or the connectors' ``salesforce
+    describe: host:port: cause``."""
     text = one_line(str(e))
-    return text if text.startswith(f"{system}:") else f"{system}: {text}"
+    return text if text.startswith((f"{system}:", f"{system} ")) else f"{system}: {text}"
 
 
 def check(cfg: Config, mappings: Mappings, providers: Mapping[str, TokenProvider],

@@ -104,18 +104,39 @@ def live_problems(m: Mappings, connectors: Mapping[str, Any]) -> list[Problem]:
     return compare_live(m, allowed) + check_external_ids(m, external)
 
 
-def check_external_ids(m: Mappings, present: Mapping[tuple[str, str], Iterable[str]]) -> list[Problem]:
+def check_external_ids(m: Mappings, present: Mapping[tuple[str, str], Iterable[str]], *,
+                       described: Mapping[tuple[str, str], Iterable[Mapping[str, Any]]] | None = None,
+                       ) -> list[Problem]:
     """Whether the CRM has the External ID fields the mappings declare (``external_id``: creates
     upsert on it). ``present``: (system, object) -> the object's External ID fields, read from
     the CRM for the objects that declare one. A declared field the CRM lacks is an error (its
     creates fall back to the weaker email look-up); Salesforce mappings declaring none get a
-    warning saying so."""
+    warning saying so. ``described`` (optional): (system, object) -> describe's fields as the user
+    syncd runs as sees them (``syncd auth check`` has them): a declared field that is there but
+    not an External ID, or that this user cannot set on create, is named as such."""
     out: list[Problem] = []
     declared = [(s, o, f) for s, o in m.objects() if (f := m.external_id(s, o))]
     for system, obj, field in declared:
         if (system, obj) not in present:
             continue
-        if field.lower() not in {x.lower() for x in present[(system, obj)]}:
+        seen = {str(d.get("name", "")).lower(): d for d in (described or {}).get((system, obj), ())}
+        info = seen.get(field.lower())
+        if info is not None and not info.get("externalId"):
+            f, line, col = m.position(system, (obj, "external_id"))
+            out.append(Problem(
+                f, line, col,
+                f"{system} {obj}.{field}: not an External ID field; creates fall back to the email look-up "
+                "(weaker). Mark it External ID and Unique, or name another field in external_id",
+                code="live-external-id-not-external"))
+        elif info is not None and not info.get("createable"):
+            f, line, col = m.position(system, (obj, "external_id"))
+            out.append(Problem(
+                f, line, col,
+                f"{system} {obj}.{field}: the External ID is not createable for this user: the CRM refuses the "
+                "creates that set it. Give the user edit access to the field (field-level security) or remove "
+                "external_id",
+                code="live-external-id-not-createable"))
+        elif field.lower() not in {x.lower() for x in present[(system, obj)]}:
             f, line, col = m.position(system, (obj, "external_id"))
             out.append(Problem(
                 f, line, col,

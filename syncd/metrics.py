@@ -19,6 +19,7 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
+from syncd.connectors.auth import GRANT_OUTCOMES
 from syncd.model import SYSTEMS, ApiUsage
 
 log = structlog.get_logger()
@@ -149,6 +150,25 @@ class ServiceMetrics:
             ["system"],
             registry=r,
         )
+        self.auth_failing = Gauge(
+            "syncd_auth_failing",
+            "1 while a system is backed off because authentication failed (a refused re-login, or a fixed "
+            "token the CRM refused); 0 once a login works or a reload clears the back-off.",
+            ["system"],
+            registry=r,
+        )
+        self.auth_grants = Counter(
+            "syncd_auth_grants",
+            "OAuth token grants asked by this process, by outcome: ok, refused (the CRM said no: "
+            "wrong key, revoked refresh token, ...), error (no usable answer: network, TLS, 5xx).",
+            ["system", "outcome"],
+            registry=r,
+        )
+        self._grants_seen: dict[tuple[str, int], dict[str, int]] = {}  # (system, id(provider)) -> counts
+        for crm in SYSTEMS:  # exported from the start: an alert sees 0, not an absent series
+            self.auth_failing.labels(crm).set(0)
+            for outcome in GRANT_OUTCOMES:
+                self.auth_grants.labels(crm, outcome)
         self.reconcile_missing = Gauge(
             "syncd_reconcile_missing_records",
             "Records a CRM holds that the store lacks, per the last reconciliation (an error: alert on > 0).",
@@ -221,6 +241,21 @@ class ServiceMetrics:
             self.api_reported_used.labels(system).set(usage.reported_used)
         if usage.reported_limit is not None:
             self.api_reported_limit.labels(system).set(usage.reported_limit)
+
+    def observe_grants(self, system: str, provider: Any) -> None:
+        """Add the grants ``provider`` (a :class:`~syncd.connectors.auth.TokenProvider`) asked
+        for since it was last observed (a provider replaced on reload starts its own count)."""
+        counts = getattr(provider, "grants", None)
+        if not isinstance(counts, Mapping):
+            return
+        with self._lock:
+            key = (system, id(provider))
+            seen = self._grants_seen.get(key, {})
+            for outcome, n in counts.items():
+                d = n - seen.get(outcome, 0)
+                if d > 0:
+                    self.auth_grants.labels(system, outcome).inc(d)
+            self._grants_seen[key] = dict(counts)
 
     def calls_today(self, system: str, now: datetime | None = None) -> int:
         """Calls this process made on ``now``'s UTC day (0 once the day has turned)."""
@@ -306,13 +341,16 @@ class ServiceMetrics:
                 }
             return gauges
 
-    def set_blocked(self, system: str, why: str | None) -> None:
+    def set_blocked(self, system: str, why: str | None, *, auth: bool = False) -> None:
+        """``system`` backed off for ``why`` (None: no longer); ``auth``: because authentication
+        failed (``syncd_auth_failing``; any other back-off, or none, sets it to 0)."""
         with self._lock:
             if why is None:
                 self.blocked.pop(system, None)
             else:
                 self.blocked[system] = why
         self.system_blocked.labels(system).set(0 if why is None else 1)
+        self.auth_failing.labels(system).set(1 if why is not None and auth else 0)
 
     def set_picture(self, problems: Mapping[str, Sequence[str]], *, grace_s: float) -> None:
         """Per system, why decisions that need it are held (incomplete first pull, or no

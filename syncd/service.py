@@ -502,7 +502,7 @@ class Service:
             for system in [failing] if failing in systems else systems:
                 why = f"{what}: {exc}"
                 self.backoff[system] = (utcnow() + timedelta(seconds=delay), why)
-                self.metrics.set_blocked(system, why)
+                self.metrics.set_blocked(system, why, auth=isinstance(exc, AuthError))  # syncd_auth_failing
                 log.error("system_backed_off", job=job, system=system, error=why, retry_in_s=delay)
         elif isinstance(exc, sa.exc.SQLAlchemyError):  # the store away or failing: the next run retries
             error = one_line(exc).replace("state store", f"state store {self.rt.store.where}", 1)
@@ -537,6 +537,7 @@ class Service:
     def _observe_usage(self, rt: Runtime) -> None:
         for system, conn in rt.connectors.items():
             self.metrics.observe_usage(system, conn.usage)
+            self.metrics.observe_grants(system, getattr(conn, "auth", None))  # syncd_auth_grants_total
 
     def _observe_store(self) -> None:
         try:

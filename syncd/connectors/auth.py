@@ -14,7 +14,13 @@ Sources (crm-api.md §8): Salesforce ``jwt`` (JWT bearer, signed with PyJWT + cr
 (a fixed session id: it cannot re-login); HubSpot ``private_app`` (a fixed token) and ``oauth``
 (refresh token). A refused grant is an :class:`~syncd.errors.AuthError` whose message is one
 line: ``salesforce: JWT grant refused: invalid_grant (user hasn't approved this consumer)``.
-A grant that could not be sent (network, 5xx) is a :class:`~syncd.errors.RetriableError`.
+A grant that could not be sent (network, 5xx) is a :class:`~syncd.errors.RetriableError`, in
+the connectors' words for a call with no answer (:class:`~syncd.connectors._errors.Peer`:
+``salesforce JWT grant: login.example.com:443: connection refused (nothing listens there)``;
+a TLS certificate the CA bundle did not sign is fatal, as there).
+
+Every grant a :class:`TokenProvider` asks for is counted by outcome (:attr:`TokenProvider.grants`:
+``ok``, ``refused``, ``error``); ``syncd run`` exports them as ``syncd_auth_grants_total``.
 
 Secrets (tokens, keys, assertions, client secrets) never reach a log line or an error message.
 """
@@ -35,6 +41,7 @@ import jwt
 import requests
 import structlog
 
+from syncd.connectors._errors import Peer
 from syncd.errors import AuthError, ConfigError, RetriableError
 
 if TYPE_CHECKING:
@@ -47,6 +54,7 @@ JWT_LIFETIME_S = 180  # Salesforce accepts an assertion whose exp is at most 3 m
 # HubSpot's date-versioned token endpoint: every parameter in the body (v1, /oauth/v1/token, is
 # retired on 2027-02-16)
 HUBSPOT_TOKEN_PATH = "/oauth/2026-03/token"
+GRANT_OUTCOMES = ("ok", "refused", "error")
 RENEW_MARGIN_S = 300.0  # renew a token that expires within this (or a tenth of its life, if shorter)
 
 DESCRIBE = {
@@ -148,9 +156,10 @@ class _Grant:
         try:
             r = self._session.post(self.token_url, data=form, timeout=self._timeout,
                                    headers={"Accept": "application/json"})
-        except requests.RequestException as e:
-            raise RetriableError(f"{self.system}: {what} could not be sent to {self.token_url}: "
-                                 f"{type(e).__name__}", system=self.system) from None
+        except requests.RequestException as e:  # no answer: the connectors' words (host and cause)
+            verify = self._session.verify
+            peer = Peer(self.system, self.token_url, verify if isinstance(verify, str) else None, self._timeout)
+            raise peer.transport_error(what, e) from None
         try:
             body = r.json()
         except ValueError:
@@ -256,6 +265,9 @@ class TokenProvider:
         self._lock = threading.Lock()
         self._token: Token | None = None
         self.logins = 0  # successful grants (a test and `auth check` read it)
+        # grants asked of a renewable source, by outcome: ok, refused (AuthError), error
+        # (no usable answer: network, TLS, 5xx); /metrics adds them up (ServiceMetrics.observe_grants)
+        self.grants: dict[str, int] = dict.fromkeys(GRANT_OUTCOMES, 0)
 
     @property
     def system(self) -> str:
@@ -306,13 +318,25 @@ class TokenProvider:
         return self._clock() >= tok.expires_at - margin
 
     def _login(self, reason: str) -> Token:
-        tok = self.source.fetch()
+        try:
+            tok = self.source.fetch()
+        except AuthError:
+            self._count("refused")
+            raise
+        except Exception:
+            self._count("error")
+            raise
+        self._count("ok")
         self._token = tok
         self.logins += 1
         expires = round(tok.expires_at - self._clock(), 1) if tok.expires_at is not None else None
         level = log.info if reason != "start" else log.debug
         level("auth.login", system=self.system, method=self.method, reason=reason, expires_in_s=expires)
         return tok
+
+    def _count(self, outcome: str) -> None:
+        if self.renewable:  # a fixed token is not a grant: its refusal is the CRM's 401
+            self.grants[outcome] += 1
 
 
 # ---------------------------------------------------------------------- from the config

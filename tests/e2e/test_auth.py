@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import pytest
 from _docs_json import documented
-from _waiting import wait_until
+from _waiting import http_get, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 
 from syncd.config import load_config
+from syncd.metrics import MetricsServer
 from syncd.runtime import open_runtime
 from syncd.sandbox import HUBSPOT_TOKEN, SALESFORCE_SESSION, Sandbox, _throwaway_key_and_certificate
 from syncd.sandbox.oauth import SF_REFRESH_TOKEN
@@ -96,6 +99,36 @@ def test_auth_check_names_each_missing_field_permission_and_scope(sb: Sandbox, t
     assert doc["systems"]["hubspot"]["method"] == "oauth"
 
 
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(("salesforce_auth", "hubspot_auth", "sf_call", "hs_call"),
+                         [("session", "private_app", "userinfo", "account-info"),
+                          ("jwt", "oauth", "JWT grant", "OAuth refresh")])
+def test_auth_check_against_a_closed_port_is_one_line_per_system_naming_host_and_cause(
+        sb: Sandbox, tmp_path: Path, salesforce_auth: str, hubspot_auth: str, sf_call: str, hs_call: str) -> None:
+    """The connectors' words for a call with no answer (connectors/_errors.py Peer), from the token grant
+    or the first API call alike: never an exception class name nor a URL."""
+    cfg = write_config(sb, tmp_path, salesforce_auth, hubspot_auth)
+    ports = {"hubspot": _closed_port(), "salesforce": _closed_port()}
+    text = cfg.read_text()
+    for system, server in (("hubspot", sb.hubspot_server), ("salesforce", sb.salesforce_server)):
+        text = text.replace(f"127.0.0.1:{server.port}", f"127.0.0.1:{ports[system]}")
+    cfg.write_text(text)
+
+    proc = syncd(sb, cfg, "auth", "check")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    refused = "connection refused (nothing listens there)"
+    assert proc.stdout.splitlines()[-3:] == [f"hubspot {hs_call}: 127.0.0.1:{ports['hubspot']}: {refused}",
+                                             f"salesforce {sf_call}: 127.0.0.1:{ports['salesforce']}: {refused}",
+                                             "2 missing: syncd cannot do its whole job"]
+    for leak in ("Error", "https://", "Traceback"):
+        assert leak not in proc.stdout + proc.stderr
+
+
 # -- refused grants ---------------------------------------------------------------------------------
 
 def _wrong_key(sb: Sandbox, tmp_path: Path) -> None:
@@ -158,6 +191,50 @@ def test_a_refused_relogin_backs_the_system_off_and_a_reload_with_a_good_key_cle
         assert svc.backoff == {}
         assert sb.sf_oauth.requests["urn:ietf:params:oauth:grant-type:jwt-bearer"] == 2
     finally:
+        svc.close()
+
+
+def _scrape(server: MetricsServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, text = http_get(server.port, "/metrics")
+    assert status == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_a_refused_relogin_shows_on_metrics_as_auth_failing_and_a_refused_grant_until_a_reload_fixes_it(
+        sb: Sandbox, tmp_path: Path) -> None:
+    """What SyncdAuthFailing (deploy/prometheus-alerts.yml) reads: the JWT user loses its approval after
+    a first good login, the token dies, and the re-login is refused."""
+    cfg_path = write_config(sb, tmp_path, "jwt", "private_app")
+    svc = Service(load_config(cfg_path), config_file=cfg_path)
+    server = MetricsServer(svc.metrics, 0).start()
+
+    def auth(system: str) -> tuple[float, float, float, float]:
+        got = _scrape(server)
+        return (got[("syncd_auth_failing", (("system", system),))],
+                *(got[("syncd_auth_grants_total", (("outcome", o), ("system", system)))]
+                  for o in ("ok", "refused", "error")))
+
+    try:
+        svc._cycle_job("contacts")
+        assert svc.backoff == {}
+        assert auth("salesforce") == (0, 1, 0, 0)  # one JWT grant, accepted
+        sb.sf_oauth.approved = False  # the admin removed the integration user from the connected app
+        sb.sf_oauth.expire_tokens()
+        svc._cycle_job("contacts")
+        assert svc.backoff["salesforce"][1].endswith("JWT grant refused: invalid_grant "
+                                                     "(user hasn't approved this consumer)")
+        assert auth("salesforce") == (1, 1, 1, 0)
+        assert auth("hubspot") == (0, 0, 0, 0)  # a private-app token: no grant, not failing
+        assert _scrape(server)[("syncd_system_backed_off", (("system", "salesforce"),))] == 1
+
+        sb.sf_oauth.approved = True  # fixed; the operator sends SIGHUP
+        assert svc.reload()
+        assert auth("salesforce")[0] == 0
+        svc._cycle_job("contacts")
+        assert svc.backoff == {} and auth("salesforce") == (0, 2, 1, 0)
+    finally:
+        server.stop()
         svc.close()
 
 

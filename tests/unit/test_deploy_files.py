@@ -71,6 +71,18 @@ def test_every_metric_the_alerts_and_the_dashboard_name_is_exported() -> None:
     assert sorted(used - known) == [], f"not exported by syncd/metrics.py: {sorted(used - known)}"
 
 
+def test_auth_alerts_read_the_auth_metrics_not_the_generic_back_off() -> None:
+    """Backed off is not auth failing (a spent budget backs off too): the alert reads syncd_auth_failing,
+    and refused grants warn before the token in use runs out; the dashboard shows both."""
+    exprs = dict(_exprs_of_alerts())
+    assert _METRIC.findall(exprs["SyncdAuthFailing"]) == ["syncd_auth_failing"]
+    assert "syncd_auth_grants_total" in exprs["SyncdAuthRenewalRefused"]
+    assert 'outcome="refused"' in exprs["SyncdAuthRenewalRefused"]
+    dash = json.loads(DASHBOARD.read_text())
+    shown = {m for p in dash["panels"] for t in p["targets"] for m in _METRIC.findall(t["expr"])}
+    assert {"syncd_auth_failing", "syncd_auth_grants_total"} <= shown
+
+
 def test_dashboard_has_the_shape_grafana_imports() -> None:
     dash = json.loads(DASHBOARD.read_text())
     assert dash["title"] and dash["uid"] and isinstance(dash["schemaVersion"], int)
@@ -86,8 +98,8 @@ def test_the_rules_unit_tests_cover_the_alerts_the_operator_relies_on() -> None:
     doc = yaml.safe_load((DEPLOY / "prometheus-alerts.test.yml").read_text())
     assert doc["rule_files"] == [ALERTS.name]
     tested = {t["alertname"] for case in doc["tests"] for t in case["alert_rule_test"]}
-    assert {"SyncdNoSuccessfulCycle", "SyncdPartialCycles", "SyncdAuthFailing", "SyncdBudgetNearCap",
-            "SyncdOutboxGrowing", "SyncdQuarantineGrowing", "SyncdSlaBreachesOpen"} <= tested
+    assert {"SyncdNoSuccessfulCycle", "SyncdPartialCycles", "SyncdAuthFailing", "SyncdAuthRenewalRefused",
+            "SyncdBudgetNearCap", "SyncdOutboxGrowing", "SyncdQuarantineGrowing", "SyncdSlaBreachesOpen"} <= tested
     known = exported()
     series = {re.sub(r"\{.*", "", i["series"]).strip("'") for case in doc["tests"] for i in case["input_series"]}
     assert sorted(series - known) == []

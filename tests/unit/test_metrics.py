@@ -238,6 +238,44 @@ def test_backed_off_system_gauge(metrics: ServiceMetrics) -> None:
     assert metrics.health(T0)[0]
 
 
+def test_auth_failing_is_1_only_for_an_auth_back_off_and_0_once_it_ends(metrics: ServiceMetrics) -> None:
+    def failing(system: str) -> float:
+        return value(metrics.render().decode(), "syncd_auth_failing", system=system)
+
+    assert failing("salesforce") == failing("hubspot") == 0  # exported from the start: alerts see 0, not absent
+    metrics.set_blocked("salesforce", "authentication failed: salesforce: JWT grant refused: invalid_grant",
+                        auth=True)
+    metrics.set_blocked("hubspot", "API budget exhausted")
+    assert (failing("salesforce"), failing("hubspot")) == (1, 0)
+    metrics.set_blocked("salesforce", "API budget exhausted")  # still backed off, no longer for auth
+    assert failing("salesforce") == 0
+    metrics.set_blocked("salesforce", "authentication failed: ...", auth=True)
+    metrics.set_blocked("salesforce", None)  # recovered, or a reload cleared it
+    assert failing("salesforce") == 0
+
+
+def test_token_grants_are_added_by_outcome_as_deltas_and_survive_a_provider_swap(metrics: ServiceMetrics) -> None:
+    class Provider:  # what observe_grants reads of a TokenProvider (its grants by outcome)
+        def __init__(self) -> None:
+            self.grants = {"ok": 0, "refused": 0, "error": 0}
+
+    def grants(outcome: str) -> float:
+        return value(metrics.render().decode(), "syncd_auth_grants_total", system="salesforce", outcome=outcome)
+
+    assert (grants("ok"), grants("refused"), grants("error")) == (0, 0, 0)
+    old = Provider()
+    old.grants.update(ok=2, refused=1)
+    metrics.observe_grants("salesforce", old)
+    old.grants["ok"] = 3
+    metrics.observe_grants("salesforce", old)
+    metrics.observe_grants("salesforce", old)  # nothing new: nothing added
+    reloaded = Provider()  # SIGHUP builds new connectors, with new providers
+    reloaded.grants.update(ok=1, error=1)
+    metrics.observe_grants("salesforce", reloaded)
+    metrics.observe_grants("salesforce", None)  # a connector without a provider: nothing
+    assert (grants("ok"), grants("refused"), grants("error")) == (4, 1, 1)
+
+
 def test_own_registry_and_loopback_only(metrics: ServiceMetrics, server: MetricsServer) -> None:
     assert REGISTRY.get_sample_value("syncd_sla_breaches_open") is None  # never the global registry
     ServiceMetrics(INTERVALS)  # a second service in one process does not collide

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from syncd.connectors.auth import Token, TokenProvider
-from syncd.errors import RetriableError
+import pytest
+
+from syncd.connectors.auth import StaticToken, Token, TokenProvider
+from syncd.errors import AuthError, RetriableError
 
 
 class Source:
@@ -55,3 +57,23 @@ def test_a_failed_early_renewal_keeps_the_token_while_it_is_still_alive() -> Non
     assert p.token() is first  # 5 s left: used, and the next call tries again
     src.fail = False
     assert p.token().value == "t2"
+
+
+def test_every_grant_is_counted_by_outcome_and_a_fixed_token_asks_none() -> None:
+    p, src, clock = provider()
+    live = p.token()
+    clock[0] += 95
+    src.fail = True
+    assert p.token() is live  # a renewal that could not be sent: counted, the live token still used
+
+    def refused() -> Token:
+        raise AuthError("hubspot: OAuth refresh refused: invalid_grant", system="hubspot")
+
+    src.fetch = refused  # type: ignore[method-assign]
+    with pytest.raises(AuthError):
+        p.renew(live)  # the CRM refused the live token, and the re-login is refused
+    assert p.grants == {"ok": 1, "refused": 1, "error": 1} and p.logins == 1
+
+    fixed = TokenProvider(StaticToken("salesforce", "session", "s"))
+    fixed.token()
+    assert fixed.grants == {"ok": 0, "refused": 0, "error": 0}
