@@ -90,18 +90,23 @@ def live_problems(m: Mappings, connectors: Mapping[str, Any]) -> list[Problem]:
     fields the mappings declare (:func:`check_external_ids`), read through ``connectors``
     (closed here)."""
     allowed: dict[tuple[str, str, str], list[str]] = {}
-    external: dict[tuple[str, str], set[str]] = {}  # External IDs of the objects declaring one
+    described: dict[tuple[str, str], list[dict[str, Any]]] = {}  # the objects declaring an External ID
     for system, conn in connectors.items():
         try:
             for (obj, fld), vals in conn.allowed_values().items():
                 allowed[(system, obj, fld)] = vals
-            finder = getattr(conn, "external_id_fields", None)
+            describe = getattr(conn, "described_fields", None)
             for obj in [o for s, o in m.objects() if s == system and m.external_id(s, o)]:
-                if finder is not None:
-                    external[(system, obj)] = finder(obj)
+                if describe is not None:
+                    described[(system, obj)] = describe(obj)
         finally:
             conn.close()
-    return compare_live(m, allowed) + check_external_ids(m, external)
+    return compare_live(m, allowed) + check_external_ids(m, external_ids(described), described=described)
+
+
+def external_ids(described: Mapping[tuple[str, str], Iterable[Mapping[str, Any]]]) -> dict[tuple[str, str], set[str]]:
+    """(system, object) -> the names of its External ID fields, from describe's fields."""
+    return {key: {str(f.get("name")) for f in fields if f.get("externalId")} for key, fields in described.items()}
 
 
 def check_external_ids(m: Mappings, present: Mapping[tuple[str, str], Iterable[str]], *,

@@ -334,10 +334,11 @@ class SalesforceConnector:
                                        retriable=bool(error) and str(error).split(":")[0] in RETRIABLE_RECORD_CODES))
         return results
 
-    def external_id_fields(self, obj: str) -> set[str]:
-        """The object's External ID fields (describe): what a create may upsert on."""
+    def described_fields(self, obj: str) -> list[dict[str, Any]]:
+        """The object's fields as this user sees them (describe: ``name``, ``externalId``,
+        ``createable``, …): which External ID a create may upsert on, and whether it may set it."""
         desc = self._call("describe", self._sf.restful, f"sobjects/{obj}/describe")
-        return {str(f["name"]) for f in (desc or {}).get("fields", []) if f.get("externalId")}
+        return [dict(f) for f in (desc or {}).get("fields", [])]
 
     # ------------------------------------------------------------------ deletions
     def deleted(self, obj: str, since: datetime | None, *,

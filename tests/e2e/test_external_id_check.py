@@ -46,6 +46,16 @@ def test_live_check_reports_a_missing_external_id_field_and_a_mapping_without_on
         (none,) = [p for p in problems if p["code"] == "live-external-id-none"]
         assert code == 0 and none["severity"] == "warning" and "weaker" in none["message"]
 
+        code, problems = _check(sb, tmp_path, 'external_id = "Return_Reason__c"')  # a plain text field
+        (plain,) = [p for p in problems if "external" in p["code"]]
+        assert (code, plain["code"]) == (1, "live-external-id-not-external"), problems
+        assert "Lead.Return_Reason__c: not an External ID field" in plain["message"]
+
+        sb.salesforce.deny_field("Lead", "Syncd_Key__c")  # field-level security: this user cannot set it
+        code, problems = _check(sb, tmp_path, None)
+        (denied,) = [p for p in problems if "external" in p["code"]]
+        assert (code, denied["code"]) == (1, "live-external-id-not-createable"), problems
+
 
 def _auth_check(sb: Sandbox, tmp: Path, replacement: str | None) -> tuple[int, list[str], dict[str, Any]]:
     mdir = tmp / "auth-mappings"
