@@ -89,12 +89,13 @@ def with_pending(by_entity: dict[str, list[RecordRow]],
 def _overtaken(target: RecordRow, w: OutboxRow) -> dict[str, Any]:
     """The fields ``w`` writes that the CRM changed since ``w`` was decided (they hold neither
     the value the decision saw nor the value ``w`` writes): field -> [decided on, now]. A
-    stage found empty while ``w`` clears it first is ``w``'s own half-done backwards move (a
-    crash between the clear and the set), not a change: the write stays and is finished."""
+    stage found empty while ``w`` clears it first, and was handed out before (``w.resend``), is
+    ``w``'s own half-done backwards move (a crash or a failure between the clear and the set),
+    not a change: the write stays and is finished."""
     out: dict[str, Any] = {}
     for fld, (before, after) in w.canonical.items():
         now = target.canonical.get("terms" if fld in rules.TERM_FIELDS else "values", {}).get(fld)
-        if now is None and w.clear_first and fld == CLEARED_FIRST_TERM:
+        if now is None and w.clear_first and fld == CLEARED_FIRST_TERM and w.resend:
             continue
         if not _same_value(now, before) and not _same_value(now, after):
             out[fld] = [before, now]
