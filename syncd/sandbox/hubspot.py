@@ -25,10 +25,12 @@ unknown or the docs are silent:
   ground-truth :meth:`add` may still make duplicates (to stage link conflicts).
 - :meth:`lose_answers` makes an endpoint apply requests and answer 504 (a lost answer).
 - Properties written as ``""`` are stored and returned as ``null``.
-- Deletion and merges (:meth:`archive`, :meth:`restore`, :meth:`merge`): an archived record
+- Deletion and merges (:meth:`archive`, :meth:`restore`, :meth:`merge`, contacts and deals
+  alike): an archived record
   leaves search and is listed with ``archived=true`` (``archivedAt`` set; archiving does not
   move the modified date, as on the live API). A merge keeps the primary's id: its empty
-  properties are filled from the other, its ``lifecyclestage`` is the furthest of the two,
+  properties are filled from the other, its ``lifecyclestage`` is the furthest of the two
+  (a deal keeps the primary's ``dealstage``), its associations are the union,
   ``hs_merged_object_ids`` lists the merged-away ids (``;``-separated) and the modified date
   moves. The merged-away id is not archived: reads and updates of it answer with the
   surviving record (its id in the result), as the live API does.
@@ -203,6 +205,7 @@ PROPERTIES: tuple[Prop, ...] = (
     Prop("deals", "createdate", "Create Date", "datetime"),
     Prop("deals", "hs_lastmodifieddate", "Last Modified Date", "datetime"),
     Prop("deals", "hs_object_id", "Record ID", "number"),
+    Prop("deals", "hs_merged_object_ids", "Merged Deal IDs", "string"),
 )
 CATALOGUE: dict[str, dict[str, Prop]] = {
     o: {p.name: p for p in PROPERTIES if p.object == o} for o in OBJECT_TYPES

@@ -277,6 +277,60 @@ def test_a_salesforce_merge_of_two_leads_hands_the_live_contact_to_the_master(e2
     assert_quiet(e2e)
 
 
+
+def _deal_person(e2e: E2E) -> tuple[str, str, str]:
+    """A person in both CRMs (HubSpot contact, Salesforce Contact on an Account): their ids."""
+    hid = e2e.hs.add("contacts", {"email": "dee.deal@example.com", "firstname": "Dee", "lastname": "Deal",
+                                  "lifecyclestage": "salesqualifiedlead"})
+    acc = e2e.sf.insert("Account", {"Name": "Dee Inc"})
+    cid = e2e.sf.insert("Contact", {"Email": "dee.deal@example.com", "FirstName": "Dee", "LastName": "Deal",
+                                    "AccountId": acc, "Lifecycle_Stage__c": "SQL"})
+    return hid, acc, cid
+
+
+def test_a_hubspot_merge_of_two_deals_moves_the_link_and_the_pending_write_to_the_survivor(e2e: E2E) -> None:
+    hid, acc, cid = _deal_person(e2e)
+    converge(e2e)
+    close = (datetime.now(UTC).date() + timedelta(days=30)).isoformat()
+    # B is linked to the Opportunity (same name, same person); A is a HubSpot-only duplicate
+    b = e2e.hs.add("deals", {"dealname": "Dee Inc - Platform", "dealstage": "appointmentscheduled",
+                             "pipeline": "default", "amount": "1000"})
+    a = e2e.hs.add("deals", {"dealname": "Dee Inc - Platform (copy)", "dealstage": "appointmentscheduled",
+                             "pipeline": "default"})
+    e2e.hs.associate(hid, b)
+    e2e.hs.associate(hid, a)
+    oid = e2e.sf.insert("Opportunity", {"Name": "Dee Inc - Platform", "AccountId": acc, "ContactId": cid,
+                                        "StageName": "Prospecting", "CloseDate": close})
+    converge(e2e)
+    opp_entity = entity_of(e2e, "salesforce", "Opportunity", oid)
+    assert opp_entity is not None and entity_of(e2e, "hubspot", "deals", b) == opp_entity
+    assert entity_of(e2e, "hubspot", "deals", a) not in (None, opp_entity)
+
+    e2e.sf.modify("Opportunity", oid, {"StageName": "Closed Won"})  # sales won it: HubSpot B to follow
+    e2e.decide_only()
+    with e2e.rt.store.tx() as tx:
+        assert [w.record_id for w in tx.open_writes_to([("hubspot", "deals", b)])] == [b]
+    e2e.hs.merge("deals", a, b)  # marketing merges B into A meanwhile
+    seen = e2e.hs.id_requests[b]
+
+    converge(e2e)
+    tomb = tombstones(e2e)[b]
+    assert (tomb.object, tomb.kind, tomb.merged_into, tomb.source) == ("deals", "merged", a, "hs_merged_object_ids")
+    assert rules_of(e2e, b) == [("D2-merged", "live", f"merged into {a}")]
+    assert e2e.hs.id_requests[b] == seen  # the pending write went to the survivor, nothing to B
+    assert e2e.hs.get("deals", a)["dealstage"] == "closedwon"
+    # the survivor took the link over: the Opportunity is the survivor's deal now
+    assert entity_of(e2e, "salesforce", "Opportunity", oid) == entity_of(e2e, "hubspot", "deals", a)
+    assert not stored(e2e, "hubspot", "deals", b)
+    with e2e.rt.store.tx() as tx:
+        assert tx.open_link_conflicts() == []
+    # still in the sync through the survivor: sales reopens it, HubSpot A follows
+    e2e.sf.modify("Opportunity", oid, {"StageName": "Negotiation/Review"})
+    converge(e2e)
+    assert e2e.hs.get("deals", a)["dealstage"] == "contractsent"
+    assert e2e.hs.id_requests[b] == seen
+    assert_quiet(e2e)
+
 # -- restores -------------------------------------------------------------------------------------
 
 
