@@ -13,6 +13,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from _docs_json import documented
+
 from syncd.engine import CycleStats, Engine
 from syncd.report import status_data
 from syncd.sla import Deletions
@@ -378,3 +380,61 @@ def test_a_write_to_a_contact_archived_meanwhile_is_quarantined_then_tombstoned(
     converge(e2e)
     assert e2e.hs.id_requests[hid] == seen
     assert_quiet(e2e)
+
+
+# -- syncd tombstones -----------------------------------------------------------------------------
+
+
+def test_syncd_tombstones_lists_what_died_how_and_what_the_other_side_got(e2e: E2E) -> None:
+    hid, lid = person(e2e, "tess.tomb@example.com", hs_stage="lead", score=10)  # archived; propagate
+    _, lid2 = person(e2e, "tom.tomb@example.com", hs_stage="lead", score=10)  # Lead deleted; mark
+    a, _ = person(e2e, "tia.a@example.com", hs_stage="lead", sf=None)
+    b, _ = person(e2e, "tia.b@example.com", hs_stage="lead", sf=None)
+    assert hid and lid and lid2 and a and b
+    converge(e2e)
+    e2e.sf.delete("Lead", lid2)
+    e2e.hs.merge("contacts", a, b)
+    converge(e2e)
+    e2e.hs.archive("contacts", hid)
+    converge(e2e, other_side="propagate")
+
+    r = e2e.syncd("tombstones", "--json")
+    assert r.returncode == 0, r.stderr
+    data = documented("tombstones", r.stdout)
+    by = {t["id"]: t for t in data["tombstones"]}
+    assert data["total"] == 4 and set(by) == {lid2, b, hid, lid}
+    t = by[lid2]
+    assert (t["key"], t["kind"], t["source"], t["other_side"], t["twins"]) == (
+        f"salesforce:Lead:{lid2}", "deleted", "queryAll", "marked", [])
+    assert t["email"] == "tom.tomb@example.com" and t["name"] == "Tom Tomb" and t["entity_id"]
+    assert t["deleted_at"] is not None and t["restored_at"] is None
+    assert (by[b]["kind"], by[b]["merged_into"], by[b]["source"], by[b]["other_side"]) == (
+        "merged", a, "hs_merged_object_ids", "survivor")
+    assert (by[hid]["source"], by[hid]["other_side"]) == ("archive", "propagated")
+    assert by[hid]["twins"] == [{"key": f"salesforce:Lead:{lid}", "state": "done", "last_error": None}]
+    assert by[lid]["source"] == "queryAll"  # the twin syncd deleted, seen dead by the feed after
+
+    def ids(*args: str) -> tuple[int, list[str]]:
+        r = e2e.syncd("tombstones", *args, "--json")
+        assert r.returncode == 0, r.stderr
+        d = documented("tombstones", r.stdout)
+        return d["total"], [t["id"] for t in d["tombstones"]]
+
+    total, got = ids("--system", "hubspot")
+    assert total == 2 and set(got) == {b, hid}
+    total, got = ids("--object", "Lead", "--limit", "1")
+    assert total == 2 and got == [lid]  # the newest noticed first
+    text = e2e.syncd("tombstones")
+    assert text.returncode == 0, text.stderr
+    assert f"salesforce:Lead:{lid2}" in text.stdout and f"merged into {a}" in text.stdout
+    assert f"propagated (salesforce:Lead:{lid} done)" in text.stdout
+
+    e2e.sf.undelete("Lead", lid2)  # restored: no longer listed, unless asked for
+    converge(e2e)
+    total, got = ids()
+    assert total == 3 and lid2 not in got
+    r = e2e.syncd("tombstones", "--restored", "--object", "Lead", "--json")
+    restored = {t["id"]: t for t in documented("tombstones", r.stdout)["tombstones"]}
+    assert restored[lid2]["restored_at"] is not None and restored[lid]["restored_at"] is None
+    bad = e2e.syncd("tombstones", "--system", "pipedrive")
+    assert bad.returncode == 2 and "pipedrive" in bad.stderr
