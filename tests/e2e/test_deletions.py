@@ -333,6 +333,50 @@ def test_a_hubspot_merge_of_two_deals_moves_the_link_and_the_pending_write_to_th
     assert e2e.hs.id_requests[b] == seen
     assert_quiet(e2e)
 
+
+def test_a_salesforce_merge_moves_a_pending_write_from_the_merged_lead_to_the_master(e2e: E2E) -> None:
+    b, y = person(e2e, "sue.b@example.com", hs_stage="lead", score=10)
+    _, x = person(e2e, "sue.master@example.com", hs_stage=None)
+    assert b and x and y
+    converge(e2e)
+    e2e.hs.modify("contacts", b, {"hubspotscore": "80"})  # an MQL: the hand-off to Lead Y is planned
+    e2e.decide_only()
+    with e2e.rt.store.tx() as tx:
+        (pending,) = tx.open_writes_to([("salesforce", "Lead", y)])
+    e2e.sf.merge("Lead", x, y)  # sales merges Y into X before the write goes
+    seen = e2e.sf.id_requests[y]
+
+    converge(e2e)
+    assert (tombstones(e2e)[y].kind, tombstones(e2e)[y].merged_into) == ("merged", x)
+    assert e2e.sf.id_requests[y] == seen  # nothing sent to the merged-away Lead
+    with e2e.rt.store.tx() as tx:
+        row = tx.get_outbox([pending.id])[pending.id]
+    assert (row.record_id, row.state) == (x, "done")  # the write went to the master instead
+    assert e2e.sf.get("Lead", x)["Lifecycle_Stage__c"] == "MQL"
+    assert entity_of(e2e, "hubspot", "contacts", b) == entity_of(e2e, "salesforce", "Lead", x)
+    assert leads_with(e2e, "sue.b@example.com") == []
+    assert_quiet(e2e)
+
+
+def test_a_record_held_in_quarantine_that_dies_is_tombstoned_and_its_entry_closed(e2e: E2E) -> None:
+    hid = e2e.hs.add("contacts", {"email": "quinn.q@example.com", "firstname": "Quinn", "lastname": "Q",
+                                  "lifecyclestage": "lead"})
+    with e2e.hs._lock:  # the simulator's state: a value the CRM's own write path would refuse
+        e2e.hs._store("contacts").records[hid].props["hubspotscore"] = "abc"
+    converge(e2e)
+    with e2e.rt.store.tx() as tx:
+        (q,) = tx.open_quarantine("hubspot")
+    assert (q.kind, q.record_id) == ("record", hid) and not stored(e2e, "hubspot", "contacts", hid)
+    e2e.hs.archive("contacts", hid)
+
+    st = engine(e2e).cycle()
+
+    assert st.dead == 1
+    assert (tombstones(e2e)[hid].kind, tombstones(e2e)[hid].source) == ("deleted", "archive")
+    assert rules_of(e2e, hid) == [("D1-deleted", "live", "deleted")]
+    with e2e.rt.store.tx() as tx:
+        assert tx.open_quarantine() == []  # nothing is left to fix in a record that is gone
+
 # -- restores -------------------------------------------------------------------------------------
 
 
