@@ -488,6 +488,22 @@ def prune_cmd(c: Ctx, dry_run: bool, as_json: bool) -> None:
     guarded(lambda: run_cli(c.config(credentials=False), dry_run=dry_run, as_json_out=as_json))
 
 
+@main.command("tombstones")
+@click.option("--system", type=click.Choice(["hubspot", "salesforce"]), default=None)
+@click.option("--object", "obj", default=None, metavar="OBJECT", help="One object: contacts, Lead, deals…")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="The newest N.")
+@click.option("--restored", is_flag=True, help="List records restored since too.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/json.md).")
+@pass_ctx
+def tombstones_cmd(c: Ctx, system: str | None, obj: str | None, limit: int, restored: bool, as_json: bool) -> None:
+    """Records the CRMs deleted, archived or merged away: when, how syncd learnt it, what became
+    of the other side (read-only)."""
+    from syncd.tombstones import run_cli
+
+    guarded(lambda: run_cli(c.config(credentials=False), system=system, obj=obj, limit=limit,
+                            restored=restored, as_json=as_json))
+
+
 # -- migrate --------------------------------------------------------------------------------------
 
 @main.command()

@@ -1,7 +1,9 @@
 """Deleted, archived and merged records (issue 16): what syncd does when a record dies.
 
 A dead record (a :class:`~syncd.model.Deletion` from a deletion feed, a survivor's list of
-merged ids, a write answer naming another id, or a re-pull after a permanent write error)
+merged ids, a write answer naming another id, a re-pull after a permanent write error, or an
+id reconciliation found in the store and no longer in the CRM, confirmed by a fetch by id:
+:func:`syncd.reconcile.settle_extras`)
 becomes, in one transaction:
 
 - a **tombstone** (time, source, the person it was part of, the record as last stored);
@@ -49,6 +51,7 @@ class DeathStats:
     writes_cancelled: int = 0
     writes_moved: int = 0
     propagated: int = 0
+    quarantine_resolved: int = 0  # quarantined (unmappable) records that died: their entries close
 
     def add(self, other: DeathStats) -> None:
         for k in vars(self):
@@ -58,7 +61,8 @@ class DeathStats:
 def record_deaths(tx: Tx, deaths: Iterable[Deletion], *, now: datetime, mapping_rev: str,
                   rank: Rank, policy: str = "mark") -> DeathStats:
     """Tombstone, unlink and audit each dead record syncd knows (see the module docstring).
-    Records the store never held, and records already tombstoned, are left alone."""
+    Records the store never held, and records already tombstoned, are left alone. A record held
+    only in quarantine (it did not map) is tombstoned too, and its quarantine entry resolved."""
     out = DeathStats()
     todo = {d.key: d for d in deaths}
     if not todo:
@@ -66,13 +70,17 @@ def record_deaths(tx: Tx, deaths: Iterable[Deletion], *, now: datetime, mapping_
     open_ = tx.tombstones(todo)
     stored = tx.get_records([k for k in todo if k not in open_], with_raw=False)
     pending = tx.open_writes_to(todo)
+    unmapped = tx.open_record_quarantine([k for k in todo if k not in open_ and k not in stored])
     due: set[str] = set()
     for key, d in sorted(todo.items()):
         row = stored.get(key)
         writes = [w for w in pending if (w.system, w.object, str(w.record_id)) == key]
-        if key in open_ or (row is None and not writes):
+        held_bad = unmapped.get(key, [])
+        if key in open_ or (row is None and not writes and not held_bad):
             continue
         due |= _one_death(tx, d, row, writes, now=now, mapping_rev=mapping_rev, rank=rank, policy=policy, out=out)
+        if held_bad:  # a record that never mapped died: nothing is left to fix in it
+            out.quarantine_resolved += tx.resolve_quarantine(held_bad, now)
     if due:
         tx.set_due_many(due, now)
     return out

@@ -11,7 +11,13 @@ Two levels:
 - **The id diff** (``syncd reconcile``): the CRM's id set, page by page, against the store's.
   Missing ids are in the CRM and not in the store; extra ids are in the store and no longer in
   the CRM (deleted or merged there). ``--repair`` fetches exactly the missing ids and decides
-  their people again, holding the cycle leases like a resync.
+  their people again, holding the cycle leases like a resync; it settles the extra ids too
+  (:func:`settle_extras`): each is confirmed by a fetch by id (alive: re-pulled, nothing else),
+  then asked about (HubSpot's archive and merge survivors, Salesforce queryAll ``IsDeleted`` /
+  ``MasterRecordId``) and goes the deletion feeds' way (:mod:`syncd.deletions`: tombstone with
+  source ``reconcile``, unlink, audit, pending writes cancelled or moved to the survivor).
+  Nothing is written to them. The service's count check settles the extras its id diff finds
+  the same way, when it can hold the group's cycle leases.
 
 A known gap is kept in the store (status shows it, with sample ids), set on the
 ``syncd_reconcile_missing_records`` metric, and the cycle that found it is reported failed.
@@ -21,15 +27,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 
+from syncd import deletions
 from syncd.config import Config
-from syncd.errors import RetriableError, SyncError
-from syncd.model import OBJECT_GROUPS, utcnow
+from syncd.errors import FatalError, RetriableError, SyncError
+from syncd.model import OBJECT_GROUPS, Deletion, RawRecord, utcnow
 from syncd.plan import would_exceed
 from syncd.stats import CycleStats, one_line
 
@@ -91,6 +98,90 @@ def diff_ids(store: Any, conn: Any, system: str, obj: str) -> ObjectDiff:
     d.extra = sorted(held)
     d.calls = conn.usage.total - before
     return d
+
+
+# -- extras: in the store, no longer in the CRM ---------------------------------------------------
+
+SOURCE = "reconcile"  # the tombstone source of a death reconciliation found
+
+
+@dataclass
+class Settled:
+    """What :func:`settle_extras` made of the extra ids."""
+
+    alive: int = 0  # the fetch by id found them after all: re-pulled, nothing else
+    deleted: int = 0  # deleted / archived in the CRM, or unknown to it (purged): tombstoned
+    merged: int = 0  # merged into another record: tombstoned, links and writes to the survivor
+    already: int = 0  # tombstoned meanwhile (by a feed, or a survivor read here)
+    ids: dict[str, list[str]] = field(default_factory=dict)  # "system object" -> the ids tombstoned here
+
+    def summary(self) -> dict[str, Any]:
+        return {"alive": self.alive, "deleted": self.deleted, "merged": self.merged, "already": self.already,
+                "tombstoned_ids": {k: sorted(v) for k, v in sorted(self.ids.items())}}
+
+
+def settle_extras(engine: Any, diffs: Sequence[ObjectDiff], stats: CycleStats) -> Settled:
+    """The extra ids of ``diffs`` (in the store, not in the CRM's listing), confirmed before
+    anything is done to them: a fetch by id first (a record it returns is alive: stored again,
+    cursors untouched), then the CRM's own word on the rest (``Connector.dead``: HubSpot's
+    recycle bin and merge survivors, Salesforce queryAll ``IsDeleted`` / ``MasterRecordId``);
+    an id the CRM knows nothing of (purged) counts as deleted. The dead go through
+    :func:`syncd.deletions.record_deaths`, as the feeds' do (source ``reconcile``). A merge's
+    survivor the store lacks is stored first, so its person takes the links over. Nothing is
+    written to any of them; the people concerned are due (the caller decides them)."""
+    out = Settled()
+    for d in diffs:
+        if d.extra:
+            _settle_object(engine, d, stats, out)
+    if out.deleted or out.merged:
+        log.warning("reconcile_extras_settled", **{k: v for k, v in out.summary().items() if k != "tombstoned_ids"})
+    return out
+
+
+def _settle_object(engine: Any, d: ObjectDiff, stats: CycleStats, out: Settled) -> None:
+    conn = engine.connectors[d.system]
+    wanted = set(d.extra)
+    got = conn.fetch(d.object, d.extra)
+    alive = [r for r in got if r.id in wanted]
+    answered = {r.id: r for r in got if r.id not in wanted}  # a merged-away HubSpot id reads as its survivor
+    gone = [i for i in d.extra if i not in {r.id for r in alive}]
+    dead_of = getattr(conn, "dead", None)
+    told = [x for x in (dead_of(d.object, gone) if dead_of is not None and gone else []) if x.id in wanted]
+    found = [replace(x, source=SOURCE) for x in told]
+    named = {x.id for x in found}
+    found += [Deletion(d.system, d.object, i, None, None, f"{SOURCE} (not found)") for i in gone if i not in named]
+    survivors = sorted({x.merged_into for x in found if x.merged_into})
+    with engine.store.tx(readonly=True) as tx:
+        held = set(tx.get_records([(d.system, d.object, i) for i in survivors], with_raw=False))
+    unheld = [i for i in survivors if (d.system, d.object, i) not in held]
+    first: list[RawRecord] = [answered.pop(i) for i in unheld if i in answered]
+    if rest := [i for i in unheld if i not in {r.id for r in first}]:
+        first += conn.fetch(d.object, rest)
+    if first:
+        engine.ingest(d.system, d.object, first, stats, advance_cursor=False)
+    with engine.store.tx() as tx:
+        before = tx.tombstones([x.key for x in found])
+        res = deletions.record_deaths(tx, found, now=engine.clock(), mapping_rev=engine.mappings.revision,
+                                      rank=engine.ctx.rank, policy=engine.sla.deletions.other_side)
+        after = tx.tombstones([x.key for x in found])
+    stats.dead += res.deleted + res.merged
+    out.deleted += res.deleted
+    out.merged += res.merged
+    mine = [x.id for x in found if x.key in after and after[x.key].source.startswith(SOURCE)
+            and x.key not in before]
+    out.already += len(found) - len(mine)
+    if mine:
+        out.ids.setdefault(f"{d.system} {d.object}", []).extend(mine)
+    refresh = alive + list(answered.values())
+    if refresh:  # alive after all (a listing that raced an edit): just re-pulled
+        engine.ingest(d.system, d.object, refresh, stats, advance_cursor=False)
+        out.alive += len(alive)
+        with engine.store.tx() as tx:
+            tx.set_due_many({e for e in tx.entity_ids([(d.system, d.object, r.id) for r in alive]).values() if e},
+                            engine.clock())
+    for x in found:
+        log.info("reconcile_extra", system=d.system, object=d.object, record_id=x.id,
+                 merged_into=x.merged_into, source=x.source)
 
 
 # -- the count check ------------------------------------------------------------------------------
@@ -175,13 +266,16 @@ class CountCheck:
             return None
         self.last[group] = time.monotonic()
         pairs = targets(group, list(rt.connectors))
+        diffs: list[ObjectDiff] = []
         try:
             gaps = count_check(rt, pairs)
-            found = self._describe(rt, pairs, gaps)
+            found = self._describe(rt, pairs, gaps, diffs)
             record_gaps(rt.store, found)
         except Exception as exc:  # noqa: BLE001 - a check that cannot run never fails the service
             log.warning("reconcile_count_failed", group=group, error=one_line(exc), next="the next check")
             return None
+        if any(d.extra for d in diffs):
+            self._settle(rt, group, diffs)
         if self.metrics is not None:
             for (system, obj), gap in found.items():
                 self.metrics.set_gap(system, obj, gap["missing"] if gap else 0)
@@ -195,9 +289,35 @@ class CountCheck:
             tx.fail_latest_run(f"cycle:{group}", engine.owner, reason)
         return reason
 
-    def _describe(self, rt: Any, pairs: Sequence[tuple[str, str]],
-                  gaps: Sequence[CountGap]) -> dict[tuple[str, str], dict[str, Any] | None]:
-        """Per object checked: None (no gap) or the gap, diffed by id for samples if affordable."""
+    def _settle(self, rt: Any, group: str, diffs: Sequence[ObjectDiff]) -> None:
+        """The extras the id diff found are settled (:func:`settle_extras`) holding the group's
+        cycle leases (this check runs after the cycle let them go); busy or failing: the next
+        check (or ``syncd reconcile --repair``) does it."""
+        from syncd.resync import LeaseKeeper, cycle_leases, fence_writes, make_engine, new_owner
+
+        keeper = LeaseKeeper(rt.store, new_owner())
+        try:
+            engine = make_engine(rt, owner=keeper.owner)
+            leases = cycle_leases(group)
+            with keeper.holding(leases, wait_s=0.0) as got:
+                if not got:
+                    log.info("reconcile_extras_deferred", group=group, reason="another daemon holds the lease")
+                    return
+                fence_writes(engine, keeper, leases)
+                stats = CycleStats()
+                settled = settle_extras(engine, diffs, stats)
+                if settled.deleted or settled.merged or settled.alive:
+                    engine.link_and_decide(stats)  # the people the deaths touched are due: decided now
+                    engine.flush(stats)
+        except (RetriableError, FatalError) as exc:
+            log.warning("reconcile_extras_failed", group=group, error=one_line(exc), next="the next check")
+        finally:
+            keeper.close()
+
+    def _describe(self, rt: Any, pairs: Sequence[tuple[str, str]], gaps: Sequence[CountGap],
+                  diffs: list[ObjectDiff]) -> dict[tuple[str, str], dict[str, Any] | None]:
+        """Per object checked: None (no gap) or the gap, diffed by id for samples if affordable
+        (the diffs made are appended to ``diffs``)."""
         now, samples = utcnow(), rt.config.reconcile.sample_ids
         found: dict[tuple[str, str], dict[str, Any] | None] = dict.fromkeys(pairs)
         for g in gaps:
@@ -205,8 +325,9 @@ class CountCheck:
             cost = conn.pull_calls(g.object, g.crm)
             affordable = cost <= DIFF_MAX_CALLS and not would_exceed(rt.store, rt.config, {g.system: cost})
             if affordable:  # the id diff is exact: it decides (ids changed since the pull are not missing)
-                found[(g.system, g.object)] = diff_ids(rt.store, conn, g.system, g.object).gap(
-                    samples, "count check + id diff", now)
+                diff = diff_ids(rt.store, conn, g.system, g.object)
+                diffs.append(diff)
+                found[(g.system, g.object)] = diff.gap(samples, "count check + id diff", now)
             else:
                 found[(g.system, g.object)] = {
                     "source": "count check", "at": now.isoformat(), "missing": g.missing, "extra": 0,
@@ -235,8 +356,9 @@ def run(rt: Any, *, group: str | None, force: bool = False) -> list[ObjectDiff]:
 
 
 def repair(rt: Any, diffs: Sequence[ObjectDiff]) -> dict[str, Any]:
-    """Fetch exactly the missing ids, store them, and decide their people/deals again (holding
-    the cycle leases, as a resync does). Returns a summary."""
+    """Settle the extra ids (:func:`settle_extras`: confirmed by a fetch by id, the dead
+    tombstoned), fetch exactly the missing ids and store them, then decide the people/deals
+    concerned again (holding the cycle leases, as a resync does). Returns a summary."""
     from syncd.resync import (
         LEASE_WAIT_S,
         LeaseKeeper,
@@ -248,9 +370,11 @@ def repair(rt: Any, diffs: Sequence[ObjectDiff]) -> dict[str, Any]:
     )
 
     todo = [d for d in diffs if d.missing]
-    if not todo:
-        return {"fetched": 0}
+    extra = [d for d in diffs if d.extra]
+    if not todo and not extra:
+        return {"fetched": 0, "extras": Settled().summary()}
     keeper = LeaseKeeper(rt.store, new_owner())
+    fetched: list[tuple[str, str, Sequence[RawRecord]]] = []
     try:
         engine = make_engine(rt, owner=keeper.owner)
         leases = cycle_leases(None)
@@ -258,9 +382,14 @@ def repair(rt: Any, diffs: Sequence[ObjectDiff]) -> dict[str, Any]:
             if not got:
                 raise RetriableError(f"reconcile --repair: another daemon kept {', '.join(leases)} busy; try again")
             fence_writes(engine, keeper, leases)
-            fetched = [(d.system, d.object, rt.connectors[d.system].fetch(d.object, d.missing)) for d in todo]
             stats = CycleStats()
+            settled = settle_extras(engine, extra, stats)  # first: a merge's survivor may be among the missing
+            fetched = [(d.system, d.object, rt.connectors[d.system].fetch(d.object, d.missing)) for d in todo]
             n = resync_fetched(engine, fetched, stats)
+            if n == 0 and (settled.deleted or settled.merged or settled.alive):
+                engine.pull_stale(stats)  # the people the deaths touched are due: decided now
+                engine.link_and_decide(stats)
+                engine.flush(stats)
     finally:
         keeper.close()
     with rt.store.tx() as tx:  # what was fetched is no longer missing
@@ -269,10 +398,11 @@ def repair(rt: Any, diffs: Sequence[ObjectDiff]) -> dict[str, Any]:
             left = [i for i in d.missing if i not in got_ids]
             gap = d.gap(rt.config.reconcile.sample_ids, "reconcile --repair", utcnow()) if left else None
             if gap is not None:
-                gap.update(missing=len(left), sample_missing=sorted(left)[:rt.config.reconcile.sample_ids])
+                gap.update(missing=len(left), sample_missing=sorted(left)[:rt.config.reconcile.sample_ids],
+                           extra=0, sample_extra=[])
             tx.set_gap(d.system, d.object, gap)
     log.info("reconcile_repaired", fetched=n, **stats.summary())
-    return {"fetched": n, **stats.summary()}
+    return {"fetched": n, "extras": settled.summary(), **stats.summary()}
 
 
 def _diff_json(d: ObjectDiff, samples: int) -> dict[str, Any]:
@@ -297,6 +427,11 @@ def _print(diffs: Sequence[ObjectDiff], samples: int, repaired: dict[str, Any] |
     console.print(t)
     if repaired is not None:
         console.print(f"repaired: fetched {repaired.get('fetched', 0)} missing records and decided them again")
+        ex = repaired.get("extras") or {}
+        if any(ex.get(k) for k in ("alive", "deleted", "merged", "already")):
+            console.print(f"extras: {ex.get('deleted', 0)} deleted and {ex.get('merged', 0)} merged in the CRM "
+                          f"(tombstoned, unlinked, nothing written to them; see `syncd tombstones`), "
+                          f"{ex.get('alive', 0)} alive (re-pulled), {ex.get('already', 0)} tombstoned already")
 
 
 def run_cli(cfg: Config, *, group: str | None, do_repair: bool, as_json: bool, force: bool) -> None:
@@ -319,6 +454,11 @@ def run_cli(cfg: Config, *, group: str | None, do_repair: bool, as_json: bool, f
         click.echo(json.dumps({"objects": [_diff_json(d, samples) for d in diffs], "repaired": repaired}, indent=2))
     else:
         _print(diffs, samples, repaired)
+    extra = sum(len(d.extra) for d in diffs)
+    if extra and not do_repair:
+        click.echo(f"reconcile: {extra} records in the store are no longer in the CRM "
+                   f"({', '.join(f'{d.system} {d.object} {len(d.extra)}' for d in diffs if d.extra)}); "
+                   "`syncd reconcile --repair` confirms each by id and settles the dead ones", err=True)
     missing = sum(len(d.missing) for d in diffs)
     if missing and not do_repair:
         raise SyncError(f"reconcile: {missing} records missing from the store "

@@ -113,6 +113,7 @@ class Deals(HubSpotStream):
     """Deals carry their contacts (``_contact_ids``), read by association batches."""
 
     name = "deals"
+    merged_property = "hs_merged_object_ids"  # deals merge like contacts (the survivor lists them)
     # One association batch read takes up to ASSOC_BATCH deals: search pages (200) are
     # buffered and yielded ASSOC_BATCH deals at a time.
     enrich_batch = ASSOC_BATCH
@@ -624,10 +625,13 @@ class HubSpotConnector:
             chunk = wanted[i:i + BATCH]
             props = [stream.primary_key, *([stream.merged_property] if stream.merged_property else [])]
             live = self._batch_read(obj, chunk, props, archived=False)
+            told: set[str] = set()  # a survivor asked for with its merged-away id answers twice
             for o in live:
                 merged = str((o.get("properties") or {}).get(stream.merged_property or "") or "").split(";")
-                out += [Deletion(SYSTEM, obj, rid, None, str(o["id"]), "re-pull")
-                        for rid in chunk if rid != str(o["id"]) and rid in merged]
+                for rid in chunk:
+                    if rid != str(o["id"]) and rid in merged and rid not in told:
+                        told.add(rid)
+                        out.append(Deletion(SYSTEM, obj, rid, None, str(o["id"]), "re-pull"))
             seen = {d.id for d in out} | {str(o["id"]) for o in live}
             rest = [rid for rid in chunk if rid not in seen]
             if rest:

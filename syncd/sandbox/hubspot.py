@@ -25,10 +25,12 @@ unknown or the docs are silent:
   ground-truth :meth:`add` may still make duplicates (to stage link conflicts).
 - :meth:`lose_answers` makes an endpoint apply requests and answer 504 (a lost answer).
 - Properties written as ``""`` are stored and returned as ``null``.
-- Deletion and merges (:meth:`archive`, :meth:`restore`, :meth:`merge`): an archived record
+- Deletion and merges (:meth:`archive`, :meth:`restore`, :meth:`merge`, :meth:`purge`,
+  contacts and deals alike): a purged record is gone from every endpoint; an archived record
   leaves search and is listed with ``archived=true`` (``archivedAt`` set; archiving does not
   move the modified date, as on the live API). A merge keeps the primary's id: its empty
-  properties are filled from the other, its ``lifecyclestage`` is the furthest of the two,
+  properties are filled from the other, its ``lifecyclestage`` is the furthest of the two
+  (a deal keeps the primary's ``dealstage``), its associations are the union,
   ``hs_merged_object_ids`` lists the merged-away ids (``;``-separated) and the modified date
   moves. The merged-away id is not archived: reads and updates of it answer with the
   surviving record (its id in the result), as the live API does.
@@ -203,6 +205,7 @@ PROPERTIES: tuple[Prop, ...] = (
     Prop("deals", "createdate", "Create Date", "datetime"),
     Prop("deals", "hs_lastmodifieddate", "Last Modified Date", "datetime"),
     Prop("deals", "hs_object_id", "Record ID", "number"),
+    Prop("deals", "hs_merged_object_ids", "Merged Deal IDs", "string"),
 )
 CATALOGUE: dict[str, dict[str, Prop]] = {
     o: {p.name: p for p in PROPERTIES if p.object == o} for o in OBJECT_TYPES
@@ -379,6 +382,24 @@ class HubSpotApp:
         """Archive (delete) a record as a user would: it goes to the recycle bin."""
         with self._lock:
             self._archive(object_type, self._live(object_type, id), _ms(at, self._clock))
+
+    def purge(self, object_type: str, id: str) -> None:  # noqa: A002
+        """Delete a record for good (a GDPR delete, or the recycle bin emptied after 90 days):
+        neither search, nor the archive list, nor a read by id knows it any more."""
+        with self._lock:
+            st = self._store(object_type)
+            rec = st.records.pop(id)
+            key = (rec.updated, int(rec.id))
+            i = bisect.bisect_left(st.by_mod, key)
+            if i < len(st.by_mod) and st.by_mod[i] == key:
+                del st.by_mod[i]
+            for old, new in list(st.merged.items()):
+                if new == id:
+                    del st.merged[old]
+            o = "deals" if object_type == "contacts" else "contacts"
+            for other in self._assoc[object_type].pop(id, set()):
+                self._assoc[o].get(other, set()).discard(id)
+            st.sorted_ids.clear()
 
     def restore(self, object_type: str, id: str, *, at: datetime | None = None) -> None:  # noqa: A002
         """Restore an archived record from the recycle bin (its modified date moves)."""

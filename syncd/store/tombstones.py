@@ -102,20 +102,45 @@ class TombstonesTx(TxBase):
                                              t.c.record_id == key[2]).values(restored_at=now))
         return row
 
-    def list_tombstones(self, system: str | None = None, limit: int = 100) -> list[TombstoneRow]:
-        """Open tombstones, most recently detected first."""
+    def list_tombstones(self, system: str | None = None, limit: int = 100, *, object: str | None = None,
+                        include_restored: bool = False) -> list[TombstoneRow]:
+        """Tombstones, most recently detected first: open ones (and restored ones too with
+        ``include_restored``), of one system / object when given."""
         t = s.tombstones
-        q = sa.select(t).where(t.c.restored_at.is_(None)).order_by(t.c.detected_at.desc()).limit(limit)
+        q = sa.select(t).order_by(t.c.detected_at.desc(), t.c.system, t.c.object, t.c.record_id).limit(limit)
+        if not include_restored:
+            q = q.where(t.c.restored_at.is_(None))
         if system is not None:
             q = q.where(t.c.system == system)
+        if object is not None:
+            q = q.where(t.c.object == object)
         return [TombstoneRow(**m) for m in self.conn.execute(q).mappings()]
 
-    def count_tombstones(self, system: str | None = None) -> int:
+    def count_tombstones(self, system: str | None = None, *, object: str | None = None,
+                         include_restored: bool = False) -> int:
         t = s.tombstones
-        q = sa.select(sa.func.count()).select_from(t).where(t.c.restored_at.is_(None))
+        q = sa.select(sa.func.count()).select_from(t)
+        if not include_restored:
+            q = q.where(t.c.restored_at.is_(None))
         if system is not None:
             q = q.where(t.c.system == system)
+        if object is not None:
+            q = q.where(t.c.object == object)
         return int(self.conn.execute(q).scalar_one())
+
+    def propagated_deletes(self, keys: Iterable[RecordKey]) -> dict[RecordKey, list[OutboxRow]]:
+        """The outbox rows that delete these dead records' twins (``[deletions] other_side =
+        "propagate"``, keyed ``propagate-delete:SYSTEM:ID:…``), by dead record: what became of the
+        other side. Read-only (``syncd tombstones``)."""
+        t = s.outbox
+        out: dict[RecordKey, list[OutboxRow]] = {}
+        for system, obj, rid in sorted(set(keys)):
+            q = (sa.select(t).where(t.c.op == "delete", t.c.key.like(f"propagate-delete:{system}:{rid}:%"))
+                 .order_by(t.c.id))
+            rows = [_outbox(m) for m in self.conn.execute(q).mappings()]
+            if rows:
+                out[(system, obj, rid)] = rows
+        return out
 
     def open_writes_to(self, keys: Iterable[RecordKey]) -> list[OutboxRow]:
         """Outbox rows not yet done (pending or sending) whose target is one of ``keys``."""
@@ -129,6 +154,23 @@ class TombstonesTx(TxBase):
                 q = (sa.select(t).where(t.c.system == system, t.c.object == obj, self._in(t.c.record_id, chunk),
                                         t.c.state.in_(OUTBOX_OPEN)).order_by(t.c.id))
                 out.extend(_outbox(m) for m in self.conn.execute(q).mappings())
+        return out
+
+    def open_record_quarantine(self, keys: Iterable[RecordKey]) -> dict[RecordKey, list[int]]:
+        """Open quarantine entries of these records themselves (kind ``record``: they did not map,
+        so the store holds no row for them), by record: their ids."""
+        t = s.quarantine
+        out: dict[RecordKey, list[int]] = {}
+        by_sys_obj: dict[tuple[str, str], list[str]] = {}
+        for system, obj, rid in set(keys):
+            by_sys_obj.setdefault((system, obj), []).append(rid)
+        for (system, obj), ids in sorted(by_sys_obj.items()):
+            for chunk in _chunks(sorted(ids)):
+                q = sa.select(t.c.id, t.c.record_id).where(
+                    t.c.system == system, t.c.object == obj, t.c.kind == "record", t.c.resolved_at.is_(None),
+                    self._in(t.c.record_id, chunk)).order_by(t.c.id)
+                for qid, rid in self.conn.execute(q):
+                    out.setdefault((system, obj, str(rid)), []).append(int(qid))
         return out
 
     def enqueue_deletes(self, targets: Iterable[tuple[str, str, str, str | None]], *, rule: str, reason: str,

@@ -13,6 +13,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from _docs_json import documented
+
 from syncd.engine import CycleStats, Engine
 from syncd.report import status_data
 from syncd.sla import Deletions
@@ -277,6 +279,104 @@ def test_a_salesforce_merge_of_two_leads_hands_the_live_contact_to_the_master(e2
     assert_quiet(e2e)
 
 
+
+def _deal_person(e2e: E2E) -> tuple[str, str, str]:
+    """A person in both CRMs (HubSpot contact, Salesforce Contact on an Account): their ids."""
+    hid = e2e.hs.add("contacts", {"email": "dee.deal@example.com", "firstname": "Dee", "lastname": "Deal",
+                                  "lifecyclestage": "salesqualifiedlead"})
+    acc = e2e.sf.insert("Account", {"Name": "Dee Inc"})
+    cid = e2e.sf.insert("Contact", {"Email": "dee.deal@example.com", "FirstName": "Dee", "LastName": "Deal",
+                                    "AccountId": acc, "Lifecycle_Stage__c": "SQL"})
+    return hid, acc, cid
+
+
+def test_a_hubspot_merge_of_two_deals_moves_the_link_and_the_pending_write_to_the_survivor(e2e: E2E) -> None:
+    hid, acc, cid = _deal_person(e2e)
+    converge(e2e)
+    close = (datetime.now(UTC).date() + timedelta(days=30)).isoformat()
+    # B is linked to the Opportunity (same name, same person); A is a HubSpot-only duplicate
+    b = e2e.hs.add("deals", {"dealname": "Dee Inc - Platform", "dealstage": "appointmentscheduled",
+                             "pipeline": "default", "amount": "1000"})
+    a = e2e.hs.add("deals", {"dealname": "Dee Inc - Platform (copy)", "dealstage": "appointmentscheduled",
+                             "pipeline": "default"})
+    e2e.hs.associate(hid, b)
+    e2e.hs.associate(hid, a)
+    oid = e2e.sf.insert("Opportunity", {"Name": "Dee Inc - Platform", "AccountId": acc, "ContactId": cid,
+                                        "StageName": "Prospecting", "CloseDate": close})
+    converge(e2e)
+    opp_entity = entity_of(e2e, "salesforce", "Opportunity", oid)
+    assert opp_entity is not None and entity_of(e2e, "hubspot", "deals", b) == opp_entity
+    assert entity_of(e2e, "hubspot", "deals", a) not in (None, opp_entity)
+
+    e2e.sf.modify("Opportunity", oid, {"StageName": "Closed Won"})  # sales won it: HubSpot B to follow
+    e2e.decide_only()
+    with e2e.rt.store.tx() as tx:
+        assert [w.record_id for w in tx.open_writes_to([("hubspot", "deals", b)])] == [b]
+    e2e.hs.merge("deals", a, b)  # marketing merges B into A meanwhile
+    seen = e2e.hs.id_requests[b]
+
+    converge(e2e)
+    tomb = tombstones(e2e)[b]
+    assert (tomb.object, tomb.kind, tomb.merged_into, tomb.source) == ("deals", "merged", a, "hs_merged_object_ids")
+    assert rules_of(e2e, b) == [("D2-merged", "live", f"merged into {a}")]
+    assert e2e.hs.id_requests[b] == seen  # the pending write went to the survivor, nothing to B
+    assert e2e.hs.get("deals", a)["dealstage"] == "closedwon"
+    # the survivor took the link over: the Opportunity is the survivor's deal now
+    assert entity_of(e2e, "salesforce", "Opportunity", oid) == entity_of(e2e, "hubspot", "deals", a)
+    assert not stored(e2e, "hubspot", "deals", b)
+    with e2e.rt.store.tx() as tx:
+        assert tx.open_link_conflicts() == []
+    # still in the sync through the survivor: sales reopens it, HubSpot A follows
+    e2e.sf.modify("Opportunity", oid, {"StageName": "Negotiation/Review"})
+    converge(e2e)
+    assert e2e.hs.get("deals", a)["dealstage"] == "contractsent"
+    assert e2e.hs.id_requests[b] == seen
+    assert_quiet(e2e)
+
+
+def test_a_salesforce_merge_moves_a_pending_write_from_the_merged_lead_to_the_master(e2e: E2E) -> None:
+    b, y = person(e2e, "sue.b@example.com", hs_stage="lead", score=10)
+    _, x = person(e2e, "sue.master@example.com", hs_stage=None)
+    assert b and x and y
+    converge(e2e)
+    e2e.hs.modify("contacts", b, {"hubspotscore": "80"})  # an MQL: the hand-off to Lead Y is planned
+    e2e.decide_only()
+    with e2e.rt.store.tx() as tx:
+        (pending,) = tx.open_writes_to([("salesforce", "Lead", y)])
+    e2e.sf.merge("Lead", x, y)  # sales merges Y into X before the write goes
+    seen = e2e.sf.id_requests[y]
+
+    converge(e2e)
+    assert (tombstones(e2e)[y].kind, tombstones(e2e)[y].merged_into) == ("merged", x)
+    assert e2e.sf.id_requests[y] == seen  # nothing sent to the merged-away Lead
+    with e2e.rt.store.tx() as tx:
+        row = tx.get_outbox([pending.id])[pending.id]
+    assert (row.record_id, row.state) == (x, "done")  # the write went to the master instead
+    assert e2e.sf.get("Lead", x)["Lifecycle_Stage__c"] == "MQL"
+    assert entity_of(e2e, "hubspot", "contacts", b) == entity_of(e2e, "salesforce", "Lead", x)
+    assert leads_with(e2e, "sue.b@example.com") == []
+    assert_quiet(e2e)
+
+
+def test_a_record_held_in_quarantine_that_dies_is_tombstoned_and_its_entry_closed(e2e: E2E) -> None:
+    hid = e2e.hs.add("contacts", {"email": "quinn.q@example.com", "firstname": "Quinn", "lastname": "Q",
+                                  "lifecyclestage": "lead"})
+    with e2e.hs._lock:  # the simulator's state: a value the CRM's own write path would refuse
+        e2e.hs._store("contacts").records[hid].props["hubspotscore"] = "abc"
+    converge(e2e)
+    with e2e.rt.store.tx() as tx:
+        (q,) = tx.open_quarantine("hubspot")
+    assert (q.kind, q.record_id) == ("record", hid) and not stored(e2e, "hubspot", "contacts", hid)
+    e2e.hs.archive("contacts", hid)
+
+    st = engine(e2e).cycle()
+
+    assert st.dead == 1
+    assert (tombstones(e2e)[hid].kind, tombstones(e2e)[hid].source) == ("deleted", "archive")
+    assert rules_of(e2e, hid) == [("D1-deleted", "live", "deleted")]
+    with e2e.rt.store.tx() as tx:
+        assert tx.open_quarantine() == []  # nothing is left to fix in a record that is gone
+
 # -- restores -------------------------------------------------------------------------------------
 
 
@@ -324,3 +424,61 @@ def test_a_write_to_a_contact_archived_meanwhile_is_quarantined_then_tombstoned(
     converge(e2e)
     assert e2e.hs.id_requests[hid] == seen
     assert_quiet(e2e)
+
+
+# -- syncd tombstones -----------------------------------------------------------------------------
+
+
+def test_syncd_tombstones_lists_what_died_how_and_what_the_other_side_got(e2e: E2E) -> None:
+    hid, lid = person(e2e, "tess.tomb@example.com", hs_stage="lead", score=10)  # archived; propagate
+    _, lid2 = person(e2e, "tom.tomb@example.com", hs_stage="lead", score=10)  # Lead deleted; mark
+    a, _ = person(e2e, "tia.a@example.com", hs_stage="lead", sf=None)
+    b, _ = person(e2e, "tia.b@example.com", hs_stage="lead", sf=None)
+    assert hid and lid and lid2 and a and b
+    converge(e2e)
+    e2e.sf.delete("Lead", lid2)
+    e2e.hs.merge("contacts", a, b)
+    converge(e2e)
+    e2e.hs.archive("contacts", hid)
+    converge(e2e, other_side="propagate")
+
+    r = e2e.syncd("tombstones", "--json")
+    assert r.returncode == 0, r.stderr
+    data = documented("tombstones", r.stdout)
+    by = {t["id"]: t for t in data["tombstones"]}
+    assert data["total"] == 4 and set(by) == {lid2, b, hid, lid}
+    t = by[lid2]
+    assert (t["key"], t["kind"], t["source"], t["other_side"], t["twins"]) == (
+        f"salesforce:Lead:{lid2}", "deleted", "queryAll", "marked", [])
+    assert t["email"] == "tom.tomb@example.com" and t["name"] == "Tom Tomb" and t["entity_id"]
+    assert t["deleted_at"] is not None and t["restored_at"] is None
+    assert (by[b]["kind"], by[b]["merged_into"], by[b]["source"], by[b]["other_side"]) == (
+        "merged", a, "hs_merged_object_ids", "survivor")
+    assert (by[hid]["source"], by[hid]["other_side"]) == ("archive", "propagated")
+    assert by[hid]["twins"] == [{"key": f"salesforce:Lead:{lid}", "state": "done", "last_error": None}]
+    assert by[lid]["source"] == "queryAll"  # the twin syncd deleted, seen dead by the feed after
+
+    def ids(*args: str) -> tuple[int, list[str]]:
+        r = e2e.syncd("tombstones", *args, "--json")
+        assert r.returncode == 0, r.stderr
+        d = documented("tombstones", r.stdout)
+        return d["total"], [t["id"] for t in d["tombstones"]]
+
+    total, got = ids("--system", "hubspot")
+    assert total == 2 and set(got) == {b, hid}
+    total, got = ids("--object", "Lead", "--limit", "1")
+    assert total == 2 and got == [lid]  # the newest noticed first
+    text = e2e.syncd("tombstones")
+    assert text.returncode == 0, text.stderr
+    assert f"salesforce:Lead:{lid2}" in text.stdout and f"merged into {a}" in text.stdout
+    assert f"propagated (salesforce:Lead:{lid} done)" in text.stdout
+
+    e2e.sf.undelete("Lead", lid2)  # restored: no longer listed, unless asked for
+    converge(e2e)
+    total, got = ids()
+    assert total == 3 and lid2 not in got
+    r = e2e.syncd("tombstones", "--restored", "--object", "Lead", "--json")
+    restored = {t["id"]: t for t in documented("tombstones", r.stdout)["tombstones"]}
+    assert restored[lid2]["restored_at"] is not None and restored[lid]["restored_at"] is None
+    bad = e2e.syncd("tombstones", "--system", "pipedrive")
+    assert bad.returncode == 2 and "pipedrive" in bad.stderr

@@ -27,7 +27,7 @@ SYNCD = str(Path(sys.executable).with_name("syncd"))
 TIMEOUT = 120
 HINT = "run `syncd migrate` or start the service"
 READ_ONLY = (("status",), ("status", "--json"), ("audit",), ("mappings", "impact"), ("conflicts",), ("quarantine",),
-             ("unmapped",), ("blocked",))
+             ("unmapped",), ("blocked",), ("tombstones",), ("tombstones", "--json"))
 
 
 def _config(tmp: Path, state_url: str, *, sla: str = "file") -> Path:

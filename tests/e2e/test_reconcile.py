@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from _docs_json import documented
+from test_deletions import converge, engine, entity_of, person, rules_of, stored, tombstones
 
 from syncd import reconcile
+from syncd.engine import CycleStats
 from syncd.metrics import ServiceMetrics
 from syncd.model import utcnow
 from syncd.report import status_data
@@ -142,3 +144,143 @@ def test_reconcile_cli_exits_1_on_a_gap_and_reports_json(e2e: E2E) -> None:
     assert r.returncode == 0, r.stderr
     assert "repaired: fetched 2 missing records" in r.stdout
     assert e2e.syncd("reconcile").returncode == 0
+
+
+# -- extras: in the store, no longer in the CRM ----------------------------------------------------
+
+
+def _writes_to(e2e: E2E, ids: set[str], since: tuple[int, int] = (0, 0)) -> list[dict[str, Any]]:
+    """Write-log entries of both simulators that name one of ``ids`` (from ``since``: the logs'
+    lengths, HubSpot's and Salesforce's, at some earlier point)."""
+    logs = [*e2e.hs.write_log[since[0]:], *e2e.sf.write_log[since[1]:]]
+    return [w for w in logs if ids & {str(v) for v in w.values()}]
+
+
+def test_repair_settles_extras_the_deletion_feeds_missed(e2e: E2E) -> None:
+    """Three deaths no feed tells syncd of: a Lead deleted beyond the recycle-bin window the
+    feed reads (with a write to it pending), a HubSpot contact purged for good (GDPR delete),
+    and a merge whose survivor the pull never saw move. ``reconcile`` reports them as extra;
+    ``--repair`` confirms each by id and settles it the feeds' way, writing nothing to them."""
+    hid, lid = person(e2e, "ella.extra@example.com", hs_stage="lead", score=10)
+    pid, _ = person(e2e, "pete.purged@example.com", hs_stage="lead", sf=None)
+    a, _ = person(e2e, "mia.a@example.com", hs_stage="lead", score=10, sf=None)
+    b, y = person(e2e, "mia.b@example.com", hs_stage="lead", score=10)
+    assert hid and lid and pid and a and b and y
+    converge(e2e)
+    e2e.sf.modify("Lead", lid, {"Status": "Working - Contacted"})
+    e2e.hs.modify("contacts", hid, {"hubspotscore": "80"})  # an MQL: the hand-off to the Lead is planned
+    e2e.decide_only()
+    with e2e.rt.store.tx() as tx:
+        (pending,) = tx.open_writes_to([("salesforce", "Lead", lid)])
+    long_ago = utcnow() - timedelta(days=40)
+    e2e.sf.delete("Lead", lid, at=long_ago)  # older than the 30 days the deletion feed reads
+    e2e.hs.purge("contacts", pid)  # not in the recycle bin: the archive list never shows it
+    e2e.hs.merge("contacts", a, b, at=utcnow() - timedelta(days=2))  # dated before the pull's cursor
+    eng = engine(e2e)
+    st = CycleStats()
+    for system, obj in (("salesforce", "Lead"), ("hubspot", "contacts")):
+        eng.pull(system, obj, st)
+        eng.pull_deletions(system, obj, st)
+    assert st.dead == 0 and tombstones(e2e) == {}  # the feeds and the pull missed all three
+
+    diffs = reconcile.run(e2e.rt, group="contacts")
+    assert {(d.system, d.object): set(d.extra) for d in diffs if d.extra} == {
+        ("salesforce", "Lead"): {lid}, ("hubspot", "contacts"): {pid, b}}
+    assert all(not d.missing for d in diffs)
+    hs_log, sf_log = e2e.sb.hubspot_server.log_requests(), e2e.sb.salesforce_server.log_requests()
+    logged = (len(e2e.hs.write_log), len(e2e.sf.write_log))
+    result = reconcile.repair(e2e.rt, diffs)
+
+    assert result["extras"] == {"alive": 0, "deleted": 2, "merged": 1, "already": 0, "tombstoned_ids": {
+        "hubspot contacts": sorted([pid, b]), "salesforce Lead": [lid]}}
+    tomb = tombstones(e2e)
+    assert (tomb[lid].kind, tomb[lid].source) == ("deleted", "reconcile")
+    assert (tomb[pid].kind, tomb[pid].source) == ("deleted", "reconcile (not found)")
+    assert (tomb[b].kind, tomb[b].merged_into, tomb[b].source) == ("merged", a, "reconcile")
+    assert rules_of(e2e, lid) == [("D1-deleted", "live", "deleted")]
+    assert rules_of(e2e, pid) == [("D1-deleted", "live", "deleted")]
+    assert rules_of(e2e, b) == [("D2-merged", "live", f"merged into {a}")]
+    for key in (("salesforce", "Lead", lid), ("hubspot", "contacts", pid), ("hubspot", "contacts", b)):
+        assert not stored(e2e, *key)
+    with e2e.rt.store.tx() as tx:  # the pending hand-off to the dead Lead was never sent
+        row = tx.get_outbox([pending.id]).get(pending.id)
+        assert row is not None and row.state == "superseded" and "was deleted" in (row.last_error or "")
+        assert tx.open_link_conflicts() == []
+    assert _writes_to(e2e, {lid, pid, b}, logged) == []
+    # the settling read the extras by id only (their survivor's read answers for ``b``)
+    assert _fetched_ids(hs_log).get("contacts.batch_read", set()) <= {pid, b, a}
+    assert _fetched_ids(sf_log).get("query Lead", set()) <= {lid}
+    # the survivor took Mia's Lead over
+    assert entity_of(e2e, "hubspot", "contacts", a) == entity_of(e2e, "salesforce", "Lead", y)
+
+    seen = {i: e2e.hs.id_requests[i] for i in (pid, b)} | {lid: e2e.sf.id_requests[lid]}
+    converge(e2e)
+    assert {i: e2e.hs.id_requests[i] for i in (pid, b)} | {lid: e2e.sf.id_requests[lid]} == seen
+    assert _writes_to(e2e, {lid, pid, b}, logged) == []
+    assert all(not d.extra and not d.missing for d in reconcile.run(e2e.rt, group="contacts"))
+
+
+def test_an_extra_a_fetch_finds_alive_is_only_re_pulled(e2e: E2E) -> None:
+    hid, lid = person(e2e, "al.alive@example.com", hs_stage="lead", score=10)
+    assert hid and lid
+    converge(e2e)
+    writes = e2e.writes()
+    stats = CycleStats()
+
+    got = reconcile.settle_extras(engine(e2e), [reconcile.ObjectDiff("hubspot", "contacts", extra=[hid]),
+                                                reconcile.ObjectDiff("salesforce", "Lead", extra=[lid])], stats)
+
+    assert (got.alive, got.deleted, got.merged) == (2, 0, 0)
+    assert tombstones(e2e) == {} and stats.dead == 0
+    assert stored(e2e, "hubspot", "contacts", hid) and stored(e2e, "salesforce", "Lead", lid)
+    assert entity_of(e2e, "hubspot", "contacts", hid) == entity_of(e2e, "salesforce", "Lead", lid)
+    assert e2e.writes() == writes
+
+
+def test_reconcile_cli_repair_settles_a_purged_contact(e2e: E2E) -> None:
+    hid, _ = person(e2e, "gus.gone@example.com", hs_stage="lead", sf=None)
+    assert hid
+    converge(e2e)
+    e2e.hs.purge("contacts", hid)
+
+    r = e2e.syncd("reconcile", "--object", "contacts", "--json")
+    assert r.returncode == 0, r.stderr  # an extra is no gap in the store; it is said, and settled by --repair
+    assert "1 records in the store are no longer in the CRM" in r.stderr and "--repair" in r.stderr
+    out: dict[str, Any] = documented("reconcile", r.stdout)
+    assert [(o["system"], o["extra_ids"]) for o in out["objects"] if o["extra"]] == [("hubspot", [hid])]
+
+    r = e2e.syncd("reconcile", "--object", "contacts", "--repair", "--json")
+    assert r.returncode == 0, r.stderr
+    out = documented("reconcile", r.stdout)
+    assert out["repaired"]["extras"]["deleted"] == 1
+    assert out["repaired"]["extras"]["tombstoned_ids"] == {"hubspot contacts": [hid]}
+    assert (tombstones(e2e)[hid].source) == "reconcile (not found)"
+    r = e2e.syncd("reconcile", "--object", "contacts")
+    assert r.returncode == 0 and "no longer in the CRM" not in r.stderr
+
+
+def test_the_count_checks_id_diff_settles_the_extras_it_finds(e2e: E2E) -> None:
+    """The service's count check: a counted gap is diffed by id; an extra that diff finds (a
+    contact purged in HubSpot, no feed says so) is confirmed by id and tombstoned at once, under
+    the cycle leases; the missing ones stay reported for ``--repair``."""
+    _seeded(e2e)
+    engine_ = make_engine(e2e.rt, owner="test-owner")
+    stats = engine_.cycle("contacts")
+    with e2e.rt.store.tx() as tx:
+        gone = sorted(r.id for r in tx.iter_records("hubspot", "contacts"))[-1]
+    e2e.hs.purge("contacts", gone)
+    planted = _plant_gap(e2e, n_hubspot=2, n_salesforce=0)
+    check = reconcile.CountCheck(ServiceMetrics({"contacts": 30, "deals": 60}))
+    seen = e2e.hs.id_requests[gone]
+
+    reason = check.after_cycle(e2e.rt, "contacts", engine_, stats)
+
+    assert reason is not None and "hubspot contacts: 2 records missing from the store" in reason
+    with e2e.rt.store.tx() as tx:
+        (tomb,) = tx.list_tombstones()
+        assert set(tx.gaps()[("hubspot", "contacts")]["sample_missing"]) == planted[("hubspot", "contacts")]
+    assert (tomb.record_id, tomb.kind, tomb.source) == (gone, "deleted", "reconcile (not found)")
+    assert e2e.hs.id_requests[gone] > seen  # asked about by id once, to confirm
+    seen = e2e.hs.id_requests[gone]
+    e2e.converge()
+    assert e2e.hs.id_requests[gone] == seen

@@ -124,3 +124,29 @@ def test_a_backwards_move_whose_clear_fails_once_is_sent_whole(hubspot_sandbox: 
                                                  clear_first=("lifecyclestage",))])
     assert not res.ok and res.retriable and "clearing lifecyclestage failed" in (res.error or "")
     assert app.get("contacts", rid)["lifecyclestage"] == "lead"
+
+
+def test_hubspot_deal_merges_are_read_like_contact_merges(hubspot_sandbox: HubSpotSandbox) -> None:
+    """Deals carry ``hs_merged_object_ids`` too: a pulled survivor names the merged-away deal,
+    a read of the old id answers with the survivor, and so does a write to it."""
+    conn = HubSpotConnector(hubspot_sandbox.url, hubspot_sandbox.token, ca_bundle=hubspot_sandbox.ca_path,
+                            properties={"deals": ["dealname", "dealstage"]}, retry=FAST)
+    app = hubspot_sandbox.app
+    try:
+        contact = app.add("contacts", {"email": "deal.owner@example.com"})
+        keep = app.add("deals", {"dealname": "Keep", "dealstage": "appointmentscheduled", "pipeline": "default"})
+        gone = app.add("deals", {"dealname": "Gone", "dealstage": "contractsent", "pipeline": "default"})
+        app.associate(contact, gone)
+        app.merge("deals", keep, gone)
+        assert app.associations("deals", keep) == [contact]  # the survivor takes the associations
+        assert app.get("deals", keep)["dealstage"] == "appointmentscheduled"  # the primary's stage
+        pulled = [r for page in conn.iter_changes("deals", None, overlap=timedelta(0)) for r in page.records]
+        assert [r.id for r in pulled] == [keep]
+        assert pulled[0].fields["_contact_ids"] == [contact]
+        assert [(d.id, d.merged_into) for d in conn.merges_in(pulled)] == [(gone, keep)]
+        assert [(d.id, d.merged_into) for d in conn.dead("deals", [gone, keep])] == [(gone, keep)]
+        (res,) = conn.write("deals", [FieldUpdate("k", gone, {"dealstage": "closedwon"})])
+        assert res.ok and res.record_id == keep, res
+        assert app.get("deals", keep)["dealstage"] == "closedwon"
+    finally:
+        conn.close()
