@@ -21,7 +21,7 @@ import json
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
@@ -219,6 +219,14 @@ def _ts(rec: RawRecord, mod: str) -> int:
         except ValueError:
             pass
     return _ms(rec.modified_at)
+
+
+@dataclass(slots=True)
+class _PullSize:
+    """The size of one pull (the first search answer's ``total``), carried by that pull alone:
+    two pulls on one connector (a cycle and a reconcile) never read each other's."""
+
+    total: int | None = None
 
 
 def _order(rec: RawRecord) -> tuple[datetime, int, str]:
@@ -440,8 +448,6 @@ class HubSpotConnector:
             raise FatalError(f"hubspot: object {obj!r} is not configured", system=SYSTEM)
         return stream
 
-    _pull_total: int | None = None
-
     def _search(self, obj: str, filters: list[dict[str, Any]], sort: str, after: int,
                 props: list[str]) -> Any:
         body = {"filterGroups": [{"filters": filters}],
@@ -453,11 +459,11 @@ class HubSpotConnector:
         if obj not in STREAMS:
             raise FatalError(f"hubspot: object {obj!r} is not supported", system=SYSTEM)
         stream = self._stream(obj)
-        self._pull_total = None  # the first search answer's ``total``: the pull's size (progress)
-        walk = self._walk(stream, since, overlap)
+        size_of = _PullSize()  # this pull's own: the first search answer's ``total`` (progress)
+        walk = self._walk(stream, since, overlap, size_of)
         size = stream.enrich_batch
         if not size:
-            yield from (Page(stream.enrich(self._read_call, recs), self._pull_total) for recs in walk)
+            yield from (Page(stream.enrich(self._read_call, recs), size_of.total) for recs in walk)
             return
         # Search pages are buffered and enriched ``size`` records at a time. Nothing is lost
         # if the caller stops early: the cursor only moves with what was yielded (the max of
@@ -466,13 +472,13 @@ class HubSpotConnector:
         for recs in walk:
             buf.extend(recs)
             while len(buf) >= size:
-                yield Page(stream.enrich(self._read_call, sorted(buf[:size], key=_order)), self._pull_total)
+                yield Page(stream.enrich(self._read_call, sorted(buf[:size], key=_order)), size_of.total)
                 buf = buf[size:]
         if buf:
-            yield Page(stream.enrich(self._read_call, sorted(buf, key=_order)), self._pull_total)
+            yield Page(stream.enrich(self._read_call, sorted(buf, key=_order)), size_of.total)
 
-    def _walk(self, stream: HubSpotStream, since: Cursor | None,
-              overlap: timedelta) -> Iterator[list[RawRecord]]:
+    def _walk(self, stream: HubSpotStream, since: Cursor | None, overlap: timedelta,
+              size_of: _PullSize | None = None) -> Iterator[list[RawRecord]]:
         """The records modified at or after ``since - overlap``, a search page at a time,
         ascending, each record once (restarts at the 10k cap skip what was yielded)."""
         obj, mod, props = stream.name, stream.replication_key, list(stream.properties)
@@ -500,7 +506,7 @@ class HubSpotConnector:
             # Main walk: modified >= lo, ascending, until the end or the 10k cap.
             filters = [{"propertyName": mod, "operator": "GTE", "value": str(lo)}]
             capped, last_ts = False, None
-            for results, at_cap in self._pages(obj, filters, mod, props):
+            for results, at_cap in self._pages(obj, filters, mod, props, size_of):
                 recs = fresh(results)
                 if recs:
                     yield recs
@@ -538,14 +544,15 @@ class HubSpotConnector:
             if not capped:
                 return
 
-    def _pages(self, obj: str, filters: list[dict[str, Any]], sort: str,
-               props: list[str]) -> Iterator[tuple[list[RawRecord], bool]]:
-        """Search pages: (results, stopped_at_cap), paged by a :class:`SearchPaginator`."""
+    def _pages(self, obj: str, filters: list[dict[str, Any]], sort: str, props: list[str],
+               size_of: _PullSize | None = None) -> Iterator[tuple[list[RawRecord], bool]]:
+        """Search pages: (results, stopped_at_cap), paged by a :class:`SearchPaginator`;
+        ``size_of`` takes the first answer's ``total``."""
         pager = SearchPaginator(f"{obj}.search", self._page_size, self.search_cap)
         while not pager.done:
             resp = self._search(obj, filters, sort, pager.after, props)
-            if self._pull_total is None:
-                self._pull_total = resp.get("total")
+            if size_of is not None and size_of.total is None:
+                size_of.total = resp.get("total")
             results = [self._record(obj, o) for o in resp.get("results") or []]
             pager.advance(resp, bool(results))
             yield results, pager.capped

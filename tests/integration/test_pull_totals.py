@@ -37,6 +37,26 @@ def test_hubspot_pages_carry_the_search_total(hubspot_sandbox: HubSpotSandbox) -
         c.close()
 
 
+def test_two_interleaved_hubspot_pulls_on_one_connector_each_report_their_own_total(
+        hubspot_sandbox: HubSpotSandbox) -> None:
+    """A cycle's pull and a reconcile share the connector: each pull's pages say its own size."""
+    for i in range(250):
+        hubspot_sandbox.app.add("contacts", {"email": f"t{i}@example.com", "lifecyclestage": "lead"},
+                                at=T0 + timedelta(seconds=i))
+    c = HubSpotConnector(hubspot_sandbox.url, hubspot_sandbox.token, ca_bundle=hubspot_sandbox.ca_path,
+                         properties={"contacts": ["email", "lifecyclestage"], "deals": ["dealname"]}, retry=FAST)
+    try:
+        whole = c.iter_changes("contacts", None, overlap=timedelta(0))
+        recent = c.iter_changes("contacts", Cursor(T0 + timedelta(seconds=200), ""), overlap=timedelta(0))
+        first = [next(whole), next(recent)]  # both pulls have asked HubSpot once
+        rest_whole, rest_recent = list(whole), list(recent)
+        assert {p.total for p in [first[0], *rest_whole]} == {250}
+        assert {p.total for p in [first[1], *rest_recent]} == {50}
+        assert sum(len(p.records) for p in [first[0], *rest_whole]) == 250
+    finally:
+        c.close()
+
+
 def test_salesforce_pages_carry_the_query_total_size(sf_sandbox: SalesforceSandbox) -> None:
     for i in range(2100):
         sf_sandbox.app.insert("Lead", {"LastName": f"L{i}", "Company": "Co", "Email": f"p{i}@example.com"},
