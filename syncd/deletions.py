@@ -108,7 +108,7 @@ def _one_death(tx: Tx, d: Deletion, row: RecordRow | None, writes: Sequence[Outb
     tx.forget_records([d.key])
     if entity:
         due.add(entity)
-        if policy == "propagate" and not d.merged_into:
+        if policy == "propagate" and not d.merged_into and d.confirmed:
             out.propagated += _propagate(tx, entity, d, row, mapping_rev, now)
     _audit_death(tx, d, row, entity, mapping_rev, now, policy)
     log.warning("record_dead", system=d.system, object=d.object, record_id=d.id,
@@ -190,8 +190,13 @@ def _audit_death(tx: Tx, d: Deletion, row: RecordRow | None, entity: str | None,
                   "its links and pending writes moved to the survivor")
     else:
         rule, after = "D1-deleted", "deleted"
-        other = ("its twin is deleted too" if policy == "propagate"
-                 else "nothing written to the other side, the person is not re-created because of it")
+        if policy == "propagate" and d.confirmed:
+            other = "its twin is deleted too"
+        elif policy == "propagate":
+            other = ("its twin is kept: the CRM did not confirm a deletion (not in its recycle bin: purged, or "
+                     "no longer visible to syncd's user); nothing written to the other side")
+        else:
+            other = "nothing written to the other side, the person is not re-created because of it"
         reason = f"deleted in {d.system}{when} ({d.source}); unlinked; {other}"
     tx.audit_lifecycle(system=d.system, object=d.object, record_id=d.id, entity_id=entity,
                        email_norm=row.email_norm if row else None, before="live", after=after, rule=rule,

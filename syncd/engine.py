@@ -292,7 +292,8 @@ class Engine:
                         next="the quarantined writes wait; the next pull reads the records")
             return
         told = {d.id for d in found}
-        found += [Deletion(system, obj, i, None, None, "re-pull (not found)") for i in gone if i not in told]
+        found += [Deletion(system, obj, i, None, None, "re-pull (not found)", confirmed=False)
+                  for i in gone if i not in told]
         with self._tx() as tx:
             self._bury(tx, found, stats)
 

@@ -168,7 +168,9 @@ class Deletion:
     """A record the CRM no longer has: deleted (archived), or merged into ``merged_into``
     (a Salesforce MasterRecordId, a HubSpot ``hs_merged_object_ids`` survivor). ``source``
     names the feed or answer that told syncd (``queryAll``, ``archive``, ``merged_ids``,
-    ``write answer``, ``re-pull``)."""
+    ``write answer``, ``re-pull``). ``confirmed`` is False where the CRM only stopped
+    answering for the id (not in its recycle bin, no merge: purged, or no longer visible to
+    syncd's user): syncd stops writing to it, but never deletes a twin on that word alone."""
 
     system: str
     object: str
@@ -176,6 +178,7 @@ class Deletion:
     deleted_at: datetime | None = None
     merged_into: str | None = None
     source: str = "feed"
+    confirmed: bool = True
 
     @property
     def key(self) -> tuple[str, str, str]:

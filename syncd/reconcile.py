@@ -149,7 +149,8 @@ def _settle_object(engine: Any, d: ObjectDiff, stats: CycleStats, out: Settled) 
     told = [x for x in (dead_of(d.object, gone) if dead_of is not None and gone else []) if x.id in wanted]
     found = [replace(x, source=SOURCE) for x in told]
     named = {x.id for x in found}
-    found += [Deletion(d.system, d.object, i, None, None, f"{SOURCE} (not found)") for i in gone if i not in named]
+    found += [Deletion(d.system, d.object, i, None, None, f"{SOURCE} (not found)", confirmed=False)
+              for i in gone if i not in named]
     survivors = sorted({x.merged_into for x in found if x.merged_into})
     with engine.store.tx(readonly=True) as tx:
         held = set(tx.get_records([(d.system, d.object, i) for i in survivors], with_raw=False))

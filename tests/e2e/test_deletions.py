@@ -482,3 +482,32 @@ def test_syncd_tombstones_lists_what_died_how_and_what_the_other_side_got(e2e: E
     assert restored[lid2]["restored_at"] is not None and restored[lid]["restored_at"] is None
     bad = e2e.syncd("tombstones", "--system", "pipedrive")
     assert bad.returncode == 2 and "pipedrive" in bad.stderr
+
+
+def test_an_id_the_crm_only_stopped_answering_for_is_tombstoned_but_never_propagated(e2e: E2E) -> None:
+    """Under ``propagate``, a twin is deleted only on the CRM's word (recycle bin, deletion feed).
+    A contact purged, or no longer visible to syncd's user, is just gone from every answer: syncd
+    stops writing to it (a tombstone), and keeps its Salesforce twin, whether the re-pull after a
+    permanent write error or reconcile's settling of extras found it."""
+    from syncd import reconcile
+
+    hid, lid = person(e2e, "una.unseen@example.com", hs_stage="lead", score=10)
+    hid2, lid2 = person(e2e, "ugo.unseen@example.com", hs_stage="lead", score=10)
+    assert hid and lid and hid2 and lid2
+    converge(e2e, other_side="propagate")
+    e2e.hs.purge("contacts", hid)
+    e2e.hs.purge("contacts", hid2)
+    eng = engine(e2e, other_side="propagate")
+    eng.repull("hubspot", "contacts", [hid], CycleStats())  # what a 404 on a write leads to
+    diff = reconcile.ObjectDiff("hubspot", "contacts", extra=[hid2])
+    reconcile.settle_extras(eng, [diff], CycleStats())
+    converge(e2e, other_side="propagate")
+
+    tomb = tombstones(e2e)
+    assert (tomb[hid].source, tomb[hid2].source) == ("re-pull (not found)", "reconcile (not found)")
+    assert not ({lid, lid2} & set(e2e.sf.deleted_ids("Lead")))  # the twins are kept
+    assert not [w for w in e2e.sf.write_log if w["endpoint"].endswith("delete")]
+    for rid in (hid, hid2):
+        (audit,) = [a for a in e2e.audit(record_id=rid) if a.field == "record"]
+        assert audit.rule == "D1-deleted" and "its twin is kept: the CRM did not confirm a deletion" in audit.reason
+    assert_quiet(e2e)
