@@ -41,7 +41,9 @@ def _one(tx: Any, system: str, r: dict[str, Any], holds: dict[Any, Any], now: fl
     ahead = window.end(now) - now if window.kind == "day" else window.length_s
     fresh = r["reported_at"] is not None and (
         window.kind == "rolling" or window.start(r["reported_at"]) == window.start(now))
-    org_used = r["org_used"] if fresh else None
+    # the CRM's own count, as last reported; never below syncd's own calls in the window (a
+    # report predates the calls made since, and HubSpot's search answers carry no headers)
+    org_used = max(int(r["org_used"]), in_window) if fresh and r["org_used"] is not None else None
     pace = {k: round(v * factor_at(holds.get((system, k)), now), 3) for k, v in (st.get("pace") or {}).items()}
     return {
         "window": window.describe(), "today": today, "rolling": last, "cap": cap,

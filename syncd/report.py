@@ -369,8 +369,10 @@ def _cycles_table(data: dict[str, Any], now: datetime, console: Console) -> None
         return
     r = runs[0]
     if r["status"] in ("partial", "failed", "interrupted"):
-        say(console, f"last cycle: {r['status']} ({r['job']}, {_when(now, r['started_at'])}): "
-                      f"{mask_email(r['error'] or '')}")
+        why = mask_email(r["error"]) if r["error"] else (
+            "stopped before it finished (a shutdown or a restart); the next cycle picks up where it left off"
+            if r["status"] == "interrupted" else "no reason recorded")
+        say(console, f"last cycle: {r['status']} ({r['job']}, {_when(now, r['started_at'])}): {why}")
     t = Sheet(f"last {len(runs)} cycle{'s' if len(runs) != 1 else ''} "
               "(ok | partial: decisions held | failed | interrupted)")
     token(t, "started")

@@ -189,6 +189,12 @@ def test_burn_shows_calls_cap_pace_share_and_the_pause_in_status_and_metrics(sto
     assert got[("syncd_api_remaining", (("system", "hubspot"),))] == 480
     assert got[("syncd_api_ledger_calls", (("system", "hubspot"), ("window", "today")))] == 20
     assert got[("syncd_api_paused", (("system", "hubspot"),))] == 0
+    budget.report(10, 1000)  # a report older than syncd's calls (search answers carry no headers)
+    budget.before("contacts.search")
+    budget.settle()
+    with store.tx(readonly=True) as tx:
+        lagging = burn.burn(tx, clock.t)["hubspot"]
+    assert (lagging["org_used"], lagging["org_share"]) == (21, 1.0)  # the org made at least syncd's 21
 
 
 def test_a_status_of_a_store_without_the_ledger_shows_no_burn(tmp_path: object) -> None:

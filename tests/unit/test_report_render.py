@@ -162,3 +162,12 @@ def test_a_dry_run_names_a_deal_by_name_and_id() -> None:
     assert who([deal]) == 'deal "Acme renewal" (9001)'
     assert who([person]) == "a@example.com"
     assert who([CanonicalRecord("hubspot", "deals", "9002", "deal", NOW)]) == "9002"
+
+
+def test_a_cycle_stopped_by_a_shutdown_says_so_instead_of_an_empty_reason(store: Store) -> None:
+    with store.tx() as tx:
+        run = tx.start_run("cycle:contacts", now=NOW - timedelta(seconds=30))
+        tx.finish_run(run, "interrupted", {"pulled": 2, "sent": 0}, None, now=NOW)
+    text = _render(200, report.print_status, report.status_data(store, NOW))
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("last cycle:")]
+    assert line.startswith("last cycle: interrupted (cycle:contacts, 09:29 UTC (30s ago)): stopped before it finished")
