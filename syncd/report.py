@@ -422,10 +422,13 @@ def _counts_lines(data: dict[str, Any], now: datetime, console: Console) -> None
                   + f"   open SLA breaches: {len(data['sla_breaches'])}"
                   + f"   link conflicts: {data['link_conflicts']}"
                   + f"   blocked re-hand-offs: {blocked}")
+    if data["link_conflicts"]:
+        say(console, f"  {data['link_conflicts']} link conflicts: one email on several records of one CRM; syncd "
+                      "links none of them until a person picks one (`syncd conflicts`).")
     if blocked:
         say(console, f"  {blocked} people qualified again after sales returned them, but without new evidence "
                       "(a bottom-of-funnel conversion or a large score rise): syncd keeps them with marketing "
-                      "rather than hand them back to sales.")
+                      "rather than hand them back to sales (`syncd blocked` lists them; `release` hands one off).")
     fw = data.get("failing_writes") or {}
     if fw.get("count"):
         o = fw["oldest"]

@@ -171,3 +171,11 @@ def test_a_cycle_stopped_by_a_shutdown_says_so_instead_of_an_empty_reason(store:
     text = _render(200, report.print_status, report.status_data(store, NOW))
     (line,) = [ln for ln in text.splitlines() if ln.startswith("last cycle:")]
     assert line.startswith("last cycle: interrupted (cycle:contacts, 09:29 UTC (30s ago)): stopped before it finished")
+
+
+def test_what_is_held_for_a_person_names_the_command_that_lists_it(store: Store) -> None:
+    data = report.status_data(store, NOW)
+    data = {**data, "link_conflicts": 3, "events_open": {**data["events_open"], "promotion_blocked": 2}}
+    text = _render(200, report.print_status, data)
+    assert "3 link conflicts: one email on several records of one CRM" in text and "`syncd conflicts`" in text
+    assert "2 people qualified again" in text and "`syncd blocked` lists them" in text
