@@ -392,11 +392,12 @@ class Budget:
         cap = self.cap()
         used = sum(self._claims.values())
         window = self.s.window
-        if used < cap:  # the org's own limit, as the CRM reported it, is what is spent
+        org_left = self._org_left(now)
+        if used < cap and org_left is not None and org_left <= 0:  # the org's own limit, as reported
             until = window.end(now) if window.kind == "day" else now + window.bucket_s
             line = (f"{self.system}: the org's daily API limit is spent ({self.report_.org_used or 0:,}/"
                     f"{self.report_.org_limit or 0:,} reported)")
-        elif self._spent + sum(self._pending.values()) < cap:  # other processes hold the last claims
+        elif used < cap or self._spent + sum(self._pending.values()) < cap:  # others hold the last claims
             until = now + 2 * self.s.flush_s
             line = (f"{self.system}: daily API share {used:,}/{cap:,} used or claimed by other syncd "
                     "processes")
@@ -426,7 +427,9 @@ class Budget:
             if whole is not None and whole.until > now:
                 return CapReached(f"{self.system}: {whole.reason} — paused until {when(whole.until, self.s.window)}",
                                   system=self.system, until=whole.until)
-            self._sync(now, want=1 if self._left <= 0 else 0)
+            # want one call in hand: a claim of an earlier bucket is given back by the sync
+            # (a new ledger hour), and an empty hand then is no pause unless nothing is granted
+            self._sync(now, want=1)
             return self._paused(now) if self._left <= 0 else None
 
     def close(self) -> None:

@@ -129,6 +129,24 @@ def test_budgets_of_two_processes_share_one_cap_and_count_exactly(open_store: Ca
         assert sum(tx.api_claims_since("salesforce", 0).values()) == 100
 
 
+@pytest.mark.parametrize("window", ["day", "rolling"])
+def test_a_new_ledger_hour_is_no_pause(store: Store, window: str) -> None:
+    """The service asks ``paused()`` before each job. Across a ledger bucket (hour) boundary the
+    unspent claim of the last hour is given back: that must not read as "the org's daily limit
+    is spent" (a service paused HubSpot until midnight at 11 of 10,000,000 calls)."""
+    clock = FakeClock(T0 + 3600 - 5)  # five seconds before the hour
+    s = Settings("hubspot", Window(window), daily_limit=10_000_000, flush_every=50, paces={"burst": Pace(1000.0)})
+    budget = Budget(store, s, clock=clock, sleep=clock.sleep)
+    budget.report(11, 10_000_000)
+    for _ in range(3):
+        budget.before("contacts.search")
+    assert budget.paused() is None
+    clock.t += 10  # the next hour: the unspent claim goes back
+    assert budget.paused() is None
+    budget.before("contacts.search")  # and calls go on
+    assert budget.paused() is None
+
+
 def test_a_429_holds_the_class_for_retry_after_and_slows_it(store: Store) -> None:
     clock = FakeClock(T0)
     s = Settings("hubspot", Window("day"), daily_limit=10_000, paces={"burst": Pace(10.0), "search": Pace(4.0)})
