@@ -175,7 +175,7 @@ def ok_cycles(svc: ServiceProc) -> int:
 def wait_cycles(svc: ServiceProc, n: int) -> None:
     """``n`` more successful cycles of this daemon (a deadline, not a timing)."""
     target = ok_cycles(svc) + n
-    wait_until(lambda: svc.alive() and ok_cycles(svc) >= target, f"{n} more ok cycles; log: {svc.tail()}")
+    wait_until(lambda: svc.alive() and ok_cycles(svc) >= target, lambda: f"{n} more ok cycles; log: {svc.tail()}")
 
 
 def audit_once(ch: Chaos) -> list[Any]:

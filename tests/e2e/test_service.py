@@ -111,7 +111,7 @@ class ServiceProc:
     def wait_ok_cycles(self, group: str, n: int) -> None:
         wait_until(
             lambda: self.alive() and self.ok_cycles(group) >= n,
-            f"{n} successful {group} cycle(s); log tail: {self.tail()}",
+            lambda: f"{n} successful {group} cycle(s); log tail: {self.tail()}",  # the tail when it gives up
         )
 
     def alive(self) -> bool:

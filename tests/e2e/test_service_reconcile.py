@@ -32,7 +32,7 @@ def test_service_count_check_flags_a_planted_gap_until_repaired(
         store.close()
 
     wait_until(lambda: svc.alive() and svc.metric("syncd_reconcile_missing_records", system="hubspot",
-                                                  object="contacts") == 2, f"the gap metric; {svc.tail()}")
+                                                  object="contacts") == 2, lambda: f"the gap metric; {svc.tail()}")
     wait_until(lambda: svc.metric("syncd_cycle_failures_total", group="contacts", error="reconcile_gap") >= 1,
                "a contacts cycle counted failed for the gap")
     status = json.loads(world.syncd("status", "--json").stdout)
@@ -76,7 +76,8 @@ def test_the_running_service_settles_a_purged_contact_its_count_check_finds(
         r = world.syncd("tombstones", "--system", "hubspot", "--json")
         return r.returncode == 0 and any(t["id"] == gone for t in json.loads(r.stdout)["tombstones"])
 
-    wait_until(lambda: svc.alive() and tombstoned(), f"the purged contact tombstoned by the service; {svc.tail()}")
+    wait_until(lambda: svc.alive() and tombstoned(),
+               lambda: f"the purged contact tombstoned by the service; {svc.tail()}")
     assert svc.events("reconcile_extras_settled")
     seen = world.sb.hubspot.id_requests[gone]
     r = world.syncd("reconcile", "--object", "contacts", "--repair")  # the two planted as missing
