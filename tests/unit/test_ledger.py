@@ -130,11 +130,12 @@ def test_budgets_of_two_processes_share_one_cap_and_count_exactly(open_store: Ca
 
 
 @pytest.mark.parametrize("window", ["day", "rolling"])
-def test_a_new_ledger_hour_is_no_pause(store: Store, window: str) -> None:
+@pytest.mark.parametrize("boundary", [T0 + 3600, T0 + 86_400], ids=["hour", "midnight"])
+def test_a_new_ledger_hour_is_no_pause(store: Store, window: str, boundary: float) -> None:
     """The service asks ``paused()`` before each job. Across a ledger bucket (hour) boundary the
     unspent claim of the last hour is given back: that must not read as "the org's daily limit
     is spent" (a service paused HubSpot until midnight at 11 of 10,000,000 calls)."""
-    clock = FakeClock(T0 + 3600 - 5)  # five seconds before the hour
+    clock = FakeClock(boundary - 5)  # five seconds before the hour (or the UTC day)
     s = Settings("hubspot", Window(window), daily_limit=10_000_000, flush_every=50, paces={"burst": Pace(1000.0)})
     budget = Budget(store, s, clock=clock, sleep=clock.sleep)
     budget.report(11, 10_000_000)
