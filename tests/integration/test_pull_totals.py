@@ -19,12 +19,26 @@ FAST = RetryPolicy(max_attempts=6, base=0.001, cap=0.01, max_retry_after=0.05)
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
 
+def _hubspot_with_contacts(sb: HubSpotSandbox, n: int) -> HubSpotConnector:
+    """``n`` contacts modified a second apart from T0, and a connector to them."""
+    for i in range(n):
+        sb.app.add("contacts", {"email": f"t{i}@example.com", "lifecyclestage": "lead"}, at=T0 + timedelta(seconds=i))
+    return HubSpotConnector(sb.url, sb.token, ca_bundle=sb.ca_path,
+                            properties={"contacts": ["email", "lifecyclestage"], "deals": ["dealname"]}, retry=FAST)
+
+
+def _salesforce_with_leads(sb: SalesforceSandbox, n: int) -> SalesforceConnector:
+    """``n`` Leads modified a second apart from T0, and a connector to them."""
+    for i in range(n):
+        sb.app.insert("Lead", {"LastName": f"L{i}", "Company": "Co", "Email": f"p{i}@example.com"},
+                      at=T0 + timedelta(seconds=i))
+    return SalesforceConnector(sb.url, sb.session_id, ca_bundle=sb.ca_path,
+                               fields={"Lead": ["Email", "Status"], "Contact": ["Email"], "Opportunity": ["Name"],
+                                       "Task": ["WhoId"]}, retry=FAST)
+
+
 def test_hubspot_pages_carry_the_search_total(hubspot_sandbox: HubSpotSandbox) -> None:
-    for i in range(250):
-        hubspot_sandbox.app.add("contacts", {"email": f"t{i}@example.com", "lifecyclestage": "lead"},
-                                at=T0 + timedelta(seconds=i))
-    c = HubSpotConnector(hubspot_sandbox.url, hubspot_sandbox.token, ca_bundle=hubspot_sandbox.ca_path,
-                         properties={"contacts": ["email", "lifecyclestage"], "deals": ["dealname"]}, retry=FAST)
+    c = _hubspot_with_contacts(hubspot_sandbox, 250)
     try:
         pages = list(c.iter_changes("contacts", None, overlap=timedelta(0)))
         assert len(pages) > 1 and {p.total for p in pages} == {250}
@@ -40,11 +54,7 @@ def test_hubspot_pages_carry_the_search_total(hubspot_sandbox: HubSpotSandbox) -
 def test_two_interleaved_hubspot_pulls_on_one_connector_each_report_their_own_total(
         hubspot_sandbox: HubSpotSandbox) -> None:
     """A cycle's pull and a reconcile share the connector: each pull's pages say its own size."""
-    for i in range(250):
-        hubspot_sandbox.app.add("contacts", {"email": f"t{i}@example.com", "lifecyclestage": "lead"},
-                                at=T0 + timedelta(seconds=i))
-    c = HubSpotConnector(hubspot_sandbox.url, hubspot_sandbox.token, ca_bundle=hubspot_sandbox.ca_path,
-                         properties={"contacts": ["email", "lifecyclestage"], "deals": ["dealname"]}, retry=FAST)
+    c = _hubspot_with_contacts(hubspot_sandbox, 250)
     try:
         whole = c.iter_changes("contacts", None, overlap=timedelta(0))
         recent = c.iter_changes("contacts", Cursor(T0 + timedelta(seconds=200), ""), overlap=timedelta(0))
@@ -58,12 +68,7 @@ def test_two_interleaved_hubspot_pulls_on_one_connector_each_report_their_own_to
 
 
 def test_salesforce_pages_carry_the_query_total_size(sf_sandbox: SalesforceSandbox) -> None:
-    for i in range(2100):
-        sf_sandbox.app.insert("Lead", {"LastName": f"L{i}", "Company": "Co", "Email": f"p{i}@example.com"},
-                              at=T0 + timedelta(seconds=i))
-    c = SalesforceConnector(sf_sandbox.url, sf_sandbox.session_id, ca_bundle=sf_sandbox.ca_path,
-                            fields={"Lead": ["Email", "Status"], "Contact": ["Email"], "Opportunity": ["Name"],
-                                    "Task": ["WhoId"]}, retry=FAST)
+    c = _salesforce_with_leads(sf_sandbox, 2100)
     try:
         pages = list(c.iter_changes("Lead", None, overlap=timedelta(0)))
         assert [len(p.records) for p in pages] == [2000, 100] and {p.total for p in pages} == {2100}
@@ -76,12 +81,7 @@ def test_two_interleaved_salesforce_pulls_on_one_connector_each_report_their_own
         sf_sandbox: SalesforceSandbox) -> None:
     """A service cycle's pull and a reconcile (or another thread) share the connector: each pull's
     pages say the size of that pull, whichever pull asked Salesforce last."""
-    for i in range(2100):
-        sf_sandbox.app.insert("Lead", {"LastName": f"L{i}", "Company": "Co", "Email": f"p{i}@example.com"},
-                              at=T0 + timedelta(seconds=i))
-    c = SalesforceConnector(sf_sandbox.url, sf_sandbox.session_id, ca_bundle=sf_sandbox.ca_path,
-                            fields={"Lead": ["Email", "Status"], "Contact": ["Email"], "Opportunity": ["Name"],
-                                    "Task": ["WhoId"]}, retry=FAST)
+    c = _salesforce_with_leads(sf_sandbox, 2100)
     try:
         whole = c.iter_changes("Lead", None, overlap=timedelta(0))
         recent = c.iter_changes("Lead", Cursor(T0 + timedelta(seconds=50), ""), overlap=timedelta(0))
