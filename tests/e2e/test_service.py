@@ -430,8 +430,11 @@ def test_two_daemons_on_one_store_never_run_the_same_cycle_at_once(
 ) -> None:
     first = start_service()
     first.wait_ok_cycles("contacts", 1)
-    # Slow Salesforce down so that a cycle outlasts the interval: without leases they would overlap.
-    world.sb.salesforce_server.inject("delay", count=1_000_000, endpoint="query", delay=0.5)
+    # Slow Salesforce down so that cycles outlast the interval: without leases they would overlap.
+    # For a while only: the leases promise one cycle at a time, not turns, and a daemon whose cycles
+    # run back to back can keep the other a standby (it was, once, on a loaded CI machine); once the
+    # delays are used up the second daemon gets its turns.
+    world.sb.salesforce_server.inject("delay", count=40, endpoint="query", delay=0.5)
     # The second daemon shares the store and the config, but not the metrics port.
     second_cfg = world.tmp / "second.toml"
     second_cfg.write_text(world.config.read_text().replace(f"metrics_port = {world.metrics_port}", "metrics_port = 0"))
