@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -310,3 +312,24 @@ def test_the_concurrency_gate_keeps_at_most_n_requests_in_flight(store: Store) -
     for t in threads:
         t.join(10)
     assert most[0] == 2
+
+
+@pytest.mark.parametrize(("system", "window"), [("hubspot", "day"), ("salesforce", "rolling")])
+def test_three_days_of_calls_far_below_the_cap_are_never_paused(store: Store, system: str, window: str) -> None:
+    """Whatever the clock does between calls (seconds to hours, across hours and UTC midnights),
+    a budget far from its cap and from the org's limit never says it is paused."""
+    rng = random.Random(20261201)
+    clock = FakeClock(T0 - 7)
+    s = Settings(system, Window(window), daily_limit=1_000_000, flush_every=25, paces={"burst": Pace(1e6)})
+    budget = Budget(store, s, clock=clock, sleep=clock.sleep)
+    end = T0 + 3 * 86_400
+    while clock.t < end:
+        at = datetime.fromtimestamp(clock.t, UTC).isoformat()
+        assert budget.paused() is None, at  # the service asks before each job
+        budget.report(rng.randrange(10, 1000), 1_000_000)
+        for _ in range(rng.randrange(1, 40)):
+            budget.before("contacts.search" if system == "hubspot" else "query")
+        assert budget.paused() is None, at
+        if rng.random() < 0.1:
+            budget.settle()  # the end of a run
+        clock.t += rng.choice([0.5, 7.0, 59.0, 600.0, 3599.0, 3600.0, 7201.0])
