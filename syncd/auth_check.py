@@ -30,7 +30,7 @@ from syncd.connectors.auth import Token, TokenProvider
 from syncd.errors import AuthError, SyncError
 from syncd.logs import one_line
 from syncd.mapping import Mappings
-from syncd.mapping_check import check_external_ids, external_ids
+from syncd.mapping_check import check_external_ids
 
 log = structlog.get_logger()
 
@@ -175,7 +175,7 @@ def _external_ids(mappings: Mappings, described: Mapping[tuple[str, str], list[d
     from describe by the check ``mappings check --live`` runs (:func:`mapping_check.check_external_ids`):
     missing, not an External ID, or not createable for this user. Its warnings (no object declares
     one) are not missing things: syncd still works, with the weaker email look-up."""
-    problems = check_external_ids(mappings, external_ids(described), described=described)
+    problems = check_external_ids(mappings, described)
     return [f"salesforce: {p.message.removeprefix('salesforce ')} ({p.file}:{p.line})"
             for p in problems if p.severity == "error"]
 

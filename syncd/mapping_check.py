@@ -101,53 +101,38 @@ def live_problems(m: Mappings, connectors: Mapping[str, Any]) -> list[Problem]:
                     described[(system, obj)] = describe(obj)
         finally:
             conn.close()
-    return compare_live(m, allowed) + check_external_ids(m, external_ids(described), described=described)
+    return compare_live(m, allowed) + check_external_ids(m, described)
 
 
-def external_ids(described: Mapping[tuple[str, str], Iterable[Mapping[str, Any]]]) -> dict[tuple[str, str], set[str]]:
-    """(system, object) -> the names of its External ID fields, from describe's fields."""
-    return {key: {str(f.get("name")) for f in fields if f.get("externalId")} for key, fields in described.items()}
-
-
-def check_external_ids(m: Mappings, present: Mapping[tuple[str, str], Iterable[str]], *,
-                       described: Mapping[tuple[str, str], Iterable[Mapping[str, Any]]] | None = None,
-                       ) -> list[Problem]:
+def check_external_ids(m: Mappings, described: Mapping[tuple[str, str], Iterable[Mapping[str, Any]]]) -> list[Problem]:
     """Whether the CRM has the External ID fields the mappings declare (``external_id``: creates
-    upsert on it). ``present``: (system, object) -> the object's External ID fields, read from
-    the CRM for the objects that declare one. A declared field the CRM lacks is an error (its
-    creates fall back to the weaker email look-up); Salesforce mappings declaring none get a
-    warning saying so. ``described`` (optional): (system, object) -> describe's fields as the user
-    syncd runs as sees them (``syncd auth check`` has them): a declared field that is there but
-    not an External ID, or that this user cannot set on create, is named as such."""
+    upsert on it). ``described``: (system, object) -> describe's fields as the user syncd runs as
+    sees them, for the objects that declare one. A declared field the CRM lacks, that is not an
+    External ID, or that this user cannot set on create, is an error (its creates fall back to the
+    weaker email look-up, or are refused); Salesforce mappings declaring none get a warning."""
     out: list[Problem] = []
     declared = [(s, o, f) for s, o in m.objects() if (f := m.external_id(s, o))]
     for system, obj, field in declared:
-        if (system, obj) not in present:
+        if (system, obj) not in described:
             continue
-        seen = {str(d.get("name", "")).lower(): d for d in (described or {}).get((system, obj), ())}
+        seen = {str(d.get("name", "")).lower(): d for d in described[(system, obj)]}
         info = seen.get(field.lower())
-        if info is not None and not info.get("externalId"):
-            f, line, col = m.position(system, (obj, "external_id"))
-            out.append(Problem(
-                f, line, col,
-                f"{system} {obj}.{field}: not an External ID field; creates fall back to the email look-up "
-                "(weaker). Mark it External ID and Unique, or name another field in external_id",
-                code="live-external-id-not-external"))
-        elif info is not None and not info.get("createable"):
-            f, line, col = m.position(system, (obj, "external_id"))
-            out.append(Problem(
-                f, line, col,
-                f"{system} {obj}.{field}: the External ID is not createable for this user: the CRM refuses the "
-                "creates that set it. Give the user edit access to the field (field-level security) or remove "
-                "external_id",
-                code="live-external-id-not-createable"))
-        elif field.lower() not in {x.lower() for x in present[(system, obj)]}:
-            f, line, col = m.position(system, (obj, "external_id"))
-            out.append(Problem(
-                f, line, col,
-                f"{system} {obj}.{field}: no such External ID field in the CRM; creates fall back to the "
-                "email look-up (weaker). Add it (Text, External ID, Unique) or remove external_id",
-                code="live-external-id-missing"))
+        if info is None:
+            code, why = ("live-external-id-missing",
+                         "no such External ID field in the CRM; creates fall back to the email look-up (weaker). "
+                         "Add it (Text, External ID, Unique) or remove external_id")
+        elif not info.get("externalId"):
+            code, why = ("live-external-id-not-external",
+                         "not an External ID field; creates fall back to the email look-up (weaker). Mark it "
+                         "External ID and Unique, or name another field in external_id")
+        elif not info.get("createable"):
+            code, why = ("live-external-id-not-createable",
+                         "the External ID is not createable for this user: the CRM refuses the creates that set "
+                         "it. Give the user edit access to the field (field-level security) or remove external_id")
+        else:
+            continue
+        f, line, col = m.position(system, (obj, "external_id"))
+        out.append(Problem(f, line, col, f"{system} {obj}.{field}: {why}", code=code))
     if not any(s == "salesforce" for s, _, _ in declared) and any(s == "salesforce" for s, _ in m.objects()):
         f, line, col = m.position("salesforce", ())
         out.append(Problem(f, line, col, "salesforce: no object declares external_id: creates rely on the "

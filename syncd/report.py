@@ -37,7 +37,8 @@ CYCLES_SHOWN = 5
 RESYNCS_SHOWN = 5
 
 
-def _console() -> Console:
+def stdout_console() -> Console:
+    """The console the operator's tables go to: a terminal's width, else ``COLUMNS`` or :data:`WIDE`."""
     if sys.stdout.isatty():
         return Console(soft_wrap=False)
     columns = os.environ.get("COLUMNS", "")
@@ -501,7 +502,7 @@ def _service_lines(data: dict[str, Any], now: datetime, console: Console) -> Non
 
 
 def print_status(data: dict[str, Any], console: Console | None = None) -> None:
-    console = console or _console()
+    console = console or stdout_console()
     now = datetime.fromisoformat(data["now"])
     _objects_table(data, now, console)
     _picture_lines(data, console)
@@ -564,7 +565,7 @@ EXPLAIN: tuple[tuple[str, str], ...] = (
 
 
 def print_explain(console: Console | None = None) -> None:
-    console = console or _console()
+    console = console or stdout_console()
     t = Sheet("syncd status: what each word means")
     token(t, "word")
     prose(t, "meaning", min_width=30)
@@ -592,7 +593,7 @@ def deal_labels(tx: Any, rows: Sequence[AuditRow]) -> dict[str, str]:
 def print_audit(rows: Sequence[AuditRow], console: Console | None = None, *, show_emails: bool = True,
                 labels: Mapping[str, str] | None = None) -> None:
     """``labels``: entity id → how to name it (deals by name, :func:`deal_labels`)."""
-    console = console or _console()
+    console = console or stdout_console()
     labels = labels or {}
     t = Sheet(f"audit ({len(rows)} writes)")
     for col in ("time", "who", "system", "record", "field", "before → after", "rule"):
@@ -612,7 +613,7 @@ def _shown(v: Any) -> str:
 
 
 def planned_writes_table(planned: Sequence[PlannedWrite], console: Console | None = None) -> None:
-    console = console or _console()
+    console = console or stdout_console()
     t = Sheet(f"dry run: {len(planned)} planned writes (nothing was changed)")
     for col in ("who", "system", "record"):
         token(t, col)

@@ -64,18 +64,16 @@ def _minute(at: str | None) -> str:
 
 
 def _print(data: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from syncd.report import Sheet, say, stdout_console, token
 
     rows = data["tombstones"]
-    console = Console(soft_wrap=False, width=240)
+    console = stdout_console()
     if not rows:
-        console.print("no deleted or merged records known")
+        say(console, "no deleted or merged records known")
         return
-    t = Table(title=f"deleted or merged records: {data['total']:,} (newest {len(rows):,} shown; "
-                    "nothing is written to them)", title_justify="left")
+    t = Sheet(f"deleted or merged records: {data['total']:,} (newest {len(rows):,} shown; nothing is written to them)")
     for col in ("record", "what", "deleted at", "noticed", "source", "other side", "person"):
-        t.add_column(col)
+        token(t, col)
     for r in rows:
         what = f"merged into {r['merged_into']}" if r["kind"] == "merged" else "deleted"
         if r["restored_at"]:
@@ -85,7 +83,7 @@ def _print(data: dict[str, Any]) -> None:
             other += " (" + ", ".join(f"{w['key']} {w['state']}" for w in r["twins"]) + ")"
         t.add_row(r["key"], what, _minute(r["deleted_at"]), _minute(r["detected_at"]), r["source"], other,
                   r["name"] or r["email"] or (r["entity_id"] or "")[:8])
-    console.print(t)
+    t.print(console)
 
 
 def run_cli(cfg: Config, *, system: str | None, obj: str | None, limit: int, restored: bool,
