@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from _waiting import wait_until
@@ -43,8 +44,17 @@ def break_store(store_url: str) -> Callable[[], None]:
     url = sa.make_url(store_url)
     schema = url.query["options"].split("=", 1)[1]
     admin = sa.create_engine(url.difference_update_query(["options"]))
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    # DROP ... CASCADE locks the schema's tables one by one while the service is writing to them, so
+    # PostgreSQL may pick the DROP as a deadlock's victim (seen in CI); a victim is rolled back whole
+    # and is simply tried again.
+    for attempt in range(20):
+        try:
+            with admin.begin() as conn:
+                conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+            break
+        except sa.exc.OperationalError as ex:
+            if not isinstance(ex.orig, psycopg.errors.DeadlockDetected) or attempt == 19:
+                raise
 
     def restore() -> None:
         with admin.begin() as conn:  # for the fixture's own DROP SCHEMA
