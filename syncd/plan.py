@@ -121,24 +121,23 @@ def estimate(rt: Any, *, groups: list[str] | None = None, full: bool = False,
 
 
 def print_plan(plan: Plan) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from syncd.sheet import Sheet, say, stdout_console, token
 
-    t = Table(title=f"cost plan: {plan.what} (API calls per system)", title_justify="left")
+    t = Sheet(f"cost plan: {plan.what} (API calls per system)")
     for col in ("system", "object", "from", "records", "pull calls", "refetch", "queued writes", "calls"):
-        t.add_column(col, justify="left" if col in ("system", "object", "from") else "right")
+        token(t, col, justify="left" if col in ("system", "object", "from") else "right")
     for o in plan.objects:
         t.add_row(o.system, o.object, o.since.isoformat()[:19] if o.since else "everything", f"{o.records:,}",
                   f"{o.pull_calls:,}", f"{o.refetch_calls:,}", f"{o.write_calls:,}", f"{o.calls:,}")
     for system in plan.systems:
-        t.add_row(f"[bold]{system}[/]", "total", "", f"{sum(o.records for o in plan.objects if o.system == system):,}",
-                  "", "", "", f"[bold]{plan.calls(system):,}[/]")
-    console = Console(soft_wrap=False, width=160)
-    console.print(t)
-    console.print("plus the writes the resync's own decisions make (known only once it decides); "
-                  f"counting cost {sum(plan.count_calls.values())} calls")
+        t.add_row(system, "total", "", f"{sum(o.records for o in plan.objects if o.system == system):,}",
+                  "", "", "", f"{plan.calls(system):,}")
+    console = stdout_console()
+    t.print(console)
+    say(console, "plus the writes the resync's own decisions make (known only once it decides); "
+                 f"counting cost {sum(plan.count_calls.values())} calls")
     for why in plan.refusals.values():
-        console.print(f"[bold red]over the cap:[/] {why}")
+        say(console, f"over the cap: {why}", style="bold red")
 
 
 def check_resync(cfg: Config, req: Any, *, show: bool, force: bool) -> None:

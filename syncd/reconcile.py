@@ -414,30 +414,31 @@ def _diff_json(d: ObjectDiff, samples: int) -> dict[str, Any]:
 
 
 def _print(diffs: Sequence[ObjectDiff], samples: int, repaired: dict[str, Any] | None) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from syncd.sheet import Sheet, prose, say, stdout_console, token
 
-    t = Table(title="reconcile: CRM ids vs the store", title_justify="left")
+    t = Sheet("reconcile: CRM ids vs the store")
     numbers = ("crm", "store", "missing", "extra", "not yet pulled", "calls")
-    for col in ("system", "object", *numbers, "sample missing", "sample extra"):
-        t.add_column(col, justify="right" if col in numbers else "left")
+    for col in ("system", "object", *numbers):
+        token(t, col, justify="right" if col in numbers else "left")
+    for col in ("sample missing", "sample extra"):
+        prose(t, col)  # ids, a comma-and-space list: wrapped between ids, never inside one
     for d in diffs:
         t.add_row(d.system, d.object, f"{d.crm:,}", f"{d.store:,}", f"{len(d.missing):,}", f"{len(d.extra):,}",
                   f"{d.newer:,}", str(d.calls), ", ".join(sorted(d.missing)[:samples]), ", ".join(d.extra[:samples]))
-    console = Console(soft_wrap=False, width=200)
-    console.print(t)
+    console = stdout_console()
+    t.print(console)
     if repaired is not None:
-        console.print(f"repaired: fetched {repaired.get('fetched', 0)} missing records and decided them again")
+        say(console, f"repaired: fetched {repaired.get('fetched', 0)} missing records and decided them again")
         ex = repaired.get("extras") or {}
         if any(ex.get(k) for k in ("alive", "deleted", "merged", "already")):
-            console.print(f"extras: {ex.get('deleted', 0)} deleted and {ex.get('merged', 0)} merged in the CRM "
-                          f"(tombstoned, unlinked, nothing written to them; see `syncd tombstones`), "
-                          f"{ex.get('alive', 0)} alive (re-pulled), {ex.get('already', 0)} tombstoned already")
+            say(console, f"extras: {ex.get('deleted', 0)} deleted and {ex.get('merged', 0)} merged in the CRM "
+                         f"(tombstoned, unlinked, nothing written to them; see `syncd tombstones`), "
+                         f"{ex.get('alive', 0)} alive (re-pulled), {ex.get('already', 0)} tombstoned already")
 
 
 def run_cli(cfg: Config, *, group: str | None, do_repair: bool, as_json: bool, force: bool) -> None:
     """``syncd reconcile [--object GROUP] [--repair] [--json] [--force]``. A gap left after it
-    (not repaired) is a failure (exit 1), so scripts and cron notice."""
+    (missing or extra ids, not repaired) is a failure (exit 1, one line), so scripts and cron notice."""
     import json
 
     import click
@@ -455,13 +456,13 @@ def run_cli(cfg: Config, *, group: str | None, do_repair: bool, as_json: bool, f
         click.echo(json.dumps({"objects": [_diff_json(d, samples) for d in diffs], "repaired": repaired}, indent=2))
     else:
         _print(diffs, samples, repaired)
-    extra = sum(len(d.extra) for d in diffs)
-    if extra and not do_repair:
-        click.echo(f"reconcile: {extra} records in the store are no longer in the CRM "
-                   f"({', '.join(f'{d.system} {d.object} {len(d.extra)}' for d in diffs if d.extra)}); "
-                   "`syncd reconcile --repair` confirms each by id and settles the dead ones", err=True)
-    missing = sum(len(d.missing) for d in diffs)
-    if missing and not do_repair:
-        raise SyncError(f"reconcile: {missing} records missing from the store "
-                        f"({', '.join(f'{d.system} {d.object} {len(d.missing)}' for d in diffs if d.missing)}); "
-                        "`syncd reconcile --repair` fetches them")
+    if do_repair:
+        return
+    left = [f"{sum(len(getattr(d, kind)) for d in diffs)} {what} "
+            f"({', '.join(f'{d.system} {d.object} {len(getattr(d, kind))}' for d in diffs if getattr(d, kind))})"
+            for kind, what in (("missing", "records missing from the store"),
+                               ("extra", "records in the store no longer in the CRM"))
+            if any(getattr(d, kind) for d in diffs)]
+    if left:  # either kind is drift a cron job must notice: syncd would act on a wrong picture
+        raise SyncError(f"reconcile: {'; '.join(left)}; `syncd reconcile --repair` fetches the missing ones "
+                        "and confirms each extra by id, settling the dead ones")

@@ -117,17 +117,15 @@ def as_json(lines: list[PruneLine], *, dry_run: bool) -> dict[str, Any]:
 
 
 def print_lines(lines: list[PruneLine], *, dry_run: bool) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from syncd.sheet import Sheet, stdout_console, token
 
-    title = "prune --dry-run: what would go (nothing deleted)" if dry_run else "prune: deleted"
-    t = Table(title=title, title_justify="left")
+    t = Sheet("prune --dry-run: what would go (nothing deleted)" if dry_run else "prune: deleted")
     for col in ("kind", "rows", "kept", "older than"):
-        t.add_column(col, justify="right" if col == "rows" else "left")
+        token(t, col, justify="right" if col == "rows" else "left")
     for x in lines:
         kept = f"{x.keep_days} days" if x.keep_days else "for ever"
         t.add_row(x.what, f"{x.rows:,}", kept, x.cutoff.isoformat()[:19] if x.cutoff else "—")
-    Console(soft_wrap=False, width=160).print(t)
+    t.print(stdout_console())
 
 
 def run_cli(cfg: Config, *, dry_run: bool, as_json_out: bool) -> None:

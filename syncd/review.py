@@ -17,7 +17,6 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import sys
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -471,17 +470,18 @@ def _resolver(group: click.Group, name: str, help_: str, arg: click.Argument,
     return resolve
 
 
-def _text_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _text_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]],
+                prose_columns: Sequence[str] = ()) -> None:
+    """A :class:`~syncd.sheet.Sheet` on stdout: ids and values never split; ``prose_columns``
+    (reasons) wrap between words; a narrow terminal gets one card per row."""
+    from syncd.sheet import Sheet, prose, stdout_console, token
 
-    t = Table(title=title, title_justify="left")
+    t = Sheet(title)
     for h in headers:
-        t.add_column(h, overflow="fold")
+        (prose if h in prose_columns else token)(t, h)
     for row in rows:
         t.add_row(*("—" if v is None else str(v) for v in row))
-    # off a terminal, the full width of a wide table rather than 80 columns (ids never split)
-    Console(soft_wrap=False, width=None if sys.stdout.isatty() else 240).print(t)
+    t.print(stdout_console())
 
 
 def _items(data: dict[str, Any], many: str, one: str, none: str) -> list[dict[str, Any]]:
@@ -511,7 +511,7 @@ def _quarantine_text(data: dict[str, Any]) -> None:
     _text_table("quarantine (bad records and refused writes)", ["id", "system", "object", "record", "kind",
                                                                "tries", "at", "reason"],
                 [[q["id"], q["system"], q["object"], q["record_id"], q["kind"], q["attempts"], q["at"][:19],
-                  q["reason"]] for q in items])
+                  q["reason"]] for q in items], prose_columns=["reason"])
     if "entry" in data:
         click.echo("raw: " + json.dumps(data["entry"]["raw"], default=str))
         if data["entry"]["write"]:
@@ -528,7 +528,7 @@ def _unmapped_text(data: dict[str, Any]) -> None:
                 [[u["key"], u["count"], (u["last_seen"] or "")[:19], ", ".join(u["samples"]) or None,
                   "deliberately unmapped" if u["deliberate"] else
                   (f"{u['file']}:{u['line']} [{u['section']}]" if u["file"] else "no mapping table")]
-                 for u in items])
+                 for u in items], prose_columns=["samples"])
     for u in items:
         if u["deliberate"] and "value" in data:
             click.echo(f"{u['key']}: listed in `unmapped` in {u['file']} on purpose (read as unknown); "
@@ -552,7 +552,7 @@ def _blocked_text(data: dict[str, Any]) -> None:
                 [[b["id"], b["email"], ", ".join(b["records"]), f"{(b['returned_at'] or '')[:19]} "
                   f"({b['return_reason']})", b["blocked_at"][:19], b["why"],
                   f"requested by {b['release_requested_by']}" if b["release_requested_at"] else None]
-                 for b in items])
+                 for b in items], prose_columns=["returned", "why", "release"])
     click.echo("resolve: syncd blocked release ID")
 
 

@@ -64,7 +64,7 @@ def _minute(at: str | None) -> str:
 
 
 def _print(data: dict[str, Any]) -> None:
-    from syncd.report import Sheet, say, stdout_console, token
+    from syncd.sheet import Sheet, say, stdout_console, token
 
     rows = data["tombstones"]
     console = stdout_console()
