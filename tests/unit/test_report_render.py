@@ -179,3 +179,49 @@ def test_what_is_held_for_a_person_names_the_command_that_lists_it(store: Store)
     text = _render(200, report.print_status, data)
     assert "3 link conflicts: one email on several records of one CRM" in text and "`syncd conflicts`" in text
     assert "2 people qualified again" in text and "`syncd blocked` lists them" in text
+
+
+def _command_tables() -> None:
+    """The tables the other commands print on stdout: review (quarantine, link conflicts), reconcile,
+    a resync's cost plan, prune, tombstones."""
+    from syncd import plan, reconcile, retention, review, tombstones
+
+    review._quarantine_text({"quarantine": [{
+        "id": 7, "system": "salesforce", "object": "Lead", "record_id": "00Q5e0000000AbCdEEAV", "kind": "write",
+        "attempts": 3, "at": "2026-12-01 09:20:00+00:00",
+        "reason": "Status 'returned_not_ready' is no value of salesacceptedlead"}]})
+    cand = {"key": LEAD, "name": "Jane Doe", "company": "Acme", "lifecycle": "salesacceptedlead",
+            "lead_status": "returned_not_ready", "converted": False, "entity_id": None,
+            "modified_at": "2026-12-01 09:20:00", "in_store": True}
+    review._conflicts_text({"conflicts": [{"id": 3, "email": "jane.doe.longname@example-company.test",
+                                           "detected_at": "2026-12-01 09:20:00", "candidates": [cand, cand]}]})
+    reconcile._print([reconcile.ObjectDiff("salesforce", "Lead", crm=12_000, store=11_998,
+                                           missing=["00Q5e0000000AbCdEEAV", "00Q5e0000000AbCdEEAW"],
+                                           extra=["00Q5e0000000AbCdEEAX"], calls=6)], 5, None)
+    plan.print_plan(plan.Plan("resync --full", [plan.ObjectCost("salesforce", "Lead", None, 120_000, 60, 1, 2)],
+                              {"salesforce": 1}, {"salesforce": "salesforce 120,064 calls > 100,000 left today"}))
+    retention.print_lines([retention.PruneLine("audit", "audit rows", 400, NOW - timedelta(days=400), 1_000_000)],
+                          dry_run=True)
+    tombstones._print({"total": 1, "tombstones": [{
+        "key": LEAD, "kind": "deleted", "merged_into": None, "restored_at": None,
+        "deleted_at": "2026-12-01T09:20:00+00:00", "detected_at": "2026-12-01T09:21:00+00:00",
+        "source": "getDeleted", "other_side": "marked", "twins": [], "name": None,
+        "email": "jane.doe.longname@example-company.test", "entity_id": None}]})
+
+
+@pytest.mark.parametrize("columns", ["60", "80", "200", None])
+def test_every_commands_table_keeps_tokens_whole(columns: str | None, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Off a terminal, at ``$COLUMNS`` or the wide default: review, reconcile, plan, prune and
+    tombstones keep every id, term, email and time whole, and stay within the width."""
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    _command_tables()
+    out = capsys.readouterr().out
+    assert_no_token_split(out, [*TOKENS, "00Q5e0000000AbCdEEAW", "00Q5e0000000AbCdEEAX", "120,064"])
+    for t in ("00Q5e0000000AbCdEEAV", "00Q5e0000000AbCdEEAW", "jane.doe.longname@example-company.test"):
+        assert t in out, (t, out)
+    table_lines = [ln for ln in out.splitlines() if ln[:1] in "┏┃┡│└•" or ln.startswith("    ")]
+    assert max(len(ln) for ln in table_lines) <= int(columns or 200)  # hints after a table are plain lines
