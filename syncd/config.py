@@ -449,6 +449,7 @@ class Config(_Section):
     reconcile: ReconcileConfig = ReconcileConfig()
     # Directory relative paths are resolved against (the config file's folder).
     base_dir: Path = Field(default=Path("."), exclude=True)
+    source: str = Field(default="", exclude=True)  # the file it was read from (named by later checks)
 
     def resolve(self, p: Path) -> Path:
         return p if p.is_absolute() else self.base_dir / p
@@ -514,11 +515,12 @@ def parse_config(data: dict[str, Any], *, source: str, base_dir: Path, text: str
     """Validate parsed TOML; raise one ConfigError naming every problem (``; `` between them)."""
     problems: list[str] = []
     data = dict(data)
-    if "base_dir" in data:
-        data.pop("base_dir")
-        problems.append(f"{source}: base_dir: unknown key")
+    for internal in ("base_dir", "source"):
+        if internal in data:
+            data.pop(internal)
+            problems.append(f"{source}: {internal}: unknown key")
     try:
-        cfg = Config.model_validate({**data, "base_dir": base_dir},
+        cfg = Config.model_validate({**data, "base_dir": base_dir, "source": source},
                                     context={"base_dir": base_dir, "credentials": credentials})
     except ValidationError as exc:
         problems = _problems(exc, source, text) + problems

@@ -286,3 +286,48 @@ def test_the_service_pauses_a_system_at_its_cap_logs_it_and_resumes_by_itself(tm
             service.terminate()
             assert service.wait(timeout=60) == 0
         assert sb.hubspot_server.statuses[429] == 0
+
+
+def _sync_once(sb: Sandbox, cfg: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SYNCD, "--config", str(cfg), "sync", "--once"], env={**os.environ, **sb.env()},
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_a_run_cap_no_cycle_fits_in_is_a_config_error_and_one_at_the_floor_completes(tmp_path: Path) -> None:
+    """A per-cycle cap below what one cycle needs when nothing changed (a pull and a deletion-feed
+    read per object, Salesforce's /limits read) left every cycle partial, for ever: the Salesforce
+    side never completed, so nobody was decided. It is refused before any call, naming the file
+    and the key; a cap exactly at the floor lets a cycle complete over the real clients."""
+    from syncd.plan import cycle_floor
+
+    with Sandbox(tmp_path / "sb") as sb:
+        (tmp_path / "s").mkdir()
+        url = f"sqlite:///{tmp_path / 's' / 'state.db'}"
+        rt = _runtime(sb, tmp_path, "probe")
+        try:
+            floor = {s: n for s, (n, _) in cycle_floor(rt.connectors).items()}
+        finally:
+            rt.close()
+        assert floor == {"hubspot": 4, "salesforce": 9}  # 2 and 4 objects; Salesforce reads /limits
+        low = sb.write_config(tmp_path / "low.toml", state_url=url,
+                              keys={"salesforce": {"run_cap": floor["salesforce"] - 1}})
+        r = _sync_once(sb, low)
+        assert r.returncode == 2, (r.returncode, r.stderr)
+        line = r.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"syncd: error: {low}: [salesforce] run_cap = 8 is below the 9 calls one cycle "
+                               "needs at the least (a pull and a deletion-feed read for each of Lead, Contact, "
+                               "Task, Opportunity, and the /limits read)"), line
+        assert sum(sb.request_counts().values()) == 0  # refused before any call
+        assert not (tmp_path / "s" / "state.db").exists()
+
+        at = sb.write_config(tmp_path / "at.toml", state_url=url,
+                             keys={s: {"run_cap": n} for s, n in floor.items()})
+        r = _sync_once(sb, at)
+        assert r.returncode == 0, r.stderr[-2000:]
+    store = Store.open(url)
+    try:
+        with store.tx(readonly=True) as tx:
+            runs = tx.last_runs(1)
+    finally:
+        store.close()
+    assert [r.status for r in runs] == ["ok"], runs
