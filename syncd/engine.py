@@ -40,7 +40,7 @@ from syncd.connectors.base import Connector
 from syncd.errors import FatalError, RecordError, RetriableError, SyncError
 from syncd.linking import LinkStats, link_deals, link_people
 from syncd.mapping import Mappings
-from syncd.model import OBJECT_GROUPS, SYSTEMS, CanonicalRecord, Deletion, RawRecord, utcnow
+from syncd.model import OBJECT_GROUPS, SYSTEMS, CanonicalRecord, Cursor, Deletion, RawRecord, utcnow
 from syncd.sla import SLA
 from syncd.stats import CycleStats, PlannedWrite, one_line
 from syncd.store import OutboxRow, RecordRow, Store, Tx
@@ -71,6 +71,19 @@ CONFLICT_LOOKUP_S = 3600.0  # how often link conflicts' candidates are looked up
 
 class _DryRunRollback(Exception):
     pass
+
+
+def pull_overlap(overlap: timedelta, cursor: Cursor, read_at: datetime) -> timedelta:
+    """How far before ``cursor`` a pull re-reads. The overlap is there for records that became
+    visible to the CRM's search or query after a pull had passed their modification time (index
+    lag; a Salesforce transaction committing after later ones). A cursor that was already more
+    than twice the overlap old when it was read (``read_at``, syncd's clock; the margin covers a
+    clock skew up to the overlap) had every earlier record visible then: the pull resumes at the
+    cursor itself. A backfill stopped part-way (a cap, a stop, an error) so goes on where it
+    stopped instead of re-reading a window it may never get through (a bulk import of more
+    records in two minutes than a ``run_cap`` lets through), and a quiet object re-reads
+    nothing."""
+    return timedelta(0) if read_at - cursor.modified_at > 2 * overlap else overlap
 
 
 class Engine:
@@ -219,12 +232,14 @@ class Engine:
         recorded as complete (the half-picture gate reads it). Connector errors propagate."""
         conn = self.connectors[system]
         with self._tx() as tx:
-            cursor = tx.get_cursor(system, obj)
+            held = tx.get_cursor_read_at(system, obj)
+        cursor = held[0] if held else None
+        overlap = pull_overlap(self.overlap, *held) if held else self.overlap
         n = 0
         stopped = False
         with structlog.contextvars.bound_contextvars(system=system, object=obj):
             self.pull_started(system, obj)
-            for page in conn.iter_changes(obj, cursor, overlap=self.overlap):
+            for page in conn.iter_changes(obj, cursor, overlap=overlap):
                 self.ingest(system, obj, page.records, stats)
                 n += len(page.records)
                 self.page_pulled(system, obj, len(page.records), page.total)

@@ -28,6 +28,14 @@ class CursorsTx(TxBase):
             t.c.system == system, t.c.object == object)).first()
         return Cursor(row.modified_at, row.id) if row else None
 
+    def get_cursor_read_at(self, system: str, object: str) -> tuple[Cursor, datetime] | None:
+        """The cursor and when it last moved: when the record it names was read (the pull stores
+        the cursor with each page it ingests)."""
+        t = s.cursors
+        row = self.conn.execute(sa.select(t.c.modified_at, t.c.id, t.c.updated_at).where(
+            t.c.system == system, t.c.object == object)).first()
+        return (Cursor(row.modified_at, row.id), row.updated_at) if row else None
+
     def set_cursor(self, system: str, object: str, cursor: Cursor,
                    now: datetime | None = None) -> Cursor:
         """Advance the cursor; it never moves backwards (keeps the max). Returns the stored one.

@@ -331,3 +331,32 @@ def test_a_run_cap_no_cycle_fits_in_is_a_config_error_and_one_at_the_floor_compl
     finally:
         store.close()
     assert [r.status for r in runs] == ["ok"], runs
+
+
+def test_a_backfill_stopped_by_the_run_cap_goes_on_where_it_stopped(tmp_path: Path) -> None:
+    """A bulk import: 3,000 contacts modified within one minute, a day ago, and a per-cycle cap of
+    6 HubSpot calls (the search pages 200 at a time: 15 pages). Each cycle stops at the cap; the
+    next resumes at the stored cursor, not two minutes before it: before, every cycle re-read the
+    same first pages of the burst (they all sit inside the overlap window) and the backfill never
+    finished. Every page is read about once."""
+    from datetime import timedelta
+
+    with Sandbox(tmp_path / "sb") as sb:
+        start = datetime.now(UTC) - timedelta(days=1)
+        for i in range(3000):
+            sb.hubspot.add("contacts", {"email": f"bulk{i:04d}@example.com", "lifecyclestage": "subscriber"},
+                           at=start + timedelta(milliseconds=20 * i))
+        rt = _runtime(sb, tmp_path, "capped", keys={"hubspot": {"run_cap": 6}})
+        try:
+            cycles = 0
+            held = 0
+            while held < 3000 and cycles < 12:
+                cycles += 1
+                rt.engine().cycle()
+                with rt.store.tx(readonly=True) as tx:
+                    held = sum(len(p) for p in tx.iter_record_ids("hubspot", "contacts"))
+        finally:
+            rt.close()
+        assert held == 3000, f"{held} of 3,000 contacts after {cycles} cycles"
+        searches = sb.hubspot_server.request_count("contacts.search")
+        assert searches <= 15 + cycles, searches  # each page once, plus one boundary re-read per cycle
