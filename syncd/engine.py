@@ -77,12 +77,12 @@ def pull_overlap(overlap: timedelta, cursor: Cursor, read_at: datetime) -> timed
     """How far before ``cursor`` a pull re-reads. The overlap is there for records that became
     visible to the CRM's search or query after a pull had passed their modification time (index
     lag; a Salesforce transaction committing after later ones). A cursor that was already more
-    than twice the overlap old when it was read (``read_at``, syncd's clock; the margin covers a
-    clock skew up to the overlap) had every earlier record visible then: the pull resumes at the
-    cursor itself. A backfill stopped part-way (a cap, a stop, an error) so goes on where it
-    stopped instead of re-reading a window it may never get through (a bulk import of more
-    records in two minutes than a ``run_cap`` lets through), and a quiet object re-reads
-    nothing."""
+    than twice the overlap old when its record was last read (``read_at``, syncd's clock; the
+    margin covers a clock skew up to the overlap) had every earlier record visible then: the
+    pull resumes at the cursor itself. A backfill stopped part-way (a cap, a stop, an error) so
+    goes on where it stopped instead of re-reading a window it may never get through (a bulk
+    import of more records in two minutes than a ``run_cap`` lets through), and an object with
+    nothing new re-reads only its cursor's record once its overlap has been read again late."""
     return timedelta(0) if read_at - cursor.modified_at > 2 * overlap else overlap
 
 

@@ -29,8 +29,8 @@ class CursorsTx(TxBase):
         return Cursor(row.modified_at, row.id) if row else None
 
     def get_cursor_read_at(self, system: str, object: str) -> tuple[Cursor, datetime] | None:
-        """The cursor and when it last moved: when the record it names was read (the pull stores
-        the cursor with each page it ingests)."""
+        """The cursor and when the record it names was last read (the pull stores the cursor
+        with each page it ingests)."""
         t = s.cursors
         row = self.conn.execute(sa.select(t.c.modified_at, t.c.id, t.c.updated_at).where(
             t.c.system == system, t.c.object == object)).first()
@@ -39,6 +39,8 @@ class CursorsTx(TxBase):
     def set_cursor(self, system: str, object: str, cursor: Cursor,
                    now: datetime | None = None) -> Cursor:
         """Advance the cursor; it never moves backwards (keeps the max). Returns the stored one.
+        Its ``updated_at`` is when the record it names was last read (set again when a pull
+        re-reads that record: :func:`syncd.engine.pull_overlap` reads it).
 
         Order is :class:`Cursor`'s (modified_at, then id as a string), decided in
         Python so it does not depend on the database's collation.
@@ -53,8 +55,9 @@ class CursorsTx(TxBase):
             q = q.with_for_update()
         row = self.conn.execute(q).one()
         current = Cursor(row.modified_at, row.id)
-        if current >= cursor:
+        if current > cursor:
             return current
+        # equal: the record it names was read again (a pull's overlap): when it moved becomes now
         self._write_cursor(system, object, cursor, now)
         return cursor
 

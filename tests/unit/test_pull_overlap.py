@@ -5,12 +5,14 @@ dropped once the cursor was old when read (a backfill resumed, a quiet object)."
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from syncd.engine import pull_overlap
 from syncd.model import Cursor
+from syncd.store import Store
 
 T = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 OVERLAP = timedelta(seconds=120)
@@ -37,3 +39,17 @@ def test_every_record_that_may_have_been_invisible_is_read_again(age: int, overl
         m = T - timedelta(seconds=before)
         if read_at - m <= 2 * ov:
             assert start <= m
+
+
+def test_the_cursors_read_time_moves_when_its_record_is_read_again(tmp_path: Path) -> None:
+    store = Store.open(f"sqlite:///{tmp_path / 's.db'}")
+    try:
+        with store.tx() as tx:
+            tx.set_cursor("hubspot", "contacts", Cursor(T, "7"), now=T + timedelta(seconds=2))
+            tx.set_cursor("hubspot", "contacts", Cursor(T, "7"), now=T + timedelta(minutes=10))  # the overlap re-read
+            tx.set_cursor("hubspot", "contacts", Cursor(T, "6"), now=T + timedelta(minutes=20))  # an older record
+            got = tx.get_cursor_read_at("hubspot", "contacts")
+    finally:
+        store.close()
+    assert got == (Cursor(T, "7"), T + timedelta(minutes=10))
+    assert pull_overlap(OVERLAP, *got) == timedelta(0)  # nothing new for 10 minutes: the next pull starts at T
