@@ -17,7 +17,6 @@ from syncd.connectors._retry import RetryPolicy
 from syncd.connectors.base import Connector
 from syncd.engine import Engine
 from syncd.mapping import Mappings, default_mappings_dir, load_mappings
-from syncd.plan import check_caps
 from syncd.sla import SLA, load_sla
 from syncd.store import Store
 
@@ -77,7 +76,7 @@ class Runtime:
 def open_runtime(cfg: Config, *, connect: bool = True) -> Runtime:
     mappings, sla = load_rules_files(cfg)
     connectors = build_connectors(cfg, mappings) if connect else {}
-    check_caps(cfg, connectors)  # a cap no cycle fits in is a config error, before any call
+    _pacing.check_caps(cfg, connectors)  # a cap no cycle fits in is a config error, before any call
     store = Store.open(cfg.state_url(), sqlite_synchronous=cfg.state.sqlite_synchronous)
     _pacing.attach(connectors, store, cfg)  # one API ledger and pace per CRM, on the store
     return Runtime(cfg, store, mappings, sla, connectors)

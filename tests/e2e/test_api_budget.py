@@ -298,7 +298,7 @@ def test_a_run_cap_no_cycle_fits_in_is_a_config_error_and_one_at_the_floor_compl
     read per object, Salesforce's /limits read) left every cycle partial, for ever: the Salesforce
     side never completed, so nobody was decided. It is refused before any call, naming the file
     and the key; a cap exactly at the floor lets a cycle complete over the real clients."""
-    from syncd.plan import cycle_floor
+    from syncd.connectors._pacing import cycle_floor
 
     with Sandbox(tmp_path / "sb") as sb:
         (tmp_path / "s").mkdir()
