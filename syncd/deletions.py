@@ -34,7 +34,7 @@ from typing import Any
 import structlog
 
 from syncd import rules
-from syncd.model import Deletion
+from syncd.model import Deletion, RawRecord
 from syncd.store import OutboxRow, RecordKey, RecordRow, TombstoneRow, Tx
 
 log = structlog.get_logger()
@@ -56,6 +56,34 @@ class DeathStats:
     def add(self, other: DeathStats) -> None:
         for k in vars(self):
             setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+@dataclass
+class ReadById:
+    """What a read of some ids by id found (:func:`read_by_id`)."""
+
+    alive: list[RawRecord]  # answered as themselves
+    others: list[RawRecord]  # answered for one of the ids under another id (a HubSpot merge survivor)
+    dead: list[Deletion]  # the rest, as the CRM tells of them, or unconfirmed when it knows nothing
+
+
+def read_by_id(conn: Any, system: str, obj: str, ids: Sequence[str], *, unknown: str) -> ReadById:
+    """Read ``ids`` by id, then ask the CRM about the ones that did not answer as themselves
+    (``Connector.dead``: deleted, or merged into which survivor; HubSpot is handed the fetch's
+    answers, so it does not read them live again). An id the CRM knows nothing of (purged, or no
+    longer visible to syncd's user) is an unconfirmed deletion with source ``unknown``: it is
+    tombstoned, never propagated."""
+    wanted = set(ids)
+    got = conn.fetch(obj, list(ids))
+    alive = [r for r in got if r.id in wanted]
+    others = [r for r in got if r.id not in wanted]
+    gone = [i for i in dict.fromkeys(ids) if i not in {r.id for r in alive}]
+    dead_of = getattr(conn, "dead", None)
+    told = [x for x in (dead_of(obj, gone, answered=got) if dead_of is not None and gone else [])
+            if x.id in wanted]
+    named = {x.id for x in told}
+    told += [Deletion(system, obj, i, None, None, unknown, confirmed=False) for i in gone if i not in named]
+    return ReadById(alive, others, told)
 
 
 def record_deaths(tx: Tx, deaths: Iterable[Deletion], *, now: datetime, mapping_rev: str,

@@ -295,22 +295,15 @@ class Engine:
         """After permanent write errors: read these records again. Live ones are stored as they
         are now (their person is due: decided again); gone ones are asked about (deleted or
         merged: ``Connector.dead``) and tombstoned; ids the CRM knows nothing of are deleted."""
-        conn = self.connectors[system]
         try:
-            live = conn.fetch(obj, list(ids))
-            self.ingest(system, obj, live, stats, advance_cursor=False)
-            gone = [i for i in ids if i not in {r.id for r in live}]
-            dead_of = getattr(conn, "dead", None)
-            found = list(dead_of(obj, gone)) if dead_of is not None and gone else []
+            read = deletions.read_by_id(self.connectors[system], system, obj, ids, unknown="re-pull (not found)")
+            self.ingest(system, obj, read.alive + read.others, stats, advance_cursor=False)
         except (RetriableError, FatalError) as exc:
             log.warning("repull_failed", system=system, object=obj, error=one_line(exc),
                         next="the quarantined writes wait; the next pull reads the records")
             return
-        told = {d.id for d in found}
-        found += [Deletion(system, obj, i, None, None, "re-pull (not found)", confirmed=False)
-                  for i in gone if i not in told]
         with self._tx() as tx:
-            self._bury(tx, found, stats)
+            self._bury(tx, read.dead, stats)
 
     def _person_views(self, tx: Tx, chunk: Sequence[str], by_entity: Mapping[str, list[RecordRow]],
                       memories: Mapping[str, Any], refs: Mapping[tuple[str, str], list[RecordRow]],

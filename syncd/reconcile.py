@@ -36,7 +36,7 @@ import structlog
 from syncd import deletions
 from syncd.config import Config
 from syncd.errors import FatalError, RetriableError, SyncError
-from syncd.model import OBJECT_GROUPS, Deletion, RawRecord, utcnow
+from syncd.model import OBJECT_GROUPS, RawRecord, utcnow
 from syncd.plan import would_exceed
 from syncd.stats import CycleStats, one_line
 
@@ -140,17 +140,10 @@ def settle_extras(engine: Any, diffs: Sequence[ObjectDiff], stats: CycleStats) -
 
 def _settle_object(engine: Any, d: ObjectDiff, stats: CycleStats, out: Settled) -> None:
     conn = engine.connectors[d.system]
-    wanted = set(d.extra)
-    got = conn.fetch(d.object, d.extra)
-    alive = [r for r in got if r.id in wanted]
-    answered = {r.id: r for r in got if r.id not in wanted}  # a merged-away HubSpot id reads as its survivor
-    gone = [i for i in d.extra if i not in {r.id for r in alive}]
-    dead_of = getattr(conn, "dead", None)
-    told = [x for x in (dead_of(d.object, gone) if dead_of is not None and gone else []) if x.id in wanted]
-    found = [replace(x, source=SOURCE) for x in told]
-    named = {x.id for x in found}
-    found += [Deletion(d.system, d.object, i, None, None, f"{SOURCE} (not found)", confirmed=False)
-              for i in gone if i not in named]
+    read = deletions.read_by_id(conn, d.system, d.object, d.extra, unknown=f"{SOURCE} (not found)")
+    alive = read.alive
+    answered = {r.id: r for r in read.others}  # a merged-away HubSpot id reads as its survivor
+    found = [x if not x.confirmed else replace(x, source=SOURCE) for x in read.dead]
     survivors = sorted({x.merged_into for x in found if x.merged_into})
     with engine.store.tx(readonly=True) as tx:
         held = set(tx.get_records([(d.system, d.object, i) for i in survivors], with_raw=False))

@@ -621,17 +621,21 @@ class HubSpotConnector:
         except _BadRequest as e:
             raise FatalError(f"hubspot {obj}.list_archived: {e.message}", system=SYSTEM) from None
 
-    def dead(self, obj: str, ids: Sequence[str]) -> list[Deletion]:
+    def dead(self, obj: str, ids: Sequence[str], *, answered: Sequence[RawRecord] | None = None) -> list[Deletion]:
         """Which of ``ids`` are gone, and how: merged (a read of the old id answers with the
         survivor, whose ``hs_merged_object_ids`` names it) or archived (in the recycle bin).
-        Ids still live, or unknown to HubSpot, are left out."""
+        Ids still live, or unknown to HubSpot, are left out. ``answered``: what a :meth:`fetch`
+        of these ids just returned; the live read is then not made again."""
         stream = self._stream(obj)
         wanted = list(dict.fromkeys(ids))
         out: list[Deletion] = []
+        props = [stream.primary_key, *([stream.merged_property] if stream.merged_property else [])]
+        fetched: list[dict[str, Any]] | None = None if answered is None else [
+            {"id": r.id, "properties": {stream.merged_property or "": r.fields.get(stream.merged_property or "")}}
+            for r in answered]
         for i in range(0, len(wanted), BATCH):
             chunk = wanted[i:i + BATCH]
-            props = [stream.primary_key, *([stream.merged_property] if stream.merged_property else [])]
-            live = self._batch_read(obj, chunk, props, archived=False)
+            live = self._batch_read(obj, chunk, props, archived=False) if fetched is None else fetched
             told: set[str] = set()  # a survivor asked for with its merged-away id answers twice
             for o in live:
                 merged = str((o.get("properties") or {}).get(stream.merged_property or "") or "").split(";")

@@ -364,8 +364,9 @@ class SalesforceConnector:
         log.info("salesforce.deleted_pulled", object=obj, deleted=len(out))
         return out, latest
 
-    def dead(self, obj: str, ids: Sequence[str]) -> list[Deletion]:
-        """Which of ``ids`` are deleted (or merged away), by queryAll."""
+    def dead(self, obj: str, ids: Sequence[str], *, answered: Sequence[RawRecord] | None = None) -> list[Deletion]:
+        """Which of ``ids`` are deleted (or merged away), by queryAll (which answers both: a
+        fetch's ``answered`` records tell it nothing more)."""
         stream = self._stream(obj)
         out: list[Deletion] = []
         for chunk in _chunks(list(dict.fromkeys(ids)), IN_CHUNK):

@@ -210,6 +210,11 @@ def test_repair_settles_extras_the_deletion_feeds_missed(e2e: E2E) -> None:
     # the settling read the extras by id only (their survivor's read answers for ``b``)
     assert _fetched_ids(hs_log).get("contacts.batch_read", set()) <= {pid, b, a}
     assert _fetched_ids(sf_log).get("query Lead", set()) <= {lid}
+    # one live read of the two extras (it answers ``b`` with its survivor), one recycle-bin read of
+    # the one left; the live read is not made again to look for merges
+    reads = [((req.q("archived") or "false").lower(), sorted(str(i["id"]) for i in req.json()["inputs"]))
+             for endpoint, req in hs_log if endpoint == "contacts.batch_read"]
+    assert reads[:2] == [("false", sorted([pid, b])), ("true", [pid])], reads
     # the survivor took Mia's Lead over
     assert entity_of(e2e, "hubspot", "contacts", a) == entity_of(e2e, "salesforce", "Lead", y)
 

@@ -47,7 +47,7 @@ class RefusingSalesforce:
         self.fetched.append(list(ids))
         return [r for r in self.live if r.object == obj and r.id in ids]
 
-    def dead(self, obj: str, ids: Sequence[str]) -> list[Deletion]:
+    def dead(self, obj: str, ids: Sequence[str], *, answered: Sequence[RawRecord] | None = None) -> list[Deletion]:
         return [d for d in self.dead_records if d.object == obj and d.id in ids]
 
     def find_by_email(self, obj: str, emails: Sequence[str]) -> list[RawRecord]:
