@@ -240,6 +240,9 @@ class Engine:
         with structlog.contextvars.bound_contextvars(system=system, object=obj):
             self.pull_started(system, obj)
             for page in conn.iter_changes(obj, cursor, overlap=overlap):
+                if page.deleted:  # first: the page's records move the cursor past these deaths
+                    with self._tx() as tx:
+                        self._bury(tx, page.deleted, stats)
                 self.ingest(system, obj, page.records, stats)
                 n += len(page.records)
                 self.page_pulled(system, obj, len(page.records), page.total)

@@ -70,6 +70,9 @@ class Page:
     records: list[RawRecord]
     # how many records the whole pull reads, when the CRM's first answer says (progress displays)
     total: int | None = None
+    # records of the page's time range the CRM says died (Salesforce's queryAll pull reads the
+    # deleted and merged-away rows with the live ones: one query for both)
+    deleted: list[Deletion] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,10 +107,9 @@ def estimate(rt: Any, *, groups: list[str] | None = None, full: bool = False,
         conn = rt.connectors[system]
         records = conn.count(obj, since=start)
         plan.count_calls[system] = plan.count_calls.get(system, 0) + 1
-        # a cycle reads the deletion feed after each Salesforce pull (one queryAll of the rows
-        # deleted since: rarely more than a batch); HubSpot's archive scan is paced apart (15 min)
-        feed = 1 if system == "salesforce" and callable(getattr(conn, "deleted", None)) else 0
-        plan.objects.append(ObjectCost(system, obj, start, records, conn.pull_calls(obj, records) + feed,
+        # Salesforce's queryAll pull brings the deleted rows along; HubSpot's archive scan is paced
+        # apart (15 min) and not counted
+        plan.objects.append(ObjectCost(system, obj, start, records, conn.pull_calls(obj, records),
                                        conn.fetch_calls(obj, quarantined),
                                        conn.write_calls(obj, queued.get((system, obj), 0))))
     for system, conn in rt.connectors.items():

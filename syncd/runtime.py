@@ -6,6 +6,7 @@ stops here with a clear error (exit 2), nothing half-started.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -16,6 +17,7 @@ from syncd.connectors import _pacing
 from syncd.connectors._retry import RetryPolicy
 from syncd.connectors.base import Connector
 from syncd.engine import Engine
+from syncd.errors import ConfigError
 from syncd.mapping import Mappings, default_mappings_dir, load_mappings
 from syncd.sla import SLA, load_sla
 from syncd.store import Store
@@ -76,7 +78,25 @@ class Runtime:
 def open_runtime(cfg: Config, *, connect: bool = True) -> Runtime:
     mappings, sla = load_rules_files(cfg)
     connectors = build_connectors(cfg, mappings) if connect else {}
-    _pacing.check_caps(cfg, connectors)  # a cap no cycle fits in is a config error, before any call
+    check_caps(cfg, connectors)  # a cap no cycle fits in is a config error, before any call
     store = Store.open(cfg.state_url(), sqlite_synchronous=cfg.state.sqlite_synchronous)
     _pacing.attach(connectors, store, cfg)  # one API ledger and pace per CRM, on the store
     return Runtime(cfg, store, mappings, sla, connectors)
+
+
+def check_caps(cfg: Config, connectors: Mapping[str, Connector]) -> None:
+    """A ``run_cap`` or ``daily_budget`` below :func:`~syncd.connectors._pacing.cycle_floor`
+    lets no cycle ever complete: every one would stop at the cap part-way, for ever (a config
+    error, said before any call)."""
+    problems = []
+    for system, (floor, why) in _pacing.cycle_floor(connectors).items():
+        section = getattr(cfg, system)
+        for key in ("run_cap", "daily_budget"):
+            cap = getattr(section, key)
+            if cap and cap < floor:
+                problems.append(f"[{system}] {key} = {cap:,} is below the {floor} calls one cycle needs at the "
+                                f"least ({why}): no cycle could ever complete; raise it"
+                                + (", or 0 for no per-cycle cap" if key == "run_cap" else ""))
+    if problems:
+        where = f"{cfg.source}: " if cfg.source else ""
+        raise ConfigError(where + "; ".join(problems))

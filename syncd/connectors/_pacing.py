@@ -46,7 +46,7 @@ from typing import Any
 
 import structlog
 
-from syncd.errors import AuthError, BudgetExhausted, ConfigError, RateLimited
+from syncd.errors import AuthError, BudgetExhausted, RateLimited
 from syncd.model import OBJECT_GROUPS
 from syncd.store.ledger import Hold, Window, utc
 
@@ -505,8 +505,9 @@ class Budget:
 # ---------------------------------------------------------------------- wiring and reading
 def cycle_floor(connectors: Mapping[str, Any]) -> dict[str, tuple[int, str]]:
     """Per system, the calls one cycle of every object makes at the least, when nothing changed:
-    a pull per object (one search page / one query), a deletion-feed read per object (HubSpot's
-    archive scan is due on the first cycle), and the run's ``/limits`` read; with why, in words."""
+    a pull per object (one search page / one queryAll, which brings Salesforce's deaths along), a
+    deletion-feed read per object where the pull does not (HubSpot's archive scan, due on the
+    first cycle), and the run's ``/limits`` read; with why, in words."""
     out: dict[str, tuple[int, str]] = {}
     for system, conn in connectors.items():
         objs = [o for g in OBJECT_GROUPS for o in OBJECT_GROUPS[g][system]]
@@ -516,22 +517,6 @@ def cycle_floor(connectors: Mapping[str, Any]) -> dict[str, tuple[int, str]]:
         each = "a pull" + (" and a deletion-feed read" if feed else "")
         out[system] = (calls, f"{each} for each of {', '.join(objs)}" + (", and the /limits read" if limits else ""))
     return out
-
-
-def check_caps(cfg: Any, connectors: Mapping[str, Any]) -> None:
-    """A ``run_cap`` or ``daily_budget`` below :func:`cycle_floor` lets no cycle ever complete:
-    every one would stop at the cap part-way, for ever (a config error, said before any call)."""
-    problems = []
-    for system, (floor, why) in cycle_floor(connectors).items():
-        section = getattr(cfg, system)
-        for key in ("run_cap", "daily_budget"):
-            cap = getattr(section, key)
-            if cap and cap < floor:
-                problems.append(f"[{system}] {key} = {cap:,} is below the {floor} calls one cycle needs at the "
-                                f"least ({why}): no cycle could ever complete; raise it"
-                                + (", or 0 for no per-cycle cap" if key == "run_cap" else ""))
-    if problems:
-        raise ConfigError(f"{cfg.source}: " + "; ".join(problems) if cfg.source else "; ".join(problems))
 
 
 def attach(connectors: Mapping[str, Any], store: Any, cfg: Any) -> dict[str, Budget]:

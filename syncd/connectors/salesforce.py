@@ -1,7 +1,9 @@
 """Salesforce connector on simple-salesforce 1.12.10 (REST v59.0; tokens from :mod:`connectors.auth`).
 
-Pulls with one SOQL query per object and cycle (``SystemModstamp >= since - overlap
-ORDER BY SystemModstamp, Id``), paged by query locators; writes with sObject
+Pulls with one SOQL queryAll per object and cycle (``SystemModstamp >= since - overlap
+ORDER BY SystemModstamp, Id``), paged by query locators: the live rows are the changes, the
+``IsDeleted`` ones (with ``MasterRecordId`` for a merge) the deaths, so one query serves both
+(a delete moves ``SystemModstamp``; the recycle bin keeps deleted rows 30 days); writes with sObject
 Collections (200 records per call, ``allOrNone: false``). Vendor errors become
 :mod:`syncd.errors` here and nowhere else:
 
@@ -94,11 +96,18 @@ class SObjectStream:
     def _select(self) -> str:
         return f"SELECT {', '.join(self.fields)} FROM {self.name}"
 
+    @property
+    def death_fields(self) -> tuple[str, ...]:
+        """What a queryAll row says of its death: ``IsDeleted`` (and who it merged into)."""
+        return ("IsDeleted", "MasterRecordId") if self.merges else ("IsDeleted",)
+
     def changes(self, since: Cursor | None, overlap: timedelta) -> str:
-        """Records modified at or after ``since - overlap``, in (cursor, id) order."""
+        """For queryAll: records modified at or after ``since - overlap``, the deleted and merged
+        away ones too (a delete moves ``SystemModstamp``), in (cursor, id) order."""
         rk = self.replication_key
         where = "" if since is None else f" WHERE {rk} >= {soql_datetime(since.modified_at - overlap)}"
-        return f"{self._select()}{where} ORDER BY {rk}, {self.primary_key}"
+        extra = [f for f in self.death_fields if f not in self.fields]
+        return f"SELECT {', '.join([*self.fields, *extra])} FROM {self.name}{where} ORDER BY {rk}, {self.primary_key}"
 
     def where_in(self, field: str, values: Sequence[str]) -> str:
         return f"{self._select()} WHERE {field} IN ({', '.join(soql_literal(v) for v in values)})"
@@ -106,12 +115,6 @@ class SObjectStream:
     def _dead_select(self) -> str:
         master = ", MasterRecordId" if self.merges else ""
         return f"SELECT {self.primary_key}, {self.replication_key}{master} FROM {self.name}"
-
-    def deleted_since(self, since: datetime) -> str:
-        """For queryAll: rows deleted (or merged away) at or after ``since``, oldest first."""
-        rk = self.replication_key
-        return (f"{self._dead_select()} WHERE IsDeleted = TRUE AND {rk} >= {soql_datetime(since)} "
-                f"ORDER BY {rk}, {self.primary_key}")
 
     def dead_in(self, ids: Sequence[str]) -> str:
         """For queryAll: which of ``ids`` are deleted."""
@@ -205,14 +208,24 @@ class SalesforceConnector:
         pages = records = 0
         # each page carries its own query's ``totalSize`` (the pull's size, for progress): two
         # pulls on this connector (a cycle and a reconcile, or threads) never see each other's
-        for batch, total in self._query_sized(stream.changes(since, overlap)):
+        edge = datetime.now(UTC) - DELETED_WINDOW
+        if since is not None and since.modified_at - overlap < edge:
+            log.warning("salesforce.deleted_window_passed", object=obj, since=since.modified_at.isoformat(),
+                        note="deletions older than the recycle bin cannot be read; run syncd reconcile")
+        dead = 0
+        for batch, total in self._query_sized(stream.changes(since, overlap), include_deleted=True):
             pages += 1
-            records += len(batch)
-            yield Page([self._record(stream, r) for r in batch], total)
+            live = [r for r in batch if r.get("IsDeleted") is not True]
+            gone = [Deletion(SYSTEM, obj, str(r[stream.primary_key]), _parse_datetime(str(r[stream.replication_key])),
+                             r.get("MasterRecordId") or None, "queryAll") for r in batch if r.get("IsDeleted") is True]
+            records += len(live)
+            dead += len(gone)
+            yield Page([self._record(stream, r) for r in live], total, gone)
         log.info(
             "salesforce.pulled",
             object=obj,
             records=records,
+            deleted=dead,
             pages=pages,
             since=since.modified_at.isoformat() if since else None,
         )
@@ -341,29 +354,6 @@ class SalesforceConnector:
         return [dict(f) for f in (desc or {}).get("fields", [])]
 
     # ------------------------------------------------------------------ deletions
-    def deleted(self, obj: str, since: datetime | None, *,
-                now: datetime | None = None) -> tuple[list[Deletion], datetime | None]:
-        """Rows of ``obj`` deleted (or merged away: ``MasterRecordId``) at or after ``since``,
-        through queryAll with ``IsDeleted = TRUE``, and the new watermark. Salesforce keeps
-        deleted rows DELETED_WINDOW: a watermark older than that (or none: the first read)
-        starts at the window's edge, and a gap is logged (reconcile finds what it hid)."""
-        stream = self._stream(obj)
-        edge = (now or datetime.now(UTC)) - DELETED_WINDOW + timedelta(minutes=1)
-        if since is not None and since < edge:
-            log.warning("salesforce.deleted_window_passed", object=obj, since=since.isoformat(),
-                        note="deletions older than the recycle bin cannot be read; run syncd reconcile")
-        start = edge if since is None or since < edge else since
-        out: list[Deletion] = []
-        latest = since
-        for batch in self._query_pages(stream.deleted_since(start), include_deleted=True):
-            for r in batch:
-                at = _parse_datetime(str(r[stream.replication_key]))
-                out.append(Deletion(SYSTEM, obj, str(r[stream.primary_key]), at,
-                                    r.get("MasterRecordId") or None, "queryAll"))
-                latest = at if latest is None or at > latest else latest
-        log.info("salesforce.deleted_pulled", object=obj, deleted=len(out))
-        return out, latest
-
     def dead(self, obj: str, ids: Sequence[str], *, answered: Sequence[RawRecord] | None = None) -> list[Deletion]:
         """Which of ``ids`` are deleted (or merged away), by queryAll (which answers both: a
         fetch's ``answered`` records tell it nothing more)."""
@@ -483,7 +473,8 @@ class SalesforceConnector:
             result = self._call("query_more", self._sf.query_more, url, identifier_is_url=True)
 
     def _record(self, stream: SObjectStream, r: dict[str, Any]) -> RawRecord:
-        fields = {k: v for k, v in r.items() if k != "attributes"}
+        drop = {"attributes", *(f for f in stream.death_fields if f not in stream.fields)}
+        fields = {k: v for k, v in r.items() if k not in drop}
         return RawRecord(
             system=self.system,
             object=stream.name,

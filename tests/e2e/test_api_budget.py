@@ -294,8 +294,8 @@ def _sync_once(sb: Sandbox, cfg: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_run_cap_no_cycle_fits_in_is_a_config_error_and_one_at_the_floor_completes(tmp_path: Path) -> None:
-    """A per-cycle cap below what one cycle needs when nothing changed (a pull and a deletion-feed
-    read per object, Salesforce's /limits read) left every cycle partial, for ever: the Salesforce
+    """A per-cycle cap below what one cycle needs when nothing changed (a pull per object, HubSpot's
+    archive scans, Salesforce's /limits read) left every cycle partial, for ever: the Salesforce
     side never completed, so nobody was decided. It is refused before any call, naming the file
     and the key; a cap exactly at the floor lets a cycle complete over the real clients."""
     from syncd.connectors._pacing import cycle_floor
@@ -308,15 +308,16 @@ def test_a_run_cap_no_cycle_fits_in_is_a_config_error_and_one_at_the_floor_compl
             floor = {s: n for s, (n, _) in cycle_floor(rt.connectors).items()}
         finally:
             rt.close()
-        assert floor == {"hubspot": 4, "salesforce": 9}  # 2 and 4 objects; Salesforce reads /limits
+        # HubSpot: 2 searches and 2 archive scans; Salesforce: 4 queryAll pulls (deaths included), /limits
+        assert floor == {"hubspot": 4, "salesforce": 5}
         low = sb.write_config(tmp_path / "low.toml", state_url=url,
                               keys={"salesforce": {"run_cap": floor["salesforce"] - 1}})
         r = _sync_once(sb, low)
         assert r.returncode == 2, (r.returncode, r.stderr)
         line = r.stderr.strip().splitlines()[-1]
-        assert line.startswith(f"syncd: error: {low}: [salesforce] run_cap = 8 is below the 9 calls one cycle "
-                               "needs at the least (a pull and a deletion-feed read for each of Lead, Contact, "
-                               "Task, Opportunity, and the /limits read)"), line
+        assert line.startswith(f"syncd: error: {low}: [salesforce] run_cap = 4 is below the 5 calls one cycle "
+                               "needs at the least (a pull for each of Lead, Contact, Task, Opportunity, and the "
+                               "/limits read)"), line
         assert sum(sb.request_counts().values()) == 0  # refused before any call
         assert not (tmp_path / "s" / "state.db").exists()
 

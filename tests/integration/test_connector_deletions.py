@@ -1,5 +1,5 @@
 """The connectors' deletion feeds and dead-record answers, through the real clients against the
-sandbox (issue 16): Salesforce queryAll (IsDeleted, MasterRecordId) and getDeleted's window,
+sandbox (issue 16): Salesforce's queryAll pull (IsDeleted, MasterRecordId) and getDeleted's window,
 HubSpot's archive list and merged ids, and write answers that name a merge survivor."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from simple_salesforce.exceptions import SalesforceError
 from syncd.connectors._retry import RetryPolicy
 from syncd.connectors.hubspot import HubSpotConnector
 from syncd.connectors.salesforce import SalesforceConnector
-from syncd.model import FieldUpdate
+from syncd.model import Cursor, Deletion, FieldUpdate
 
 if TYPE_CHECKING:
     from conftest_salesforce import SalesforceSandbox
@@ -38,37 +38,51 @@ def _lead(sb: SalesforceSandbox, email: str) -> str:
     return sb.app.insert("Lead", {"Email": email, "LastName": "X", "Company": "Acme"})
 
 
-def test_salesforce_deletions_and_merges_come_from_query_all(sf_sandbox: SalesforceSandbox) -> None:
+def _sf_pull(conn: SalesforceConnector, obj: str, since: Cursor | None) -> tuple[list[str], list[Deletion]]:
+    pages = list(conn.iter_changes(obj, since, overlap=timedelta(0)))
+    return [r.id for p in pages for r in p.records], [d for p in pages for d in p.deleted]
+
+
+def test_salesforce_deletions_and_merges_come_with_the_pull(sf_sandbox: SalesforceSandbox) -> None:
+    """One queryAll per pull: the live rows are the changes, the deleted and merged-away rows the
+    deaths (a delete moves SystemModstamp, so the incremental pull sees it)."""
     conn = _sf(sf_sandbox)
     try:
         gone, master, merged, live = (_lead(sf_sandbox, f"{n}@example.com") for n in "abcd")
+        _, before = _sf_pull(conn, "Lead", None)
+        assert before == []
+        mark = Cursor(datetime.now(UTC) - timedelta(seconds=1), "")
         sf_sandbox.app.delete("Lead", gone)
         sf_sandbox.app.merge("Lead", master, merged)
-        found, mark = conn.deleted("Lead", None)
+        ids, found = _sf_pull(conn, "Lead", mark)
         assert {(d.id, d.merged_into, d.source) for d in found} == {(gone, None, "queryAll"),
                                                                     (merged, master, "queryAll")}
-        assert mark is not None and mark == max(d.deleted_at for d in found if d.deleted_at)
-        again, _ = conn.deleted("Lead", mark + timedelta(seconds=1))  # incremental: nothing new
-        assert again == []
+        assert gone not in ids and merged not in ids and master in ids  # the merge touched the master
+        assert all(d.deleted_at and d.deleted_at >= mark.modified_at for d in found)
+        assert conn.usage.calls == {"queryAll": 2}  # no second query for the deaths
         assert {d.id for d in conn.dead("Lead", [gone, live, merged])} == {gone, merged}
         # a write to a deleted record is a permanent failure with the CRM's reason
         (res,) = conn.write("Lead", [FieldUpdate("k", gone, {"Lifecycle_Stage__c": "MQL"})])
         assert not res.ok and not res.retriable and res.error and res.error.startswith("ENTITY_IS_DELETED")
         sf_sandbox.app.undelete("Lead", gone)
         assert conn.dead("Lead", [gone]) == []
+        ids, found = _sf_pull(conn, "Lead", mark)
+        assert gone in ids and gone not in {d.id for d in found}  # restored: a live change again
     finally:
         conn.close()
 
 
-def test_salesforce_deletion_feed_starts_inside_the_recycle_bin_window(sf_sandbox: SalesforceSandbox) -> None:
+def test_salesforce_deletions_older_than_the_recycle_bin_are_said_to_be_unreadable(
+        sf_sandbox: SalesforceSandbox, capsys: pytest.CaptureFixture[str]) -> None:
     conn = _sf(sf_sandbox)
     try:
-        found, mark = conn.deleted("Lead", NOW - timedelta(days=90))  # a daemon down for months
-        assert found == [] and mark == NOW - timedelta(days=90)
-        # the getDeleted endpoint refuses a start older than its 30-day window, like the real one
-        sf = sf_sandbox.client()
         lid = _lead(sf_sandbox, "w@example.com")
         sf_sandbox.app.delete("Lead", lid, at=NOW - timedelta(minutes=5))
+        ids, found = _sf_pull(conn, "Lead", Cursor(NOW - timedelta(days=90), ""))  # a daemon down for months
+        assert [d.id for d in found] == [lid] and ids == []
+        assert "salesforce.deleted_window_passed" in capsys.readouterr().out
+        # the getDeleted endpoint refuses a start older than its 30-day window, like the real one
+        sf = sf_sandbox.client()
         got = sf.Lead.deleted(NOW - timedelta(days=1), datetime.now(UTC))
         assert [d["id"] for d in got["deletedRecords"]] == [lid]
         with pytest.raises(SalesforceError, match="INVALID_REPLICATION_DATE"):

@@ -76,7 +76,7 @@ def test_full_pull_pages_every_lead_in_cursor_order(
     assert "attributes" not in first.fields
     assert first.fields["Email"] == "p0@example.com"
     assert first.fields["Status"] == "Open - Not Contacted"
-    assert conn.usage.calls == {"query": 1, "query_more": 2}
+    assert conn.usage.calls == {"queryAll": 1, "query_more": 2}  # queryAll: the deleted rows come along
     assert conn.usage.reported_used == 3
     assert conn.usage.reported_limit == 15_000
 
@@ -137,7 +137,7 @@ def test_a_503_is_ridden_out(sf_sandbox: SalesforceSandbox, conn: SalesforceConn
     ids = _seed(sf_sandbox.app, 5)
     sf_sandbox.server.inject("server_error", count=2, endpoint="query")
     assert [r.id for r in _pull(conn, "Lead", None)] == ids
-    assert conn.usage.calls["query"] == 3
+    assert conn.usage.calls["queryAll"] == 3
 
 
 def test_a_burst_of_faults_mid_pull_loses_and_repeats_nothing(
@@ -155,7 +155,7 @@ def test_a_burst_of_faults_mid_pull_loses_and_repeats_nothing(
     finally:
         conn.close()
     assert [r.id for r in records] == ids
-    assert conn.usage.calls == {"query": 2, "query_more": 6}
+    assert conn.usage.calls == {"queryAll": 2, "query_more": 6}
 
 
 def test_expired_session_is_an_auth_error(
@@ -180,7 +180,7 @@ def test_spent_budget_is_budget_exhausted_with_a_clear_message(
     assert "1/1" in message  # the last usage Salesforce reported
     assert "no Retry-After" in message
     assert sf_sandbox.server.request_count("query") == 2  # not hammered with retries
-    assert conn.usage.rate_limited == {"query": 1}
+    assert conn.usage.rate_limited == {"queryAll": 1}
 
 
 def test_fetch_and_find_by_email(sf_sandbox: SalesforceSandbox, conn: SalesforceConnector) -> None:

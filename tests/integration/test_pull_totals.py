@@ -72,7 +72,7 @@ def test_salesforce_pages_carry_the_query_total_size(sf_sandbox: SalesforceSandb
     try:
         pages = list(c.iter_changes("Lead", None, overlap=timedelta(0)))
         assert [len(p.records) for p in pages] == [2000, 100] and {p.total for p in pages} == {2100}
-        assert c.usage.calls == {"query": 1, "query_more": 1}
+        assert c.usage.calls == {"queryAll": 1, "query_more": 1}
     finally:
         c.close()
 

@@ -224,7 +224,7 @@ def test_a_salesforce_transport_failure_names_host_and_cause_never_the_query_or_
     finally:
         structlog.configure(**saved)
     msg = str(ei.value)
-    assert msg == f"salesforce query: 127.0.0.1:{port}: connection refused (nothing listens there)"
+    assert msg == f"salesforce query: 127.0.0.1:{port}: connection refused (nothing listens there)"  # a look-up
     retries = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [r["event"] for r in retries] == ["retrying", "retrying"]
     assert all(r["error"] == msg for r in retries)
