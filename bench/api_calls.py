@@ -116,6 +116,7 @@ def _directions(st: CycleStats, counts: dict[str, int], conns: dict[str, Countin
             sum(v for k, v in counts.items() if k.startswith(f"{system}."))
             - writes
             - (hs_read if system == "hubspot" else sf_read)
+            - _overhead(counts, system)
         )
         objs_u = {k.split(".", 1)[1] for k in rec if k.startswith("update.")}
         objs_c = {k.split(".", 1)[1] for k in rec if k.startswith("create.")}
@@ -134,7 +135,19 @@ def _directions(st: CycleStats, counts: dict[str, int], conns: dict[str, Countin
                 "extra_calls": extra,
             }
         )
+    for system in ("hubspot", "salesforce"):  # neither reads nor writes records: no batching floor
+        rows.append({"system": system, "direction": "feeds + limits", "records": 0,
+                     "calls": _overhead(counts, system), "floor": 0})
     return rows
+
+
+def _overhead(counts: dict[str, int], system: str) -> int:
+    """Calls that move no record: HubSpot's archive scans (its deletion feed, ``*.list`` with
+    ``archived=true``, every ``archive_scan_s``) and Salesforce's ``/limits`` read (once per run,
+    for the API budget). Salesforce's deaths come with its queryAll pull, at no call of their own."""
+    if system == "hubspot":
+        return sum(v for k, v in counts.items() if k.startswith("hubspot.") and k.endswith(".list"))
+    return counts.get("salesforce.limits", 0)
 
 
 def _change(env: Env, n: int, rng: random.Random) -> int:

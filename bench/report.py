@@ -32,7 +32,9 @@ def _api(res: dict[str, Any]) -> list[str]:
         "2,000/batch, "
         'sObject Collections 200/call; at least one read per object). "Extra" are write-side reads '
         "(HubSpot lifecycle read-back, now only after a backwards move made with clear-first or an "
-        "answer without the value; find-by-email, now only before a create that is a resend).\n",
+        "answer without the value; find-by-email, now only before a create that is a resend). "
+        '"Feeds + limits" move no record: HubSpot\'s archive scans (its deletion feed, every '
+        "`archive_scan_s`) and Salesforce's `/limits` read (once per run, for the API budget).\n",
     ]
     for phase, title in (("backfill", "Full backfill"), ("incremental", "Incremental cycle")):
         p = res.get(phase)
@@ -54,7 +56,7 @@ def _api(res: dict[str, Any]) -> list[str]:
                     _f(per_k, 2),
                     _f(floor_k, 2),
                     _f(r["floor"]),
-                    ratio(calls, r["floor"]),
+                    ratio(calls, r["floor"]) if r["records"] or r["floor"] else "—",
                     _verdict(None if r["floor"] == 0 else calls <= 1.1 * r["floor"]),
                 ]
             )
