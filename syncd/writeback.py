@@ -223,10 +223,12 @@ class WriteBack:
         by_key = {res.key: res for res in results}
         merged: list[Deletion] = []
         permanent: list[str] = []
+        ok = {r.id: res.record_id for r in batch if (res := by_key.get(str(r.id))) is not None and res.ok}
+        marked = tx.mark_done_many(list(ok.items()), now=self.clock(), fence=self.fence) if ok else set()
         for r in batch:
             res = by_key.get(str(r.id))
             if res is not None and res.ok:
-                if not tx.mark_done(r.id, result_id=res.record_id, now=self.clock(), fence=self.fence):
+                if r.id not in marked:
                     log.warning("write_done_fenced", outbox_id=r.id, note="another process holds the lease now")
                     continue
                 stats.sent += 1

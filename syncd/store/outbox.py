@@ -105,25 +105,41 @@ class OutboxTx(TxBase):
         name, owner, token), when that acquisition of the lease is no longer the latest
         (another process took the work over; it looks first and finishes the row).
         """
+        return id in self.mark_done_many([(id, result_id)], now=now, fence=fence)
+
+    def mark_done_many(self, done: Sequence[tuple[int, str | None]], now: datetime | None = None,
+                       fence: tuple[str, str, int] | None = None) -> set[int]:
+        """:meth:`mark_done` for many rows, (outbox id, the CRM's record id) each, in one UPDATE
+        and one audit INSERT per chunk; returns the ids marked done (the others were not open, or
+        the fence no longer holds)."""
         t = s.outbox
         now = now or utcnow()
-        where = [t.c.id == id, t.c.state.in_(OUTBOX_OPEN)]
-        if fence is not None:
-            le = s.leases
-            where.append(sa.exists().where(le.c.name == fence[0], le.c.owner == fence[1], le.c.token == fence[2]))
-        done = self.conn.execute(
-            sa.update(t).where(*where)
-            .values(state="done", done_at=now, result_id=result_id, last_error=None)
-            .returning(*t.c)
-        ).mappings().first()
-        if done is None:
-            return False
-        row = _outbox(done)
-        self._audit(row, now, row.record_id or result_id, row.rule, row.reason)
-        return True
+        out: set[int] = set()
+        for chunk in _chunks(sorted(dict(done).items())):
+            ids = [i for i, _ in chunk]
+            where: list[Any] = [t.c.id.in_(ids), t.c.state.in_(OUTBOX_OPEN)]
+            if fence is not None:
+                le = s.leases
+                where.append(sa.exists().where(le.c.name == fence[0], le.c.owner == fence[1],
+                                               le.c.token == fence[2]))
+            named = {i: rid for i, rid in chunk if rid is not None}
+            result_id: Any = sa.case(named, value=t.c.id, else_=sa.null()) if named else None
+            rows = [_outbox(m) for m in self.conn.execute(
+                sa.update(t).where(*where)
+                .values(state="done", done_at=now, result_id=result_id, last_error=None)
+                .returning(*t.c)
+            ).mappings()]
+            self._audit_many([(row, now, row.record_id or named.get(row.id), row.rule, row.reason)
+                              for row in rows])
+            out.update(row.id for row in rows)
+        return out
 
     def _audit(self, row: OutboxRow, now: datetime, record_id: str | None, rule: str, reason: str) -> None:
         """One audit row per canonical field the outbox row writes (before → after)."""
+        self._audit_many([(row, now, record_id, rule, reason)])
+
+    def _audit_many(self, entries: Sequence[tuple[OutboxRow, datetime, str | None, str, str]]) -> None:
+        """:meth:`_audit` of many outbox rows, in one INSERT."""
         audit_rows = [
             {
                 "at": now, "entity_id": row.entity_id, "email_norm": row.email_norm,
@@ -131,6 +147,7 @@ class OutboxTx(TxBase):
                 "before": ba[0], "after": ba[1], "rule": rule, "reason": reason,
                 "mapping_rev": row.mapping_rev, "outbox_id": row.id,
             }
+            for row, now, record_id, rule, reason in entries
             for field, ba in sorted(row.canonical.items())
         ]
         if audit_rows:
