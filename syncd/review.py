@@ -492,14 +492,34 @@ def _items(data: dict[str, Any], many: str, one: str, none: str) -> list[dict[st
     return items
 
 
+CANDIDATE_FIELDS = ("key", "name", "company", "lifecycle", "lead_status", "converted", "entity_id",
+                    "modified_at", "in_store")
+
+
 def _conflicts_text(data: dict[str, Any]) -> None:
+    """Each conflict's candidates side by side (a column each); on a console too narrow for
+    that, one card per candidate (its key and name, then its fields)."""
+    from syncd.sheet import Sheet, stdout_console, token
+
+    console = stdout_console()
     items = _items(data, "conflicts", "conflict", "no open link conflicts")
     for c in items:
-        rows = [[f, *(cand[f] for cand in c["candidates"])]
-                for f in ("key", "name", "company", "lifecycle", "lead_status", "converted", "entity_id",
-                          "modified_at", "in_store")]
-        _text_table(f"link conflict #{c['id']}: {c['email']} (since {c['detected_at'][:19]})",
-                    ["", *(f"candidate {i + 1}" for i in range(len(c["candidates"])))], rows)
+        title = f"link conflict #{c['id']}: {c['email']} (since {c['detected_at'][:19]})"
+        cands = c["candidates"]
+        side = Sheet(title)
+        for h in ["", *(f"candidate {i + 1}" for i in range(len(cands)))]:
+            token(side, h)
+        for f in CANDIDATE_FIELDS:
+            side.add_row(f, *("—" if cand[f] is None else str(cand[f]) for cand in cands))
+        if side.needs() <= console.width:
+            side.print(console)
+            continue
+        cards = Sheet(title)
+        for f in CANDIDATE_FIELDS:
+            token(cards, f)
+        for cand in cands:
+            cards.add_row(*("—" if cand[f] is None else str(cand[f]) for f in CANDIDATE_FIELDS))
+        cards.print(console)
     if items:
         click.echo("resolve: syncd conflicts resolve ID --pick SYSTEM:ID   (or --dismiss: different people)")
 
