@@ -30,13 +30,22 @@ def record(people: int, deals: int, path: Path) -> int:
                     got = list(env.rt.connectors[system].iter_changes(obj, None, overlap=timedelta(0)))
                     n += sum(len(p.records) for p in got)
                     pages.append((system, obj, got))
-        mappings, sla = env.rt.mappings, env.rt.sla
-    path.write_bytes(pickle.dumps((pages, mappings, sla)))
+    path.write_bytes(pickle.dumps(pages))  # the mapping models are built at run time: not picklable
     return n
 
 
+def load(path: Path) -> tuple[Recorded, Any, Any]:
+    """The recorded pages, and the default mapping and SLA files (what the recording pulled with)."""
+    from syncd.mapping import default_mappings_dir, load_mappings
+    from syncd.sla import load_sla
+
+    pages: Recorded = pickle.loads(path.read_bytes())  # noqa: S301 - our own file, just written
+    d = default_mappings_dir()
+    return pages, load_mappings(d), load_sla(d)
+
+
 def replay(path: Path, state_url: str) -> dict[str, Any]:
-    pages, mappings, sla = pickle.loads(path.read_bytes())  # noqa: S301 - our own file, just written
+    pages, mappings, sla = load(path)
     if state_url.startswith("postgresql"):
         reset_pg(state_url)
     store = Store.open(state_url)
