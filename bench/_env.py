@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import platform
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from syncd.config import load_config
+from syncd.model import Page
 from syncd.runtime import Runtime, open_runtime
 from syncd.sandbox import Sandbox
 from syncd.sandbox.seed import SeedSpec, SeedSummary, seed
@@ -153,3 +155,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+Recorded = list[tuple[str, str, list[Page]]]  # (system, object, the pages pulled)
+
+
+def load_recorded(path: Path) -> tuple[Recorded, Any, Any]:
+    """The recorded pages, and the default mapping and SLA files (what the recording pulled with)."""
+    from syncd.mapping import default_mappings_dir, load_mappings
+    from syncd.sla import load_sla
+
+    pages: Recorded = pickle.loads(path.read_bytes())
+    d = default_mappings_dir()
+    return pages, load_mappings(d), load_sla(d)

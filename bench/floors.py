@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from bench._env import load_recorded
 from syncd import rules
 from syncd.engine import CycleStats, Engine, record_row
 from syncd.model import RawRecord
@@ -36,9 +37,7 @@ def _best(fn: Callable[[], object], reps: int = 3) -> float:
 
 
 def run(pages_path: Path, workdir: Path) -> dict[str, Any]:
-    from bench.throughput import load
-
-    pages, mappings, sla = load(pages_path)
+    pages, mappings, sla = load_recorded(pages_path)
     raws: list[RawRecord] = [r for _, _, ps in pages for p in ps for r in p.records]
     rows = [record_row(r, mappings.to_canonical(r)) for r in raws]
     raw_docs = [orjson.dumps(r.raw) for r in rows]

@@ -11,12 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from bench import floors
-from bench._env import reset_pg, seeded, workdir
+from bench._env import Recorded, load_recorded, reset_pg, seeded, workdir
 from syncd.engine import CycleStats, Engine
-from syncd.model import OBJECT_GROUPS, SYSTEMS, Page
+from syncd.model import OBJECT_GROUPS, SYSTEMS
 from syncd.store import Store
-
-Recorded = list[tuple[str, str, list[Page]]]
 
 
 def record(people: int, deals: int, path: Path) -> int:
@@ -34,18 +32,8 @@ def record(people: int, deals: int, path: Path) -> int:
     return n
 
 
-def load(path: Path) -> tuple[Recorded, Any, Any]:
-    """The recorded pages, and the default mapping and SLA files (what the recording pulled with)."""
-    from syncd.mapping import default_mappings_dir, load_mappings
-    from syncd.sla import load_sla
-
-    pages: Recorded = pickle.loads(path.read_bytes())  # noqa: S301 - our own file, just written
-    d = default_mappings_dir()
-    return pages, load_mappings(d), load_sla(d)
-
-
 def replay(path: Path, state_url: str) -> dict[str, Any]:
-    pages, mappings, sla = load(path)
+    pages, mappings, sla = load_recorded(path)
     if state_url.startswith("postgresql"):
         reset_pg(state_url)
     store = Store.open(state_url)
