@@ -119,8 +119,8 @@ class Engine:
                                    write_batch=write_batch, on_write=on_write,
                                    should_stop=lambda: self.stop_requested)
         # How often each system's deletion feed is read (overrides the connector's
-        # ``deletion_scan_s``): HubSpot's archive is a whole list scan ([hubspot] archive_scan_s);
-        # Salesforce's queryAll is one query, read after every pull.
+        # ``deletion_scan_s``): HubSpot's archive is a whole list scan ([hubspot] archive_scan_s).
+        # Salesforce has no feed of its own: its queryAll pull brings the deaths (Page.deleted).
         self.feed_interval_s: dict[str, float] = {}
         self.writeback.on_dead = self.bury
         self.writeback.on_permanent = self.repull

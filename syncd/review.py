@@ -480,8 +480,12 @@ def _text_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
     for h in headers:
         (prose if h in prose_columns else token)(t, h)
     for row in rows:
-        t.add_row(*("—" if v is None else str(v) for v in row))
+        t.add_row(*map(_cell, row))
     t.print(stdout_console())
+
+
+def _cell(v: Any) -> str:
+    return "—" if v is None else str(v)
 
 
 def _items(data: dict[str, Any], many: str, one: str, none: str) -> list[dict[str, Any]]:
@@ -510,7 +514,7 @@ def _conflicts_text(data: dict[str, Any]) -> None:
         for h in ["", *(f"candidate {i + 1}" for i in range(len(cands)))]:
             token(side, h)
         for f in CANDIDATE_FIELDS:
-            side.add_row(f, *("—" if cand[f] is None else str(cand[f]) for cand in cands))
+            side.add_row(f, *(_cell(cand[f]) for cand in cands))
         if side.needs() <= console.width:
             side.print(console)
             continue
@@ -518,7 +522,7 @@ def _conflicts_text(data: dict[str, Any]) -> None:
         for f in CANDIDATE_FIELDS:
             token(cards, f)
         for cand in cands:
-            cards.add_row(*("—" if cand[f] is None else str(cand[f]) for f in CANDIDATE_FIELDS))
+            cards.add_row(*(_cell(cand[f]) for f in CANDIDATE_FIELDS))
         cards.print(console)
     if items:
         click.echo("resolve: syncd conflicts resolve ID --pick SYSTEM:ID   (or --dismiss: different people)")
